@@ -1,0 +1,188 @@
+//! One task per Publication: reads its RTP, runs one Forwarder per Subscription, asks the
+//! publisher for keyframes. The task alone owns this state; everything else talks to it through
+//! [`FanoutCommand`]s, applied between packets, so the per-packet path takes no lock.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp;
+use rtc::shared::marshal::MarshalSize;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+
+use crate::feedback::KeyframeThrottle;
+use crate::forwarder::{DropReason, Forwarder, ForwarderParams};
+use crate::ids::MediaKind;
+
+/// Key of one subscription inside its fanout.
+pub(crate) type SubscriptionKey = u64;
+
+/// Changes to a fanout, sent by subscribe transports.
+pub(crate) enum FanoutCommand {
+    Add {
+        key: SubscriptionKey,
+        queue: mpsc::Sender<rtp::Packet>,
+    },
+    Configure {
+        key: SubscriptionKey,
+        params: Box<ForwarderParams>,
+    },
+    Remove {
+        key: SubscriptionKey,
+    },
+    KeyframeRequest,
+}
+
+/// Counters of one publication, written by its fanout and read by metrics.
+#[derive(Debug, Default)]
+pub struct PublicationStats {
+    /// RTP packets received from the publisher.
+    pub received_packets: AtomicU64,
+    /// RTP packets handed to subscriptions.
+    pub forwarded_packets: AtomicU64,
+    /// Payload and header bytes handed to subscriptions.
+    pub forwarded_bytes: AtomicU64,
+    /// Packets dropped for one subscriber whose queue was full.
+    pub dropped_packets: AtomicU64,
+    /// Keyframe requests (PLI) sent to the publisher.
+    pub keyframe_requests: AtomicU64,
+}
+
+struct Slot {
+    key: SubscriptionKey,
+    forwarder: Forwarder,
+    queue: mpsc::Sender<rtp::Packet>,
+}
+
+pub(crate) struct Fanout {
+    pub(crate) track: Arc<dyn TrackRemote>,
+    pub(crate) media_ssrc: u32,
+    pub(crate) kind: MediaKind,
+    pub(crate) mime: String,
+    pub(crate) clock_rate: u32,
+    pub(crate) commands: mpsc::Receiver<FanoutCommand>,
+    pub(crate) throttle: KeyframeThrottle,
+    pub(crate) stats: Arc<PublicationStats>,
+}
+
+impl Fanout {
+    /// Runs until the publisher's track ends.
+    pub(crate) async fn run(mut self) {
+        let mut slots: Vec<Slot> = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                command = self.commands.recv() => match command {
+                    Some(command) => self.apply(command, &mut slots).await,
+                    None => break,
+                },
+                event = self.track.poll() => match event {
+                    Some(TrackRemoteEvent::OnRtpPacket(packet)) => {
+                        if self.forward(packet, &mut slots) {
+                            self.request_keyframe().await;
+                        }
+                    }
+                    Some(TrackRemoteEvent::OnEnded) | None => break,
+                    Some(_) => {}
+                },
+                _ = tick.tick() => {
+                    if self.kind == MediaKind::Video && self.throttle.poll(Instant::now()) {
+                        self.send_pli().await;
+                    }
+                }
+            }
+        }
+        tracing::debug!("fanout ended");
+    }
+
+    async fn apply(&mut self, command: FanoutCommand, slots: &mut Vec<Slot>) {
+        match command {
+            FanoutCommand::Add { key, queue } => slots.push(Slot {
+                key,
+                forwarder: Forwarder::new(self.kind, &self.mime, self.clock_rate),
+                queue,
+            }),
+            FanoutCommand::Configure { key, params } => {
+                if let Some(slot) = slots.iter_mut().find(|slot| slot.key == key) {
+                    slot.forwarder.configure(*params);
+                    // A new subscriber must see a picture within a second: ask right away.
+                    if slot.forwarder.waiting_for_keyframe() {
+                        self.request_keyframe().await;
+                    }
+                }
+            }
+            FanoutCommand::Remove { key } => slots.retain(|slot| slot.key != key),
+            FanoutCommand::KeyframeRequest => self.request_keyframe().await,
+        }
+    }
+
+    /// Forwards one packet to every subscription; true when some subscriber needs a keyframe.
+    fn forward(&mut self, packet: rtp::Packet, slots: &mut Vec<Slot>) -> bool {
+        let now = Instant::now();
+        let size = (packet.header.marshal_size() + packet.payload.len()) as u64;
+        let mut forwarded = 0u64;
+        let mut dropped = 0u64;
+        let mut needs_keyframe = false;
+        let mut closed = false;
+        for slot in slots.iter_mut() {
+            let mut out = packet.clone();
+            match slot.forwarder.forward(&mut out, now) {
+                Ok(()) => match slot.queue.try_send(out) {
+                    Ok(()) => forwarded += 1,
+                    Err(TrySendError::Full(_)) => {
+                        // This subscriber is slower than the publisher: it alone loses the
+                        // packet, and its video restarts at the next keyframe.
+                        slot.forwarder.lost_after_forward();
+                        dropped += 1;
+                        needs_keyframe |= self.kind == MediaKind::Video;
+                    }
+                    Err(TrySendError::Closed(_)) => closed = true,
+                },
+                Err(DropReason::WaitingForKeyframe) => needs_keyframe = true,
+                Err(DropReason::NotNegotiated | DropReason::QueueFull) => {}
+            }
+        }
+        if closed {
+            slots.retain(|slot| !slot.queue.is_closed());
+        }
+        self.stats.received_packets.fetch_add(1, Ordering::Relaxed);
+        if forwarded > 0 {
+            self.stats
+                .forwarded_packets
+                .fetch_add(forwarded, Ordering::Relaxed);
+            self.stats
+                .forwarded_bytes
+                .fetch_add(forwarded * size, Ordering::Relaxed);
+        }
+        if dropped > 0 {
+            self.stats
+                .dropped_packets
+                .fetch_add(dropped, Ordering::Relaxed);
+        }
+        needs_keyframe
+    }
+
+    async fn request_keyframe(&mut self) {
+        if self.kind == MediaKind::Video && self.throttle.request(Instant::now()) {
+            self.send_pli().await;
+        }
+    }
+
+    async fn send_pli(&self) {
+        let pli = PictureLossIndication {
+            sender_ssrc: 0,
+            media_ssrc: self.media_ssrc,
+        };
+        match self.track.write_rtcp(vec![Box::new(pli)]).await {
+            Ok(()) => {
+                self.stats.keyframe_requests.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) => tracing::debug!(%err, "keyframe request not sent"),
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! RTCP feedback from subscribers: keyframe requests reach the application, NACKs are counted.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
+use rtc::sansio::Protocol;
+use rtc::shared::error::Error;
+
+/// Inbound RTCP on a subscribe connection stops inside the interceptor chain (where NACKs are
+/// answered and reports are read) unless an interceptor marks it for the application. This one,
+/// placed last, marks PLI and FIR so the fanout can ask the publisher for a keyframe, and counts
+/// NACKs for the metrics.
+pub(crate) struct FeedbackInterceptor {
+    read_queue: VecDeque<TaggedPacket>,
+    write_queue: VecDeque<TaggedPacket>,
+    nacks: Arc<AtomicU64>,
+}
+
+impl FeedbackInterceptor {
+    pub(crate) fn new(nacks: Arc<AtomicU64>) -> Self {
+        Self {
+            read_queue: VecDeque::new(),
+            write_queue: VecDeque::new(),
+            nacks,
+        }
+    }
+}
+
+fn is_keyframe_request(packet: &dyn rtc::rtcp::Packet) -> bool {
+    let any = packet.as_any();
+    any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackInterceptor {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            let nacks = packets
+                .iter()
+                .filter(|p| p.as_any().is::<TransportLayerNack>())
+                .count();
+            if nacks > 0 {
+                self.nacks.fetch_add(nacks as u64, Ordering::Relaxed);
+            }
+            let requests: Vec<Box<dyn rtc::rtcp::Packet>> = packets
+                .iter()
+                .filter(|p| is_keyframe_request(p.as_ref()))
+                .cloned()
+                .collect();
+            if requests.is_empty() {
+                return Ok(());
+            }
+            msg.message.packet = Packet::Rtcp(requests);
+            msg.message.add(Attribute::DeliverToApplication);
+        }
+        self.read_queue.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.read_queue.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.write_queue.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.write_queue.pop_front()
+    }
+}
+
+impl Interceptor for FeedbackInterceptor {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+/// Lets at most one keyframe request per `interval` through to a publisher.
+#[derive(Debug)]
+pub struct KeyframeThrottle {
+    interval: Duration,
+    last_sent: Option<Instant>,
+    pending: bool,
+}
+
+impl KeyframeThrottle {
+    /// A throttle passing one request per `interval`.
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last_sent: None,
+            pending: false,
+        }
+    }
+
+    /// Records a request; true when it may be sent now. A request that may not is remembered and
+    /// released by [`KeyframeThrottle::poll`] when the interval has passed.
+    pub fn request(&mut self, now: Instant) -> bool {
+        if self.may_send(now) {
+            self.last_sent = Some(now);
+            self.pending = false;
+            true
+        } else {
+            self.pending = true;
+            false
+        }
+    }
+
+    /// True when a remembered request is now due.
+    pub fn poll(&mut self, now: Instant) -> bool {
+        self.pending && self.request(now)
+    }
+
+    fn may_send(&self, now: Instant) -> bool {
+        self.last_sent
+            .is_none_or(|last| now.saturating_duration_since(last) >= self.interval)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_passes_one_request_per_interval_and_keeps_the_rest() {
+        let start = Instant::now();
+        let ms = |n| start + Duration::from_millis(n);
+        let mut throttle = KeyframeThrottle::new(Duration::from_millis(500));
+        assert!(throttle.request(ms(0)));
+        assert!(!throttle.request(ms(100)));
+        assert!(!throttle.request(ms(200)));
+        assert!(!throttle.poll(ms(400)));
+        assert!(throttle.poll(ms(500)), "the held request goes out once due");
+        assert!(!throttle.poll(ms(1200)), "and only once");
+        assert!(throttle.request(ms(1200)));
+    }
+}

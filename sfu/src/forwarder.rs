@@ -1,0 +1,400 @@
+//! One Subscription's rewrite state: plain synchronous code with no I/O, clock reads or locks.
+//!
+//! The fanout task calls [`Forwarder::forward`] for every packet of its publication and every
+//! subscription; the forwarder decides (send with a rewritten header, or drop with a reason) and
+//! the task acts on the decision.
+
+use std::time::Instant;
+
+use rtc::rtp;
+
+use crate::ids::MediaKind;
+use crate::keyframe::VideoCodec;
+
+/// Header-extension URIs never forwarded: their values belong to the publisher's transport or
+/// m-section, and a subscriber would misroute or mis-measure packets carrying them.
+pub const TRANSPORT_SCOPED_EXTENSIONS: [&str; 4] = [
+    "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01",
+    "urn:ietf:params:rtp-hdrext:sdes:mid",
+    "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id",
+    "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id",
+];
+
+/// Why a packet was not forwarded to one subscriber.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The subscriber has not yet answered the offer that carries this subscription.
+    NotNegotiated,
+    /// Video waits for a keyframe after the subscription starts or after a loss.
+    WaitingForKeyframe,
+    /// The subscriber's queue was full: it is slower than the publisher.
+    QueueFull,
+}
+
+/// What the subscriber negotiated for this subscription.
+#[derive(Clone, Debug)]
+pub struct ForwarderParams {
+    /// SSRC the subscriber expects.
+    pub ssrc: u32,
+    /// Payload type the subscriber negotiated for the publication's codec.
+    pub payload_type: u8,
+    /// Publisher extension id -> subscriber extension id; 0 drops the extension.
+    pub extension_ids: [u8; 256],
+}
+
+impl ForwarderParams {
+    /// Builds the extension map from both sides' `(uri, id)` lists.
+    pub fn new(
+        ssrc: u32,
+        payload_type: u8,
+        publisher_extensions: &[(String, u16)],
+        subscriber_extensions: &[(String, u16)],
+    ) -> Self {
+        let mut extension_ids = [0u8; 256];
+        for (uri, publisher_id) in publisher_extensions {
+            if TRANSPORT_SCOPED_EXTENSIONS.contains(&uri.as_str()) {
+                continue;
+            }
+            let subscriber_id = subscriber_extensions
+                .iter()
+                .find(|(candidate, _)| candidate == uri)
+                .map(|(_, id)| *id);
+            if let (Ok(from), Some(Ok(to))) =
+                (u8::try_from(*publisher_id), subscriber_id.map(u8::try_from))
+            {
+                extension_ids[usize::from(from)] = to;
+            }
+        }
+        Self {
+            ssrc,
+            payload_type,
+            extension_ids,
+        }
+    }
+}
+
+/// Maps a publisher's sequence numbers and timestamps onto one continuous outgoing stream, even
+/// when the publisher's source restarts with a new SSRC or packets are dropped for a subscriber.
+#[derive(Clone, Debug, Default)]
+pub struct SeqTsMap {
+    state: Option<SeqTsState>,
+}
+
+#[derive(Clone, Debug)]
+struct SeqTsState {
+    source_ssrc: u32,
+    seq_offset: u16,
+    ts_offset: u32,
+    highest_in_seq: u16,
+    last_out_seq: u16,
+    last_out_ts: u32,
+    last_out_at: Instant,
+}
+
+/// True when `a` comes after `b` in 16-bit serial number arithmetic (RFC 1982).
+fn seq_newer(a: u16, b: u16) -> bool {
+    a != b && a.wrapping_sub(b) < 0x8000
+}
+
+impl SeqTsMap {
+    /// Rewrites one packet's numbers. `clock_rate` (Hz) turns the silence across a source
+    /// change into a timestamp step, so the subscriber's jitter buffer sees real time pass.
+    pub fn map(
+        &mut self,
+        ssrc: u32,
+        seq: u16,
+        ts: u32,
+        now: Instant,
+        clock_rate: u32,
+    ) -> (u16, u32) {
+        let state = match &mut self.state {
+            Some(state) if state.source_ssrc == ssrc => state,
+            Some(state) => {
+                // The publisher's source changed: continue right after what was last sent.
+                let elapsed = now.saturating_duration_since(state.last_out_at);
+                let ticks = (elapsed.as_micros() * u128::from(clock_rate) / 1_000_000).max(1);
+                let ts_step = u32::try_from(ticks).unwrap_or(u32::MAX / 2);
+                state.source_ssrc = ssrc;
+                state.seq_offset = state.last_out_seq.wrapping_add(1).wrapping_sub(seq);
+                state.ts_offset = state.last_out_ts.wrapping_add(ts_step).wrapping_sub(ts);
+                state.highest_in_seq = seq.wrapping_sub(1);
+                state
+            }
+            None => self.state.insert(SeqTsState {
+                source_ssrc: ssrc,
+                seq_offset: 0,
+                ts_offset: 0,
+                highest_in_seq: seq.wrapping_sub(1),
+                last_out_seq: seq.wrapping_sub(1),
+                last_out_ts: ts,
+                last_out_at: now,
+            }),
+        };
+        let out_seq = seq.wrapping_add(state.seq_offset);
+        let out_ts = ts.wrapping_add(state.ts_offset);
+        if seq_newer(seq, state.highest_in_seq) {
+            state.highest_in_seq = seq;
+        }
+        if seq_newer(out_seq, state.last_out_seq) {
+            state.last_out_seq = out_seq;
+            state.last_out_ts = out_ts;
+            state.last_out_at = now;
+        }
+        (out_seq, out_ts)
+    }
+
+    /// Records that the newest packet `seq` of `ssrc` was dropped for this subscriber, so the
+    /// outgoing sequence shows no hole the subscriber would NACK in vain.
+    pub fn skip(&mut self, ssrc: u32, seq: u16) {
+        if let Some(state) = &mut self.state
+            && state.source_ssrc == ssrc
+            && seq_newer(seq, state.highest_in_seq)
+        {
+            state.highest_in_seq = seq;
+            state.seq_offset = state.seq_offset.wrapping_sub(1);
+        }
+    }
+}
+
+/// One subscription's forwarding state.
+#[derive(Debug)]
+pub struct Forwarder {
+    kind: MediaKind,
+    codec: VideoCodec,
+    clock_rate: u32,
+    params: Option<Box<ForwarderParams>>,
+    waiting_for_keyframe: bool,
+    numbers: SeqTsMap,
+}
+
+impl Forwarder {
+    /// A forwarder for a publication of `kind` with codec `mime` at `clock_rate` Hz. It forwards
+    /// nothing until [`Forwarder::configure`] gives it what the subscriber negotiated.
+    pub fn new(kind: MediaKind, mime: &str, clock_rate: u32) -> Self {
+        Self {
+            kind,
+            codec: VideoCodec::from_mime(mime),
+            clock_rate,
+            params: None,
+            waiting_for_keyframe: kind == MediaKind::Video,
+            numbers: SeqTsMap::default(),
+        }
+    }
+
+    /// Applies what the subscriber negotiated.
+    pub fn configure(&mut self, params: ForwarderParams) {
+        self.params = Some(Box::new(params));
+    }
+
+    /// True while video is held back until the next keyframe.
+    pub fn waiting_for_keyframe(&self) -> bool {
+        self.waiting_for_keyframe
+    }
+
+    /// Marks that a packet this forwarder accepted was then lost on the way out (queue full):
+    /// video must restart at a keyframe.
+    pub fn lost_after_forward(&mut self) {
+        if self.kind == MediaKind::Video {
+            self.waiting_for_keyframe = true;
+        }
+    }
+
+    /// Decides about one packet and, when it is to be sent, rewrites `packet` (a copy of the
+    /// publisher's packet whose payload is shared) into what this subscriber expects.
+    pub fn forward(&mut self, packet: &mut rtp::Packet, now: Instant) -> Result<(), DropReason> {
+        let Some(params) = self.params.as_deref() else {
+            return Err(DropReason::NotNegotiated);
+        };
+        let header = &mut packet.header;
+        if self.waiting_for_keyframe {
+            if self.codec.is_keyframe_start(&packet.payload) {
+                self.waiting_for_keyframe = false;
+            } else {
+                self.numbers.skip(header.ssrc, header.sequence_number);
+                return Err(DropReason::WaitingForKeyframe);
+            }
+        }
+        let (seq, ts) = self.numbers.map(
+            header.ssrc,
+            header.sequence_number,
+            header.timestamp,
+            now,
+            self.clock_rate,
+        );
+        header.sequence_number = seq;
+        header.timestamp = ts;
+        header.ssrc = params.ssrc;
+        header.payload_type = params.payload_type;
+        if header.extension {
+            header.extensions.retain_mut(|extension| {
+                let id = params.extension_ids[usize::from(extension.id)];
+                extension.id = id;
+                id != 0
+            });
+            if header.extensions.is_empty() {
+                header.extension = false;
+                header.extension_profile = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn mapped(map: &mut SeqTsMap, rows: &[(u32, u16, u32, u64)]) -> Vec<(u16, u32)> {
+        let start = Instant::now();
+        rows.iter()
+            .map(|&(ssrc, seq, ts, at_ms)| {
+                map.map(ssrc, seq, ts, start + Duration::from_millis(at_ms), 90_000)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn numbers_pass_through_and_wrap() {
+        let mut map = SeqTsMap::default();
+        let out = mapped(
+            &mut map,
+            &[
+                (1, 65_534, u32::MAX - 3000, 0),
+                (1, 65_535, u32::MAX, 33),
+                (1, 0, 2_999, 66),
+                (1, 1, 5_999, 99),
+            ],
+        );
+        assert_eq!(
+            out,
+            vec![
+                (65_534, u32::MAX - 3000),
+                (65_535, u32::MAX),
+                (0, 2_999),
+                (1, 5_999)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_replaced_source_continues_the_sequence() {
+        let mut map = SeqTsMap::default();
+        let out = mapped(
+            &mut map,
+            &[
+                (1, 100, 1_000, 0),
+                (1, 101, 4_000, 33),
+                // New SSRC with unrelated numbers, 100 ms after the last packet.
+                (2, 40_000, 7_777_777, 133),
+                (2, 40_001, 7_780_777, 166),
+            ],
+        );
+        assert_eq!(out[2], (102, 4_000 + 9_000));
+        assert_eq!(out[3], (103, 4_000 + 9_000 + 3_000));
+    }
+
+    #[test]
+    fn reordered_packets_keep_their_place() {
+        let mut map = SeqTsMap::default();
+        let out = mapped(
+            &mut map,
+            &[
+                (1, 10, 0, 0),
+                (1, 12, 6000, 66),
+                (1, 11, 3000, 70),
+                (1, 13, 9000, 99),
+            ],
+        );
+        assert_eq!(
+            out.iter().map(|o| o.0).collect::<Vec<_>>(),
+            vec![10, 12, 11, 13]
+        );
+    }
+
+    #[test]
+    fn skipped_packets_leave_no_hole() {
+        let mut map = SeqTsMap::default();
+        let now = Instant::now();
+        assert_eq!(map.map(1, 500, 0, now, 90_000).0, 500);
+        map.skip(1, 501);
+        map.skip(1, 502);
+        assert_eq!(map.map(1, 503, 9000, now, 90_000).0, 501);
+        assert_eq!(map.map(1, 504, 9000, now, 90_000).0, 502);
+    }
+
+    fn packet(ssrc: u32, seq: u16, payload: &'static [u8]) -> rtp::Packet {
+        rtp::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                payload_type: 96,
+                sequence_number: seq,
+                timestamp: 1000,
+                ssrc,
+                extension: true,
+                extension_profile: 0xBEDE,
+                extensions: vec![
+                    rtp::header::Extension {
+                        id: 3,
+                        payload: bytes::Bytes::from_static(&[1, 2]),
+                    },
+                    rtp::header::Extension {
+                        id: 4,
+                        payload: bytes::Bytes::from_static(&[9]),
+                    },
+                ],
+                ..Default::default()
+            },
+            payload: bytes::Bytes::from_static(payload),
+        }
+    }
+
+    #[test]
+    fn video_waits_for_a_keyframe_then_rewrites_the_header() {
+        let mut forwarder = Forwarder::new(MediaKind::Video, "video/VP8", 90_000);
+        let now = Instant::now();
+        let mut first = packet(7, 10, &[0x10, 0x01]);
+        assert_eq!(
+            forwarder.forward(&mut first, now),
+            Err(DropReason::NotNegotiated)
+        );
+        forwarder.configure(ForwarderParams::new(
+            0xABCD,
+            100,
+            &[
+                ("urn:3gpp:video-orientation".into(), 3),
+                (TRANSPORT_SCOPED_EXTENSIONS[0].into(), 4),
+            ],
+            &[
+                ("urn:3gpp:video-orientation".into(), 11),
+                (TRANSPORT_SCOPED_EXTENSIONS[0].into(), 5),
+            ],
+        ));
+        let mut delta = packet(7, 11, &[0x10, 0x01]);
+        assert_eq!(
+            forwarder.forward(&mut delta, now),
+            Err(DropReason::WaitingForKeyframe)
+        );
+        let mut key = packet(7, 12, &[0x10, 0x00, 0xAA]);
+        assert_eq!(forwarder.forward(&mut key, now), Ok(()));
+        assert_eq!(key.header.ssrc, 0xABCD);
+        assert_eq!(key.header.payload_type, 100);
+        assert_eq!(key.header.extensions.len(), 1);
+        assert_eq!(key.header.extensions[0].id, 11);
+        assert_eq!(&key.payload[..], &[0x10, 0x00, 0xAA]);
+        let mut next = packet(7, 13, &[0x10, 0x01]);
+        assert_eq!(forwarder.forward(&mut next, now), Ok(()));
+        assert_eq!(next.header.sequence_number, key.header.sequence_number + 1);
+    }
+
+    #[test]
+    fn audio_is_never_held_back() {
+        let mut forwarder = Forwarder::new(MediaKind::Audio, "audio/opus", 48_000);
+        forwarder.configure(ForwarderParams::new(5, 111, &[], &[]));
+        let mut pkt = packet(9, 1, &[0xff]);
+        assert_eq!(forwarder.forward(&mut pkt, Instant::now()), Ok(()));
+        assert!(!pkt.header.extension, "unmapped extensions are removed");
+        forwarder.lost_after_forward();
+        assert!(!forwarder.waiting_for_keyframe());
+    }
+}

@@ -1,0 +1,223 @@
+//! # Switchboard media plane
+//!
+//! Receives each publisher's RTP once and forwards it to every subscriber, without decoding.
+//! It knows nothing of HTTP, JSON, rooms or tokens: the signaling service drives it through
+//! [`Sfu`], [`PublishTransport`] and [`SubscribeTransport`] and hears back through [`SfuEvent`]s.
+//!
+//! ## Tasks and ownership
+//! - Each transport is one webrtc-rs peer connection, whose driver task owns its UDP socket
+//!   (with 4 MiB buffers, see [`SfuConfig::socket_buffer_bytes`]).
+//! - Each [`Publication`] has one fanout task. It alone owns the publication's forwarders (one
+//!   per subscription) and counters; subscribe transports change them only through commands
+//!   applied between packets, so no lock is taken per packet.
+//! - Each subscription has one writer task fed by a bounded queue (`try_send` from the fanout):
+//!   a slow subscriber loses its own packets and restarts at a keyframe, never holding up others.
+//!
+//! ## Panics
+//! Nothing a peer sends can make this crate panic: malformed SDP, RTP and RTCP are errors or
+//! drops.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod config;
+mod fanout;
+mod feedback;
+pub mod forwarder;
+mod ids;
+pub mod keyframe;
+mod runtime;
+mod transport;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
+use tokio::sync::mpsc;
+
+pub use config::SfuConfig;
+pub use fanout::PublicationStats;
+pub use feedback::KeyframeThrottle;
+pub use ids::{MediaKind, ParticipantId, PublicationId, Source};
+pub use transport::{OfferedSubscription, PublishTransport, SubscribeTransport, TransportKind};
+pub use webrtc::peer_connection::RTCIceCandidateInit;
+
+/// Errors of the media plane.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SfuError {
+    /// The SDP could not be parsed or applied.
+    #[error("invalid SDP: {0}")]
+    InvalidSdp(#[source] webrtc::error::Error),
+    /// The publication ended while it was being subscribed to.
+    #[error("the publication has ended")]
+    PublicationEnded,
+    /// The connection produced no local description.
+    #[error("no local description")]
+    NoLocalDescription,
+    /// webrtc-rs refused an operation.
+    #[error("webrtc: {0}")]
+    WebRtc(#[from] webrtc::error::Error),
+}
+
+/// What the media plane tells its owner.
+#[derive(Debug)]
+pub enum SfuEvent {
+    /// A publisher's track started to arrive.
+    PublicationStarted(Publication),
+    /// A publisher's track ended (removed by renegotiation, or its connection closed).
+    PublicationEnded {
+        /// Who published it.
+        participant: ParticipantId,
+        /// Which publication.
+        publication: PublicationId,
+    },
+    /// A connection failed (ICE or DTLS): the participant is gone.
+    TransportFailed {
+        /// Whose connection.
+        participant: ParticipantId,
+        /// Which of the two.
+        kind: TransportKind,
+    },
+}
+
+/// A handle to one publication: what it is, and the way to its fanout. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Publication {
+    /// Its id.
+    pub id: PublicationId,
+    /// Who publishes it.
+    pub participant: ParticipantId,
+    /// Audio or video.
+    pub kind: MediaKind,
+    /// Microphone, camera or screen.
+    pub source: Source,
+    /// The track id of the publisher's `a=msid` line.
+    pub track_id: String,
+    /// The codec the publisher sends.
+    pub codec: RTCRtpCodec,
+    /// The publisher's negotiated header extensions, `(uri, id)`.
+    pub publisher_extensions: Arc<Vec<(String, u16)>>,
+    pub(crate) commands: mpsc::Sender<fanout::FanoutCommand>,
+    /// Its counters.
+    pub stats: Arc<PublicationStats>,
+}
+
+impl std::fmt::Debug for fanout::FanoutCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FanoutCommand")
+    }
+}
+
+/// Totals over every publication since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SfuStats {
+    /// Publications currently live.
+    pub publications: u64,
+    /// RTP packets received from publishers.
+    pub received_packets: u64,
+    /// RTP packets handed to subscriptions.
+    pub forwarded_packets: u64,
+    /// Bytes handed to subscriptions.
+    pub forwarded_bytes: u64,
+    /// Packets dropped for slow subscribers.
+    pub dropped_packets: u64,
+    /// Keyframe requests sent to publishers.
+    pub keyframe_requests: u64,
+    /// NACK packets received from subscribers (answered from the retransmission cache).
+    pub nacks: u64,
+}
+
+impl SfuStats {
+    fn add(&mut self, stats: &PublicationStats) {
+        self.received_packets += stats.received_packets.load(Ordering::Relaxed);
+        self.forwarded_packets += stats.forwarded_packets.load(Ordering::Relaxed);
+        self.forwarded_bytes += stats.forwarded_bytes.load(Ordering::Relaxed);
+        self.dropped_packets += stats.dropped_packets.load(Ordering::Relaxed);
+        self.keyframe_requests += stats.keyframe_requests.load(Ordering::Relaxed);
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: SfuConfig,
+    pub(crate) runtime: Arc<dyn webrtc::runtime::Runtime>,
+    pub(crate) nacks: Arc<AtomicU64>,
+    live: Mutex<HashMap<PublicationId, Arc<PublicationStats>>>,
+    retired: Mutex<SfuStats>,
+}
+
+impl Shared {
+    pub(crate) fn register_publication(&self, id: &PublicationId, stats: Arc<PublicationStats>) {
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(id.clone(), stats);
+        }
+    }
+
+    pub(crate) fn retire_publication(&self, id: &PublicationId, stats: &PublicationStats) {
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(id);
+        }
+        if let Ok(mut retired) = self.retired.lock() {
+            retired.add(stats);
+        }
+    }
+}
+
+/// The media plane. Cheap to clone; every clone drives the same server.
+#[derive(Clone)]
+pub struct Sfu {
+    shared: Arc<Shared>,
+}
+
+impl Sfu {
+    /// A media plane with `config`. Sockets are opened per transport, not here.
+    pub fn new(config: SfuConfig) -> Self {
+        let runtime = Arc::new(runtime::MediaRuntime::new(config.socket_buffer_bytes));
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                runtime,
+                nacks: Arc::new(AtomicU64::new(0)),
+                live: Mutex::new(HashMap::new()),
+                retired: Mutex::new(SfuStats::default()),
+            }),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &SfuConfig {
+        &self.shared.config
+    }
+
+    /// Opens a publish transport for `participant`; its events go to `events`.
+    pub async fn publish_transport(
+        &self,
+        participant: ParticipantId,
+        events: mpsc::Sender<SfuEvent>,
+    ) -> Result<PublishTransport, SfuError> {
+        PublishTransport::new(self.shared.clone(), participant, events).await
+    }
+
+    /// Opens a subscribe transport for `participant`; its events go to `events`.
+    pub async fn subscribe_transport(
+        &self,
+        participant: ParticipantId,
+        events: mpsc::Sender<SfuEvent>,
+    ) -> Result<SubscribeTransport, SfuError> {
+        SubscribeTransport::new(self.shared.clone(), participant, events).await
+    }
+
+    /// Totals since start.
+    pub fn stats(&self) -> SfuStats {
+        let mut total = self.shared.retired.lock().map(|r| *r).unwrap_or_default();
+        if let Ok(live) = self.shared.live.lock() {
+            total.publications = live.len() as u64;
+            for stats in live.values() {
+                total.add(stats);
+            }
+        }
+        total.nacks = self.shared.nacks.load(Ordering::Relaxed);
+        total
+    }
+}

@@ -1,0 +1,614 @@
+//! Server-side peer connections on webrtc-rs: the async edge of the media plane.
+//!
+//! A participant has a publish transport (the client offers, the server answers and receives)
+//! and a subscribe transport (the server offers and sends). Offers on each are made by one side
+//! only, so they never collide.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
+    RtpCodecKind,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::media_stream::track_remote::TrackRemote;
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState,
+    RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
+    register_default_interceptors,
+};
+use webrtc::rtp_transceiver::RtpSender;
+
+use crate::fanout::{Fanout, FanoutCommand, PublicationStats, SubscriptionKey};
+use crate::feedback::{FeedbackInterceptor, KeyframeThrottle};
+use crate::forwarder::ForwarderParams;
+use crate::ids::{MediaKind, ParticipantId, PublicationId, Source};
+use crate::{Publication, SfuError, SfuEvent, Shared};
+
+/// Which of a participant's two connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    /// The connection the participant sends media on.
+    Publish,
+    /// The connection the participant receives media on.
+    Subscribe,
+}
+
+const GATHERING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `(uri, id)` of every `a=extmap` line in an SDP. BUNDLE requires one id per URI across the
+/// whole session, so a session-wide list is exact.
+pub(crate) fn extmap(sdp: &str) -> Vec<(String, u16)> {
+    let mut out: Vec<(String, u16)> = Vec::new();
+    for line in sdp.lines() {
+        let Some(rest) = line.trim_end().strip_prefix("a=extmap:") else {
+            continue;
+        };
+        let mut parts = rest.split_whitespace();
+        let (Some(id), Some(uri)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let id = id.split('/').next().and_then(|id| id.parse::<u16>().ok());
+        if let Some(id) = id
+            && !out.iter().any(|(known, _)| known == uri)
+        {
+            out.push((uri.to_owned(), id));
+        }
+    }
+    out
+}
+
+fn media_engine() -> Result<MediaEngine, SfuError> {
+    let mut engine = MediaEngine::default();
+    engine.register_default_codecs()?;
+    Ok(engine)
+}
+
+/// Tells the owner when gathering completes and when the connection fails.
+struct TransportHandler {
+    participant: ParticipantId,
+    kind: TransportKind,
+    gathered: watch::Sender<bool>,
+    events: mpsc::Sender<SfuEvent>,
+    publish: Option<Weak<PublishShared>>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for TransportHandler {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            self.gathered.send_replace(true);
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        tracing::debug!(participant = %self.participant, kind = ?self.kind, %state, "transport state");
+        if state == RTCPeerConnectionState::Failed {
+            let _ = self
+                .events
+                .send(SfuEvent::TransportFailed {
+                    participant: self.participant.clone(),
+                    kind: self.kind,
+                })
+                .await;
+        }
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        if let Some(shared) = self.publish.as_ref().and_then(Weak::upgrade) {
+            shared.start_publication(track).await;
+        }
+    }
+}
+
+async fn build_connection(
+    shared: &Arc<Shared>,
+    handler: Arc<dyn PeerConnectionEventHandler>,
+    subscribe: bool,
+) -> Result<Arc<dyn PeerConnection>, SfuError> {
+    let mut engine = media_engine()?;
+    let mut registry = register_default_interceptors(Registry::new(), &mut engine)?;
+    if subscribe {
+        // Application-most slot, so every other interceptor has read the feedback first.
+        registry = registry.with(
+            rtc::interceptor::Slot::from(14_000),
+            FeedbackInterceptor::new(shared.nacks.clone()),
+        );
+    }
+    let mut settings = SettingEngineBuilder::new();
+    if !shared.config.public_ips.is_empty() {
+        settings =
+            settings.with_nat_1to1_ips(shared.config.public_ips.clone(), RTCIceCandidateType::Host);
+    }
+    let ip = shared
+        .config
+        .media_ip
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    if ip.is_loopback() {
+        settings = settings.with_include_loopback_candidate(true);
+    }
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(engine)
+        .with_setting_engine(settings.build())
+        .with_interceptor_registry(registry)
+        .with_handler(handler)
+        .with_runtime(shared.runtime.clone())
+        .with_udp_addrs(vec![std::net::SocketAddr::new(ip, 0)])
+        .build()
+        .await?;
+    Ok(Arc::new(pc))
+}
+
+/// Sets a local description and returns it with every local candidate in it.
+async fn local_sdp_after_gathering(
+    pc: &Arc<dyn PeerConnection>,
+    gathered: &mut watch::Receiver<bool>,
+    desc: RTCSessionDescription,
+) -> Result<String, SfuError> {
+    pc.set_local_description(desc).await?;
+    // Host candidates only: gathering takes milliseconds. A timeout still yields a usable SDP.
+    let _ = tokio::time::timeout(GATHERING_TIMEOUT, gathered.wait_for(|done| *done)).await;
+    pc.local_description()
+        .await
+        .map(|desc| desc.sdp)
+        .ok_or(SfuError::NoLocalDescription)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publish
+
+pub(crate) struct PublishShared {
+    shared: Arc<Shared>,
+    participant: ParticipantId,
+    events: mpsc::Sender<SfuEvent>,
+    /// Track id (from `a=msid`) -> what the publisher says it is.
+    sources: Mutex<HashMap<String, Source>>,
+    extensions: Mutex<Vec<(String, u16)>>,
+    span: tracing::Span,
+}
+
+impl PublishShared {
+    async fn start_publication(self: Arc<Self>, track: Arc<dyn TrackRemote>) {
+        let Some(media_ssrc) = track.ssrcs().await.first().copied() else {
+            tracing::warn!(parent: &self.span, "publisher track has no SSRC");
+            return;
+        };
+        let Some(codec) = track.codec(media_ssrc).await else {
+            tracing::warn!(parent: &self.span, "publisher track has no codec");
+            return;
+        };
+        let track_id = track.track_id().await;
+        let kind = match track.kind().await {
+            RtpCodecKind::Audio => MediaKind::Audio,
+            _ => MediaKind::Video,
+        };
+        let declared = self
+            .sources
+            .lock()
+            .ok()
+            .and_then(|sources| sources.get(&track_id).copied());
+        let source = declared.unwrap_or(match kind {
+            MediaKind::Audio => Source::Microphone,
+            MediaKind::Video => Source::Camera,
+        });
+        let publisher_extensions = self
+            .extensions
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default();
+        let id = PublicationId::random();
+        let (commands_tx, commands_rx) = mpsc::channel(256);
+        let stats = Arc::new(PublicationStats::default());
+        let publication = Publication {
+            id: id.clone(),
+            participant: self.participant.clone(),
+            kind,
+            source,
+            track_id: track_id.clone(),
+            codec: codec.clone(),
+            publisher_extensions: Arc::new(publisher_extensions),
+            commands: commands_tx,
+            stats: stats.clone(),
+        };
+        let span = tracing::info_span!(parent: &self.span, "fanout", publication = %id, kind = kind.as_str(), source = source.as_str(), codec = %codec.mime_type);
+        tracing::info!(parent: &span, "publication started");
+        let fanout = Fanout {
+            track,
+            media_ssrc,
+            kind,
+            mime: codec.mime_type.clone(),
+            clock_rate: codec.clock_rate,
+            commands: commands_rx,
+            throttle: KeyframeThrottle::new(self.shared.config.keyframe_request_interval),
+            stats: stats.clone(),
+        };
+        self.shared.register_publication(&id, stats.clone());
+        let _ = self
+            .events
+            .send(SfuEvent::PublicationStarted(publication))
+            .await;
+        let this = self.clone();
+        tokio::spawn(
+            async move {
+                fanout.run().await;
+                this.shared.retire_publication(&id, &stats);
+                tracing::info!("publication ended");
+                let _ = this
+                    .events
+                    .send(SfuEvent::PublicationEnded {
+                        participant: this.participant.clone(),
+                        publication: id,
+                    })
+                    .await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// The connection a participant publishes on. Dropping it does not close it: call
+/// [`PublishTransport::close`].
+#[derive(Clone)]
+pub struct PublishTransport {
+    pc: Arc<dyn PeerConnection>,
+    shared: Arc<PublishShared>,
+    gathered: watch::Receiver<bool>,
+}
+
+impl PublishTransport {
+    pub(crate) async fn new(
+        shared: Arc<Shared>,
+        participant: ParticipantId,
+        events: mpsc::Sender<SfuEvent>,
+    ) -> Result<Self, SfuError> {
+        let span = tracing::info_span!("publish", participant = %participant);
+        let publish = Arc::new(PublishShared {
+            shared: shared.clone(),
+            participant: participant.clone(),
+            events: events.clone(),
+            sources: Mutex::new(HashMap::new()),
+            extensions: Mutex::new(Vec::new()),
+            span,
+        });
+        let (gathered_tx, gathered) = watch::channel(false);
+        let handler = Arc::new(TransportHandler {
+            participant,
+            kind: TransportKind::Publish,
+            gathered: gathered_tx,
+            events,
+            publish: Some(Arc::downgrade(&publish)),
+        });
+        let pc = build_connection(&shared, handler, false).await?;
+        Ok(Self {
+            pc,
+            shared: publish,
+            gathered,
+        })
+    }
+
+    /// Applies the publisher's (re-)offer and returns the answer. `sources` names what each
+    /// track id is; a track not named is a microphone if audio and a camera if video.
+    pub async fn answer(
+        &self,
+        offer_sdp: String,
+        sources: HashMap<String, Source>,
+    ) -> Result<String, SfuError> {
+        let offer = RTCSessionDescription::offer(offer_sdp).map_err(SfuError::InvalidSdp)?;
+        if let Ok(mut known) = self.shared.sources.lock() {
+            known.extend(sources);
+        }
+        if let Ok(mut extensions) = self.shared.extensions.lock() {
+            *extensions = extmap(&offer.sdp);
+        }
+        self.pc
+            .set_remote_description(offer)
+            .await
+            .map_err(SfuError::InvalidSdp)?;
+        let answer = self.pc.create_answer(None).await?;
+        let mut gathered = self.gathered.clone();
+        local_sdp_after_gathering(&self.pc, &mut gathered, answer).await
+    }
+
+    /// Adds a candidate the publisher trickled.
+    pub async fn add_ice_candidate(&self, candidate: RTCIceCandidateInit) -> Result<(), SfuError> {
+        Ok(self.pc.add_ice_candidate(candidate).await?)
+    }
+
+    /// Closes the connection; every publication on it ends.
+    pub async fn close(&self) {
+        if let Err(err) = self.pc.close().await {
+            tracing::debug!(%err, "closing publish transport");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Subscribe
+
+struct SubscriptionState {
+    key: SubscriptionKey,
+    publication: Publication,
+    sender: Arc<dyn RtpSender>,
+    track: Arc<TrackLocalStaticRTP>,
+    ssrc: u32,
+    feedback_started: bool,
+}
+
+/// One media section of a subscribe offer.
+#[derive(Clone, Debug)]
+pub struct OfferedSubscription {
+    /// The section's `mid`.
+    pub mid: String,
+    /// The publication it carries.
+    pub publication: Publication,
+}
+
+/// The connection a participant receives on. The server makes every offer on it; the caller
+/// must not call [`SubscribeTransport::create_offer`] again before the previous answer was
+/// applied.
+pub struct SubscribeTransport {
+    pc: Arc<dyn PeerConnection>,
+    shared: Arc<Shared>,
+    participant: ParticipantId,
+    gathered: watch::Receiver<bool>,
+    subscriptions: HashMap<PublicationId, SubscriptionState>,
+    span: tracing::Span,
+}
+
+static NEXT_SUBSCRIPTION_KEY: AtomicU64 = AtomicU64::new(1);
+
+impl SubscribeTransport {
+    pub(crate) async fn new(
+        shared: Arc<Shared>,
+        participant: ParticipantId,
+        events: mpsc::Sender<SfuEvent>,
+    ) -> Result<Self, SfuError> {
+        let (gathered_tx, gathered) = watch::channel(false);
+        let handler = Arc::new(TransportHandler {
+            participant: participant.clone(),
+            kind: TransportKind::Subscribe,
+            gathered: gathered_tx,
+            events,
+            publish: None,
+        });
+        let pc = build_connection(&shared, handler, true).await?;
+        let span = tracing::info_span!("subscribe", participant = %participant);
+        Ok(Self {
+            pc,
+            shared,
+            participant,
+            gathered,
+            subscriptions: HashMap::new(),
+            span,
+        })
+    }
+
+    /// The participant this transport belongs to.
+    pub fn participant(&self) -> &ParticipantId {
+        &self.participant
+    }
+
+    /// True when this transport forwards `publication`.
+    pub fn is_subscribed(&self, publication: &PublicationId) -> bool {
+        self.subscriptions.contains_key(publication)
+    }
+
+    /// Adds a subscription; it is offered by the next [`SubscribeTransport::create_offer`].
+    pub async fn subscribe(&mut self, publication: &Publication) -> Result<(), SfuError> {
+        if self.subscriptions.contains_key(&publication.id) {
+            return Ok(());
+        }
+        let ssrc = rand::random::<u32>();
+        let kind = match publication.kind {
+            MediaKind::Audio => RtpCodecKind::Audio,
+            MediaKind::Video => RtpCodecKind::Video,
+        };
+        let codec = RTCRtpCodec {
+            rtcp_feedback: Vec::new(),
+            ..publication.codec.clone()
+        };
+        // msid = "<participant> <publication>": a browser's ontrack then names the publisher.
+        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            publication.participant.to_string(),
+            publication.id.to_string(),
+            format!(
+                "{}-{}",
+                publication.participant,
+                publication.source.as_str()
+            ),
+            kind,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec,
+                ..Default::default()
+            }],
+        )));
+        let sender = self
+            .pc
+            .add_track(Arc::clone(&track) as Arc<dyn TrackLocal>)
+            .await?;
+        let key = NEXT_SUBSCRIPTION_KEY.fetch_add(1, Ordering::Relaxed);
+        let (queue_tx, queue_rx) = mpsc::channel(self.shared.config.subscription_queue_packets);
+        publication
+            .commands
+            .send(FanoutCommand::Add {
+                key,
+                queue: queue_tx,
+            })
+            .await
+            .map_err(|_| SfuError::PublicationEnded)?;
+        let writer_track = track.clone();
+        let span =
+            tracing::debug_span!(parent: &self.span, "subscription", publication = %publication.id);
+        tokio::spawn(write_loop(writer_track, queue_rx).instrument(span));
+        self.subscriptions.insert(
+            publication.id.clone(),
+            SubscriptionState {
+                key,
+                publication: publication.clone(),
+                sender,
+                track,
+                ssrc,
+                feedback_started: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes a subscription; its section goes inactive in the next offer.
+    pub async fn unsubscribe(&mut self, publication: &PublicationId) -> Result<(), SfuError> {
+        let Some(state) = self.subscriptions.remove(publication) else {
+            return Ok(());
+        };
+        let _ = state
+            .publication
+            .commands
+            .send(FanoutCommand::Remove { key: state.key })
+            .await;
+        self.pc.remove_track(&state.sender).await?;
+        Ok(())
+    }
+
+    /// Creates and applies the next offer; returns its SDP and what each section carries.
+    pub async fn create_offer(&mut self) -> Result<(String, Vec<OfferedSubscription>), SfuError> {
+        let offer = self.pc.create_offer(None).await?;
+        let sdp = local_sdp_after_gathering(&self.pc, &mut self.gathered, offer).await?;
+        let mut offered = Vec::new();
+        for transceiver in self.pc.get_transceivers().await {
+            let (Ok(Some(mid)), Ok(Some(sender))) =
+                (transceiver.mid().await, transceiver.sender().await)
+            else {
+                continue;
+            };
+            if let Some(state) = self
+                .subscriptions
+                .values()
+                .find(|state| state.sender.id() == sender.id())
+            {
+                offered.push(OfferedSubscription {
+                    mid,
+                    publication: state.publication.clone(),
+                });
+            }
+        }
+        Ok((sdp, offered))
+    }
+
+    /// Applies the subscriber's answer and starts forwarding what it accepted.
+    pub async fn apply_answer(&mut self, answer_sdp: String) -> Result<(), SfuError> {
+        let answer = RTCSessionDescription::answer(answer_sdp).map_err(SfuError::InvalidSdp)?;
+        let subscriber_extensions = extmap(&answer.sdp);
+        self.pc
+            .set_remote_description(answer)
+            .await
+            .map_err(SfuError::InvalidSdp)?;
+        let span = self.span.clone();
+        for state in self.subscriptions.values_mut() {
+            let Ok(parameters) = state.sender.get_parameters().await else {
+                continue;
+            };
+            let mime = &state.publication.codec.mime_type;
+            let Some(codec) =
+                parameters
+                    .rtp_parameters
+                    .codecs
+                    .iter()
+                    .find(|codec: &&RTCRtpCodecParameters| {
+                        codec.rtp_codec.mime_type.eq_ignore_ascii_case(mime)
+                    })
+            else {
+                tracing::warn!(parent: &span, publication = %state.publication.id, %mime, "subscriber did not accept the publication's codec");
+                continue;
+            };
+            let params = Box::new(ForwarderParams::new(
+                state.ssrc,
+                codec.payload_type,
+                &state.publication.publisher_extensions,
+                &subscriber_extensions,
+            ));
+            let _ = state
+                .publication
+                .commands
+                .send(FanoutCommand::Configure {
+                    key: state.key,
+                    params,
+                })
+                .await;
+            if !state.feedback_started {
+                state.feedback_started = true;
+                let track = state.track.clone();
+                let commands = state.publication.commands.clone();
+                tokio::spawn(feedback_loop(track, commands));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a candidate the subscriber trickled.
+    pub async fn add_ice_candidate(&self, candidate: RTCIceCandidateInit) -> Result<(), SfuError> {
+        Ok(self.pc.add_ice_candidate(candidate).await?)
+    }
+
+    /// Ends every subscription and closes the connection.
+    pub async fn close(&mut self) {
+        for (_, state) in self.subscriptions.drain() {
+            let _ = state
+                .publication
+                .commands
+                .send(FanoutCommand::Remove { key: state.key })
+                .await;
+        }
+        if let Err(err) = self.pc.close().await {
+            tracing::debug!(%err, "closing subscribe transport");
+        }
+    }
+}
+
+/// Writes one subscription's packets to its connection. Awaiting here blocks only this
+/// subscriber: the fanout hands packets over with `try_send`.
+async fn write_loop(track: Arc<TrackLocalStaticRTP>, mut queue: mpsc::Receiver<rtc::rtp::Packet>) {
+    while let Some(packet) = queue.recv().await {
+        if let Err(err) = track.write_rtp(packet).await {
+            tracing::trace!(%err, "forwarded packet not written");
+        }
+    }
+}
+
+/// Passes a subscriber's keyframe requests to the publication's fanout, which throttles them.
+async fn feedback_loop(track: Arc<TrackLocalStaticRTP>, commands: mpsc::Sender<FanoutCommand>) {
+    while let Some(TrackLocalEvent::OnRtcpPacket(_)) = track.poll().await {
+        if commands.try_send(FanoutCommand::KeyframeRequest).is_err() && commands.is_closed() {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::extmap;
+
+    #[test]
+    fn extmap_reads_ids_and_uris_once() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level\r\na=extmap:4/sendonly urn:ietf:params:rtp-hdrext:sdes:mid\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid\r\na=extmap:13 urn:3gpp:video-orientation\r\n";
+        assert_eq!(
+            extmap(sdp),
+            vec![
+                ("urn:ietf:params:rtp-hdrext:ssrc-audio-level".to_owned(), 1),
+                ("urn:ietf:params:rtp-hdrext:sdes:mid".to_owned(), 4),
+                ("urn:3gpp:video-orientation".to_owned(), 13),
+            ]
+        );
+    }
+}

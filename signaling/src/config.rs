@@ -1,0 +1,205 @@
+//! Server configuration: embedded defaults, then an optional TOML file, then `SWITCHBOARD_*`
+//! environment variables, then command-line flags, each overriding the one before.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::IceServer;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything an operator can set. docs/operations.md lists each key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// HTTP and WebSocket listen address. Default `127.0.0.1:8080`.
+    pub bind: SocketAddr,
+    /// Local IP the media sockets bind to. Default: the IP of `bind` when it is a specific
+    /// address, otherwise every interface.
+    pub media_ip: Option<IpAddr>,
+    /// Public IP announced in ICE instead of the local one (NAT 1:1). Default: none.
+    pub public_ip: Option<String>,
+    /// ICE servers handed to clients. Default: none.
+    pub ice_servers: Vec<IceServer>,
+    /// Participants a room admits. Default 100.
+    pub max_participants: usize,
+    /// Highest video bitrate a publisher is asked to send, in bits per second. Default 2,500,000.
+    pub max_video_bitrate: u64,
+    /// Secret that signs tokens. Default: random at each start (tokens die with the process).
+    pub jwt_secret: Option<String>,
+    /// When set, `POST /auth/token` requires `Authorization: Bearer <api_key>`. Default: none.
+    pub api_key: Option<String>,
+    /// Token lifetime in seconds. Default 86,400.
+    pub token_ttl_secs: u64,
+    /// `tracing` filter, e.g. `info` or `signaling=debug,sfu=debug`. Default `info`.
+    pub log_level: String,
+    /// `text` or `json`. Default `text`.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            media_ip: None,
+            public_ip: None,
+            ice_servers: Vec::new(),
+            max_participants: 100,
+            max_video_bitrate: 2_500_000,
+            jwt_secret: None,
+            api_key: None,
+            token_ttl_secs: 86_400,
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Command-line flags; each also reads its `SWITCHBOARD_*` variable through the config layers.
+#[derive(Debug, Default, clap::Parser, Serialize)]
+#[command(name = "switchboard", version, about = "Switchboard SFU media server")]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, short, env = "SWITCHBOARD_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// HTTP and WebSocket listen address [default: 127.0.0.1:8080].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<SocketAddr>,
+    /// Local IP for media sockets.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub media_ip: Option<IpAddr>,
+    /// Public IP announced in ICE (NAT 1:1).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_ip: Option<String>,
+    /// A STUN or TURN URL handed to clients (repeatable; TURN credentials go in the TOML file).
+    #[arg(long = "ice-server")]
+    #[serde(skip)]
+    pub ice_server_urls: Vec<String>,
+    /// Participants a room admits [default: 100].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_participants: Option<usize>,
+    /// Highest video bitrate, bits per second [default: 2500000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_video_bitrate: Option<u64>,
+    /// API key required to mint tokens.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// Log filter [default: info].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Layers defaults < TOML file < environment < flags.
+    pub fn load(cli: &Cli) -> Result<Self, Box<figment::Error>> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &cli.config {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let mut config: Config = figment
+            .merge(Env::prefixed("SWITCHBOARD_").ignore(&["config"]))
+            .merge(Serialized::defaults(cli))
+            .extract()
+            .map_err(Box::new)?;
+        if !cli.ice_server_urls.is_empty() {
+            config.ice_servers.push(IceServer {
+                urls: cli.ice_server_urls.clone(),
+                username: None,
+                credential: None,
+            });
+        }
+        Ok(config)
+    }
+
+    /// The media-plane settings this configuration implies.
+    pub fn sfu_config(&self) -> sfu::SfuConfig {
+        let bind_ip = self.bind.ip();
+        sfu::SfuConfig {
+            media_ip: self
+                .media_ip
+                .or((!bind_ip.is_unspecified()).then_some(bind_ip)),
+            public_ips: self.public_ip.iter().cloned().collect(),
+            max_video_bitrate: self.max_video_bitrate,
+            ..sfu::SfuConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error by design.
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn the_example_file_parses_and_matches_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../switchboard.example.toml");
+        let cli = Cli {
+            config: Some(path.into()),
+            ..Cli::default()
+        };
+        figment::Jail::expect_with(|_| {
+            let loaded = Config::load(&cli).map_err(|e| e.to_string())?;
+            assert_eq!(loaded, Config::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn flags_beat_environment_beats_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "s.toml",
+                "max_participants = 7\nlog_level = \"debug\"\nbind = \"127.0.0.1:9000\"\n",
+            )?;
+            jail.set_env("SWITCHBOARD_MAX_PARTICIPANTS", "8");
+            let cli = Cli::parse_from([
+                "switchboard",
+                "--config",
+                "s.toml",
+                "--bind",
+                "127.0.0.1:9001",
+            ]);
+            let config = Config::load(&cli).map_err(|e| e.to_string())?;
+            assert_eq!(config.max_participants, 8, "env over file");
+            assert_eq!(config.log_level, "debug", "file over defaults");
+            assert_eq!(config.bind.port(), 9001, "flag over file");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "max_participant = 7\n")?;
+            let cli = Cli::parse_from(["switchboard", "--config", "bad.toml"]);
+            let err = Config::load(&cli).expect_err("typo must be refused");
+            assert!(err.to_string().contains("max_participant"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,77 @@
+//! # Switchboard signaling
+//!
+//! The HTTP and WebSocket server of Switchboard: tokens, rooms, the signaling protocol of
+//! docs/protocol.md, and the operational endpoints. It decides; the `sfu` crate forwards media.
+//!
+//! One task serves each signaling socket ([`ws`]); one task per participant owns its subscribe
+//! transport and serialises offers ([`room::run_negotiator`]); rooms are plain data behind a
+//! short-held mutex ([`room`]).
+
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod protocol;
+pub mod room;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::Config;
+pub use http::AppState;
+
+/// A running server: its address and the way to stop it.
+pub struct Server {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    state: AppState,
+}
+
+impl Server {
+    /// Binds `config.bind` and serves until [`Server::shutdown`].
+    pub async fn start(config: Config) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(config.bind).await?;
+        let addr = listener.local_addr()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let state = AppState::new(config, shutdown_rx.clone());
+        let app = http::router(state.clone());
+        let mut stop = shutdown_rx;
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+        Ok(Self {
+            addr,
+            shutdown,
+            task,
+            state,
+        })
+    }
+
+    /// The shared state (rooms, media plane), for tests and metrics.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Tells every participant, closes every socket and waits (at most 5 s) for rooms to empty.
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        self.shutdown.send_replace(true);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.state.rooms.rooms().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match tokio::time::timeout_at(deadline, self.task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(std::io::Error::other(join)),
+            Err(_) => Ok(()),
+        }
+    }
+}

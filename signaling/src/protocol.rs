@@ -1,0 +1,420 @@
+//! Signaling protocol v1: the messages of docs/protocol.md, as Rust types.
+
+use serde::{Deserialize, Serialize};
+
+/// Version announced in `joined`.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest text frame accepted, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// The pseudo-peer naming the server.
+pub const SFU_PEER: &str = "sfu";
+
+/// Error codes: the contract on the wire (the message text is for humans).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not a JSON object, a missing or mistyped field, or a binary frame.
+    BadRequest,
+    /// `type` names no message of this protocol.
+    UnknownType,
+    /// The frame is over [`MAX_MESSAGE_BYTES`].
+    TooLarge,
+    /// The message is out of order.
+    InvalidState,
+    /// `peerId` names nobody in this room.
+    UnknownPeer,
+    /// The SDP could not be parsed or applied.
+    InvalidSdp,
+    /// The display name is taken in this room.
+    NameTaken,
+    /// The room is at its participant limit.
+    RoomFull,
+    /// The token is missing, invalid or expired (HTTP only).
+    Unauthorized,
+    /// The server is shutting down.
+    ServerShutdown,
+    /// The server failed.
+    Internal,
+}
+
+/// Which of a participant's two connections a message is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportName {
+    /// The client sends on it and makes its offers.
+    Publish,
+    /// The client receives on it and answers the server's offers.
+    Subscribe,
+}
+
+/// A track the client publishes, named by the track id of its `a=msid` line.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrackInfo {
+    /// The msid track id (`MediaStreamTrack.id` in a browser).
+    pub track_id: String,
+    /// `microphone`, `camera` or `screen`.
+    pub source: String,
+}
+
+/// An ICE candidate in the browser's `RTCIceCandidateInit` shape.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CandidateInit {
+    /// The `candidate:` attribute; empty at the end of candidates.
+    #[serde(default)]
+    pub candidate: String,
+    /// The m-section's mid.
+    #[serde(default)]
+    pub sdp_mid: Option<String>,
+    /// The m-section's index.
+    #[serde(default, rename = "sdpMLineIndex")]
+    pub sdp_mline_index: Option<u16>,
+    /// The ICE ufrag.
+    #[serde(default)]
+    pub username_fragment: Option<String>,
+}
+
+/// Messages from a client.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(
+    tag = "type",
+    rename_all = "snake_case",
+    rename_all_fields = "camelCase"
+)]
+pub enum ClientMessage {
+    /// Enter the token's room.
+    Join {
+        /// Display name; the token's userId when absent.
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// An offer; in SFU mode, of the publish connection.
+    Offer {
+        /// `sfu`.
+        peer_id: String,
+        /// `publish`.
+        transport: TransportName,
+        /// The SDP.
+        sdp: String,
+        /// What each sending track is.
+        #[serde(default)]
+        tracks: Vec<TrackInfo>,
+    },
+    /// An answer; in SFU mode, to the server's subscribe offer.
+    Answer {
+        /// `sfu`.
+        peer_id: String,
+        /// `subscribe`.
+        transport: TransportName,
+        /// The SDP.
+        sdp: String,
+    },
+    /// A trickled ICE candidate.
+    #[serde(rename = "ice-candidate")]
+    IceCandidate {
+        /// `sfu`.
+        peer_id: String,
+        /// Which connection it belongs to.
+        transport: TransportName,
+        /// The candidate; null at the end of candidates.
+        candidate: Option<CandidateInit>,
+    },
+    /// A published track was muted or unmuted.
+    Mute {
+        /// The msid track id.
+        track_id: String,
+        /// Muted or not.
+        muted: bool,
+    },
+    /// Leave the room.
+    Leave,
+}
+
+/// Every `type` a client may send, to tell an unknown type from a malformed known one.
+pub const CLIENT_TYPES: [&str; 6] = ["join", "offer", "answer", "ice-candidate", "mute", "leave"];
+
+/// Why a frame could not be decoded.
+#[derive(Debug)]
+pub struct DecodeError {
+    /// The wire code.
+    pub code: ErrorCode,
+    /// For humans.
+    pub message: String,
+    /// The frame's `type`, when it had one.
+    pub request_type: Option<String>,
+}
+
+impl ClientMessage {
+    /// Decodes one text frame, telling apart each way it can be wrong.
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        if text.len() > MAX_MESSAGE_BYTES {
+            return Err(DecodeError {
+                code: ErrorCode::TooLarge,
+                message: format!(
+                    "message of {} bytes exceeds the limit of {MAX_MESSAGE_BYTES}",
+                    text.len()
+                ),
+                request_type: None,
+            });
+        }
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|err| DecodeError {
+            code: ErrorCode::BadRequest,
+            message: format!("not valid JSON: {err}"),
+            request_type: None,
+        })?;
+        let Some(kind) = value
+            .get("type")
+            .and_then(|t| t.as_str())
+            .map(str::to_owned)
+        else {
+            return Err(DecodeError {
+                code: ErrorCode::BadRequest,
+                message: "a message must be a JSON object with a string field `type`".into(),
+                request_type: None,
+            });
+        };
+        if !CLIENT_TYPES.contains(&kind.as_str()) {
+            return Err(DecodeError {
+                code: ErrorCode::UnknownType,
+                message: format!("unknown message type `{kind}`"),
+                request_type: Some(kind),
+            });
+        }
+        serde_json::from_value(value).map_err(|err| DecodeError {
+            code: ErrorCode::BadRequest,
+            message: format!("malformed `{kind}`: {err}"),
+            request_type: Some(kind),
+        })
+    }
+
+    /// The wire name of this message's type.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ClientMessage::Join { .. } => "join",
+            ClientMessage::Offer { .. } => "offer",
+            ClientMessage::Answer { .. } => "answer",
+            ClientMessage::IceCandidate { .. } => "ice-candidate",
+            ClientMessage::Mute { .. } => "mute",
+            ClientMessage::Leave => "leave",
+        }
+    }
+}
+
+/// An ICE server handed to clients, in the browser's `RTCIceServer` shape.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IceServer {
+    /// `stun:` or `turn:` URLs.
+    pub urls: Vec<String>,
+    /// TURN username.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// TURN credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// Another participant, as listed in `joined`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerInfo {
+    /// Their participant id.
+    pub peer_id: String,
+    /// Their display name.
+    pub name: String,
+}
+
+/// One media section of a subscribe offer.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubscriptionInfo {
+    /// The section's mid.
+    pub mid: String,
+    /// The publication it carries.
+    pub publication_id: String,
+    /// Who publishes it.
+    pub peer_id: String,
+    /// `audio` or `video`.
+    pub kind: &'static str,
+    /// `microphone`, `camera` or `screen`.
+    pub source: &'static str,
+    /// Whether the publisher has muted it.
+    pub muted: bool,
+}
+
+/// Messages to a client.
+#[derive(Clone, Debug, Serialize)]
+#[serde(
+    tag = "type",
+    rename_all = "snake_case",
+    rename_all_fields = "camelCase"
+)]
+pub enum ServerMessage {
+    /// You are in.
+    Joined {
+        /// Your id.
+        participant_id: String,
+        /// The room's name as first created.
+        room: String,
+        /// Your display name.
+        name: String,
+        /// `sfu`.
+        mode: &'static str,
+        /// The others already in the room.
+        peers: Vec<PeerInfo>,
+        /// ICE servers for your connections.
+        ice_servers: Vec<IceServer>,
+        /// The highest video bitrate to send, in bits per second.
+        max_video_bitrate: u64,
+        /// [`PROTOCOL_VERSION`].
+        protocol: u32,
+    },
+    /// Someone entered.
+    PeerJoined {
+        /// Their id.
+        peer_id: String,
+        /// Their display name.
+        name: String,
+    },
+    /// Someone left.
+    PeerLeft {
+        /// Their id.
+        peer_id: String,
+    },
+    /// An offer; in SFU mode, of the subscribe connection.
+    Offer {
+        /// `sfu`.
+        peer_id: &'static str,
+        /// `subscribe`.
+        transport: TransportName,
+        /// The SDP.
+        sdp: String,
+        /// What each media section carries.
+        subscriptions: Vec<SubscriptionInfo>,
+    },
+    /// An answer; in SFU mode, to the publish offer.
+    Answer {
+        /// `sfu`.
+        peer_id: &'static str,
+        /// `publish`.
+        transport: TransportName,
+        /// The SDP.
+        sdp: String,
+    },
+    /// A publication was muted or unmuted.
+    Mute {
+        /// Its publisher.
+        peer_id: String,
+        /// Which publication.
+        publication_id: String,
+        /// `microphone`, `camera` or `screen`.
+        source: &'static str,
+        /// Muted or not.
+        muted: bool,
+    },
+    /// Something was refused.
+    Error {
+        /// The contract.
+        code: ErrorCode,
+        /// For humans.
+        message: String,
+        /// The `type` of the message it answers.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request_type: Option<String>,
+    },
+}
+
+impl ServerMessage {
+    /// An error reply.
+    pub fn error(code: ErrorCode, message: impl Into<String>, request_type: Option<&str>) -> Self {
+        ServerMessage::Error {
+            code,
+            message: message.into(),
+            request_type: request_type.map(str::to_owned),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoding_tells_each_mistake_apart() {
+        let cases: &[(&str, ErrorCode)] = &[
+            ("{not json", ErrorCode::BadRequest),
+            ("[1,2]", ErrorCode::BadRequest),
+            (r#"{"type": 5}"#, ErrorCode::BadRequest),
+            (r#"{"type": "dance"}"#, ErrorCode::UnknownType),
+            (
+                r#"{"type": "offer", "peerId": "sfu"}"#,
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"type": "offer", "peerId": "sfu", "transport": "sideways", "sdp": ""}"#,
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"type": "mute", "trackId": "t", "muted": "yes"}"#,
+                ErrorCode::BadRequest,
+            ),
+        ];
+        for (text, code) in cases {
+            let err = ClientMessage::decode(text).expect_err(text);
+            assert_eq!(err.code, *code, "{text}: {}", err.message);
+        }
+        let big = format!(
+            r#"{{"type":"join","name":"{}"}}"#,
+            "x".repeat(MAX_MESSAGE_BYTES)
+        );
+        assert_eq!(
+            ClientMessage::decode(&big).expect_err("too large").code,
+            ErrorCode::TooLarge
+        );
+    }
+
+    #[test]
+    fn client_messages_round_trip_from_their_documented_shape() {
+        let offer = ClientMessage::decode(
+            r#"{"type":"offer","peerId":"sfu","transport":"publish","sdp":"v=0","tracks":[{"trackId":"a","source":"camera"}]}"#,
+        )
+        .expect("offer");
+        assert!(matches!(
+            offer,
+            ClientMessage::Offer { ref tracks, transport: TransportName::Publish, .. } if tracks[0].source == "camera"
+        ));
+        let candidate = ClientMessage::decode(
+            r#"{"type":"ice-candidate","peerId":"sfu","transport":"subscribe","candidate":{"candidate":"candidate:1 1 udp 1 127.0.0.1 5000 typ host","sdpMid":"0","sdpMLineIndex":0}}"#,
+        )
+        .expect("candidate");
+        assert_eq!(candidate.type_name(), "ice-candidate");
+        assert!(matches!(
+            ClientMessage::decode(r#"{"type":"join"}"#),
+            Ok(ClientMessage::Join { name: None })
+        ));
+    }
+
+    #[test]
+    fn server_messages_use_the_documented_field_names() {
+        let json = serde_json::to_value(ServerMessage::PeerJoined {
+            peer_id: "p-1".into(),
+            name: "Ann".into(),
+        })
+        .expect("encode");
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "peer_joined", "peerId": "p-1", "name": "Ann"})
+        );
+        let json = serde_json::to_value(ServerMessage::error(
+            ErrorCode::NameTaken,
+            "taken",
+            Some("join"),
+        ))
+        .expect("encode");
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "error", "code": "name_taken", "message": "taken", "requestType": "join"})
+        );
+    }
+}

@@ -1,0 +1,423 @@
+//! One task per signaling socket: decodes frames, drives the participant's transports, relays
+//! room events, and cleans up on every way out.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use sfu::{ParticipantId, PublishTransport, RTCIceCandidateInit, SfuEvent, Source};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::auth::Claims;
+use crate::http::AppState;
+use crate::protocol::{
+    CandidateInit, ClientMessage, ErrorCode, PROTOCOL_VERSION, SFU_PEER, ServerMessage,
+    TransportName,
+};
+use crate::room::{JoinError, NegotiatorCommand, Room, run_negotiator};
+
+/// Interval between server pings.
+pub const PING_INTERVAL: Duration = Duration::from_secs(3);
+/// Silence after which a client is taken as gone.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(9);
+const OUTBOUND_QUEUE: usize = 1024;
+
+struct Membership {
+    room: Arc<Room>,
+    participant: ParticipantId,
+    publish: PublishTransport,
+    negotiator: mpsc::Sender<NegotiatorCommand>,
+}
+
+struct Session {
+    state: AppState,
+    claims: Claims,
+    outbound: mpsc::Sender<ServerMessage>,
+    sfu_events: mpsc::Sender<SfuEvent>,
+    membership: Option<Membership>,
+}
+
+enum Flow {
+    Continue,
+    Leave,
+}
+
+/// Serves one upgraded socket until the client leaves, goes silent, or the server stops.
+pub async fn serve(socket: WebSocket, state: AppState, claims: Claims) {
+    let span = tracing::info_span!("session", room = %claims.room, user = %claims.sub, participant = tracing::field::Empty);
+    run(socket, state, claims).instrument(span).await
+}
+
+async fn run(socket: WebSocket, state: AppState, claims: Claims) {
+    let (mut sink, mut stream) = socket.split();
+    let (outbound, mut outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let (sfu_events, mut sfu_rx) = mpsc::channel(64);
+    let mut shutdown = state.shutdown.clone();
+    let mut session = Session {
+        state,
+        claims,
+        outbound,
+        sfu_events,
+        membership: None,
+    };
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    let mut last_heard = Instant::now();
+    let mut close: Option<CloseFrame> = None;
+    loop {
+        tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(text))) => {
+                    last_heard = Instant::now();
+                    if let Flow::Leave = session.handle_text(&text).await {
+                        close = Some(CloseFrame { code: 1000, reason: Utf8Bytes::from_static("left") });
+                        break;
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    last_heard = Instant::now();
+                    session.reply(ServerMessage::error(ErrorCode::BadRequest, "binary frames are not part of the protocol", None));
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => last_heard = Instant::now(),
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Err(err)) => {
+                    tracing::debug!(%err, "socket error");
+                    break;
+                }
+            },
+            Some(message) = outbound_rx.recv() => {
+                if send_json(&mut sink, &message).await.is_err() {
+                    break;
+                }
+            }
+            Some(event) = sfu_rx.recv() => {
+                if let Flow::Leave = session.handle_sfu_event(event) {
+                    break;
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > PEER_TIMEOUT {
+                    tracing::info!("client silent for too long");
+                    break;
+                }
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    break;
+                }
+            }
+            _ = shutdown.changed() => {
+                let _ = send_json(&mut sink, &ServerMessage::error(ErrorCode::ServerShutdown, "server shutting down", None)).await;
+                close = Some(CloseFrame { code: 1001, reason: Utf8Bytes::from_static("server shutting down") });
+                break;
+            }
+        }
+    }
+    session.leave().await;
+    // Whatever was queued before leaving (e.g. an error reply) still goes out.
+    while let Ok(message) = outbound_rx.try_recv() {
+        if send_json(&mut sink, &message).await.is_err() {
+            break;
+        }
+    }
+    let _ = sink.send(Message::Close(close)).await;
+    let _ = sink.close().await;
+}
+
+async fn send_json<S>(sink: &mut S, message: &ServerMessage) -> Result<(), ()>
+where
+    S: SinkExt<Message> + Unpin,
+{
+    let Ok(text) = serde_json::to_string(message) else {
+        return Ok(());
+    };
+    sink.send(Message::Text(text.into())).await.map_err(|_| ())
+}
+
+fn candidate_init(candidate: CandidateInit) -> RTCIceCandidateInit {
+    RTCIceCandidateInit {
+        candidate: candidate.candidate,
+        sdp_mid: candidate.sdp_mid,
+        sdp_mline_index: candidate.sdp_mline_index,
+        username_fragment: candidate.username_fragment,
+        ..Default::default()
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    let trimmed = name.trim();
+    !trimmed.is_empty() && trimmed.chars().count() <= 64
+}
+
+impl Session {
+    fn reply(&self, message: ServerMessage) {
+        if self.outbound.try_send(message).is_err() {
+            tracing::warn!("reply dropped: outbound queue full");
+        }
+    }
+
+    async fn handle_text(&mut self, text: &str) -> Flow {
+        let message = match ClientMessage::decode(text) {
+            Ok(message) => message,
+            Err(err) => {
+                tracing::debug!(code = ?err.code, message = %err.message, "refused a message");
+                self.reply(ServerMessage::Error {
+                    code: err.code,
+                    message: err.message,
+                    request_type: err.request_type,
+                });
+                return Flow::Continue;
+            }
+        };
+        let kind = message.type_name();
+        if let Err((code, text)) = self.handle(message).await {
+            tracing::debug!(?code, %text, kind, "refused a message");
+            self.reply(ServerMessage::error(code, text, Some(kind)));
+            return Flow::Continue;
+        }
+        if kind == "leave" {
+            Flow::Leave
+        } else {
+            Flow::Continue
+        }
+    }
+
+    /// Checks that `peer_id` is the server and that the participant has joined.
+    fn sfu_target(&self, peer_id: &str) -> Result<&Membership, (ErrorCode, String)> {
+        let membership = self
+            .membership
+            .as_ref()
+            .ok_or((ErrorCode::InvalidState, "send `join` first".to_owned()))?;
+        if peer_id == SFU_PEER {
+            Ok(membership)
+        } else if membership.room.has_member(peer_id) {
+            Err((
+                ErrorCode::InvalidState,
+                format!("the room is in sfu mode: address `{SFU_PEER}`, not `{peer_id}`"),
+            ))
+        } else {
+            Err((
+                ErrorCode::UnknownPeer,
+                format!("no participant `{peer_id}` in this room"),
+            ))
+        }
+    }
+
+    async fn handle(&mut self, message: ClientMessage) -> Result<(), (ErrorCode, String)> {
+        match message {
+            ClientMessage::Join { name } => self.join(name).await,
+            ClientMessage::Offer {
+                peer_id,
+                transport,
+                sdp,
+                tracks,
+            } => {
+                let membership = self.sfu_target(&peer_id)?;
+                if transport != TransportName::Publish {
+                    return Err((
+                        ErrorCode::InvalidState,
+                        "the server makes every offer on the subscribe connection".into(),
+                    ));
+                }
+                let mut sources = HashMap::new();
+                for track in tracks {
+                    let source = Source::parse(&track.source).ok_or((
+                        ErrorCode::BadRequest,
+                        format!("unknown source `{}`", track.source),
+                    ))?;
+                    sources.insert(track.track_id, source);
+                }
+                let answer = membership
+                    .publish
+                    .answer(sdp, sources)
+                    .await
+                    .map_err(|err| (ErrorCode::InvalidSdp, err.to_string()))?;
+                self.reply(ServerMessage::Answer {
+                    peer_id: SFU_PEER,
+                    transport: TransportName::Publish,
+                    sdp: answer,
+                });
+                Ok(())
+            }
+            ClientMessage::Answer {
+                peer_id,
+                transport,
+                sdp,
+            } => {
+                let membership = self.sfu_target(&peer_id)?;
+                if transport != TransportName::Subscribe {
+                    return Err((
+                        ErrorCode::InvalidState,
+                        "the publish connection takes offers, not answers".into(),
+                    ));
+                }
+                membership
+                    .negotiator
+                    .send(NegotiatorCommand::Answer(sdp))
+                    .await
+                    .map_err(|_| (ErrorCode::Internal, "subscribe connection is gone".into()))
+            }
+            ClientMessage::IceCandidate {
+                peer_id,
+                transport,
+                candidate,
+            } => {
+                let membership = self.sfu_target(&peer_id)?;
+                let Some(candidate) = candidate.filter(|c| !c.candidate.is_empty()) else {
+                    return Ok(()); // End of candidates: nothing to do for an ICE-lite-like server.
+                };
+                let candidate = candidate_init(candidate);
+                match transport {
+                    TransportName::Publish => membership
+                        .publish
+                        .add_ice_candidate(candidate)
+                        .await
+                        .map_err(|err| {
+                            (ErrorCode::BadRequest, format!("candidate refused: {err}"))
+                        }),
+                    TransportName::Subscribe => membership
+                        .negotiator
+                        .send(NegotiatorCommand::Candidate(candidate))
+                        .await
+                        .map_err(|_| (ErrorCode::Internal, "subscribe connection is gone".into())),
+                }
+            }
+            ClientMessage::Mute { track_id, muted } => {
+                let membership = self.sfu_target(SFU_PEER)?;
+                membership
+                    .room
+                    .set_muted(&membership.participant, &track_id, muted);
+                Ok(())
+            }
+            ClientMessage::Leave => Ok(()),
+        }
+    }
+
+    async fn join(&mut self, name: Option<String>) -> Result<(), (ErrorCode, String)> {
+        if self.membership.is_some() {
+            return Err((ErrorCode::InvalidState, "already joined".into()));
+        }
+        let name = name.unwrap_or_else(|| self.claims.sub.clone());
+        if !valid_name(&name) {
+            return Err((
+                ErrorCode::BadRequest,
+                "a name is 1 to 64 characters, not only spaces".into(),
+            ));
+        }
+        let name = name.trim().to_owned();
+        let participant = ParticipantId::random();
+        let (negotiator, negotiator_rx) = mpsc::channel(256);
+        let joined = self
+            .state
+            .rooms
+            .join(
+                &self.claims.room,
+                &participant,
+                &name,
+                self.outbound.clone(),
+                negotiator.clone(),
+            )
+            .map_err(|err| match err {
+                JoinError::NameTaken => (
+                    ErrorCode::NameTaken,
+                    format!("the name `{name}` is taken in this room"),
+                ),
+                JoinError::RoomFull(limit) => (
+                    ErrorCode::RoomFull,
+                    format!("the room is full ({limit} participants)"),
+                ),
+            })?;
+        tracing::Span::current().record("participant", participant.as_str());
+        tracing::info!(%name, "joined");
+        let transports = async {
+            let publish = self
+                .state
+                .sfu
+                .publish_transport(participant.clone(), self.sfu_events.clone())
+                .await?;
+            let subscribe = self
+                .state
+                .sfu
+                .subscribe_transport(participant.clone(), self.sfu_events.clone())
+                .await?;
+            Ok::<_, sfu::SfuError>((publish, subscribe))
+        }
+        .await;
+        let (publish, subscribe) = match transports {
+            Ok(pair) => pair,
+            Err(err) => {
+                self.state.rooms.leave(&joined.room, &participant);
+                return Err((ErrorCode::Internal, format!("media transport: {err}")));
+            }
+        };
+        self.reply(ServerMessage::Joined {
+            participant_id: participant.to_string(),
+            room: joined.room.name().to_owned(),
+            name,
+            mode: "sfu",
+            peers: joined.peers,
+            ice_servers: self.state.config.ice_servers.clone(),
+            max_video_bitrate: self.state.config.max_video_bitrate,
+            protocol: PROTOCOL_VERSION,
+        });
+        for publication in joined.publications {
+            let _ = negotiator.try_send(NegotiatorCommand::Subscribe(publication));
+        }
+        tokio::spawn(
+            run_negotiator(
+                subscribe,
+                negotiator_rx,
+                self.outbound.clone(),
+                joined.room.clone(),
+            )
+            .in_current_span(),
+        );
+        self.membership = Some(Membership {
+            room: joined.room,
+            participant,
+            publish,
+            negotiator,
+        });
+        Ok(())
+    }
+
+    fn handle_sfu_event(&mut self, event: SfuEvent) -> Flow {
+        let Some(membership) = &self.membership else {
+            return Flow::Continue;
+        };
+        match event {
+            SfuEvent::PublicationStarted(publication) => {
+                membership
+                    .room
+                    .add_publication(&membership.participant, publication);
+                Flow::Continue
+            }
+            SfuEvent::PublicationEnded {
+                participant,
+                publication,
+            } => {
+                membership
+                    .room
+                    .remove_publication(&participant, &publication);
+                Flow::Continue
+            }
+            SfuEvent::TransportFailed { kind, .. } => {
+                tracing::info!(?kind, "media connection failed");
+                Flow::Leave
+            }
+        }
+    }
+
+    async fn leave(&mut self) {
+        let Some(membership) = self.membership.take() else {
+            return;
+        };
+        self.state
+            .rooms
+            .leave(&membership.room, &membership.participant);
+        // Dropping the negotiator's only sender ends it, and it closes the subscribe transport.
+        drop(membership.negotiator);
+        membership.publish.close().await;
+        tracing::info!("left");
+    }
+}

@@ -1,0 +1,455 @@
+//! A headless client speaking the public protocol over real HTTP, WebSocket and WebRTC
+//! (webrtc-rs), and helpers to start a server inside the test.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    RTCConfigurationBuilder, RTCIceGatheringState, RTCSessionDescription, Registry,
+    SettingEngineBuilder, register_default_interceptors,
+};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A server on an ephemeral port with media on loopback.
+pub async fn start_server(max_participants: usize) -> Result<signaling::Server> {
+    let config = signaling::Config {
+        bind: "127.0.0.1:0".parse()?,
+        media_ip: Some("127.0.0.1".parse()?),
+        max_participants,
+        log_level: "warn".into(),
+        ..signaling::Config::default()
+    };
+    Ok(signaling::Server::start(config).await?)
+}
+
+pub async fn token(server: &signaling::Server, user: &str, room: &str) -> Result<String> {
+    let body: Value = reqwest::Client::new()
+        .post(format!("http://{}/auth/token", server.addr))
+        .json(&json!({"userId": user, "room": room}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    body["token"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no token in {body}"))
+}
+
+/// A bare signaling socket, for protocol tests.
+pub async fn connect(server: &signaling::Server, user: &str, room: &str) -> Result<Ws> {
+    let token = token(server, user, room).await?;
+    let (ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws/signal?token={token}", server.addr))
+            .await?;
+    Ok(ws)
+}
+
+pub async fn send(ws: &mut Ws, message: Value) -> Result<()> {
+    ws.send(Message::Text(message.to_string().into())).await?;
+    Ok(())
+}
+
+/// The next JSON message, skipping pings; errors after `timeout`.
+pub async fn recv(ws: &mut Ws, timeout: Duration) -> Result<Value> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .context("timed out waiting for a message")?
+            .ok_or_else(|| anyhow!("socket closed"))??;
+        match frame {
+            Message::Text(text) => return Ok(serde_json::from_str(&text)?),
+            Message::Close(frame) => bail!("socket closed: {frame:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// The next message of `kind`, skipping others.
+pub async fn recv_type(ws: &mut Ws, kind: &str, timeout: Duration) -> Result<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = recv(ws, left)
+            .await
+            .with_context(|| format!("waiting for `{kind}`"))?;
+        if message["type"] == kind {
+            return Ok(message);
+        }
+    }
+}
+
+fn opus() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: "audio/opus".into(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".into(),
+        rtcp_feedback: vec![],
+    }
+}
+
+fn vp8() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: "video/VP8".into(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: String::new(),
+        rtcp_feedback: vec![],
+    }
+}
+
+struct Handler {
+    gathered: watch::Sender<bool>,
+    media: Option<mpsc::UnboundedSender<Received>>,
+}
+
+/// One RTP packet a subscriber received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    /// The msid stream id: the publisher's participant id.
+    pub stream_id: String,
+    /// The msid track id: the publication id.
+    pub publication_id: String,
+    pub kind: RtpCodecKind,
+    pub payload: Bytes,
+    pub at: Instant,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            self.gathered.send_replace(true);
+        }
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let Some(media) = self.media.clone() else {
+            return;
+        };
+        let stream_id = track.stream_id().await.to_string();
+        let publication_id = track.track_id().await.to_string();
+        let kind = track.kind().await;
+        tokio::spawn(async move {
+            while let Some(event) = track.poll().await {
+                if let TrackRemoteEvent::OnRtpPacket(packet) = event {
+                    let _ = media.send(Received {
+                        stream_id: stream_id.clone(),
+                        publication_id: publication_id.clone(),
+                        kind,
+                        payload: packet.payload.clone(),
+                        at: Instant::now(),
+                    });
+                }
+            }
+        });
+    }
+}
+
+async fn peer_connection(
+    media: Option<mpsc::UnboundedSender<Received>>,
+) -> Result<(Arc<dyn PeerConnection>, watch::Receiver<bool>)> {
+    let mut engine = MediaEngine::default();
+    engine.register_default_codecs()?;
+    let registry = register_default_interceptors(Registry::new(), &mut engine)?;
+    let (gathered, gathered_rx) = watch::channel(false);
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(engine)
+        .with_setting_engine(
+            SettingEngineBuilder::new()
+                .with_include_loopback_candidate(true)
+                .build(),
+        )
+        .with_interceptor_registry(registry)
+        .with_handler(Arc::new(Handler { gathered, media }))
+        .with_udp_addrs(vec!["127.0.0.1:0"])
+        .build()
+        .await?;
+    Ok((Arc::new(pc), gathered_rx))
+}
+
+async fn local_sdp(
+    pc: &Arc<dyn PeerConnection>,
+    gathered: &mut watch::Receiver<bool>,
+    desc: RTCSessionDescription,
+) -> Result<String> {
+    pc.set_local_description(desc).await?;
+    tokio::time::timeout(Duration::from_secs(5), gathered.wait_for(|g| *g)).await??;
+    Ok(pc
+        .local_description()
+        .await
+        .ok_or_else(|| anyhow!("no local description"))?
+        .sdp)
+}
+
+/// What the socket task saw, other than media.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Message(Value),
+    Closed,
+}
+
+/// A participant with a subscribe connection that answers every server offer, and optionally
+/// a publish connection carrying one audio and one video track.
+pub struct TestClient {
+    pub participant_id: String,
+    pub joined: Value,
+    outgoing: mpsc::UnboundedSender<Value>,
+    pub events: mpsc::UnboundedReceiver<Event>,
+    pub media: mpsc::UnboundedReceiver<Received>,
+    publish_answers: Option<mpsc::UnboundedReceiver<String>>,
+    pub audio: Option<Arc<TrackLocalStaticRTP>>,
+    pub video: Option<Arc<TrackLocalStaticRTP>>,
+    publish_pc: Option<Arc<dyn PeerConnection>>,
+    subscribe_pc: Arc<dyn PeerConnection>,
+    socket_task: tokio::task::JoinHandle<()>,
+}
+
+impl TestClient {
+    /// Joins `room` as `name`.
+    pub async fn join(server: &signaling::Server, room: &str, name: &str) -> Result<Self> {
+        let mut ws = connect(server, name, room).await?;
+        send(&mut ws, json!({"type": "join", "name": name})).await?;
+        let joined = recv_type(&mut ws, "joined", Duration::from_secs(5)).await?;
+        let participant_id = joined["participantId"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no participantId in {joined}"))?
+            .to_owned();
+        let (media_tx, media) = mpsc::unbounded_channel();
+        let (subscribe_pc, subscribe_gathered) = peer_connection(Some(media_tx)).await?;
+        let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (answers_tx, answers_rx) = mpsc::unbounded_channel();
+        let socket_task = tokio::spawn(socket_loop(
+            ws,
+            subscribe_pc.clone(),
+            subscribe_gathered,
+            outgoing_rx,
+            events_tx,
+            answers_tx,
+        ));
+        Ok(Self {
+            participant_id,
+            joined,
+            outgoing,
+            events,
+            media,
+            publish_answers: Some(answers_rx),
+            audio: None,
+            video: None,
+            publish_pc: None,
+            subscribe_pc,
+            socket_task,
+        })
+    }
+
+    /// Publishes one Opus and one VP8 track.
+    pub async fn publish(&mut self) -> Result<()> {
+        let (pc, mut gathered) = peer_connection(None).await?;
+        let audio = local_track("mic", RtpCodecKind::Audio, opus());
+        let video = local_track("cam", RtpCodecKind::Video, vp8());
+        pc.add_track(audio.clone() as Arc<dyn TrackLocal>).await?;
+        pc.add_track(video.clone() as Arc<dyn TrackLocal>).await?;
+        let offer = pc.create_offer(None).await?;
+        let sdp = local_sdp(&pc, &mut gathered, offer).await?;
+        self.outgoing.send(json!({
+            "type": "offer", "peerId": "sfu", "transport": "publish", "sdp": sdp,
+            "tracks": [{"trackId": "mic", "source": "microphone"}, {"trackId": "cam", "source": "camera"}]
+        }))?;
+        let answers = self
+            .publish_answers
+            .as_mut()
+            .ok_or_else(|| anyhow!("no answer channel"))?;
+        let answer = tokio::time::timeout(Duration::from_secs(10), answers.recv())
+            .await?
+            .ok_or_else(|| anyhow!("socket closed before the publish answer"))?;
+        pc.set_remote_description(RTCSessionDescription::answer(answer)?)
+            .await?;
+        self.audio = Some(audio);
+        self.video = Some(video);
+        self.publish_pc = Some(pc);
+        Ok(())
+    }
+
+    /// The payload types the publish connection negotiated: (Opus, VP8).
+    pub async fn payload_types(&self) -> Result<(u8, u8)> {
+        let pc = self
+            .publish_pc
+            .as_ref()
+            .ok_or_else(|| anyhow!("not publishing"))?;
+        let (mut audio, mut video) = (None, None);
+        for sender in pc.get_senders().await {
+            let parameters = sender.get_parameters().await?;
+            for codec in &parameters.rtp_parameters.codecs {
+                match codec.rtp_codec.mime_type.to_ascii_lowercase().as_str() {
+                    "audio/opus" => audio = audio.or(Some(codec.payload_type)),
+                    "video/vp8" => video = video.or(Some(codec.payload_type)),
+                    _ => {}
+                }
+            }
+        }
+        Ok((
+            audio.ok_or_else(|| anyhow!("no opus"))?,
+            video.ok_or_else(|| anyhow!("no vp8"))?,
+        ))
+    }
+
+    pub fn send(&self, message: Value) -> Result<()> {
+        Ok(self.outgoing.send(message)?)
+    }
+
+    /// Waits for a signaling message of `kind`.
+    pub async fn wait_for(&mut self, kind: &str, timeout: Duration) -> Result<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => bail!("no `{kind}` within {timeout:?}"),
+                Ok(None) | Ok(Some(Event::Closed)) => bail!("socket closed waiting for `{kind}`"),
+                Ok(Some(Event::Message(message))) if message["type"] == kind => return Ok(message),
+                Ok(Some(Event::Message(_))) => {}
+            }
+        }
+    }
+
+    /// Leaves with `leave` and closes the connections.
+    pub async fn leave(self) -> Result<()> {
+        self.outgoing.send(json!({"type": "leave"}))?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.close_media().await;
+        Ok(())
+    }
+
+    /// Vanishes without a word: the socket task and the connections just stop.
+    pub async fn vanish(self) {
+        self.socket_task.abort();
+        self.close_media().await;
+    }
+
+    async fn close_media(&self) {
+        if let Some(pc) = &self.publish_pc {
+            let _ = pc.close().await;
+        }
+        let _ = self.subscribe_pc.close().await;
+    }
+}
+
+fn local_track(id: &str, kind: RtpCodecKind, codec: RTCRtpCodec) -> Arc<TrackLocalStaticRTP> {
+    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        "test-stream".into(),
+        id.into(),
+        id.into(),
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(rand::random::<u32>()),
+                ..Default::default()
+            },
+            codec,
+            ..Default::default()
+        }],
+    )))
+}
+
+/// Sends one RTP packet on a publisher track.
+pub async fn write(
+    track: &TrackLocalStaticRTP,
+    payload_type: u8,
+    seq: u16,
+    ts: u32,
+    payload: Bytes,
+) -> Result<()> {
+    let ssrc = track
+        .ssrcs()
+        .await
+        .first()
+        .copied()
+        .ok_or_else(|| anyhow!("no ssrc"))?;
+    let packet = rtp::Packet {
+        header: rtp::Header {
+            version: 2,
+            marker: true,
+            payload_type,
+            sequence_number: seq,
+            timestamp: ts,
+            ssrc,
+            ..Default::default()
+        },
+        payload,
+    };
+    Ok(track.write_rtp(packet).await?)
+}
+
+use webrtc::media_stream::Track as _;
+
+async fn socket_loop(
+    mut ws: Ws,
+    subscribe_pc: Arc<dyn PeerConnection>,
+    mut gathered: watch::Receiver<bool>,
+    mut outgoing: mpsc::UnboundedReceiver<Value>,
+    events: mpsc::UnboundedSender<Event>,
+    publish_answers: mpsc::UnboundedSender<String>,
+) {
+    loop {
+        tokio::select! {
+            Some(message) = outgoing.recv() => {
+                if send(&mut ws, message).await.is_err() {
+                    break;
+                }
+            }
+            frame = ws.next() => {
+                let Some(Ok(frame)) = frame else { break };
+                let Message::Text(text) = frame else { continue };
+                let Ok(message) = serde_json::from_str::<Value>(&text) else { continue };
+                match (message["type"].as_str(), message["transport"].as_str()) {
+                    (Some("offer"), Some("subscribe")) => {
+                        let sdp = message["sdp"].as_str().unwrap_or_default().to_owned();
+                        let answer = async {
+                            subscribe_pc.set_remote_description(RTCSessionDescription::offer(sdp)?).await?;
+                            let answer = subscribe_pc.create_answer(None).await?;
+                            local_sdp(&subscribe_pc, &mut gathered, answer).await
+                        }.await;
+                        match answer {
+                            Ok(sdp) => {
+                                let reply = json!({"type": "answer", "peerId": "sfu", "transport": "subscribe", "sdp": sdp});
+                                if send(&mut ws, reply).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(err) => eprintln!("subscribe answer failed: {err}"),
+                        }
+                        let _ = events.send(Event::Message(message));
+                    }
+                    (Some("answer"), Some("publish")) => {
+                        let _ = publish_answers.send(message["sdp"].as_str().unwrap_or_default().to_owned());
+                    }
+                    _ => {
+                        let _ = events.send(Event::Message(message));
+                    }
+                }
+            }
+        }
+    }
+    let _ = events.send(Event::Closed);
+}
