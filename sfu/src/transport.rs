@@ -156,7 +156,14 @@ async fn local_sdp_after_gathering(
 ) -> Result<String, SfuError> {
     pc.set_local_description(desc).await?;
     // Host candidates only: gathering takes milliseconds. A timeout still yields a usable SDP.
-    let _ = tokio::time::timeout(GATHERING_TIMEOUT, gathered.wait_for(|done| *done)).await;
+    let started = std::time::Instant::now();
+    if tokio::time::timeout(GATHERING_TIMEOUT, gathered.wait_for(|done| *done))
+        .await
+        .is_err()
+    {
+        tracing::warn!("ICE gathering did not complete in {GATHERING_TIMEOUT:?}");
+    }
+    tracing::debug!(elapsed = ?started.elapsed(), "local description ready");
     pc.local_description()
         .await
         .map(|desc| desc.sdp)

@@ -20,9 +20,12 @@ use crate::protocol::{
 use crate::room::{JoinError, NegotiatorCommand, Room, run_negotiator};
 
 /// Interval between server pings.
-pub const PING_INTERVAL: Duration = Duration::from_secs(3);
-/// Silence after which a client is taken as gone.
-pub const PEER_TIMEOUT: Duration = Duration::from_secs(9);
+pub const PING_INTERVAL: Duration = Duration::from_secs(2);
+/// Silence after which a client is taken as gone: three unanswered pings, so that a dead peer
+/// is out of the room well within 10 seconds.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(7);
+/// How often silence is checked.
+const LIVENESS_CHECK: Duration = Duration::from_millis(500);
 const OUTBOUND_QUEUE: usize = 1024;
 
 struct Membership {
@@ -63,8 +66,9 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
         sfu_events,
         membership: None,
     };
-    let mut ping = tokio::time::interval(PING_INTERVAL);
+    let mut liveness = tokio::time::interval(LIVENESS_CHECK);
     let mut last_heard = Instant::now();
+    let mut last_ping = Instant::now();
     let mut close: Option<CloseFrame> = None;
     loop {
         tokio::select! {
@@ -97,13 +101,16 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
                     break;
                 }
             }
-            _ = ping.tick() => {
+            _ = liveness.tick() => {
                 if last_heard.elapsed() > PEER_TIMEOUT {
                     tracing::info!("client silent for too long");
                     break;
                 }
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    break;
+                if last_ping.elapsed() >= PING_INTERVAL {
+                    last_ping = Instant::now();
+                    if sink.send(Message::Ping(Default::default())).await.is_err() {
+                        break;
+                    }
                 }
             }
             _ = shutdown.changed() => {

@@ -53,15 +53,30 @@ async fn a_publisher_reaches_every_subscriber_byte_for_byte() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut warmup = 0u16;
     loop {
-        write(&audio, audio_pt, warmup, u32::from(warmup) * 960, Bytes::from_static(b"\xF8warmup")).await?;
-        write(&video, video_pt, warmup, u32::from(warmup) * 3000, Bytes::from_static(b"\x10\x00warmup")).await?;
+        write(
+            &audio,
+            audio_pt,
+            warmup,
+            u32::from(warmup) * 960,
+            Bytes::from_static(b"\xF8warmup"),
+        )
+        .await?;
+        write(
+            &video,
+            video_pt,
+            warmup,
+            u32::from(warmup) * 3000,
+            Bytes::from_static(b"\x10\x00warmup"),
+        )
+        .await?;
         warmup += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
         for (client, into) in subscribers.iter_mut().zip(received.iter_mut()) {
             drain(client, into);
         }
         let ready = received.iter().all(|r| {
-            r.iter().any(|p| p.kind == RtpCodecKind::Audio) && r.iter().any(|p| p.kind == RtpCodecKind::Video)
+            r.iter().any(|p| p.kind == RtpCodecKind::Audio)
+                && r.iter().any(|p| p.kind == RtpCodecKind::Video)
         });
         if ready {
             break;
@@ -75,8 +90,22 @@ async fn a_publisher_reaches_every_subscriber_byte_for_byte() -> Result<()> {
     // The measured run: numbered packets on both tracks.
     for n in 0..MEASURED {
         let seq = warmup + n;
-        write(&audio, audio_pt, seq, u32::from(seq) * 960, payload("audio", n)).await?;
-        write(&video, video_pt, seq, u32::from(seq) * 3000, payload("video", n)).await?;
+        write(
+            &audio,
+            audio_pt,
+            seq,
+            u32::from(seq) * 960,
+            payload("audio", n),
+        )
+        .await?;
+        write(
+            &video,
+            video_pt,
+            seq,
+            u32::from(seq) * 3000,
+            payload("video", n),
+        )
+        .await?;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -98,7 +127,10 @@ async fn a_publisher_reaches_every_subscriber_byte_for_byte() -> Result<()> {
     // Every subscriber: the measured payloads, all of them, in order, attributed to the publisher.
     let mut publication_of_kind: HashMap<&str, String> = HashMap::new();
     for (i, packets) in received.iter().enumerate() {
-        for (kind, codec_kind) in [("audio", RtpCodecKind::Audio), ("video", RtpCodecKind::Video)] {
+        for (kind, codec_kind) in [
+            ("audio", RtpCodecKind::Audio),
+            ("video", RtpCodecKind::Video),
+        ] {
             let measured: Vec<&Received> = packets
                 .iter()
                 .filter(|p| p.kind == codec_kind && !p.payload.ends_with(b"warmup"))
@@ -122,7 +154,10 @@ async fn a_publisher_reaches_every_subscriber_byte_for_byte() -> Result<()> {
             let publication = publication_of_kind
                 .entry(kind)
                 .or_insert_with(|| measured[0].publication_id.clone());
-            ensure!(&measured[0].publication_id == publication, "one publication id per track for everyone");
+            ensure!(
+                &measured[0].publication_id == publication,
+                "one publication id per track for everyone"
+            );
         }
     }
 
@@ -135,14 +170,20 @@ async fn a_publisher_reaches_every_subscriber_byte_for_byte() -> Result<()> {
             }
         }
         let offer = last_offer.ok_or_else(|| anyhow::anyhow!("sub{i} saw no offer"))?;
-        let subscriptions = offer["subscriptions"].as_array().cloned().unwrap_or_default();
+        let subscriptions = offer["subscriptions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let mut sources: Vec<&str> = subscriptions
             .iter()
             .filter(|s| s["peerId"] == publisher.participant_id.as_str())
             .filter_map(|s| s["source"].as_str())
             .collect();
         sources.sort();
-        ensure!(sources == ["camera", "microphone"], "sub{i} subscriptions: {subscriptions:?}");
+        ensure!(
+            sources == ["camera", "microphone"],
+            "sub{i} subscriptions: {subscriptions:?}"
+        );
     }
 
     // The publisher leaves: everyone is told, and media from it stops.
@@ -150,7 +191,9 @@ async fn a_publisher_reaches_every_subscriber_byte_for_byte() -> Result<()> {
     publisher.leave().await?;
     let left_at = Instant::now();
     for (i, client) in subscribers.iter_mut().enumerate() {
-        let left = client.wait_for("peer_left", Duration::from_secs(10)).await?;
+        let left = client
+            .wait_for("peer_left", Duration::from_secs(10))
+            .await?;
         ensure!(left["peerId"] == publisher_id.as_str(), "sub{i}: {left}");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -161,12 +204,19 @@ async fn a_publisher_reaches_every_subscriber_byte_for_byte() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     for (i, (client, into)) in subscribers.iter_mut().zip(received.iter_mut()).enumerate() {
         drain(client, into);
-        ensure!(into.is_empty(), "sub{i} still received {} packets after the publisher left", into.len());
+        ensure!(
+            into.is_empty(),
+            "sub{i} still received {} packets after the publisher left",
+            into.len()
+        );
     }
     ensure!(left_at.elapsed() < Duration::from_secs(10));
 
     let stats = server.state().sfu.stats();
-    ensure!(stats.forwarded_packets >= u64::from(MEASURED) * 2 * SUBSCRIBERS as u64, "{stats:?}");
+    ensure!(
+        stats.forwarded_packets >= u64::from(MEASURED) * 2 * SUBSCRIBERS as u64,
+        "{stats:?}"
+    );
     for client in subscribers {
         client.leave().await?;
     }

@@ -341,6 +341,12 @@ impl TestClient {
         Ok(())
     }
 
+    /// Goes silent: the socket stays open but nothing is read or answered (not even pings),
+    /// as when a laptop lid closes or a network path dies without a TCP reset.
+    pub fn freeze(&self) -> Result<()> {
+        Ok(self.outgoing.send(json!({"__freeze": true}))?)
+    }
+
     /// Vanishes without a word: the socket task and the connections just stop.
     pub async fn vanish(self) {
         self.socket_task.abort();
@@ -414,6 +420,12 @@ async fn socket_loop(
     loop {
         tokio::select! {
             Some(message) = outgoing.recv() => {
+                if message.get("__freeze").is_some() {
+                    // Hold the socket open, unread, until the test ends.
+                    let _held = ws;
+                    std::future::pending::<()>().await;
+                    return;
+                }
                 if send(&mut ws, message).await.is_err() {
                     break;
                 }

@@ -1,0 +1,141 @@
+//! Participants who leave without `leave`: a closed socket, or a silent one, is removed and its
+//! subscriptions torn down on every other participant within 10 seconds.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use support::{TestClient, start_server};
+
+async fn publications_live(server: &signaling::Server) -> u64 {
+    server.state().sfu.stats().publications
+}
+
+async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return Ok(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("condition not met within {limit:?}")
+}
+
+async fn room_with_publisher(
+    server: &signaling::Server,
+    room: &str,
+) -> Result<(TestClient, TestClient)> {
+    let mut publisher = TestClient::join(server, room, "pub").await?;
+    let mut watcher = TestClient::join(server, room, "watcher").await?;
+    publisher.publish().await?;
+    let (audio_pt, _) = publisher.payload_types().await?;
+    let audio = publisher.audio.clone().expect("publishing");
+    // Media must flow before the departure, so that there is something to tear down.
+    let mut seq = 0u16;
+    wait_until(Duration::from_secs(15), || {
+        let audio = audio.clone();
+        let received = watcher.media.try_recv().is_ok();
+        seq += 1;
+        let n = seq;
+        async move {
+            let _ = support::write(
+                &audio,
+                audio_pt,
+                n,
+                u32::from(n) * 960,
+                bytes::Bytes::from_static(b"x"),
+            )
+            .await;
+            received
+        }
+    })
+    .await?;
+    watcher.wait_for("offer", Duration::from_secs(1)).await.ok();
+    Ok((publisher, watcher))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_tab_is_removed_at_once() -> Result<()> {
+    let server = start_server(100).await?;
+    let (publisher, mut watcher) = room_with_publisher(&server, "closed-tab").await?;
+    let publisher_id = publisher.participant_id.clone();
+    ensure!(
+        publications_live(&server).await == 1,
+        "the audio publication is live"
+    );
+    let gone_at = Instant::now();
+    publisher.vanish().await;
+    let left = watcher
+        .wait_for("peer_left", Duration::from_secs(10))
+        .await?;
+    ensure!(left["peerId"] == publisher_id.as_str(), "{left}");
+    // Its publications end and the watcher's subscriptions go in a new offer.
+    let offer = watcher.wait_for("offer", Duration::from_secs(10)).await?;
+    ensure!(
+        offer["subscriptions"].as_array().is_some_and(Vec::is_empty),
+        "{offer}"
+    );
+    wait_until(Duration::from_secs(10), || async {
+        publications_live(&server).await == 0
+    })
+    .await?;
+    ensure!(
+        gone_at.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        gone_at.elapsed()
+    );
+    server.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_participant_is_removed_within_ten_seconds() -> Result<()> {
+    let server = start_server(100).await?;
+    let (publisher, mut watcher) = room_with_publisher(&server, "silent").await?;
+    let publisher_id = publisher.participant_id.clone();
+    let silent_at = Instant::now();
+    publisher.freeze()?;
+    let left = watcher
+        .wait_for("peer_left", Duration::from_secs(12))
+        .await?;
+    let took = silent_at.elapsed();
+    ensure!(left["peerId"] == publisher_id.as_str(), "{left}");
+    ensure!(took < Duration::from_secs(10), "removed after {took:?}");
+    wait_until(Duration::from_secs(5), || async {
+        publications_live(&server).await == 0
+    })
+    .await?;
+    let rooms = server.state().rooms.rooms();
+    ensure!(rooms.len() == 1 && rooms[0].snapshot().participants.len() == 1);
+    server.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_media_transport_that_cannot_open_gets_internal_and_leaves_no_trace() -> Result<()> {
+    // 192.0.2.1 (TEST-NET-1) is on no interface here, so binding a media socket to it fails
+    // before any packet is sent.
+    let config = signaling::Config {
+        bind: "127.0.0.1:0".parse()?,
+        media_ip: Some("192.0.2.1".parse()?),
+        log_level: "warn".into(),
+        ..signaling::Config::default()
+    };
+    let server = signaling::Server::start(config).await?;
+    let mut ws = support::connect(&server, "ann", "broken").await?;
+    support::send(&mut ws, serde_json::json!({"type": "join"})).await?;
+    let reply = support::recv_type(&mut ws, "error", Duration::from_secs(10)).await?;
+    ensure!(reply["code"] == "internal", "{reply}");
+    ensure!(
+        server.state().rooms.rooms().is_empty(),
+        "the failed join left a room behind"
+    );
+    server.shutdown().await?;
+    Ok(())
+}
