@@ -66,6 +66,30 @@ pub(crate) fn extmap(sdp: &str) -> Vec<(String, u16)> {
     out
 }
 
+/// Caps the publisher's video bitrate: `b=TIAS` (bps, RFC 3890) and `b=AS` (kbps, for older
+/// stacks) in every video section of the answer sent to it. Only the copy sent to the client
+/// carries them; the bandwidth lines limit what the remote sends, not what we do.
+pub(crate) fn with_video_bandwidth(sdp: &str, bits_per_second: u64) -> String {
+    let mut out = String::with_capacity(sdp.len() + 64);
+    let mut in_video = false;
+    for line in sdp.split_inclusive('\n') {
+        let bare = line.trim_end();
+        if bare.starts_with("m=") {
+            in_video = bare.starts_with("m=video");
+        } else if in_video && bare.starts_with("b=") {
+            continue; // Replaced below, after `c=`.
+        }
+        out.push_str(line);
+        if in_video && bare.starts_with("c=") {
+            out.push_str(&format!(
+                "b=AS:{}\r\nb=TIAS:{bits_per_second}\r\n",
+                bits_per_second.div_ceil(1000)
+            ));
+        }
+    }
+    out
+}
+
 fn media_engine() -> Result<MediaEngine, SfuError> {
     let mut engine = MediaEngine::default();
     engine.register_default_codecs()?;
@@ -322,7 +346,11 @@ impl PublishTransport {
             .map_err(SfuError::InvalidSdp)?;
         let answer = self.pc.create_answer(None).await?;
         let mut gathered = self.gathered.clone();
-        local_sdp_after_gathering(&self.pc, &mut gathered, answer).await
+        let sdp = local_sdp_after_gathering(&self.pc, &mut gathered, answer).await?;
+        Ok(with_video_bandwidth(
+            &sdp,
+            self.shared.shared.config.max_video_bitrate,
+        ))
     }
 
     /// Adds a candidate the publisher trickled.
@@ -604,7 +632,16 @@ async fn feedback_loop(track: Arc<TrackLocalStaticRTP>, commands: mpsc::Sender<F
 
 #[cfg(test)]
 mod tests {
-    use super::extmap;
+    use super::{extmap, with_video_bandwidth};
+
+    #[test]
+    fn video_sections_get_a_bandwidth_cap_and_audio_does_not() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\nb=AS:30\r\na=mid:1\r\n";
+        assert_eq!(
+            with_video_bandwidth(sdp, 2_500_000),
+            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\nb=AS:2500\r\nb=TIAS:2500000\r\na=mid:1\r\n"
+        );
+    }
 
     #[test]
     fn extmap_reads_ids_and_uris_once() {
