@@ -120,8 +120,10 @@ impl Config {
         if let Some(path) = &cli.config {
             figment = figment.merge(Toml::file_exact(path));
         }
+        let keys = Self::keys();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let mut config: Config = figment
-            .merge(Env::prefixed("SWITCHBOARD_").ignore(&["config"]))
+            .merge(Env::prefixed("SWITCHBOARD_").only(&keys))
             .merge(Serialized::defaults(cli))
             .extract()
             .map_err(Box::new)?;
@@ -133,6 +135,15 @@ impl Config {
             });
         }
         Ok(config)
+    }
+
+    /// Every configuration key. Only these are read from `SWITCHBOARD_*` variables, so that
+    /// other tools' variables with the same prefix are not mistaken for settings.
+    pub fn keys() -> Vec<String> {
+        match serde_json::to_value(Config::default()) {
+            Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// The media-plane settings this configuration implies.
@@ -177,6 +188,7 @@ mod tests {
                 "max_participants = 7\nlog_level = \"debug\"\nbind = \"127.0.0.1:9000\"\n",
             )?;
             jail.set_env("SWITCHBOARD_MAX_PARTICIPANTS", "8");
+            jail.set_env("SWITCHBOARD_BIN", "/not/a/setting");
             let cli = Cli::parse_from([
                 "switchboard",
                 "--config",
