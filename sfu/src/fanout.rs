@@ -14,7 +14,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
 use crate::feedback::KeyframeThrottle;
-use crate::forwarder::{DropReason, Forwarder, ForwarderParams};
+use crate::forwarder::{DropReason, Forwarder, ForwarderParams, PacketCache};
 use crate::ids::MediaKind;
 
 /// Key of one subscription inside its fanout.
@@ -34,7 +34,17 @@ pub(crate) enum FanoutCommand {
         key: SubscriptionKey,
     },
     KeyframeRequest,
+    /// A subscriber lost these outgoing sequence numbers.
+    Nack {
+        key: SubscriptionKey,
+        seqs: Vec<u16>,
+    },
 }
+
+/// Packets a video publication keeps for retransmission: several seconds at camera rates.
+pub(crate) const VIDEO_CACHE_PACKETS: usize = 1024;
+/// Packets an audio publication keeps: about 5 s at 50 packets per second.
+pub(crate) const AUDIO_CACHE_PACKETS: usize = 256;
 
 /// Counters of one publication, written by its fanout and read by metrics.
 #[derive(Debug, Default)]
@@ -49,6 +59,10 @@ pub struct PublicationStats {
     pub dropped_packets: AtomicU64,
     /// Keyframe requests (PLI) sent to the publisher.
     pub keyframe_requests: AtomicU64,
+    /// Packets sent again because a subscriber NACKed them.
+    pub retransmitted_packets: AtomicU64,
+    /// NACKed packets no longer in the cache.
+    pub nack_misses: AtomicU64,
 }
 
 struct Slot {
@@ -66,6 +80,7 @@ pub(crate) struct Fanout {
     pub(crate) commands: mpsc::Receiver<FanoutCommand>,
     pub(crate) throttle: KeyframeThrottle,
     pub(crate) stats: Arc<PublicationStats>,
+    pub(crate) cache: PacketCache,
 }
 
 impl Fanout {
@@ -118,7 +133,42 @@ impl Fanout {
             }
             FanoutCommand::Remove { key } => slots.retain(|slot| slot.key != key),
             FanoutCommand::KeyframeRequest => self.request_keyframe().await,
+            FanoutCommand::Nack { key, seqs } => {
+                if self.retransmit(key, &seqs, slots) {
+                    self.request_keyframe().await;
+                }
+            }
         }
+    }
+
+    /// Answers a NACK from the publication's cache; true when some packet was gone, so the
+    /// subscriber can only recover with a keyframe.
+    fn retransmit(&mut self, key: SubscriptionKey, seqs: &[u16], slots: &mut [Slot]) -> bool {
+        let Some(slot) = slots.iter_mut().find(|slot| slot.key == key) else {
+            return false;
+        };
+        let (mut sent_again, mut missed) = (0u64, 0u64);
+        for &seq in seqs {
+            let Some(sent) = slot.forwarder.sent(seq) else {
+                missed += 1;
+                continue;
+            };
+            let Some(original) = self.cache.get(sent.source_ssrc, sent.source_seq) else {
+                missed += 1;
+                continue;
+            };
+            let mut packet = original.clone();
+            if slot.forwarder.retransmit(&mut packet, sent) && slot.queue.try_send(packet).is_ok() {
+                sent_again += 1;
+            } else {
+                missed += 1;
+            }
+        }
+        self.stats
+            .retransmitted_packets
+            .fetch_add(sent_again, Ordering::Relaxed);
+        self.stats.nack_misses.fetch_add(missed, Ordering::Relaxed);
+        missed > 0
     }
 
     /// Forwards one packet to every subscription; true when some subscriber needs a keyframe.
@@ -164,6 +214,8 @@ impl Fanout {
                 .dropped_packets
                 .fetch_add(dropped, Ordering::Relaxed);
         }
+        // The original is kept once for every subscriber's NACKs; no copy is made for it.
+        self.cache.insert(packet);
         needs_keyframe
     }
 

@@ -12,10 +12,10 @@ use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
 
-/// Inbound RTCP on a subscribe connection stops inside the interceptor chain (where NACKs are
-/// answered and reports are read) unless an interceptor marks it for the application. This one,
-/// placed last, marks PLI and FIR so the fanout can ask the publisher for a keyframe, and counts
-/// NACKs for the metrics.
+/// Inbound RTCP on a subscribe connection stops inside the interceptor chain (where reports are
+/// read) unless an interceptor marks it for the application. This one, placed last, marks PLI
+/// and FIR (the fanout asks the publisher for a keyframe) and NACKs (the fanout answers them from
+/// the publication's packet cache), and counts NACKs for the metrics.
 pub(crate) struct FeedbackInterceptor {
     read_queue: VecDeque<TaggedPacket>,
     write_queue: VecDeque<TaggedPacket>,
@@ -55,7 +55,9 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackInterceptor {
             }
             let requests: Vec<Box<dyn rtc::rtcp::Packet>> = packets
                 .iter()
-                .filter(|p| is_keyframe_request(p.as_ref()))
+                .filter(|p| {
+                    is_keyframe_request(p.as_ref()) || p.as_any().is::<TransportLayerNack>()
+                })
                 .cloned()
                 .collect();
             if requests.is_empty() {

@@ -156,6 +156,23 @@ impl SeqTsMap {
     }
 }
 
+/// How many recently sent packets a forwarder remembers, to map a subscriber's NACK back to
+/// the publisher's packet. Matches the publication cache for video.
+pub const SENT_HISTORY: usize = 1024;
+
+/// What was sent under one outgoing sequence number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SentPacket {
+    /// The publisher's SSRC.
+    pub source_ssrc: u32,
+    /// The publisher's sequence number.
+    pub source_seq: u16,
+    /// The outgoing sequence number.
+    pub seq: u16,
+    /// Added to the publisher's timestamp.
+    pub ts_offset: u32,
+}
+
 /// One subscription's forwarding state.
 #[derive(Debug)]
 pub struct Forwarder {
@@ -165,6 +182,7 @@ pub struct Forwarder {
     params: Option<Box<ForwarderParams>>,
     waiting_for_keyframe: bool,
     numbers: SeqTsMap,
+    sent: Box<[Option<SentPacket>]>,
 }
 
 impl Forwarder {
@@ -178,7 +196,29 @@ impl Forwarder {
             params: None,
             waiting_for_keyframe: kind == MediaKind::Video,
             numbers: SeqTsMap::default(),
+            sent: vec![None; SENT_HISTORY].into_boxed_slice(),
         }
+    }
+
+    /// What was sent as outgoing `seq`, if it is still remembered.
+    pub fn sent(&self, seq: u16) -> Option<SentPacket> {
+        self.sent[usize::from(seq) % SENT_HISTORY].filter(|sent| sent.seq == seq)
+    }
+
+    /// Rewrites a copy of the publisher's packet into the retransmission of `sent`: the same
+    /// outgoing numbers as the first time.
+    pub fn retransmit(&self, packet: &mut rtp::Packet, sent: SentPacket) -> bool {
+        let Some(params) = self.params.as_deref() else {
+            return false;
+        };
+        let header = &mut packet.header;
+        if header.ssrc != sent.source_ssrc || header.sequence_number != sent.source_seq {
+            return false;
+        }
+        header.sequence_number = sent.seq;
+        header.timestamp = header.timestamp.wrapping_add(sent.ts_offset);
+        rewrite_header(header, params);
+        true
     }
 
     /// Applies what the subscriber negotiated.
@@ -221,22 +261,62 @@ impl Forwarder {
             now,
             self.clock_rate,
         );
+        self.sent[usize::from(seq) % SENT_HISTORY] = Some(SentPacket {
+            source_ssrc: header.ssrc,
+            source_seq: header.sequence_number,
+            seq,
+            ts_offset: ts.wrapping_sub(header.timestamp),
+        });
         header.sequence_number = seq;
         header.timestamp = ts;
-        header.ssrc = params.ssrc;
-        header.payload_type = params.payload_type;
-        if header.extension {
-            header.extensions.retain_mut(|extension| {
-                let id = params.extension_ids[usize::from(extension.id)];
-                extension.id = id;
-                id != 0
-            });
-            if header.extensions.is_empty() {
-                header.extension = false;
-                header.extension_profile = 0;
-            }
-        }
+        rewrite_header(header, params);
         Ok(())
+    }
+}
+
+/// The per-subscriber part of a header: SSRC, payload type, extension ids.
+fn rewrite_header(header: &mut rtp::Header, params: &ForwarderParams) {
+    header.ssrc = params.ssrc;
+    header.payload_type = params.payload_type;
+    if header.extension {
+        header.extensions.retain_mut(|extension| {
+            let id = params.extension_ids[usize::from(extension.id)];
+            extension.id = id;
+            id != 0
+        });
+        if header.extensions.is_empty() {
+            header.extension = false;
+            header.extension_profile = 0;
+        }
+    }
+}
+
+/// The last packets of one publication, by the publisher's sequence number, so that every
+/// subscriber's NACK is answered from one copy rather than one per subscriber.
+#[derive(Debug)]
+pub struct PacketCache {
+    slots: Box<[Option<rtp::Packet>]>,
+}
+
+impl PacketCache {
+    /// A cache of `capacity` packets (a power of two is best).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            slots: vec![None; capacity.max(1)].into_boxed_slice(),
+        }
+    }
+
+    /// Keeps `packet`, replacing the oldest one in its slot.
+    pub fn insert(&mut self, packet: rtp::Packet) {
+        let slot = usize::from(packet.header.sequence_number) % self.slots.len();
+        self.slots[slot] = Some(packet);
+    }
+
+    /// The packet `seq` of `ssrc`, if still kept.
+    pub fn get(&self, ssrc: u32, seq: u16) -> Option<&rtp::Packet> {
+        self.slots[usize::from(seq) % self.slots.len()]
+            .as_ref()
+            .filter(|p| p.header.sequence_number == seq && p.header.ssrc == ssrc)
     }
 }
 
@@ -385,6 +465,42 @@ mod tests {
         let mut next = packet(7, 13, &[0x10, 0x01]);
         assert_eq!(forwarder.forward(&mut next, now), Ok(()));
         assert_eq!(next.header.sequence_number, key.header.sequence_number + 1);
+    }
+
+    #[test]
+    fn a_nacked_packet_is_rebuilt_exactly_as_first_sent() {
+        let mut forwarder = Forwarder::new(MediaKind::Video, "video/VP8", 90_000);
+        forwarder.configure(ForwarderParams::new(0xABCD, 100, &[], &[]));
+        let mut cache = PacketCache::new(8);
+        let now = Instant::now();
+        let mut first_sent = Vec::new();
+        for seq in 40..46u16 {
+            let original = packet(7, seq, &[0x10, 0x00, 0x55]);
+            let mut out = original.clone();
+            forwarder.forward(&mut out, now).expect("forwarded");
+            first_sent.push(out);
+            cache.insert(original);
+        }
+        let lost = &first_sent[3];
+        let sent = forwarder
+            .sent(lost.header.sequence_number)
+            .expect("remembered");
+        let mut again = cache
+            .get(sent.source_ssrc, sent.source_seq)
+            .expect("cached")
+            .clone();
+        assert!(forwarder.retransmit(&mut again, sent));
+        assert_eq!(again.header, lost.header);
+        assert_eq!(again.payload, lost.payload);
+        assert!(
+            forwarder
+                .sent(lost.header.sequence_number.wrapping_add(500))
+                .is_none()
+        );
+        for seq in 46..60u16 {
+            cache.insert(packet(7, seq, &[0x10, 0x01]));
+        }
+        assert!(cache.get(7, 43).is_none(), "evicted by newer packets");
     }
 
     #[test]

@@ -125,8 +125,12 @@ pub struct SfuStats {
     pub dropped_packets: u64,
     /// Keyframe requests sent to publishers.
     pub keyframe_requests: u64,
-    /// NACK packets received from subscribers (answered from the retransmission cache).
+    /// NACK packets received from subscribers.
     pub nacks: u64,
+    /// Packets sent again from a publication's cache in answer to NACKs.
+    pub retransmitted_packets: u64,
+    /// NACKed packets that were no longer cached.
+    pub nack_misses: u64,
 }
 
 impl SfuStats {
@@ -136,6 +140,8 @@ impl SfuStats {
         self.forwarded_bytes += stats.forwarded_bytes.load(Ordering::Relaxed);
         self.dropped_packets += stats.dropped_packets.load(Ordering::Relaxed);
         self.keyframe_requests += stats.keyframe_requests.load(Ordering::Relaxed);
+        self.retransmitted_packets += stats.retransmitted_packets.load(Ordering::Relaxed);
+        self.nack_misses += stats.nack_misses.load(Ordering::Relaxed);
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rtc::media_stream::MediaStreamTrack;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
     RtpCodecKind,
@@ -23,13 +24,16 @@ use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
     RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState,
     RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
-    register_default_interceptors,
+    configure_rtcp_reports, register_default_interceptors,
 };
 use webrtc::rtp_transceiver::RtpSender;
 
-use crate::fanout::{Fanout, FanoutCommand, PublicationStats, SubscriptionKey};
+use crate::fanout::{
+    AUDIO_CACHE_PACKETS, Fanout, FanoutCommand, PublicationStats, SubscriptionKey,
+    VIDEO_CACHE_PACKETS,
+};
 use crate::feedback::{FeedbackInterceptor, KeyframeThrottle};
-use crate::forwarder::ForwarderParams;
+use crate::forwarder::{ForwarderParams, PacketCache};
 use crate::ids::{MediaKind, ParticipantId, PublicationId, Source};
 use crate::{Publication, SfuError, SfuEvent, Shared};
 
@@ -139,14 +143,19 @@ async fn build_connection(
     subscribe: bool,
 ) -> Result<Arc<dyn PeerConnection>, SfuError> {
     let mut engine = media_engine()?;
-    let mut registry = register_default_interceptors(Registry::new(), &mut engine)?;
-    if subscribe {
-        // Application-most slot, so every other interceptor has read the feedback first.
-        registry = registry.with(
+    let registry = if subscribe {
+        // Reports only: NACKs are answered by the fanout from one cache per publication rather
+        // than by a responder keeping a copy of every packet per subscriber. The feedback
+        // interceptor sits application-most, so the report reader sees everything first.
+        configure_rtcp_reports(Registry::new()).with(
             rtc::interceptor::Slot::from(14_000),
             FeedbackInterceptor::new(shared.nacks.clone()),
-        );
-    }
+        )
+    } else {
+        // NACK generator (losses upstream are NACKed), TWCC feedback (the publisher's estimate
+        // ramps up), sender and receiver reports.
+        register_default_interceptors(Registry::new(), &mut engine)?
+    };
     let mut settings = SettingEngineBuilder::new();
     if !shared.config.public_ips.is_empty() {
         settings =
@@ -261,6 +270,10 @@ impl PublishShared {
             commands: commands_rx,
             throttle: KeyframeThrottle::new(self.shared.config.keyframe_request_interval),
             stats: stats.clone(),
+            cache: PacketCache::new(match kind {
+                MediaKind::Audio => AUDIO_CACHE_PACKETS,
+                MediaKind::Video => VIDEO_CACHE_PACKETS,
+            }),
         };
         self.shared.register_publication(&id, stats.clone());
         let _ = self
@@ -585,7 +598,7 @@ impl SubscribeTransport {
                 state.feedback_started = true;
                 let track = state.track.clone();
                 let commands = state.publication.commands.clone();
-                tokio::spawn(feedback_loop(track, commands));
+                tokio::spawn(feedback_loop(track, commands, state.key));
             }
         }
         Ok(())
@@ -621,10 +634,31 @@ async fn write_loop(track: Arc<TrackLocalStaticRTP>, mut queue: mpsc::Receiver<r
     }
 }
 
-/// Passes a subscriber's keyframe requests to the publication's fanout, which throttles them.
-async fn feedback_loop(track: Arc<TrackLocalStaticRTP>, commands: mpsc::Sender<FanoutCommand>) {
-    while let Some(TrackLocalEvent::OnRtcpPacket(_)) = track.poll().await {
-        if commands.try_send(FanoutCommand::KeyframeRequest).is_err() && commands.is_closed() {
+/// Passes a subscriber's keyframe requests (throttled there) and NACKs (answered from the
+/// publication's cache) to the publication's fanout.
+async fn feedback_loop(
+    track: Arc<TrackLocalStaticRTP>,
+    commands: mpsc::Sender<FanoutCommand>,
+    key: SubscriptionKey,
+) {
+    while let Some(TrackLocalEvent::OnRtcpPacket(packets)) = track.poll().await {
+        let mut seqs = Vec::new();
+        let mut keyframe = false;
+        for packet in &packets {
+            if let Some(nack) = packet.as_any().downcast_ref::<TransportLayerNack>() {
+                seqs.extend(nack.nacks.iter().flat_map(|pair| pair.packet_list()));
+            } else {
+                keyframe = true;
+            }
+        }
+        let mut sent = Ok(());
+        if !seqs.is_empty() {
+            sent = commands.try_send(FanoutCommand::Nack { key, seqs });
+        }
+        if keyframe && sent.is_ok() {
+            sent = commands.try_send(FanoutCommand::KeyframeRequest);
+        }
+        if sent.is_err() && commands.is_closed() {
             break;
         }
     }

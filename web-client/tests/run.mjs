@@ -1,8 +1,10 @@
 // End-to-end test: the real server binary and real Chromium pages running the demo app.
 // Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/run.mjs
-// Environment: SWITCHBOARD_BIN (server binary), CHROMIUM (browser binary), HEADED=1 to watch.
+// Environment: SWITCHBOARD_BIN (server binary), CHROMIUM (browser binary), HEADED=1 to watch,
+// CLIENT_FROM_DISK=1 to serve web-client/ from this checkout instead of the copy embedded in a
+// release binary (so client changes can be tried without rebuilding the server).
 import { spawn } from 'node:child_process';
-import { createWriteStream, existsSync, mkdirSync } from 'node:fs';
+import { createWriteStream, existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -41,6 +43,8 @@ let server = null;
 /** @type {import('playwright-core').Browser | null} */
 let browser = null;
 const serverLogTail = /** @type {string[]} */ ([]);
+/** @type {import('node:fs').WriteStream | null} */
+let serverLog = null;
 
 /**
  * Records one check.
@@ -88,6 +92,7 @@ function freePort() {
 async function startServer(port) {
   if (!existsSync(serverBin)) throw new Error(`server binary not found: ${serverBin}`);
   const log = createWriteStream(path.join(outDir, 'server.log'));
+  serverLog = log;
   const child = spawn(serverBin, ['--bind', `127.0.0.1:${port}`], {
     cwd: repoRoot,
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -123,13 +128,36 @@ async function startServer(port) {
 
 async function stopServer() {
   const child = server;
-  if (!child || child.exitCode !== null || child.signalCode !== null) return;
-  const gone = new Promise((r) => child.once('exit', r));
-  child.kill('SIGTERM');
-  if ((await Promise.race([gone.then(() => true), sleep(3000)])) !== true) {
-    child.kill('SIGKILL');
-    await Promise.race([gone, sleep(2000)]);
+  if (child && child.exitCode === null && child.signalCode === null) {
+    const gone = new Promise((r) => child.once('exit', r));
+    child.kill('SIGTERM');
+    if ((await Promise.race([gone.then(() => true), sleep(3000)])) !== true) {
+      child.kill('SIGKILL');
+      await Promise.race([gone, sleep(2000)]);
+    }
   }
+  const log = serverLog;
+  if (log) await new Promise((r) => log.end(r));
+}
+
+const CONTENT_TYPES = { '.html': 'text/html', '.js': 'text/javascript', '.css': 'text/css' };
+
+/**
+ * Answers requests for the web client's files from disk.
+ * @param {import('playwright-core').BrowserContext} context
+ * @param {string} base
+ */
+async function serveClientFromDisk(context, base) {
+  await context.route(
+    (url) => url.origin === base && !/^\/(auth|ws|api|healthz|metrics)\b/.test(url.pathname),
+    async (route) => {
+      const { pathname } = new URL(route.request().url());
+      const file = path.join(webClient, pathname === '/' ? 'index.html' : pathname);
+      if (!file.startsWith(webClient + path.sep) || !existsSync(file)) return route.continue();
+      const type = CONTENT_TYPES[/** @type {keyof CONTENT_TYPES} */ (path.extname(file))];
+      await route.fulfill({ body: readFileSync(file), contentType: type ?? 'application/octet-stream' });
+    },
+  );
 }
 
 async function stopBrowser() {
@@ -239,6 +267,7 @@ async function main() {
       viewport: { width: 1000, height: 760 },
     });
     await context.addInitScript(installStatsHelper);
+    if (process.env.CLIENT_FROM_DISK === '1') await serveClientFromDisk(context, base);
     const page = await context.newPage();
     const consoleLog = createWriteStream(path.join(outDir, `console-${name}.log`));
     page.on('console', (msg) => {

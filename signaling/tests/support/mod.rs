@@ -167,14 +167,165 @@ impl PeerConnectionEventHandler for Handler {
     }
 }
 
+/// Tokio, except that every `drop_every`-th incoming RTP datagram is thrown away before
+/// decryption, as a lossy network would: the client's NACK generator then asks for it again.
+#[derive(Debug)]
+struct LossyRuntime {
+    inner: webrtc::runtime::TokioRuntime,
+    drop_every: u64,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[derive(Debug)]
+struct LossySocket {
+    socket: tokio::net::UdpSocket,
+    drop_every: u64,
+    seen: std::sync::atomic::AtomicU64,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn is_rtp(datagram: &[u8]) -> bool {
+    // RFC 7983: 128-191 is RTP or RTCP; RTCP packet types 192-223 sit in the second byte.
+    datagram.len() > 12 && (128..=191).contains(&datagram[0]) && !(192..=223).contains(&datagram[1])
+}
+
+impl webrtc::runtime::AsyncUdpSocket for LossySocket {
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    fn poll_send(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        transmit: &webrtc::runtime::Transmit<'_>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.socket
+            .poll_send_to(cx, transmit.contents, transmit.destination)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [webrtc::runtime::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::sync::atomic::Ordering;
+        use std::task::Poll;
+        loop {
+            let mut buf = tokio::io::ReadBuf::new(&mut bufs[0]);
+            let addr = match self.socket.poll_recv_from(cx, &mut buf) {
+                Poll::Ready(Ok(addr)) => addr,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => return Poll::Pending,
+            };
+            let len = buf.filled().len();
+            if is_rtp(buf.filled()) {
+                let n = self.seen.fetch_add(1, Ordering::Relaxed) + 1;
+                if n % self.drop_every == 0 {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+            let mut m = webrtc::runtime::RecvMeta::default();
+            m.addr = addr;
+            m.len = len;
+            m.stride = len.max(1);
+            meta[0] = m;
+            return Poll::Ready(Ok(1));
+        }
+    }
+}
+
+impl webrtc::runtime::Runtime for LossyRuntime {
+    fn spawn(
+        &self,
+        future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> Box<dyn webrtc::runtime::JoinHandle> {
+        self.inner.spawn(future)
+    }
+
+    fn wrap_udp_socket(
+        &self,
+        socket: std::net::UdpSocket,
+    ) -> std::io::Result<Arc<dyn webrtc::runtime::AsyncUdpSocket>> {
+        socket.set_nonblocking(true)?;
+        Ok(Arc::new(LossySocket {
+            socket: tokio::net::UdpSocket::from_std(socket)?,
+            drop_every: self.drop_every,
+            seen: std::sync::atomic::AtomicU64::new(0),
+            dropped: self.dropped.clone(),
+        }))
+    }
+
+    fn wrap_tcp_listener(
+        &self,
+        listener: std::net::TcpListener,
+    ) -> std::io::Result<Arc<dyn webrtc::runtime::AsyncTcpListener>> {
+        self.inner.wrap_tcp_listener(listener)
+    }
+
+    fn connect_tcp<'a>(
+        &'a self,
+        remote_addr: std::net::SocketAddr,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = std::io::Result<Arc<dyn webrtc::runtime::AsyncTcpStream>>,
+                > + Send
+                + 'a,
+        >,
+    > {
+        self.inner.connect_tcp(remote_addr)
+    }
+
+    fn resolve_host<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = std::io::Result<Vec<std::net::SocketAddr>>>
+                + Send
+                + 'a,
+        >,
+    > {
+        self.inner.resolve_host(host)
+    }
+
+    fn sleep(
+        &self,
+        duration: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        self.inner.sleep(duration)
+    }
+
+    fn interval(&self, period: Duration) -> Box<dyn webrtc::runtime::AsyncInterval> {
+        self.inner.interval(period)
+    }
+
+    fn block_on(&self, future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>) {
+        self.inner.block_on(future)
+    }
+}
+
 async fn peer_connection(
     media: Option<mpsc::UnboundedSender<Received>>,
+) -> Result<(Arc<dyn PeerConnection>, watch::Receiver<bool>)> {
+    peer_connection_with(media, None).await
+}
+
+async fn peer_connection_with(
+    media: Option<mpsc::UnboundedSender<Received>>,
+    runtime: Option<Arc<dyn webrtc::runtime::Runtime>>,
 ) -> Result<(Arc<dyn PeerConnection>, watch::Receiver<bool>)> {
     let mut engine = MediaEngine::default();
     engine.register_default_codecs()?;
     let registry = register_default_interceptors(Registry::new(), &mut engine)?;
     let (gathered, gathered_rx) = watch::channel(false);
-    let pc = PeerConnectionBuilder::new()
+    let mut builder = PeerConnectionBuilder::new();
+    if let Some(runtime) = runtime {
+        builder = builder.with_runtime(runtime);
+    }
+    let pc = builder
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(engine)
         .with_setting_engine(
@@ -230,6 +381,17 @@ pub struct TestClient {
 impl TestClient {
     /// Joins `room` as `name`.
     pub async fn join(server: &signaling::Server, room: &str, name: &str) -> Result<Self> {
+        Self::join_lossy(server, room, name, None).await
+    }
+
+    /// Joins `room` as `name`; with `loss = Some((n, counter))` every n-th RTP datagram that
+    /// reaches the subscribe connection is lost, counted in `counter`.
+    pub async fn join_lossy(
+        server: &signaling::Server,
+        room: &str,
+        name: &str,
+        loss: Option<(u64, Arc<std::sync::atomic::AtomicU64>)>,
+    ) -> Result<Self> {
         let mut ws = connect(server, name, room).await?;
         send(&mut ws, json!({"type": "join", "name": name})).await?;
         let joined = recv_type(&mut ws, "joined", Duration::from_secs(5)).await?;
@@ -238,7 +400,15 @@ impl TestClient {
             .ok_or_else(|| anyhow!("no participantId in {joined}"))?
             .to_owned();
         let (media_tx, media) = mpsc::unbounded_channel();
-        let (subscribe_pc, subscribe_gathered) = peer_connection(Some(media_tx)).await?;
+        let runtime = loss.map(|(drop_every, dropped)| {
+            Arc::new(LossyRuntime {
+                inner: webrtc::runtime::TokioRuntime,
+                drop_every,
+                dropped,
+            }) as Arc<dyn webrtc::runtime::Runtime>
+        });
+        let (subscribe_pc, subscribe_gathered) =
+            peer_connection_with(Some(media_tx), runtime).await?;
         let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let (answers_tx, answers_rx) = mpsc::unbounded_channel();
