@@ -53,6 +53,9 @@
 
 export const PROTOCOL_VERSION = 1;
 
+/** How long the first subscribe answer waits for local candidates before trickling the rest. */
+const SUBSCRIBE_GATHER_WAIT_MS = 500;
+
 /** An error carrying a protocol error code (`name_taken`, `unauthorized`, ...). */
 export class SwitchboardError extends Error {
   /**
@@ -439,17 +442,13 @@ export class Room extends Emitter {
     const offer = await pc.createOffer();
     await pc.setLocalDescription(offer);
     if (this.state !== 'joined') return;
-    this.#send({
+    this.#sendDescription(pc, 'publish', {
       type: 'offer',
-      peerId: 'sfu',
-      transport: 'publish',
-      sdp: pc.localDescription?.sdp,
       tracks: stream.getTracks().map((t) => ({
         trackId: t.id,
         source: t.kind === 'audio' ? 'microphone' : 'camera',
       })),
     });
-    this.#openCandidateGate('publish');
   }
 
   // --- subscribe connection -------------------------------------------------------------------
@@ -475,9 +474,12 @@ export class Room extends Emitter {
     await pc.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
     const answer = await pc.createAnswer();
     await pc.setLocalDescription(answer);
+    // The server is the controlling ICE agent here. A client candidate it first learns from
+    // a connectivity check (peer-reflexive) is nominated only after a wait of about a second,
+    // so the first answer carries the host candidates instead of trickling them.
+    await iceGatheringComplete(pc, SUBSCRIBE_GATHER_WAIT_MS);
     if (this.state !== 'joined') return;
-    this.#send({ type: 'answer', peerId: 'sfu', transport: 'subscribe', sdp: pc.localDescription?.sdp });
-    this.#openCandidateGate('subscribe');
+    this.#sendDescription(pc, 'subscribe', { type: 'answer' });
     this.#reconcileTracks(pc);
   }
 
@@ -558,13 +560,39 @@ export class Room extends Emitter {
     };
   }
 
-  /** @param {Transport} transport */
-  #openCandidateGate(transport) {
+  /**
+   * Sends the local description of `pc` and lets its candidates flow from then on.
+   * @param {RTCPeerConnection} pc
+   * @param {Transport} transport
+   * @param {{type: 'offer' | 'answer', tracks?: {trackId: string, source: Source}[]}} msg
+   */
+  #sendDescription(pc, transport, msg) {
+    this.#send({ ...msg, peerId: 'sfu', transport, sdp: pc.localDescription?.sdp });
     const gate = this.#candidateGate[transport];
     if (gate.open) return;
     gate.open = true;
-    for (const msg of gate.held.splice(0)) this.#send(msg);
+    // Candidates gathered so far are already in the description; only end-of-candidates is news.
+    for (const held of gate.held.splice(0)) if (held.candidate === null) this.#send(held);
   }
+}
+
+/**
+ * Resolves when `pc` has gathered its candidates, or after `maxWaitMs`.
+ * @param {RTCPeerConnection} pc
+ * @param {number} maxWaitMs
+ */
+function iceGatheringComplete(pc, maxWaitMs) {
+  if (pc.iceGatheringState === 'complete') return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      pc.removeEventListener('icegatheringstatechange', onChange);
+      resolve(undefined);
+    };
+    const onChange = () => pc.iceGatheringState === 'complete' && done();
+    const timer = setTimeout(done, maxWaitMs);
+    pc.addEventListener('icegatheringstatechange', onChange);
+  });
 }
 
 /**

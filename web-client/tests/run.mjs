@@ -251,9 +251,16 @@ async function main() {
   });
   if (!started) return;
 
+  const args = [...CHROMIUM_ARGS];
+  if (process.env.CLIENT_FROM_DISK === '1') {
+    // A page that Playwright fulfilled has no address space, so Chromium would refuse its
+    // WebSocket to 127.0.0.1 as a local-network request.
+    const i = args.findIndex((a) => a.startsWith('--disable-features='));
+    args[i] += ',LocalNetworkAccessChecks';
+  }
   browser = await chromium.launch({
     executablePath: chromiumBin,
-    args: CHROMIUM_ARGS,
+    args,
     headless: process.env.HEADED !== '1',
     timeout: 30_000,
   });

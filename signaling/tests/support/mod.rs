@@ -373,6 +373,7 @@ pub struct TestClient {
     publish_answers: Option<mpsc::UnboundedReceiver<String>>,
     pub audio: Option<Arc<TrackLocalStaticRTP>>,
     pub video: Option<Arc<TrackLocalStaticRTP>>,
+    pub screen: Option<Arc<TrackLocalStaticRTP>>,
     publish_pc: Option<Arc<dyn PeerConnection>>,
     subscribe_pc: Arc<dyn PeerConnection>,
     socket_task: tokio::task::JoinHandle<()>,
@@ -429,6 +430,7 @@ impl TestClient {
             publish_answers: Some(answers_rx),
             audio: None,
             video: None,
+            screen: None,
             publish_pc: None,
             subscribe_pc,
             socket_task,
@@ -460,6 +462,39 @@ impl TestClient {
         self.audio = Some(audio);
         self.video = Some(video);
         self.publish_pc = Some(pc);
+        Ok(())
+    }
+
+    /// Adds a screen share to the publish connection and re-offers it.
+    pub async fn publish_screen(&mut self) -> Result<()> {
+        let pc = self
+            .publish_pc
+            .clone()
+            .ok_or_else(|| anyhow!("publish first"))?;
+        let screen = local_track("screen", RtpCodecKind::Video, vp8());
+        pc.add_track(screen.clone() as Arc<dyn TrackLocal>).await?;
+        let offer = pc.create_offer(None).await?;
+        pc.set_local_description(offer).await?;
+        let sdp = pc
+            .local_description()
+            .await
+            .ok_or_else(|| anyhow!("no local description"))?
+            .sdp;
+        self.outgoing.send(json!({
+            "type": "offer", "peerId": "sfu", "transport": "publish", "sdp": sdp,
+            "tracks": [{"trackId": "mic", "source": "microphone"}, {"trackId": "cam", "source": "camera"},
+                       {"trackId": "screen", "source": "screen"}]
+        }))?;
+        let answers = self
+            .publish_answers
+            .as_mut()
+            .ok_or_else(|| anyhow!("no answer channel"))?;
+        let answer = tokio::time::timeout(Duration::from_secs(10), answers.recv())
+            .await?
+            .ok_or_else(|| anyhow!("socket closed before the publish answer"))?;
+        pc.set_remote_description(RTCSessionDescription::answer(answer)?)
+            .await?;
+        self.screen = Some(screen);
         Ok(())
     }
 
