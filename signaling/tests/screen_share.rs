@@ -13,7 +13,7 @@ use support::{TestClient, start_server, write};
 async fn a_screen_share_added_later_reaches_every_subscriber_as_screen() -> Result<()> {
     let server = start_server(100).await?;
     let mut publisher = TestClient::join(&server, "screens", "presenter").await?;
-    let mut subscribers = vec![
+    let mut subscribers = [
         TestClient::join(&server, "screens", "a").await?,
         TestClient::join(&server, "screens", "b").await?,
     ];
