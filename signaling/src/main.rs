@@ -11,7 +11,9 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::load(&cli).context("configuration")?;
     let filter = EnvFilter::try_new(&config.log_level)
         .with_context(|| format!("log_level `{}`", config.log_level))?;
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match config.log_format {
         LogFormat::Json => subscriber.json().init(),
         LogFormat::Text => subscriber.init(),

@@ -186,6 +186,12 @@ async fn a_publisher_reaches_every_subscriber_byte_for_byte() -> Result<()> {
         );
     }
 
+    // Nobody receives their own media.
+    ensure!(
+        publisher.media.try_recv().is_err(),
+        "the publisher received its own media"
+    );
+
     // The publisher leaves: everyone is told, and media from it stops.
     let publisher_id = publisher.participant_id.clone();
     publisher.leave().await?;

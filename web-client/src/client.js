@@ -1,5 +1,16 @@
 // Switchboard browser SDK: signaling protocol version 1 (docs/protocol.md).
 // Plain ES module, no dependencies, no build step.
+//
+//   import { Room } from './client.js';
+//   const room = new Room();
+//   room.on('trackSubscribed', ({ peerId, track, kind, source }) => { ... });
+//   room.on('participantLeft', ({ peerId }) => { ... });
+//   await room.connect(location.origin, { room: 'standup', name: 'Alice' });
+//   room.setMicrophoneEnabled(false);
+//   room.leave();
+//
+// `connect(serverUrl, options)` does the same in one call; participants already present are
+// then found in `room.participants`.
 
 /**
  * @typedef {'microphone' | 'camera' | 'screen'} Source
