@@ -21,6 +21,10 @@ const chromiumBin = process.env.CHROMIUM ?? '/usr/bin/chromium';
 
 const ROOM = 'e2e';
 const PAGES = 4;
+// Well above Chromium's 300 kbit/s starting estimate and well below what it would estimate on
+// loopback unbounded: an estimate at this value shows both the ramp-up (driven by the server's
+// transport-wide CC feedback) and the cap (the server's b=TIAS).
+const MAX_VIDEO_BITRATE = 600_000;
 const TOTAL_TIMEOUT_MS = 170_000;
 const CHROMIUM_ARGS = [
   '--no-sandbox',
@@ -93,7 +97,7 @@ async function startServer(port) {
   if (!existsSync(serverBin)) throw new Error(`server binary not found: ${serverBin}`);
   const log = createWriteStream(path.join(outDir, 'server.log'));
   serverLog = log;
-  const child = spawn(serverBin, ['--bind', `127.0.0.1:${port}`], {
+  const child = spawn(serverBin, ['--bind', `127.0.0.1:${port}`, '--max-video-bitrate', `${MAX_VIDEO_BITRATE}`], {
     cwd: repoRoot,
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'info' },
@@ -126,18 +130,35 @@ async function startServer(port) {
   throw new Error('GET /healthz did not answer 200 within 20 s');
 }
 
+/** Stops the server with SIGTERM; returns its exit code, or null when it had to be killed. */
 async function stopServer() {
   const child = server;
+  /** @type {number | null} */
+  let code = child?.exitCode ?? null;
   if (child && child.exitCode === null && child.signalCode === null) {
-    const gone = new Promise((r) => child.once('exit', r));
+    const gone = new Promise((r) => child.once('exit', (c) => r(c)));
     child.kill('SIGTERM');
-    if ((await Promise.race([gone.then(() => true), sleep(3000)])) !== true) {
+    const result = await Promise.race([gone, sleep(6000).then(() => 'timeout')]);
+    if (result === 'timeout') {
       child.kill('SIGKILL');
       await Promise.race([gone, sleep(2000)]);
+      code = null;
+    } else {
+      code = /** @type {number | null} */ (result);
     }
   }
   const log = serverLog;
   if (log) await new Promise((r) => log.end(r));
+  return code;
+}
+
+/** CPU seconds (user + system) the server process has used so far. */
+function serverCpuSeconds() {
+  const pid = server?.pid;
+  if (!pid) return 0;
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  // utime and stime are fields 14 and 15 of /proc/PID/stat, in clock ticks (100 per second).
+  return (Number(fields[11]) + Number(fields[12])) / 100;
 }
 
 const CONTENT_TYPES = { '.html': 'text/html', '.js': 'text/javascript', '.css': 'text/css' };
@@ -167,6 +188,20 @@ async function stopBrowser() {
 
 /** Installed into every page: per remote participant, the inbound RTP stats of its media. */
 function installStatsHelper() {
+  // When each remote track was announced (setRemoteDescription of the subscribe offer).
+  /** @type {Record<string, number>} */
+  const trackAt = {};
+  // @ts-ignore
+  window.__e2eTrackAt = trackAt;
+  const Native = window.RTCPeerConnection;
+  // @ts-ignore
+  window.RTCPeerConnection = class extends Native {
+    /** @param {RTCConfiguration} [config] */
+    constructor(config) {
+      super(config);
+      this.addEventListener('track', (e) => (trackAt[e.track.id] ??= performance.now()));
+    }
+  };
   /** @returns {Promise<Record<string, any>>} by participant name */
   // @ts-ignore
   window.__e2eRemoteStats = async () => {
@@ -185,6 +220,7 @@ function installStatsHelper() {
         if (s.type !== 'inbound-rtp') continue;
         out[name] ??= { peerId: sub.peerId };
         out[name][s.kind] = {
+          trackIdentifier: s.trackIdentifier,
           framesDecoded: s.framesDecoded ?? 0,
           frameWidth: s.frameWidth ?? 0,
           packetsReceived: s.packetsReceived ?? 0,
@@ -205,15 +241,38 @@ async function firstFrameTimes({ expected, timeoutMs }) {
   const deadline = performance.now() + timeoutMs;
   /** @type {number | null} */
   let first = null;
+  // Per remote: from its track being announced to its first decoded frame.
+  /** @type {Record<string, number>} */
+  const subscribedToFrame = {};
   while (performance.now() < deadline) {
     // @ts-ignore
     const stats = window.__e2eRemoteStats ? await window.__e2eRemoteStats() : {};
+    const now = performance.now();
+    for (const [name, entry] of Object.entries(stats)) {
+      // @ts-ignore
+      const announced = window.__e2eTrackAt?.[entry.video?.trackIdentifier];
+      if (entry.video?.framesDecoded > 0 && announced != null) subscribedToFrame[name] ??= now - announced;
+    }
     const decoding = Object.values(stats).filter((e) => e.video?.framesDecoded > 0).length;
-    if (decoding > 0 && first === null) first = performance.now();
-    if (decoding >= expected) return { first, all: performance.now() };
-    await new Promise((r) => setTimeout(r, 50));
+    if (decoding > 0 && first === null) first = now;
+    if (decoding >= expected) return { first, all: now, subscribedToFrame };
+    await new Promise((r) => setTimeout(r, 25));
   }
-  return { first, all: null };
+  return { first, all: null, subscribedToFrame };
+}
+
+/** In the page: bytes and frames the publish connection has sent as video so far. */
+async function publishedVideo() {
+  // @ts-ignore
+  const pc = window.__switchboard?.publishPc;
+  if (!pc) return null;
+  let bytesSent = 0;
+  let available = 0;
+  for (const s of (await pc.getStats()).values()) {
+    if (s.type === 'outbound-rtp' && s.kind === 'video') bytesSent += s.bytesSent ?? 0;
+    if (s.type === 'candidate-pair' && s.nominated) available = Math.max(available, s.availableOutgoingBitrate ?? 0);
+  }
+  return { bytesSent, available, at: performance.now() };
 }
 
 /**
@@ -289,7 +348,14 @@ async function main() {
   }
 
   const names = Array.from({ length: PAGES }, (_, i) => `user${i + 1}`);
-  const pages = await Promise.all(names.map(openPage));
+  // The first pages join together; the last joins a room where media already flows, which is
+  // what a late joiner's time to first frame measures.
+  const early = await Promise.all(names.slice(0, -1).map(openPage));
+  const earlyFrames = early.map((page) =>
+    page.evaluate(firstFrameTimes, { expected: PAGES - 2, timeoutMs: 45_000 }).catch(() => null),
+  );
+  await Promise.all(earlyFrames);
+  const pages = [...early, await openPage(names[PAGES - 1])];
   const frameWatch = pages.map((page) =>
     page.evaluate(firstFrameTimes, { expected: PAGES - 1, timeoutMs: 45_000 }).catch(() => null),
   );
@@ -322,17 +388,37 @@ async function main() {
   });
 
   const frames = await Promise.all(frameWatch);
+  const fmt = (/** @type {number | null | undefined} */ ms) =>
+    ms == null ? 'never' : `${(ms / 1000).toFixed(2)} s`;
   frames.forEach((t, i) => {
-    const fmt = (/** @type {number | null | undefined} */ ms) =>
-      ms == null ? 'never' : `${(ms / 1000).toFixed(2)} s`;
     check(
       `${names[i]} decodes video from all ${PAGES - 1} remotes`,
       t?.all != null,
       `page load to first decoded frame ${fmt(t?.first)}, to all ${fmt(t?.all)}`,
     );
   });
+  // The late joiner: each remote's video from the moment its subscription was announced to the
+  // first decoded frame (negotiation, ICE, DTLS, and the keyframe the server asks for).
+  const late = frames[PAGES - 1]?.subscribedToFrame ?? {};
+  const lateTimes = Object.values(late);
+  check(
+    `late joiner ${names[PAGES - 1]} decodes every remote within 3 s of subscribing`,
+    lateTimes.length === PAGES - 1 && lateTimes.every((ms) => ms < 3000),
+    Object.entries(late)
+      .map(([name, ms]) => `${name} ${fmt(ms)}`)
+      .join(', '),
+  );
+  // Existing members get the newcomer's video: from its announcement to their first frame.
+  const newcomer = frames
+    .slice(0, -1)
+    .map((t) => t?.subscribedToFrame?.[names[PAGES - 1]])
+    .filter((ms) => ms != null);
+  console.log(`      existing members: ${names[PAGES - 1]}'s video announced to first frame: ${newcomer.map(fmt).join(', ')}`);
 
-  // Media must keep flowing: two samples ~2 s apart, per remote participant.
+  // Media must keep flowing: two samples ~2 s apart, per remote participant. Meanwhile the
+  // server's CPU is measured, with four publishing pages and twelve forwarded streams each way.
+  const cpuBefore = serverCpuSeconds();
+  const cpuStart = performance.now();
   const samples = await Promise.all(
     pages.map(async (page) => {
       // @ts-ignore
@@ -343,6 +429,8 @@ async function main() {
       return { before, after };
     }),
   );
+  const cpuShare = (serverCpuSeconds() - cpuBefore) / ((performance.now() - cpuStart) / 1000);
+  console.log(`      server CPU with ${PAGES} publishing pages: ${(cpuShare * 100).toFixed(1)} % of one core`);
   samples.forEach(({ before, after }, i) => {
     for (const remote of names.filter((n) => n !== names[i])) {
       const v0 = before[remote]?.video;
@@ -360,6 +448,23 @@ async function main() {
         a1 ? `packetsReceived ${a0?.packetsReceived} -> ${a1.packetsReceived}` : 'no inbound-rtp',
       );
     }
+  });
+
+  await step('the first publisher ramps up to the configured maximum and stays under it', async () => {
+    // By now user1 has published for well over 10 s: its estimate had time to ramp up.
+    const a = await pages[0].evaluate(publishedVideo);
+    await sleep(3000);
+    const b = await pages[0].evaluate(publishedVideo);
+    if (!a || !b) throw new Error('no publish connection');
+    const rate = ((b.bytesSent - a.bytesSent) * 8) / ((b.at - a.at) / 1000);
+    check(
+      `${names[0]}'s send estimate ramps up to the ${MAX_VIDEO_BITRATE / 1000} kbit/s maximum and video stays under it`,
+      b.available >= 0.8 * MAX_VIDEO_BITRATE &&
+        b.available <= 1.05 * MAX_VIDEO_BITRATE &&
+        rate > 0 &&
+        rate < 1.15 * MAX_VIDEO_BITRATE,
+      `estimate ${(b.available / 1000).toFixed(0)} kbit/s, ${(rate / 1000).toFixed(0)} kbit/s sent`,
+    );
   });
 
   await Promise.all(
@@ -422,7 +527,8 @@ async function finish() {
   finishing = true;
   clearTimeout(watchdog);
   await stopBrowser();
-  await stopServer();
+  const code = await stopServer();
+  if (server) check('server exits 0 on SIGTERM', code === 0, `exit code ${code}`);
   if (failed > 0 && serverLogTail.length) {
     console.log('--- server log (last lines; full log in tests/out/server.log) ---');
     for (const line of serverLogTail) console.log(line);
