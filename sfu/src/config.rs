@@ -22,6 +22,13 @@ pub struct SfuConfig {
     pub subscription_queue_packets: usize,
     /// Highest video bitrate a publisher is asked to send, in bits per second. Default: 2.5 Mbit/s.
     pub max_video_bitrate: u64,
+    /// Silence on a connection's ICE path before it counts as disconnected. Default: 3 s.
+    pub ice_disconnected_timeout: Duration,
+    /// Further silence before it counts as failed and its participant is removed. Default: 5 s,
+    /// so a participant whose network vanished is gone within 10 s.
+    pub ice_failed_timeout: Duration,
+    /// Interval of the server's own ICE keepalives. Default: 1 s.
+    pub ice_keepalive_interval: Duration,
 }
 
 impl Default for SfuConfig {
@@ -33,6 +40,9 @@ impl Default for SfuConfig {
             keyframe_request_interval: Duration::from_millis(500),
             subscription_queue_packets: 512,
             max_video_bitrate: 2_500_000,
+            ice_disconnected_timeout: Duration::from_secs(3),
+            ice_failed_timeout: Duration::from_secs(5),
+            ice_keepalive_interval: Duration::from_secs(1),
         }
     }
 }

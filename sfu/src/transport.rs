@@ -159,9 +159,15 @@ async fn build_connection(
     // The server is the controlling agent on subscribe connections. Waiting for a "better" pair
     // than the first peer-reflexive or server-reflexive one (webrtc-rs waits 1 s and 0.5 s by
     // default) only delays a server whose own candidates never change.
+    let config = &shared.config;
     let mut settings = SettingEngineBuilder::new()
         .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
-        .with_srflx_acceptance_min_wait(Some(Duration::ZERO));
+        .with_srflx_acceptance_min_wait(Some(Duration::ZERO))
+        .with_ice_timeouts(
+            Some(config.ice_disconnected_timeout),
+            Some(config.ice_failed_timeout),
+            Some(config.ice_keepalive_interval),
+        );
     if !shared.config.public_ips.is_empty() {
         settings =
             settings.with_nat_1to1_ips(shared.config.public_ips.clone(), RTCIceCandidateType::Host);

@@ -117,6 +117,60 @@ async fn a_silent_participant_is_removed_within_ten_seconds() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_whose_media_path_dies_is_removed_within_ten_seconds() -> Result<()> {
+    let server = start_server(100).await?;
+    let (mut publisher, _) = room_with_publisher(&server, "ice-failed").await?;
+    // The newcomer's signaling socket stays healthy; only its media path will die.
+    let lossless = Some((
+        u64::MAX,
+        std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    ));
+    let mut viewer = TestClient::join_lossy(&server, "ice-failed", "viewer", lossless).await?;
+    let viewer_id = viewer.participant_id.clone();
+    let (audio_pt, _) = publisher.payload_types().await?;
+    let audio = publisher.audio.clone().expect("publishing");
+    let mut seq = 1000u16;
+    wait_until(Duration::from_secs(15), || {
+        let audio = audio.clone();
+        let received = viewer.media.try_recv().is_ok();
+        seq += 1;
+        let n = seq;
+        async move {
+            let _ = support::write(
+                &audio,
+                audio_pt,
+                n,
+                u32::from(n) * 960,
+                bytes::Bytes::from_static(b"x"),
+            )
+            .await;
+            received
+        }
+    })
+    .await?;
+    let cut_at = Instant::now();
+    viewer.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    loop {
+        let left = publisher
+            .wait_for("peer_left", Duration::from_secs(11))
+            .await?;
+        if left["peerId"] == viewer_id.as_str() {
+            break;
+        }
+    }
+    let took = cut_at.elapsed();
+    ensure!(took < Duration::from_secs(10), "removed after {took:?}");
+    // Its socket is closed by the server once it is out of the room.
+    let closed = viewer.wait_for("never-sent", Duration::from_secs(3)).await;
+    ensure!(
+        closed.is_err_and(|e| e.to_string().contains("closed")),
+        "the removed participant's socket stays open"
+    );
+    server.shutdown().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_media_transport_that_cannot_open_gets_internal_and_leaves_no_trace() -> Result<()> {
     // 192.0.2.1 (TEST-NET-1) is on no interface here, so binding a media socket to it fails

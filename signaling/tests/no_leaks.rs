@@ -42,13 +42,22 @@ async fn joins_and_departures_leak_no_task_and_no_socket() -> Result<()> {
             if Instant::now() > deadline {
                 bail!("round {round}: no media");
             }
-            write(&audio, audio_pt, seq, u32::from(seq) * 960, Bytes::from_static(b"\xF8x")).await?;
+            write(
+                &audio,
+                audio_pt,
+                seq,
+                u32::from(seq) * 960,
+                Bytes::from_static(b"\xF8x"),
+            )
+            .await?;
             seq += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // One leaves without a word, the other politely.
         publisher.vanish().await;
-        watcher.wait_for("peer_left", Duration::from_secs(10)).await?;
+        watcher
+            .wait_for("peer_left", Duration::from_secs(10))
+            .await?;
         watcher.leave().await?;
     }
 

@@ -174,6 +174,7 @@ struct LossyRuntime {
     inner: webrtc::runtime::TokioRuntime,
     drop_every: u64,
     dropped: Arc<std::sync::atomic::AtomicU64>,
+    cut: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -182,6 +183,8 @@ struct LossySocket {
     drop_every: u64,
     seen: std::sync::atomic::AtomicU64,
     dropped: Arc<std::sync::atomic::AtomicU64>,
+    /// Once set, nothing goes in or out: the network path is gone.
+    cut: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn is_rtp(datagram: &[u8]) -> bool {
@@ -199,6 +202,9 @@ impl webrtc::runtime::AsyncUdpSocket for LossySocket {
         cx: &mut std::task::Context<'_>,
         transmit: &webrtc::runtime::Transmit<'_>,
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.cut.load(std::sync::atomic::Ordering::Relaxed) {
+            return std::task::Poll::Ready(Ok(transmit.contents.len()));
+        }
         self.socket
             .poll_send_to(cx, transmit.contents, transmit.destination)
     }
@@ -219,6 +225,9 @@ impl webrtc::runtime::AsyncUdpSocket for LossySocket {
                 Poll::Pending => return Poll::Pending,
             };
             let len = buf.filled().len();
+            if self.cut.load(Ordering::Relaxed) {
+                continue;
+            }
             if is_rtp(buf.filled()) {
                 let n = self.seen.fetch_add(1, Ordering::Relaxed) + 1;
                 if n % self.drop_every == 0 {
@@ -254,6 +263,7 @@ impl webrtc::runtime::Runtime for LossyRuntime {
             drop_every: self.drop_every,
             seen: std::sync::atomic::AtomicU64::new(0),
             dropped: self.dropped.clone(),
+            cut: self.cut.clone(),
         }))
     }
 
@@ -374,6 +384,8 @@ pub struct TestClient {
     pub audio: Option<Arc<TrackLocalStaticRTP>>,
     pub video: Option<Arc<TrackLocalStaticRTP>>,
     pub screen: Option<Arc<TrackLocalStaticRTP>>,
+    /// Cuts the subscribe connection's network path (joined with `join_lossy` only).
+    pub cut: Arc<std::sync::atomic::AtomicBool>,
     publish_pc: Option<Arc<dyn PeerConnection>>,
     subscribe_pc: Arc<dyn PeerConnection>,
     socket_task: tokio::task::JoinHandle<()>,
@@ -401,11 +413,13 @@ impl TestClient {
             .ok_or_else(|| anyhow!("no participantId in {joined}"))?
             .to_owned();
         let (media_tx, media) = mpsc::unbounded_channel();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let runtime = loss.map(|(drop_every, dropped)| {
             Arc::new(LossyRuntime {
                 inner: webrtc::runtime::TokioRuntime,
                 drop_every,
                 dropped,
+                cut: cut.clone(),
             }) as Arc<dyn webrtc::runtime::Runtime>
         });
         let (subscribe_pc, subscribe_gathered) =
@@ -431,6 +445,7 @@ impl TestClient {
             audio: None,
             video: None,
             screen: None,
+            cut,
             publish_pc: None,
             subscribe_pc,
             socket_task,
