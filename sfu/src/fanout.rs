@@ -81,6 +81,18 @@ pub(crate) struct Fanout {
     pub(crate) throttle: KeyframeThrottle,
     pub(crate) stats: Arc<PublicationStats>,
     pub(crate) cache: PacketCache,
+    /// Counted here and published to `stats` on each tick, so the packet path touches no
+    /// shared cache line.
+    pub(crate) pending: Counts,
+}
+
+/// Counters not yet published to [`PublicationStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    received: u64,
+    forwarded: u64,
+    bytes: u64,
+    dropped: u64,
 }
 
 impl Fanout {
@@ -106,13 +118,32 @@ impl Fanout {
                     Some(_) => {}
                 },
                 _ = tick.tick() => {
+                    self.publish_counts();
                     if self.kind == MediaKind::Video && self.throttle.poll(Instant::now()) {
                         self.send_pli().await;
                     }
                 }
             }
         }
+        self.publish_counts();
         tracing::debug!("fanout ended");
+    }
+
+    fn publish_counts(&mut self) {
+        let counts = std::mem::take(&mut self.pending);
+        let stats = &self.stats;
+        stats
+            .received_packets
+            .fetch_add(counts.received, Ordering::Relaxed);
+        stats
+            .forwarded_packets
+            .fetch_add(counts.forwarded, Ordering::Relaxed);
+        stats
+            .forwarded_bytes
+            .fetch_add(counts.bytes, Ordering::Relaxed);
+        stats
+            .dropped_packets
+            .fetch_add(counts.dropped, Ordering::Relaxed);
     }
 
     async fn apply(&mut self, command: FanoutCommand, slots: &mut Vec<Slot>) {
@@ -174,21 +205,18 @@ impl Fanout {
     /// Forwards one packet to every subscription; true when some subscriber needs a keyframe.
     fn forward(&mut self, packet: rtp::Packet, slots: &mut Vec<Slot>) -> bool {
         let now = Instant::now();
-        let size = (packet.header.marshal_size() + packet.payload.len()) as u64;
         let mut forwarded = 0u64;
-        let mut dropped = 0u64;
         let mut needs_keyframe = false;
         let mut closed = false;
         for slot in slots.iter_mut() {
-            let mut out = packet.clone();
-            match slot.forwarder.forward(&mut out, now) {
-                Ok(()) => match slot.queue.try_send(out) {
+            match slot.forwarder.forward(&packet, now) {
+                Ok(out) => match slot.queue.try_send(out) {
                     Ok(()) => forwarded += 1,
                     Err(TrySendError::Full(_)) => {
                         // This subscriber is slower than the publisher: it alone loses the
                         // packet, and its video restarts at the next keyframe.
                         slot.forwarder.lost_after_forward();
-                        dropped += 1;
+                        self.pending.dropped += 1;
                         needs_keyframe |= self.kind == MediaKind::Video;
                     }
                     Err(TrySendError::Closed(_)) => closed = true,
@@ -200,19 +228,11 @@ impl Fanout {
         if closed {
             slots.retain(|slot| !slot.queue.is_closed());
         }
-        self.stats.received_packets.fetch_add(1, Ordering::Relaxed);
+        self.pending.received += 1;
         if forwarded > 0 {
-            self.stats
-                .forwarded_packets
-                .fetch_add(forwarded, Ordering::Relaxed);
-            self.stats
-                .forwarded_bytes
-                .fetch_add(forwarded * size, Ordering::Relaxed);
-        }
-        if dropped > 0 {
-            self.stats
-                .dropped_packets
-                .fetch_add(dropped, Ordering::Relaxed);
+            let size = (packet.header.marshal_size() + packet.payload.len()) as u64;
+            self.pending.forwarded += forwarded;
+            self.pending.bytes += forwarded * size;
         }
         // The original is kept once for every subscriber's NACKs; no copy is made for it.
         self.cache.insert(packet);

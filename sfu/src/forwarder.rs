@@ -221,9 +221,10 @@ impl Forwarder {
         true
     }
 
-    /// Applies what the subscriber negotiated.
+    /// Applies what the subscriber negotiated. Video then starts at a keyframe.
     pub fn configure(&mut self, params: ForwarderParams) {
         self.params = Some(Box::new(params));
+        self.waiting_for_keyframe = self.kind == MediaKind::Video;
     }
 
     /// True while video is held back until the next keyframe.
@@ -239,38 +240,44 @@ impl Forwarder {
         }
     }
 
-    /// Decides about one packet and, when it is to be sent, rewrites `packet` (a copy of the
-    /// publisher's packet whose payload is shared) into what this subscriber expects.
-    pub fn forward(&mut self, packet: &mut rtp::Packet, now: Instant) -> Result<(), DropReason> {
+    /// Decides about one packet and, when it is to be sent, returns this subscriber's copy: the
+    /// header rewritten, the payload shared with the publisher's packet. Nothing is copied for a
+    /// packet that is dropped.
+    pub fn forward(
+        &mut self,
+        packet: &rtp::Packet,
+        now: Instant,
+    ) -> Result<rtp::Packet, DropReason> {
         let Some(params) = self.params.as_deref() else {
             return Err(DropReason::NotNegotiated);
         };
-        let header = &mut packet.header;
+        let source = &packet.header;
         if self.waiting_for_keyframe {
             if self.codec.is_keyframe_start(&packet.payload) {
                 self.waiting_for_keyframe = false;
             } else {
-                self.numbers.skip(header.ssrc, header.sequence_number);
+                self.numbers.skip(source.ssrc, source.sequence_number);
                 return Err(DropReason::WaitingForKeyframe);
             }
         }
         let (seq, ts) = self.numbers.map(
-            header.ssrc,
-            header.sequence_number,
-            header.timestamp,
+            source.ssrc,
+            source.sequence_number,
+            source.timestamp,
             now,
             self.clock_rate,
         );
         self.sent[usize::from(seq) % SENT_HISTORY] = Some(SentPacket {
-            source_ssrc: header.ssrc,
-            source_seq: header.sequence_number,
+            source_ssrc: source.ssrc,
+            source_seq: source.sequence_number,
             seq,
-            ts_offset: ts.wrapping_sub(header.timestamp),
+            ts_offset: ts.wrapping_sub(source.timestamp),
         });
-        header.sequence_number = seq;
-        header.timestamp = ts;
-        rewrite_header(header, params);
-        Ok(())
+        let mut out = packet.clone();
+        out.header.sequence_number = seq;
+        out.header.timestamp = ts;
+        rewrite_header(&mut out.header, params);
+        Ok(out)
     }
 }
 
@@ -433,10 +440,10 @@ mod tests {
     fn video_waits_for_a_keyframe_then_rewrites_the_header() {
         let mut forwarder = Forwarder::new(MediaKind::Video, "video/VP8", 90_000);
         let now = Instant::now();
-        let mut first = packet(7, 10, &[0x10, 0x01]);
+        let first = packet(7, 10, &[0x10, 0x01]);
         assert_eq!(
-            forwarder.forward(&mut first, now),
-            Err(DropReason::NotNegotiated)
+            forwarder.forward(&first, now).err(),
+            Some(DropReason::NotNegotiated)
         );
         forwarder.configure(ForwarderParams::new(
             0xABCD,
@@ -450,20 +457,22 @@ mod tests {
                 (TRANSPORT_SCOPED_EXTENSIONS[0].into(), 5),
             ],
         ));
-        let mut delta = packet(7, 11, &[0x10, 0x01]);
+        let delta = packet(7, 11, &[0x10, 0x01]);
         assert_eq!(
-            forwarder.forward(&mut delta, now),
-            Err(DropReason::WaitingForKeyframe)
+            forwarder.forward(&delta, now).err(),
+            Some(DropReason::WaitingForKeyframe)
         );
-        let mut key = packet(7, 12, &[0x10, 0x00, 0xAA]);
-        assert_eq!(forwarder.forward(&mut key, now), Ok(()));
+        let key = forwarder
+            .forward(&packet(7, 12, &[0x10, 0x00, 0xAA]), now)
+            .expect("a keyframe opens the gate");
         assert_eq!(key.header.ssrc, 0xABCD);
         assert_eq!(key.header.payload_type, 100);
         assert_eq!(key.header.extensions.len(), 1);
         assert_eq!(key.header.extensions[0].id, 11);
         assert_eq!(&key.payload[..], &[0x10, 0x00, 0xAA]);
-        let mut next = packet(7, 13, &[0x10, 0x01]);
-        assert_eq!(forwarder.forward(&mut next, now), Ok(()));
+        let next = forwarder
+            .forward(&packet(7, 13, &[0x10, 0x01]), now)
+            .expect("then everything passes");
         assert_eq!(next.header.sequence_number, key.header.sequence_number + 1);
     }
 
@@ -476,9 +485,7 @@ mod tests {
         let mut first_sent = Vec::new();
         for seq in 40..46u16 {
             let original = packet(7, seq, &[0x10, 0x00, 0x55]);
-            let mut out = original.clone();
-            forwarder.forward(&mut out, now).expect("forwarded");
-            first_sent.push(out);
+            first_sent.push(forwarder.forward(&original, now).expect("forwarded"));
             cache.insert(original);
         }
         let lost = &first_sent[3];
@@ -507,8 +514,9 @@ mod tests {
     fn audio_is_never_held_back() {
         let mut forwarder = Forwarder::new(MediaKind::Audio, "audio/opus", 48_000);
         forwarder.configure(ForwarderParams::new(5, 111, &[], &[]));
-        let mut pkt = packet(9, 1, &[0xff]);
-        assert_eq!(forwarder.forward(&mut pkt, Instant::now()), Ok(()));
+        let pkt = forwarder
+            .forward(&packet(9, 1, &[0xff]), Instant::now())
+            .expect("audio passes");
         assert!(!pkt.header.extension, "unmapped extensions are removed");
         forwarder.lost_after_forward();
         assert!(!forwarder.waiting_for_keyframe());

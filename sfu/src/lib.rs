@@ -40,7 +40,9 @@ pub use config::SfuConfig;
 pub use fanout::PublicationStats;
 pub use feedback::KeyframeThrottle;
 pub use ids::{MediaKind, ParticipantId, PublicationId, Source};
-pub use transport::{OfferedSubscription, PublishTransport, SubscribeTransport, TransportKind};
+pub use transport::{
+    MAX_PUBLISH_SECTIONS, OfferedSubscription, PublishTransport, SubscribeTransport, TransportKind,
+};
 pub use webrtc::peer_connection::RTCIceCandidateInit;
 
 /// Errors of the media plane.
@@ -50,6 +52,9 @@ pub enum SfuError {
     /// The SDP could not be parsed or applied.
     #[error("invalid SDP: {0}")]
     InvalidSdp(#[source] webrtc::error::Error),
+    /// The request is valid SDP but asks for something the server does not do.
+    #[error("{0}")]
+    Refused(String),
     /// The publication ended while it was being subscribed to.
     #[error("the publication has ended")]
     PublicationEnded,
@@ -200,7 +205,7 @@ impl Sfu {
     pub async fn publish_transport(
         &self,
         participant: ParticipantId,
-        events: mpsc::Sender<SfuEvent>,
+        events: mpsc::UnboundedSender<SfuEvent>,
     ) -> Result<PublishTransport, SfuError> {
         PublishTransport::new(self.shared.clone(), participant, events).await
     }
@@ -209,7 +214,7 @@ impl Sfu {
     pub async fn subscribe_transport(
         &self,
         participant: ParticipantId,
-        events: mpsc::Sender<SfuEvent>,
+        events: mpsc::UnboundedSender<SfuEvent>,
     ) -> Result<SubscribeTransport, SfuError> {
         SubscribeTransport::new(self.shared.clone(), participant, events).await
     }

@@ -91,3 +91,30 @@ impl Runtime for MediaRuntime {
         "tokio+buffers"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sysctl(name: &str) -> Option<usize> {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn media_sockets_get_the_configured_buffers() -> io::Result<()> {
+        let requested = 4 * 1024 * 1024;
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let probe = socket.try_clone()?;
+        let _wrapped = MediaRuntime::new(requested).wrap_udp_socket(socket)?;
+        let sock = socket2::SockRef::from(&probe);
+        // Linux doubles the value it grants (for bookkeeping) and caps it at the sysctl limit.
+        let expect = |limit: Option<usize>| 2 * requested.min(limit.unwrap_or(requested));
+        assert!(sock.recv_buffer_size()? >= expect(sysctl("rmem_max")));
+        assert!(sock.send_buffer_size()? >= expect(sysctl("wmem_max")));
+        Ok(())
+    }
+}

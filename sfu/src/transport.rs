@@ -29,7 +29,7 @@ use webrtc::peer_connection::{
 use webrtc::rtp_transceiver::RtpSender;
 
 use crate::fanout::{
-    AUDIO_CACHE_PACKETS, Fanout, FanoutCommand, PublicationStats, SubscriptionKey,
+    AUDIO_CACHE_PACKETS, Counts, Fanout, FanoutCommand, PublicationStats, SubscriptionKey,
     VIDEO_CACHE_PACKETS,
 };
 use crate::feedback::{FeedbackInterceptor, KeyframeThrottle};
@@ -47,6 +47,11 @@ pub enum TransportKind {
 }
 
 const GATHERING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Media sections a publish connection may carry: microphone, camera, screen and its audio, with
+/// room to spare. Every section costs a fanout here and a section in every subscriber's
+/// connection, so a peer may not ask for unbounded numbers of them.
+pub const MAX_PUBLISH_SECTIONS: usize = 8;
 
 /// `(uri, id)` of every `a=extmap` line in an SDP. BUNDLE requires one id per URI across the
 /// whole session, so a session-wide list is exact.
@@ -105,7 +110,7 @@ struct TransportHandler {
     participant: ParticipantId,
     kind: TransportKind,
     gathered: watch::Sender<bool>,
-    events: mpsc::Sender<SfuEvent>,
+    events: mpsc::UnboundedSender<SfuEvent>,
     publish: Option<Weak<PublishShared>>,
 }
 
@@ -120,13 +125,10 @@ impl PeerConnectionEventHandler for TransportHandler {
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
         tracing::debug!(participant = %self.participant, kind = ?self.kind, %state, "transport state");
         if state == RTCPeerConnectionState::Failed {
-            let _ = self
-                .events
-                .send(SfuEvent::TransportFailed {
-                    participant: self.participant.clone(),
-                    kind: self.kind,
-                })
-                .await;
+            let _ = self.events.send(SfuEvent::TransportFailed {
+                participant: self.participant.clone(),
+                kind: self.kind,
+            });
         }
     }
 
@@ -220,7 +222,7 @@ async fn local_sdp_after_gathering(
 pub(crate) struct PublishShared {
     shared: Arc<Shared>,
     participant: ParticipantId,
-    events: mpsc::Sender<SfuEvent>,
+    events: mpsc::UnboundedSender<SfuEvent>,
     /// Track id (from `a=msid`) -> what the publisher says it is.
     sources: Mutex<HashMap<String, Source>>,
     extensions: Mutex<Vec<(String, u16)>>,
@@ -285,25 +287,20 @@ impl PublishShared {
                 MediaKind::Audio => AUDIO_CACHE_PACKETS,
                 MediaKind::Video => VIDEO_CACHE_PACKETS,
             }),
+            pending: Counts::default(),
         };
         self.shared.register_publication(&id, stats.clone());
-        let _ = self
-            .events
-            .send(SfuEvent::PublicationStarted(publication))
-            .await;
+        let _ = self.events.send(SfuEvent::PublicationStarted(publication));
         let this = self.clone();
         tokio::spawn(
             async move {
                 fanout.run().await;
                 this.shared.retire_publication(&id, &stats);
                 tracing::info!("publication ended");
-                let _ = this
-                    .events
-                    .send(SfuEvent::PublicationEnded {
-                        participant: this.participant.clone(),
-                        publication: id,
-                    })
-                    .await;
+                let _ = this.events.send(SfuEvent::PublicationEnded {
+                    participant: this.participant.clone(),
+                    publication: id,
+                });
             }
             .instrument(span),
         );
@@ -323,7 +320,7 @@ impl PublishTransport {
     pub(crate) async fn new(
         shared: Arc<Shared>,
         participant: ParticipantId,
-        events: mpsc::Sender<SfuEvent>,
+        events: mpsc::UnboundedSender<SfuEvent>,
     ) -> Result<Self, SfuError> {
         let span = tracing::info_span!("publish", participant = %participant);
         let publish = Arc::new(PublishShared {
@@ -357,9 +354,21 @@ impl PublishTransport {
         offer_sdp: String,
         sources: HashMap<String, Source>,
     ) -> Result<String, SfuError> {
+        let sections = offer_sdp.lines().filter(|l| l.starts_with("m=")).count();
+        if sections > MAX_PUBLISH_SECTIONS {
+            return Err(SfuError::Refused(format!(
+                "at most {MAX_PUBLISH_SECTIONS} media sections per publish connection, not {sections}"
+            )));
+        }
+        if offer_sdp.contains("a=simulcast:") {
+            return Err(SfuError::Refused(
+                "simulcast is not supported yet: publish one encoding per track".into(),
+            ));
+        }
         let offer = RTCSessionDescription::offer(offer_sdp).map_err(SfuError::InvalidSdp)?;
         if let Ok(mut known) = self.shared.sources.lock() {
-            known.extend(sources);
+            // Replaced, not extended: what the publisher no longer sends is forgotten.
+            *known = sources;
         }
         if let Ok(mut extensions) = self.shared.extensions.lock() {
             *extensions = extmap(&offer.sdp);
@@ -399,7 +408,10 @@ struct SubscriptionState {
     sender: Arc<dyn RtpSender>,
     track: Arc<TrackLocalStaticRTP>,
     ssrc: u32,
-    feedback_started: bool,
+    /// Carried by the last offer sent.
+    offered: bool,
+    /// Forwarding configured from an answer (once: later answers change nothing for it).
+    configured: bool,
 }
 
 /// One media section of a subscribe offer.
@@ -429,7 +441,7 @@ impl SubscribeTransport {
     pub(crate) async fn new(
         shared: Arc<Shared>,
         participant: ParticipantId,
-        events: mpsc::Sender<SfuEvent>,
+        events: mpsc::UnboundedSender<SfuEvent>,
     ) -> Result<Self, SfuError> {
         let (gathered_tx, gathered) = watch::channel(false);
         let handler = Arc::new(TransportHandler {
@@ -466,6 +478,9 @@ impl SubscribeTransport {
         if self.subscriptions.contains_key(&publication.id) {
             return Ok(());
         }
+        if publication.commands.is_closed() {
+            return Err(SfuError::PublicationEnded);
+        }
         let ssrc = rand::random::<u32>();
         let kind = match publication.kind {
             MediaKind::Audio => RtpCodecKind::Audio,
@@ -500,14 +515,18 @@ impl SubscribeTransport {
             .await?;
         let key = NEXT_SUBSCRIPTION_KEY.fetch_add(1, Ordering::Relaxed);
         let (queue_tx, queue_rx) = mpsc::channel(self.shared.config.subscription_queue_packets);
-        publication
+        let added = publication
             .commands
             .send(FanoutCommand::Add {
                 key,
                 queue: queue_tx,
             })
-            .await
-            .map_err(|_| SfuError::PublicationEnded)?;
+            .await;
+        if added.is_err() {
+            // The publication ended meanwhile: leave no section behind for it.
+            self.pc.remove_track(&sender).await?;
+            return Err(SfuError::PublicationEnded);
+        }
         let writer_track = track.clone();
         let span =
             tracing::debug_span!(parent: &self.span, "subscription", publication = %publication.id);
@@ -520,7 +539,8 @@ impl SubscribeTransport {
                 sender,
                 track,
                 ssrc,
-                feedback_started: false,
+                offered: false,
+                configured: false,
             },
         );
         Ok(())
@@ -553,9 +573,10 @@ impl SubscribeTransport {
             };
             if let Some(state) = self
                 .subscriptions
-                .values()
+                .values_mut()
                 .find(|state| state.sender.id() == sender.id())
             {
+                state.offered = true;
                 offered.push(OfferedSubscription {
                     mid,
                     publication: state.publication.clone(),
@@ -574,7 +595,13 @@ impl SubscribeTransport {
             .await
             .map_err(SfuError::InvalidSdp)?;
         let span = self.span.clone();
-        for state in self.subscriptions.values_mut() {
+        // Only subscriptions this answer negotiated: one added after the offer waits for the
+        // next answer, so its keyframe is asked for when it can be delivered.
+        for state in self
+            .subscriptions
+            .values_mut()
+            .filter(|state| state.offered && !state.configured)
+        {
             let Ok(parameters) = state.sender.get_parameters().await else {
                 continue;
             };
@@ -605,8 +632,8 @@ impl SubscribeTransport {
                     params,
                 })
                 .await;
-            if !state.feedback_started {
-                state.feedback_started = true;
+            state.configured = true;
+            {
                 let track = state.track.clone();
                 let commands = state.publication.commands.clone();
                 tokio::spawn(feedback_loop(track, commands, state.key));

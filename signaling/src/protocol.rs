@@ -175,6 +175,8 @@ impl ClientMessage {
             });
         };
         if !CLIENT_TYPES.contains(&kind.as_str()) {
+            // Echo at most 64 characters: the reply must not amplify what the client sent.
+            let kind: String = kind.chars().take(64).collect();
             return Err(DecodeError {
                 code: ErrorCode::UnknownType,
                 message: format!("unknown message type `{kind}`"),

@@ -7,20 +7,68 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::Serialize;
 use sfu::{ParticipantId, Publication, PublicationId, SubscribeTransport};
 use sfu::{RTCIceCandidateInit, SfuError};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::protocol::{ErrorCode, PeerInfo, ServerMessage, SubscriptionInfo, TransportName};
 
-/// Messages queued toward one participant's socket.
-pub type Outbound = mpsc::Sender<ServerMessage>;
+/// Messages queued toward one participant's socket. A participant whose queue overflows is
+/// stuck (its socket is not being drained): it is kicked rather than silently missing messages,
+/// which would break the protocol's ordering guarantees.
+#[derive(Clone, Debug)]
+pub struct Outbound {
+    tx: mpsc::Sender<ServerMessage>,
+    kick: Arc<Notify>,
+}
 
-/// Commands to the task that owns a participant's subscribe transport.
+impl Outbound {
+    /// A queue of `capacity` messages and its receiving end.
+    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<ServerMessage>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            Self {
+                tx,
+                kick: Arc::new(Notify::new()),
+            },
+            rx,
+        )
+    }
+
+    /// Queues `message`; false (and the participant kicked) when the queue is full.
+    pub fn send(&self, message: ServerMessage) -> bool {
+        match self.tx.try_send(message) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!("a participant's signaling queue is full: disconnecting it");
+                self.kick.notify_one();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Completes when the participant must be disconnected.
+    pub async fn kicked(&self) {
+        self.kick.notified().await
+    }
+}
+
+/// Mute states remembered for tracks that are not (yet) published, at most.
+const MAX_UNPUBLISHED_MUTES: usize = 16;
+
+/// Changes the room asks of a participant's subscribe transport. Sent on an unbounded channel:
+/// there are never more than the room's publications, and losing one would leave a subscriber
+/// with a dead or missing media section.
 #[derive(Debug)]
-pub enum NegotiatorCommand {
+pub enum RoomCommand {
     /// Forward this publication to the participant.
     Subscribe(Publication),
     /// Stop forwarding it.
     Unsubscribe(PublicationId),
+}
+
+/// What the participant's own socket asks of its subscribe transport.
+#[derive(Debug)]
+pub enum NegotiatorCommand {
     /// The participant's answer to the outstanding offer.
     Answer(String),
     /// A candidate the participant trickled for its subscribe connection.
@@ -36,7 +84,7 @@ struct Member {
     id: ParticipantId,
     name: String,
     outbound: Outbound,
-    negotiator: mpsc::Sender<NegotiatorCommand>,
+    negotiator: mpsc::UnboundedSender<RoomCommand>,
     published: Vec<Published>,
     /// Track id -> muted, as last told by the participant (also before its media arrives).
     muted: HashMap<String, bool>,
@@ -66,17 +114,12 @@ pub enum JoinError {
 pub struct Joined {
     /// The room.
     pub room: Arc<Room>,
-    /// The others.
-    pub peers: Vec<PeerInfo>,
     /// Everything the others publish now.
     pub publications: Vec<Publication>,
 }
 
 fn send(outbound: &Outbound, message: ServerMessage) {
-    if let Err(err) = outbound.try_send(message) {
-        // The socket task drains this queue continuously; a full queue means a stuck client.
-        tracing::warn!(%err, "signaling message to a participant dropped");
-    }
+    outbound.send(message);
 }
 
 impl Room {
@@ -109,7 +152,7 @@ impl Room {
         }
         drop(state);
         for negotiator in notify {
-            let _ = negotiator.try_send(NegotiatorCommand::Subscribe(publication.clone()));
+            let _ = negotiator.send(RoomCommand::Subscribe(publication.clone()));
         }
     }
 
@@ -128,7 +171,7 @@ impl Room {
         }
         drop(state);
         for negotiator in notify {
-            let _ = negotiator.try_send(NegotiatorCommand::Unsubscribe(publication.clone()));
+            let _ = negotiator.send(RoomCommand::Unsubscribe(publication.clone()));
         }
     }
 
@@ -138,6 +181,13 @@ impl Room {
         let Some(member) = state.members.iter_mut().find(|m| &m.id == participant) else {
             return;
         };
+        let published = member.published.iter().find(|p| p.track_id == track_id);
+        if published.is_none()
+            && !member.muted.contains_key(track_id)
+            && member.muted.len() >= MAX_UNPUBLISHED_MUTES
+        {
+            return; // A client naming ever new tracks must not grow this map without bound.
+        }
         member.muted.insert(track_id.to_owned(), muted);
         let Some(published) = member.published.iter().find(|p| p.track_id == track_id) else {
             return;
@@ -288,14 +338,17 @@ impl RoomRegistry {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Adds a participant, creating the room on first join, and tells the others.
+    /// Adds a participant, creating the room on first join, and tells the others. `joined`
+    /// builds the participant's `joined` message from the room's name and the others; it is
+    /// queued before anything else about the room can reach the participant.
     pub fn join(
         &self,
         room_name: &str,
         id: &ParticipantId,
         name: &str,
         outbound: Outbound,
-        negotiator: mpsc::Sender<NegotiatorCommand>,
+        negotiator: mpsc::UnboundedSender<RoomCommand>,
+        joined: impl FnOnce(&str, Vec<PeerInfo>) -> ServerMessage,
     ) -> Result<Joined, JoinError> {
         let mut rooms = self.lock();
         let room = rooms
@@ -334,6 +387,7 @@ impl RoomRegistry {
                 name: m.name.clone(),
             })
             .collect();
+        send(&outbound, joined(&room.name, peers));
         let publications = state
             .members
             .iter()
@@ -355,11 +409,7 @@ impl RoomRegistry {
             muted: HashMap::new(),
         });
         drop(state);
-        Ok(Joined {
-            room,
-            peers,
-            publications,
-        })
+        Ok(Joined { room, publications })
     }
 
     /// Removes a participant, tells the others, and removes the room when it is empty.
@@ -376,9 +426,9 @@ impl RoomRegistry {
         for other in &state.members {
             send(&other.outbound, announcement.clone());
             for published in &member.published {
-                let _ = other.negotiator.try_send(NegotiatorCommand::Unsubscribe(
-                    published.publication.id.clone(),
-                ));
+                let _ = other
+                    .negotiator
+                    .send(RoomCommand::Unsubscribe(published.publication.id.clone()));
             }
         }
         if state.members.is_empty() {
@@ -397,37 +447,54 @@ impl RoomRegistry {
 }
 
 /// Owns one participant's subscribe transport and serialises its offers: one offer at a time,
-/// changes that arrive while an answer is awaited go into the next offer.
+/// changes that arrive while an answer is awaited go into the next offer. Ends when the
+/// participant's socket task drops its command sender, and closes the transport.
 pub async fn run_negotiator(
     mut transport: SubscribeTransport,
     mut commands: mpsc::Receiver<NegotiatorCommand>,
+    mut room_commands: mpsc::UnboundedReceiver<RoomCommand>,
+    initial: Vec<Publication>,
     outbound: Outbound,
     room: Arc<Room>,
 ) {
     let mut awaiting_answer = false;
     let mut dirty = false;
-    while let Some(first) = commands.recv().await {
-        let mut next = Some(first);
-        while let Some(command) = next.take().or_else(|| commands.try_recv().ok()) {
-            match command {
-                NegotiatorCommand::Subscribe(publication) => {
-                    match transport.subscribe(&publication).await {
-                        Ok(()) => dirty = true,
-                        Err(SfuError::PublicationEnded) => {}
-                        Err(err) => {
-                            tracing::warn!(%err, publication = %publication.id, "subscribe failed")
-                        }
+    for publication in initial {
+        dirty |= subscribe(&mut transport, &publication).await;
+    }
+    loop {
+        if dirty && !awaiting_answer {
+            match transport.create_offer().await {
+                Ok((sdp, offered)) => {
+                    let subscriptions = offered
+                        .into_iter()
+                        .map(|o| SubscriptionInfo {
+                            muted: room.is_muted(&o.publication),
+                            mid: o.mid,
+                            publication_id: o.publication.id.to_string(),
+                            peer_id: o.publication.participant.to_string(),
+                            kind: o.publication.kind.as_str(),
+                            source: o.publication.source.as_str(),
+                        })
+                        .collect();
+                    let offer = ServerMessage::Offer {
+                        peer_id: crate::protocol::SFU_PEER,
+                        transport: TransportName::Subscribe,
+                        sdp,
+                        subscriptions,
+                    };
+                    // Not sent means the participant is being disconnected.
+                    if outbound.send(offer) {
+                        awaiting_answer = true;
+                        dirty = false;
                     }
                 }
-                NegotiatorCommand::Unsubscribe(publication) => {
-                    if transport.is_subscribed(&publication) {
-                        if let Err(err) = transport.unsubscribe(&publication).await {
-                            tracing::warn!(%err, %publication, "unsubscribe failed");
-                        }
-                        dirty = true;
-                    }
-                }
-                NegotiatorCommand::Answer(sdp) => {
+                Err(err) => tracing::error!(%err, "subscribe offer failed"),
+            }
+        }
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(NegotiatorCommand::Answer(sdp)) => {
                     if !awaiting_answer {
                         send(
                             &outbound,
@@ -443,15 +510,11 @@ pub async fn run_negotiator(
                         Ok(()) => awaiting_answer = false,
                         Err(err) => send(
                             &outbound,
-                            ServerMessage::error(
-                                ErrorCode::InvalidSdp,
-                                err.to_string(),
-                                Some("answer"),
-                            ),
+                            ServerMessage::error(ErrorCode::InvalidSdp, err.to_string(), Some("answer")),
                         ),
                     }
                 }
-                NegotiatorCommand::Candidate(candidate) => {
+                Some(NegotiatorCommand::Candidate(candidate)) => {
                     if let Err(err) = transport.add_ice_candidate(candidate).await {
                         send(
                             &outbound,
@@ -463,37 +526,40 @@ pub async fn run_negotiator(
                         );
                     }
                 }
-            }
-        }
-        if dirty && !awaiting_answer {
-            match transport.create_offer().await {
-                Ok((sdp, offered)) => {
-                    let subscriptions = offered
-                        .into_iter()
-                        .map(|o| SubscriptionInfo {
-                            muted: room.is_muted(&o.publication),
-                            mid: o.mid,
-                            publication_id: o.publication.id.to_string(),
-                            peer_id: o.publication.participant.to_string(),
-                            kind: o.publication.kind.as_str(),
-                            source: o.publication.source.as_str(),
-                        })
-                        .collect();
-                    send(
-                        &outbound,
-                        ServerMessage::Offer {
-                            peer_id: crate::protocol::SFU_PEER,
-                            transport: TransportName::Subscribe,
-                            sdp,
-                            subscriptions,
-                        },
-                    );
-                    awaiting_answer = true;
-                    dirty = false;
+                None => break,
+            },
+            Some(first) = room_commands.recv() => {
+                // Fold everything already queued into the next offer.
+                let mut next = Some(first);
+                while let Some(command) = next.take().or_else(|| room_commands.try_recv().ok()) {
+                    match command {
+                        RoomCommand::Subscribe(publication) => {
+                            dirty |= subscribe(&mut transport, &publication).await;
+                        }
+                        RoomCommand::Unsubscribe(publication) => {
+                            if transport.is_subscribed(&publication) {
+                                if let Err(err) = transport.unsubscribe(&publication).await {
+                                    tracing::warn!(%err, %publication, "unsubscribe failed");
+                                }
+                                dirty = true;
+                            }
+                        }
+                    }
                 }
-                Err(err) => tracing::error!(%err, "subscribe offer failed"),
             }
         }
     }
     transport.close().await;
+}
+
+/// Subscribes to `publication`; true when the transport changed.
+async fn subscribe(transport: &mut SubscribeTransport, publication: &Publication) -> bool {
+    match transport.subscribe(publication).await {
+        Ok(()) => true,
+        Err(SfuError::PublicationEnded) => false,
+        Err(err) => {
+            tracing::warn!(%err, publication = %publication.id, "subscribe failed");
+            false
+        }
+    }
 }

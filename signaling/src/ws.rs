@@ -17,7 +17,7 @@ use crate::protocol::{
     CandidateInit, ClientMessage, ErrorCode, PROTOCOL_VERSION, SFU_PEER, ServerMessage,
     TransportName,
 };
-use crate::room::{JoinError, NegotiatorCommand, Room, run_negotiator};
+use crate::room::{JoinError, NegotiatorCommand, Outbound, Room, run_negotiator};
 
 /// Interval between server pings.
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
@@ -38,8 +38,8 @@ struct Membership {
 struct Session {
     state: AppState,
     claims: Claims,
-    outbound: mpsc::Sender<ServerMessage>,
-    sfu_events: mpsc::Sender<SfuEvent>,
+    outbound: Outbound,
+    sfu_events: mpsc::UnboundedSender<SfuEvent>,
     membership: Option<Membership>,
 }
 
@@ -56,8 +56,11 @@ pub async fn serve(socket: WebSocket, state: AppState, claims: Claims) {
 
 async fn run(socket: WebSocket, state: AppState, claims: Claims) {
     let (mut sink, mut stream) = socket.split();
-    let (outbound, mut outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
-    let (sfu_events, mut sfu_rx) = mpsc::channel(64);
+    let (outbound, mut outbound_rx) = Outbound::new(OUTBOUND_QUEUE);
+    let kick = outbound.clone();
+    // Unbounded: media-plane events per participant are bounded by its publications, and the
+    // webrtc-rs driver that sends them must never wait on this socket.
+    let (sfu_events, mut sfu_rx) = mpsc::unbounded_channel();
     let mut shutdown = state.shutdown.clone();
     let mut session = Session {
         state,
@@ -96,6 +99,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
                     break;
                 }
             }
+            _ = kick.kicked() => break,
             Some(event) = sfu_rx.recv() => {
                 if let Flow::Leave = session.handle_sfu_event(event) {
                     break;
@@ -108,7 +112,8 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
                 }
                 if last_ping.elapsed() >= PING_INTERVAL {
                     last_ping = Instant::now();
-                    if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    let ping = sink.send(Message::Ping(Default::default()));
+                    if !matches!(tokio::time::timeout(PEER_TIMEOUT, ping).await, Ok(Ok(()))) {
                         break;
                     }
                 }
@@ -127,10 +132,15 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
             break;
         }
     }
-    let _ = sink.send(Message::Close(close)).await;
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(PEER_TIMEOUT, async {
+        let _ = sink.send(Message::Close(close)).await;
+        let _ = sink.close().await;
+    })
+    .await;
 }
 
+/// Writes one message. A client that does not read for [`PEER_TIMEOUT`] (its TCP window full)
+/// counts as gone: a write never blocks the session for longer.
 async fn send_json<S>(sink: &mut S, message: &ServerMessage) -> Result<(), ()>
 where
     S: SinkExt<Message> + Unpin,
@@ -138,7 +148,10 @@ where
     let Ok(text) = serde_json::to_string(message) else {
         return Ok(());
     };
-    sink.send(Message::Text(text.into())).await.map_err(|_| ())
+    match tokio::time::timeout(PEER_TIMEOUT, sink.send(Message::Text(text.into()))).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
 }
 
 fn candidate_init(candidate: CandidateInit) -> RTCIceCandidateInit {
@@ -158,9 +171,7 @@ fn valid_name(name: &str) -> bool {
 
 impl Session {
     fn reply(&self, message: ServerMessage) {
-        if self.outbound.try_send(message).is_err() {
-            tracing::warn!("reply dropped: outbound queue full");
-        }
+        self.outbound.send(message);
     }
 
     async fn handle_text(&mut self, text: &str) -> Flow {
@@ -313,67 +324,69 @@ impl Session {
         }
         let name = name.trim().to_owned();
         let participant = ParticipantId::random();
-        let (negotiator, negotiator_rx) = mpsc::channel(256);
-        let joined = self
-            .state
-            .rooms
-            .join(
-                &self.claims.room,
-                &participant,
-                &name,
-                self.outbound.clone(),
-                negotiator.clone(),
-            )
-            .map_err(|err| match err {
-                JoinError::NameTaken => (
-                    ErrorCode::NameTaken,
-                    format!("the name `{name}` is taken in this room"),
-                ),
-                JoinError::RoomFull(limit) => (
-                    ErrorCode::RoomFull,
-                    format!("the room is full ({limit} participants)"),
-                ),
-            })?;
-        tracing::Span::current().record("participant", participant.as_str());
-        tracing::info!(%name, "joined");
-        let transports = async {
-            let publish = self
-                .state
-                .sfu
-                .publish_transport(participant.clone(), self.sfu_events.clone())
-                .await?;
-            let subscribe = self
-                .state
-                .sfu
-                .subscribe_transport(participant.clone(), self.sfu_events.clone())
-                .await?;
-            Ok::<_, sfu::SfuError>((publish, subscribe))
-        }
-        .await;
-        let (publish, subscribe) = match transports {
-            Ok(pair) => pair,
+        // Transports first: once in the room, the participant must be able to take offers.
+        let sfu = &self.state.sfu;
+        let internal =
+            |err: sfu::SfuError| (ErrorCode::Internal, format!("media transport: {err}"));
+        let publish = sfu
+            .publish_transport(participant.clone(), self.sfu_events.clone())
+            .await
+            .map_err(internal)?;
+        let mut subscribe = match sfu
+            .subscribe_transport(participant.clone(), self.sfu_events.clone())
+            .await
+        {
+            Ok(subscribe) => subscribe,
             Err(err) => {
-                self.state.rooms.leave(&joined.room, &participant);
-                return Err((ErrorCode::Internal, format!("media transport: {err}")));
+                publish.close().await;
+                return Err(internal(err));
             }
         };
-        self.reply(ServerMessage::Joined {
-            participant_id: participant.to_string(),
-            room: joined.room.name().to_owned(),
-            name,
-            mode: "sfu",
-            peers: joined.peers,
-            ice_servers: self.state.config.ice_servers.clone(),
-            max_video_bitrate: self.state.config.max_video_bitrate,
-            protocol: PROTOCOL_VERSION,
-        });
-        for publication in joined.publications {
-            let _ = negotiator.try_send(NegotiatorCommand::Subscribe(publication));
-        }
+        let (negotiator, negotiator_rx) = mpsc::channel(64);
+        let (room_commands, room_commands_rx) = mpsc::unbounded_channel();
+        let config = &self.state.config;
+        let joined = self.state.rooms.join(
+            &self.claims.room,
+            &participant,
+            &name,
+            self.outbound.clone(),
+            room_commands,
+            |room, peers| ServerMessage::Joined {
+                participant_id: participant.to_string(),
+                room: room.to_owned(),
+                name: name.clone(),
+                mode: "sfu",
+                peers,
+                ice_servers: config.ice_servers.clone(),
+                max_video_bitrate: config.max_video_bitrate,
+                protocol: PROTOCOL_VERSION,
+            },
+        );
+        let joined = match joined {
+            Ok(joined) => joined,
+            Err(err) => {
+                publish.close().await;
+                subscribe.close().await;
+                return Err(match err {
+                    JoinError::NameTaken => (
+                        ErrorCode::NameTaken,
+                        format!("the name `{name}` is taken in this room"),
+                    ),
+                    JoinError::RoomFull(limit) => (
+                        ErrorCode::RoomFull,
+                        format!("the room is full ({limit} participants)"),
+                    ),
+                });
+            }
+        };
+        tracing::Span::current().record("participant", participant.as_str());
+        tracing::info!(%name, "joined");
         tokio::spawn(
             run_negotiator(
                 subscribe,
                 negotiator_rx,
+                room_commands_rx,
+                joined.publications,
                 self.outbound.clone(),
                 joined.room.clone(),
             )

@@ -160,7 +160,18 @@ async fn unusable_sdp_gets_invalid_sdp() -> Result<()> {
     let mut ws = connect(&server, "ann", "errors").await?;
     send(&mut ws, json!({"type": "join"})).await?;
     recv_type(&mut ws, "joined", WAIT).await?;
-    for sdp in ["", "this is not SDP", "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n"] {
+    let nine_sections = format!(
+        "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n{}",
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n".repeat(9)
+    );
+    let simulcast = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rid:h send\r\na=rid:l send\r\na=simulcast:send h;l\r\n";
+    for sdp in [
+        "",
+        "this is not SDP",
+        "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n",
+        nine_sections.as_str(),
+        simulcast,
+    ] {
         send(
             &mut ws,
             json!({"type": "offer", "peerId": "sfu", "transport": "publish", "sdp": sdp}),
