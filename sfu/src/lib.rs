@@ -115,6 +115,34 @@ impl std::fmt::Debug for fanout::FanoutCommand {
     }
 }
 
+/// Tasks of the media plane alive now, by kind: what a leak would show first.
+#[derive(Debug, Default)]
+pub struct LiveTasks {
+    /// One per publication.
+    pub fanouts: AtomicU64,
+    /// One per subscription.
+    pub writers: AtomicU64,
+    /// One per negotiated subscription.
+    pub feedback: AtomicU64,
+}
+
+/// Counts one live task of a kind for as long as it is held.
+pub struct TaskGuard<'a>(&'a AtomicU64);
+
+impl<'a> TaskGuard<'a> {
+    /// Counts one more task on `counter` until dropped.
+    pub fn new(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for TaskGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Totals over every publication since start.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SfuStats {
@@ -154,6 +182,7 @@ pub(crate) struct Shared {
     pub(crate) config: SfuConfig,
     pub(crate) runtime: Arc<dyn webrtc::runtime::Runtime>,
     pub(crate) nacks: Arc<AtomicU64>,
+    pub(crate) tasks: LiveTasks,
     live: Mutex<HashMap<PublicationId, Arc<PublicationStats>>>,
     retired: Mutex<SfuStats>,
 }
@@ -190,6 +219,7 @@ impl Sfu {
                 config,
                 runtime,
                 nacks: Arc::new(AtomicU64::new(0)),
+                tasks: LiveTasks::default(),
                 live: Mutex::new(HashMap::new()),
                 retired: Mutex::new(SfuStats::default()),
             }),
@@ -217,6 +247,16 @@ impl Sfu {
         events: mpsc::UnboundedSender<SfuEvent>,
     ) -> Result<SubscribeTransport, SfuError> {
         SubscribeTransport::new(self.shared.clone(), participant, events).await
+    }
+
+    /// Media-plane tasks alive now.
+    pub fn live_tasks(&self) -> (u64, u64, u64) {
+        let tasks = &self.shared.tasks;
+        (
+            tasks.fanouts.load(Ordering::Relaxed),
+            tasks.writers.load(Ordering::Relaxed),
+            tasks.feedback.load(Ordering::Relaxed),
+        )
     }
 
     /// Totals since start.

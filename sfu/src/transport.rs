@@ -294,6 +294,7 @@ impl PublishShared {
         let this = self.clone();
         tokio::spawn(
             async move {
+                let _alive = crate::TaskGuard::new(&this.shared.tasks.fanouts);
                 fanout.run().await;
                 this.shared.retire_publication(&id, &stats);
                 tracing::info!("publication ended");
@@ -530,7 +531,14 @@ impl SubscribeTransport {
         let writer_track = track.clone();
         let span =
             tracing::debug_span!(parent: &self.span, "subscription", publication = %publication.id);
-        tokio::spawn(write_loop(writer_track, queue_rx).instrument(span));
+        let shared = self.shared.clone();
+        tokio::spawn(
+            async move {
+                let _alive = crate::TaskGuard::new(&shared.tasks.writers);
+                write_loop(writer_track, queue_rx).await;
+            }
+            .instrument(span),
+        );
         self.subscriptions.insert(
             publication.id.clone(),
             SubscriptionState {
@@ -636,7 +644,12 @@ impl SubscribeTransport {
             {
                 let track = state.track.clone();
                 let commands = state.publication.commands.clone();
-                tokio::spawn(feedback_loop(track, commands, state.key));
+                let shared = self.shared.clone();
+                let key = state.key;
+                tokio::spawn(async move {
+                    let _alive = crate::TaskGuard::new(&shared.tasks.feedback);
+                    feedback_loop(track, commands, key).await;
+                });
             }
         }
         Ok(())

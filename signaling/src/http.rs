@@ -37,6 +37,17 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Turns true when the server is shutting down.
     pub shutdown: watch::Receiver<bool>,
+    /// Signaling tasks alive now.
+    pub tasks: Arc<LiveTasks>,
+}
+
+/// Signaling tasks alive now, by kind: what a leak would show first.
+#[derive(Debug, Default)]
+pub struct LiveTasks {
+    /// One per signaling socket.
+    pub sessions: std::sync::atomic::AtomicU64,
+    /// One per joined participant.
+    pub negotiators: std::sync::atomic::AtomicU64,
 }
 
 impl AppState {
@@ -48,6 +59,7 @@ impl AppState {
             auth: TokenAuthority::new(config.jwt_secret.as_deref(), config.token_ttl_secs),
             config: Arc::new(config),
             shutdown,
+            tasks: Arc::default(),
         }
     }
 }
@@ -194,6 +206,37 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "Participants in all rooms now",
         snapshots.iter().map(|r| r.participants.len() as u64).sum(),
     );
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    let (fanouts, writers, feedback) = state.sfu.live_tasks();
+    for (name, help, value) in [
+        (
+            "sessions",
+            "Signaling sockets served now",
+            state.tasks.sessions.load(relaxed),
+        ),
+        (
+            "negotiators",
+            "Subscribe negotiator tasks alive",
+            state.tasks.negotiators.load(relaxed),
+        ),
+        (
+            "fanout_tasks",
+            "Fanout tasks alive (one per publication)",
+            fanouts,
+        ),
+        (
+            "writer_tasks",
+            "Writer tasks alive (one per subscription)",
+            writers,
+        ),
+        (
+            "feedback_tasks",
+            "Feedback tasks alive (one per negotiated subscription)",
+            feedback,
+        ),
+    ] {
+        gauge(&mut registry, name, help, value);
+    }
     let stats = state.sfu.stats();
     gauge(
         &mut registry,

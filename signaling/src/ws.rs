@@ -50,6 +50,8 @@ enum Flow {
 
 /// Serves one upgraded socket until the client leaves, goes silent, or the server stops.
 pub async fn serve(socket: WebSocket, state: AppState, claims: Claims) {
+    let tasks = state.tasks.clone();
+    let _alive = sfu::TaskGuard::new(&tasks.sessions);
     let span = tracing::info_span!("session", room = %claims.room, user = %claims.sub, participant = tracing::field::Empty);
     run(socket, state, claims).instrument(span).await
 }
@@ -381,15 +383,20 @@ impl Session {
         };
         tracing::Span::current().record("participant", participant.as_str());
         tracing::info!(%name, "joined");
+        let negotiator_task = run_negotiator(
+            subscribe,
+            negotiator_rx,
+            room_commands_rx,
+            joined.publications,
+            self.outbound.clone(),
+            joined.room.clone(),
+        );
+        let tasks = self.state.tasks.clone();
         tokio::spawn(
-            run_negotiator(
-                subscribe,
-                negotiator_rx,
-                room_commands_rx,
-                joined.publications,
-                self.outbound.clone(),
-                joined.room.clone(),
-            )
+            async move {
+                let _alive = sfu::TaskGuard::new(&tasks.negotiators);
+                negotiator_task.await;
+            }
             .in_current_span(),
         );
         self.membership = Some(Membership {

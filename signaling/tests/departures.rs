@@ -34,28 +34,8 @@ async fn room_with_publisher(
     let mut publisher = TestClient::join(server, room, "pub").await?;
     let mut watcher = TestClient::join(server, room, "watcher").await?;
     publisher.publish().await?;
-    let (audio_pt, _) = publisher.payload_types().await?;
-    let audio = publisher.audio.clone().expect("publishing");
     // Media must flow before the departure, so that there is something to tear down.
-    let mut seq = 0u16;
-    wait_until(Duration::from_secs(15), || {
-        let audio = audio.clone();
-        let received = watcher.media.try_recv().is_ok();
-        seq += 1;
-        let n = seq;
-        async move {
-            let _ = support::write(
-                &audio,
-                audio_pt,
-                n,
-                u32::from(n) * 960,
-                bytes::Bytes::from_static(b"x"),
-            )
-            .await;
-            received
-        }
-    })
-    .await?;
+    publisher.audio_until_received(&mut watcher).await?;
     watcher.wait_for("offer", Duration::from_secs(1)).await.ok();
     Ok((publisher, watcher))
 }
@@ -128,27 +108,7 @@ async fn a_participant_whose_media_path_dies_is_removed_within_ten_seconds() -> 
     ));
     let mut viewer = TestClient::join_lossy(&server, "ice-failed", "viewer", lossless).await?;
     let viewer_id = viewer.participant_id.clone();
-    let (audio_pt, _) = publisher.payload_types().await?;
-    let audio = publisher.audio.clone().expect("publishing");
-    let mut seq = 1000u16;
-    wait_until(Duration::from_secs(15), || {
-        let audio = audio.clone();
-        let received = viewer.media.try_recv().is_ok();
-        seq += 1;
-        let n = seq;
-        async move {
-            let _ = support::write(
-                &audio,
-                audio_pt,
-                n,
-                u32::from(n) * 960,
-                bytes::Bytes::from_static(b"x"),
-            )
-            .await;
-            received
-        }
-    })
-    .await?;
+    publisher.audio_until_received(&mut viewer).await?;
     let cut_at = Instant::now();
     viewer.cut.store(true, std::sync::atomic::Ordering::Relaxed);
     loop {

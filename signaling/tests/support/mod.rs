@@ -461,19 +461,7 @@ impl TestClient {
         pc.add_track(video.clone() as Arc<dyn TrackLocal>).await?;
         let offer = pc.create_offer(None).await?;
         let sdp = local_sdp(&pc, &mut gathered, offer).await?;
-        self.outgoing.send(json!({
-            "type": "offer", "peerId": "sfu", "transport": "publish", "sdp": sdp,
-            "tracks": [{"trackId": "mic", "source": "microphone"}, {"trackId": "cam", "source": "camera"}]
-        }))?;
-        let answers = self
-            .publish_answers
-            .as_mut()
-            .ok_or_else(|| anyhow!("no answer channel"))?;
-        let answer = tokio::time::timeout(Duration::from_secs(10), answers.recv())
-            .await?
-            .ok_or_else(|| anyhow!("socket closed before the publish answer"))?;
-        pc.set_remote_description(RTCSessionDescription::answer(answer)?)
-            .await?;
+        self.negotiate_publish(&pc, sdp, false).await?;
         self.audio = Some(audio);
         self.video = Some(video);
         self.publish_pc = Some(pc);
@@ -495,10 +483,27 @@ impl TestClient {
             .await
             .ok_or_else(|| anyhow!("no local description"))?
             .sdp;
+        self.negotiate_publish(&pc, sdp, true).await?;
+        self.screen = Some(screen);
+        Ok(())
+    }
+
+    /// Sends a publish offer naming the tracks, and applies the server's answer.
+    async fn negotiate_publish(
+        &mut self,
+        pc: &Arc<dyn PeerConnection>,
+        sdp: String,
+        with_screen: bool,
+    ) -> Result<()> {
+        let mut tracks = vec![
+            json!({"trackId": "mic", "source": "microphone"}),
+            json!({"trackId": "cam", "source": "camera"}),
+        ];
+        if with_screen {
+            tracks.push(json!({"trackId": "screen", "source": "screen"}));
+        }
         self.outgoing.send(json!({
-            "type": "offer", "peerId": "sfu", "transport": "publish", "sdp": sdp,
-            "tracks": [{"trackId": "mic", "source": "microphone"}, {"trackId": "cam", "source": "camera"},
-                       {"trackId": "screen", "source": "screen"}]
+            "type": "offer", "peerId": "sfu", "transport": "publish", "sdp": sdp, "tracks": tracks
         }))?;
         let answers = self
             .publish_answers
@@ -509,7 +514,27 @@ impl TestClient {
             .ok_or_else(|| anyhow!("socket closed before the publish answer"))?;
         pc.set_remote_description(RTCSessionDescription::answer(answer)?)
             .await?;
-        self.screen = Some(screen);
+        Ok(())
+    }
+
+    /// Sends numbered audio packets until `receiver` gets one (its subscription is live).
+    pub async fn audio_until_received(&self, receiver: &mut TestClient) -> Result<()> {
+        let (audio_pt, _) = self.payload_types().await?;
+        let audio = self
+            .audio
+            .clone()
+            .ok_or_else(|| anyhow!("not publishing"))?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut seq = rand::random::<u16>();
+        while receiver.media.try_recv().is_err() {
+            if Instant::now() > deadline {
+                bail!("{} received no media within 15 s", receiver.participant_id);
+            }
+            seq = seq.wrapping_add(1);
+            let ts = u32::from(seq) * 960;
+            write(&audio, audio_pt, seq, ts, Bytes::from_static(b"\xF8x")).await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Ok(())
     }
 
