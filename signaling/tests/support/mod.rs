@@ -386,6 +386,7 @@ pub struct TestClient {
     pub screen: Option<Arc<TrackLocalStaticRTP>>,
     /// Cuts the subscribe connection's network path (joined with `join_lossy` only).
     pub cut: Arc<std::sync::atomic::AtomicBool>,
+    audio_seq: std::sync::atomic::AtomicU16,
     publish_pc: Option<Arc<dyn PeerConnection>>,
     subscribe_pc: Arc<dyn PeerConnection>,
     socket_task: tokio::task::JoinHandle<()>,
@@ -446,6 +447,7 @@ impl TestClient {
             video: None,
             screen: None,
             cut,
+            audio_seq: std::sync::atomic::AtomicU16::new(rand::random::<u16>() >> 1),
             publish_pc: None,
             subscribe_pc,
             socket_task,
@@ -525,12 +527,15 @@ impl TestClient {
             .clone()
             .ok_or_else(|| anyhow!("not publishing"))?;
         let deadline = Instant::now() + Duration::from_secs(15);
-        let mut seq = rand::random::<u16>();
         while receiver.media.try_recv().is_err() {
             if Instant::now() > deadline {
                 bail!("{} received no media within 15 s", receiver.participant_id);
             }
-            seq = seq.wrapping_add(1);
+            // One continuous sequence per publisher: SRTP derives its rollover counter from it,
+            // so a jump would make the server discard the packets as unauthentic.
+            let seq = self
+                .audio_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let ts = u32::from(seq) * 960;
             write(&audio, audio_pt, seq, ts, Bytes::from_static(b"\xF8x")).await?;
             tokio::time::sleep(Duration::from_millis(20)).await;
