@@ -10,6 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::IceServer;
 
+/// Our crates at `info`; webrtc-rs only when something is wrong (at `info` it logs every state
+/// change of every connection, and a harmless DTLS warning per connection).
+pub const DEFAULT_LOG_LEVEL: &str =
+    "info,rtc=warn,rtc_ice=error,rtc_dtls=error,rtc_sctp=warn,webrtc=warn";
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -43,7 +48,8 @@ pub struct Config {
     pub api_key: Option<String>,
     /// Token lifetime in seconds. Default 86,400.
     pub token_ttl_secs: u64,
-    /// `tracing` filter, e.g. `info` or `signaling=debug,sfu=debug`. Default `info`.
+    /// `tracing` filter, e.g. `info` or `signaling=debug,sfu=debug`. Default
+    /// [`DEFAULT_LOG_LEVEL`].
     pub log_level: String,
     /// `text` or `json`. Default `text`.
     pub log_format: LogFormat,
@@ -61,7 +67,7 @@ impl Default for Config {
             jwt_secret: None,
             api_key: None,
             token_ttl_secs: 86_400,
-            log_level: "info".into(),
+            log_level: DEFAULT_LOG_LEVEL.into(),
             log_format: LogFormat::Text,
         }
     }
@@ -103,7 +109,7 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
-    /// Log filter [default: info].
+    /// Log filter [default: info, with webrtc-rs at warn].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
