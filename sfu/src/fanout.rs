@@ -222,7 +222,7 @@ impl Fanout {
                     Err(TrySendError::Closed(_)) => closed = true,
                 },
                 Err(DropReason::WaitingForKeyframe) => needs_keyframe = true,
-                Err(DropReason::NotNegotiated | DropReason::QueueFull) => {}
+                Err(DropReason::NotNegotiated) => {}
             }
         }
         if closed {

@@ -20,15 +20,14 @@ pub const TRANSPORT_SCOPED_EXTENSIONS: [&str; 4] = [
     "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id",
 ];
 
-/// Why a packet was not forwarded to one subscriber.
+/// Why a forwarder held a packet back from its subscriber. (A packet the forwarder passed but
+/// the subscriber's full queue refused is counted by the fanout as a dropped packet.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
     /// The subscriber has not yet answered the offer that carries this subscription.
     NotNegotiated,
     /// Video waits for a keyframe after the subscription starts or after a loss.
     WaitingForKeyframe,
-    /// The subscriber's queue was full: it is slower than the publisher.
-    QueueFull,
 }
 
 /// What the subscriber negotiated for this subscription.
