@@ -42,6 +42,12 @@ pub struct Config {
     pub max_participants: usize,
     /// Highest video bitrate a publisher is asked to send, in bits per second. Default 2,500,000.
     pub max_video_bitrate: u64,
+    /// Rooms of at most this many participants run as a peer-to-peer mesh; larger rooms use the
+    /// SFU. 0 means always SFU. Default 3.
+    pub mesh_max: usize,
+    /// Seconds a room in SFU mode must stay at `mesh_max` or fewer before it returns to mesh.
+    /// Default 10.
+    pub mesh_hold_secs: u64,
     /// Secret that signs tokens. Default: random at each start (tokens die with the process).
     pub jwt_secret: Option<String>,
     /// When set, `POST /auth/token` requires `Authorization: Bearer <api_key>`. Default: none.
@@ -64,6 +70,8 @@ impl Default for Config {
             ice_servers: Vec::new(),
             max_participants: 100,
             max_video_bitrate: 2_500_000,
+            mesh_max: 3,
+            mesh_hold_secs: 10,
             jwt_secret: None,
             api_key: None,
             token_ttl_secs: 86_400,
@@ -105,6 +113,14 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_video_bitrate: Option<u64>,
+    /// Largest room run as a peer-to-peer mesh; 0 means always SFU [default: 3].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_max: Option<usize>,
+    /// Seconds at or under mesh-max before an SFU room returns to mesh [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_hold_secs: Option<u64>,
     /// API key required to mint tokens.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

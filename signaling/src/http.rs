@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -13,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rust_embed::RustEmbed;
@@ -22,7 +24,7 @@ use tokio::sync::watch;
 use crate::auth::TokenAuthority;
 use crate::config::Config;
 use crate::protocol::{ErrorCode, MAX_MESSAGE_BYTES};
-use crate::room::RoomRegistry;
+use crate::room::{RoomPolicy, RoomRegistry, SWITCH_TIMEOUT};
 
 /// Shared by every handler; cheap to clone.
 #[derive(Clone)]
@@ -54,7 +56,12 @@ impl AppState {
     /// State for `config`, with a media plane built from it.
     pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> Self {
         Self {
-            rooms: Arc::new(RoomRegistry::new(config.max_participants)),
+            rooms: Arc::new(RoomRegistry::new(RoomPolicy {
+                max_participants: config.max_participants,
+                mesh_max: config.mesh_max,
+                mesh_hold: Duration::from_secs(config.mesh_hold_secs),
+                switch_timeout: SWITCH_TIMEOUT,
+            })),
             sfu: sfu::Sfu::new(config.sfu_config()),
             auth: TokenAuthority::new(config.jwt_secret.as_deref(), config.token_ttl_secs),
             config: Arc::new(config),
@@ -205,6 +212,48 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "participants",
         "Participants in all rooms now",
         snapshots.iter().map(|r| r.participants.len() as u64).sum(),
+    );
+    let by_mode: Family<Vec<(String, String)>, Gauge> = Family::default();
+    let room_participants: Family<Vec<(String, String)>, Gauge> = Family::default();
+    let room_switches: Family<Vec<(String, String)>, Counter> = Family::default();
+    for mode in ["mesh", "sfu"] {
+        by_mode
+            .get_or_create(&vec![("mode".into(), mode.into())])
+            .set(0);
+    }
+    for room in &snapshots {
+        by_mode
+            .get_or_create(&vec![("mode".into(), room.mode.into())])
+            .inc();
+        let count = i64::try_from(room.participants.len()).unwrap_or(i64::MAX);
+        room_participants
+            .get_or_create(&vec![
+                ("room".into(), room.name.clone()),
+                ("mode".into(), room.mode.into()),
+            ])
+            .set(count);
+        for (to, value) in [
+            ("sfu", room.switches_to_sfu),
+            ("mesh", room.switches_to_mesh),
+        ] {
+            room_switches
+                .get_or_create(&vec![
+                    ("room".into(), room.name.clone()),
+                    ("to".into(), to.into()),
+                ])
+                .inc_by(value);
+        }
+    }
+    registry.register("rooms_by_mode", "Rooms open now, by mode", by_mode);
+    registry.register(
+        "room_participants",
+        "Participants in each room now, labelled with the room's mode",
+        room_participants,
+    );
+    registry.register(
+        "room_mode_switches",
+        "Mode switches of each open room so far, by the mode switched to",
+        room_switches,
     );
     let relaxed = std::sync::atomic::Ordering::Relaxed;
     let (fanouts, writers, feedback) = state.sfu.live_tasks();

@@ -31,6 +31,8 @@ pub enum ErrorCode {
     RoomFull,
     /// The token is missing, invalid or expired (HTTP only).
     Unauthorized,
+    /// Too many messages relayed to other participants in a short time.
+    RateLimited,
     /// The server is shutting down.
     ServerShutdown,
     /// The server failed.
@@ -47,18 +49,54 @@ pub enum TransportName {
     Subscribe,
 }
 
-/// A track the client publishes, named by the track id of its `a=msid` line.
-#[derive(Clone, Debug, Deserialize)]
+/// How a room's media flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Peer to peer: every participant connects to every other; the server relays signaling.
+    Mesh,
+    /// Through the server: one publish and one subscribe connection per participant.
+    Sfu,
+}
+
+impl Mode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Mesh => "mesh",
+            Mode::Sfu => "sfu",
+        }
+    }
+}
+
+/// Where a room is in a change of [`Mode`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModePhase {
+    /// Bring up the new mode's connections; keep the old ones playing.
+    Switching,
+    /// Everyone receives through the new mode: close the old connections.
+    Settled,
+}
+
+/// Most tracks a description may describe.
+pub const MAX_TRACKS: usize = 16;
+
+/// A track the client sends, named by the track id of its `a=msid` line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TrackInfo {
     /// The msid track id (`MediaStreamTrack.id` in a browser).
     pub track_id: String,
     /// `microphone`, `camera` or `screen`.
     pub source: String,
+    /// The media section carrying it (mesh: tells the receiver which section is which).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mid: Option<String>,
 }
 
 /// An ICE candidate in the browser's `RTCIceCandidateInit` shape.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CandidateInit {
     /// The `candidate:` attribute; empty at the end of candidates.
@@ -89,36 +127,47 @@ pub enum ClientMessage {
         #[serde(default)]
         name: Option<String>,
     },
-    /// An offer; in SFU mode, of the publish connection.
+    /// An offer: of the publish connection (to `sfu`), or of a mesh connection (to a peer).
     Offer {
-        /// `sfu`.
+        /// `sfu` or a participant id.
         peer_id: String,
-        /// `publish`.
-        transport: TransportName,
+        /// `publish` (to `sfu` only).
+        #[serde(default)]
+        transport: Option<TransportName>,
         /// The SDP.
         sdp: String,
         /// What each sending track is.
         #[serde(default)]
         tracks: Vec<TrackInfo>,
     },
-    /// An answer; in SFU mode, to the server's subscribe offer.
+    /// An answer: to the server's subscribe offer, or to a peer's mesh offer.
     Answer {
-        /// `sfu`.
+        /// `sfu` or a participant id.
         peer_id: String,
-        /// `subscribe`.
-        transport: TransportName,
+        /// `subscribe` (to `sfu` only).
+        #[serde(default)]
+        transport: Option<TransportName>,
         /// The SDP.
         sdp: String,
+        /// What each sending track is (mesh).
+        #[serde(default)]
+        tracks: Vec<TrackInfo>,
     },
     /// A trickled ICE candidate.
     #[serde(rename = "ice-candidate")]
     IceCandidate {
-        /// `sfu`.
+        /// `sfu` or a participant id.
         peer_id: String,
-        /// Which connection it belongs to.
-        transport: TransportName,
+        /// Which connection it belongs to (to `sfu` only).
+        #[serde(default)]
+        transport: Option<TransportName>,
         /// The candidate; null at the end of candidates.
         candidate: Option<CandidateInit>,
+    },
+    /// The client receives every other participant's media through `mode`'s connections.
+    Ready {
+        /// The mode being switched to.
+        mode: Mode,
     },
     /// A published track was muted or unmuted.
     Mute {
@@ -132,7 +181,15 @@ pub enum ClientMessage {
 }
 
 /// Every `type` a client may send, to tell an unknown type from a malformed known one.
-pub const CLIENT_TYPES: [&str; 6] = ["join", "offer", "answer", "ice-candidate", "mute", "leave"];
+pub const CLIENT_TYPES: [&str; 7] = [
+    "join",
+    "offer",
+    "answer",
+    "ice-candidate",
+    "ready",
+    "mute",
+    "leave",
+];
 
 /// Why a frame could not be decoded.
 #[derive(Debug)]
@@ -197,6 +254,7 @@ impl ClientMessage {
             ClientMessage::Offer { .. } => "offer",
             ClientMessage::Answer { .. } => "answer",
             ClientMessage::IceCandidate { .. } => "ice-candidate",
+            ClientMessage::Ready { .. } => "ready",
             ClientMessage::Mute { .. } => "mute",
             ClientMessage::Leave => "leave",
         }
@@ -243,6 +301,8 @@ pub struct SubscriptionInfo {
     pub source: &'static str,
     /// Whether the publisher has muted it.
     pub muted: bool,
+    /// The msid track id the publisher named it by (what `mute` messages name).
+    pub track_id: String,
 }
 
 /// Messages to a client.
@@ -261,8 +321,8 @@ pub enum ServerMessage {
         room: String,
         /// Your display name.
         name: String,
-        /// `sfu`.
-        mode: &'static str,
+        /// The room's mode now.
+        mode: Mode,
         /// The others already in the room.
         peers: Vec<PeerInfo>,
         /// ICE servers for your connections.
@@ -284,34 +344,62 @@ pub enum ServerMessage {
         /// Their id.
         peer_id: String,
     },
-    /// An offer; in SFU mode, of the subscribe connection.
+    /// An offer: of the subscribe connection (from `sfu`), or a peer's mesh offer, relayed.
     Offer {
-        /// `sfu`.
-        peer_id: &'static str,
-        /// `subscribe`.
-        transport: TransportName,
+        /// `sfu` or the offering participant.
+        peer_id: String,
+        /// `subscribe` (from `sfu` only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        transport: Option<TransportName>,
         /// The SDP.
         sdp: String,
-        /// What each media section carries.
-        subscriptions: Vec<SubscriptionInfo>,
+        /// What each media section carries (from `sfu` only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        subscriptions: Option<Vec<SubscriptionInfo>>,
+        /// What each of the peer's sending tracks is (relayed only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tracks: Option<Vec<TrackInfo>>,
     },
-    /// An answer; in SFU mode, to the publish offer.
+    /// An answer: to the publish offer (from `sfu`), or a peer's mesh answer, relayed.
     Answer {
-        /// `sfu`.
-        peer_id: &'static str,
-        /// `publish`.
-        transport: TransportName,
+        /// `sfu` or the answering participant.
+        peer_id: String,
+        /// `publish` (from `sfu` only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        transport: Option<TransportName>,
         /// The SDP.
         sdp: String,
+        /// What each of the peer's sending tracks is (relayed only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tracks: Option<Vec<TrackInfo>>,
     },
-    /// A publication was muted or unmuted.
+    /// A peer's trickled mesh candidate, relayed.
+    #[serde(rename = "ice-candidate")]
+    IceCandidate {
+        /// The participant it comes from.
+        peer_id: String,
+        /// The candidate; null at the end of candidates.
+        candidate: Option<CandidateInit>,
+    },
+    /// The room's mode changes (`switching`), or has changed for everyone (`settled`).
+    Mode {
+        /// The mode the room is in, or switching to.
+        mode: Mode,
+        /// `switching` or `settled`.
+        phase: ModePhase,
+    },
+    /// A track was muted or unmuted.
     Mute {
         /// Its publisher.
         peer_id: String,
-        /// Which publication.
-        publication_id: String,
-        /// `microphone`, `camera` or `screen`.
-        source: &'static str,
+        /// The msid track id the publisher named it by.
+        track_id: String,
+        /// The publication, when it goes through the server.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        publication_id: Option<String>,
+        /// `microphone`, `camera` or `screen`, when it goes through the server.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        source: Option<&'static str>,
         /// Muted or not.
         muted: bool,
     },
@@ -384,7 +472,7 @@ mod tests {
         .expect("offer");
         assert!(matches!(
             offer,
-            ClientMessage::Offer { ref tracks, transport: TransportName::Publish, .. } if tracks[0].source == "camera"
+            ClientMessage::Offer { ref tracks, transport: Some(TransportName::Publish), .. } if tracks[0].source == "camera"
         ));
         let candidate = ClientMessage::decode(
             r#"{"type":"ice-candidate","peerId":"sfu","transport":"subscribe","candidate":{"candidate":"candidate:1 1 udp 1 127.0.0.1 5000 typ host","sdpMid":"0","sdpMLineIndex":0}}"#,

@@ -1,15 +1,43 @@
-//! Rooms: who is in, what each publishes, and who must be told. Rooms make decisions and send
-//! messages; they never touch packets. The registry lock is taken only on join and leave.
+//! Rooms: who is in, what each publishes, which Mode the room is in, and who must be told.
+//! Rooms make decisions and send messages; they never touch packets. The registry lock is taken
+//! only on join and leave.
+//!
+//! The Mode policy: a room of at most `mesh_max` participants is a mesh (the server only relays
+//! signaling), a larger one uses the SFU. A change is announced as `mode`/`switching`; every
+//! participant who was in the room then brings up the new connections while the old ones keep
+//! playing and reports `ready` once it receives everyone through them; then `mode`/`settled` tells
+//! everyone to close the old connections (make before break). Going back to mesh waits until the
+//! room has stayed small for the hold time, so a quick leave and rejoin switches nothing.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use serde::Serialize;
 use sfu::{ParticipantId, Publication, PublicationId, SubscribeTransport};
 use sfu::{RTCIceCandidateInit, SfuError};
 use tokio::sync::{Notify, mpsc};
 
-use crate::protocol::{ErrorCode, PeerInfo, ServerMessage, SubscriptionInfo, TransportName};
+use crate::protocol::{
+    ErrorCode, Mode, ModePhase, PeerInfo, ServerMessage, SubscriptionInfo, TransportName,
+};
+
+/// A switch whose participants have not all reported `ready` by then settles anyway, so that one
+/// broken client cannot keep a room on two paths forever.
+pub const SWITCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How rooms are sized and when they change Mode.
+#[derive(Clone, Copy, Debug)]
+pub struct RoomPolicy {
+    /// Participants a room admits.
+    pub max_participants: usize,
+    /// Largest mesh room; 0 means always SFU.
+    pub mesh_max: usize,
+    /// How long an SFU room must stay at `mesh_max` or fewer before it returns to mesh.
+    pub mesh_hold: Duration,
+    /// How long a switch waits for every `ready`.
+    pub switch_timeout: Duration,
+}
 
 /// Messages queued toward one participant's socket. A participant whose queue overflows is
 /// stuck (its socket is not being drained): it is kicked rather than silently missing messages,
@@ -84,23 +112,52 @@ struct Member {
     id: ParticipantId,
     name: String,
     outbound: Outbound,
-    negotiator: mpsc::UnboundedSender<RoomCommand>,
+    /// Set while the participant has SFU connections.
+    negotiator: Option<mpsc::UnboundedSender<RoomCommand>>,
     published: Vec<Published>,
     /// Track id -> muted, as last told by the participant (also before its media arrives).
     muted: HashMap<String, bool>,
 }
 
-#[derive(Default)]
 struct RoomState {
     members: Vec<Member>,
+    mode: Mode,
+    /// Present while a switch to `mode` waits for `ready` reports.
+    switch: Option<Switch>,
+    /// Bumped by every switch, so that a stale timeout settles nothing.
+    switch_generation: u64,
+    /// Bumped whenever a pending return to mesh is cancelled or scheduled.
+    hold_generation: u64,
+    hold_pending: bool,
+    switches_to_sfu: u64,
+    switches_to_mesh: u64,
+}
+
+/// A switch in progress.
+struct Switch {
+    /// Participants who were in the room when it began and have not reported `ready`.
+    waiting: HashSet<ParticipantId>,
 }
 
 /// One named group of participants.
 pub struct Room {
     name: String,
+    policy: RoomPolicy,
+    /// For the timers the room starts; they must not keep it alive.
+    this: Weak<Room>,
     state: Mutex<RoomState>,
 }
 
+/// Why a message could not be relayed to another participant.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RelayError {
+    /// The room is settled in SFU mode: media is negotiated with `sfu`.
+    SfuMode,
+    /// Nobody with this id is in the room.
+    UnknownPeer,
+    /// The sender named itself.
+    ToSelf,
+}
 /// Why a join was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum JoinError {
@@ -114,12 +171,20 @@ pub enum JoinError {
 pub struct Joined {
     /// The room.
     pub room: Arc<Room>,
-    /// Everything the others publish now.
-    pub publications: Vec<Publication>,
+    /// Its mode when the participant entered.
+    pub mode: Mode,
 }
 
 fn send(outbound: &Outbound, message: ServerMessage) {
     outbound.send(message);
+}
+
+impl Member {
+    fn command(&self, command: RoomCommand) {
+        if let Some(negotiator) = &self.negotiator {
+            let _ = negotiator.send(command);
+        }
+    }
 }
 
 impl Room {
@@ -135,19 +200,67 @@ impl Room {
         &self.name
     }
 
+    /// The room's mode now (the one it is switching to during a switch).
+    pub fn mode(&self) -> Mode {
+        self.lock().mode
+    }
+
+    /// Registers the participant's SFU connections; returns what the others publish now, which
+    /// its negotiator must subscribe to (later publications arrive as [`RoomCommand`]s).
+    pub fn attach_sfu(
+        &self,
+        participant: &ParticipantId,
+        negotiator: mpsc::UnboundedSender<RoomCommand>,
+    ) -> Vec<Publication> {
+        let mut state = self.lock();
+        let Some(member) = state.members.iter_mut().find(|m| &m.id == participant) else {
+            return Vec::new();
+        };
+        member.negotiator = Some(negotiator);
+        state
+            .members
+            .iter()
+            .filter(|m| &m.id != participant)
+            .flat_map(|m| m.published.iter().map(|p| p.publication.clone()))
+            .collect()
+    }
+
+    /// Forgets the participant's SFU connections and unsubscribes the others from what it
+    /// published through them.
+    pub fn detach_sfu(&self, participant: &ParticipantId) {
+        let mut state = self.lock();
+        let Some(member) = state.members.iter_mut().find(|m| &m.id == participant) else {
+            return;
+        };
+        member.negotiator = None;
+        let ended: Vec<PublicationId> = member
+            .published
+            .drain(..)
+            .map(|p| p.publication.id)
+            .collect();
+        for other in state.members.iter().filter(|m| &m.id != participant) {
+            for publication in &ended {
+                other.command(RoomCommand::Unsubscribe(publication.clone()));
+            }
+        }
+    }
+
     /// Records a publication that started and subscribes every other member to it.
     pub fn add_publication(&self, participant: &ParticipantId, publication: Publication) {
         let mut state = self.lock();
         let mut notify = Vec::new();
         for member in &mut state.members {
             if &member.id == participant {
+                if member.negotiator.is_none() {
+                    return; // From SFU connections already closed: it is ending.
+                }
                 let track_id = publication.track_id.clone();
                 member.published.push(Published {
                     publication: publication.clone(),
                     track_id,
                 });
             } else {
-                notify.push(member.negotiator.clone());
+                notify.extend(member.negotiator.clone());
             }
         }
         drop(state);
@@ -166,7 +279,7 @@ impl Room {
                     .published
                     .retain(|p| &p.publication.id != publication);
             } else {
-                notify.push(member.negotiator.clone());
+                notify.extend(member.negotiator.clone());
             }
         }
         drop(state);
@@ -181,7 +294,11 @@ impl Room {
         let Some(member) = state.members.iter_mut().find(|m| &m.id == participant) else {
             return;
         };
-        let published = member.published.iter().find(|p| p.track_id == track_id);
+        let published = member
+            .published
+            .iter()
+            .find(|p| p.track_id == track_id)
+            .map(|p| (p.publication.id.to_string(), p.publication.source.as_str()));
         if published.is_none()
             && !member.muted.contains_key(track_id)
             && member.muted.len() >= MAX_UNPUBLISHED_MUTES
@@ -189,13 +306,11 @@ impl Room {
             return; // A client naming ever new tracks must not grow this map without bound.
         }
         member.muted.insert(track_id.to_owned(), muted);
-        let Some(published) = member.published.iter().find(|p| p.track_id == track_id) else {
-            return;
-        };
         let message = ServerMessage::Mute {
             peer_id: participant.to_string(),
-            publication_id: published.publication.id.to_string(),
-            source: published.publication.source.as_str(),
+            track_id: track_id.to_owned(),
+            source: published.as_ref().map(|p| p.1),
+            publication_id: published.map(|p| p.0),
             muted,
         };
         for other in state.members.iter().filter(|m| &m.id != participant) {
@@ -216,6 +331,163 @@ impl Room {
     /// True when `peer` is a member of this room.
     pub fn has_member(&self, peer: &str) -> bool {
         self.lock().members.iter().any(|m| m.id.as_str() == peer)
+    }
+
+    /// Hands `message` to participant `to`, when the room's peers negotiate with each other:
+    /// in mesh mode, and during any switch (the mesh connections are still up).
+    pub fn relay(
+        &self,
+        from: &ParticipantId,
+        to: &str,
+        message: ServerMessage,
+    ) -> Result<(), RelayError> {
+        if to == from.as_str() {
+            return Err(RelayError::ToSelf);
+        }
+        let state = self.lock();
+        let target = state
+            .members
+            .iter()
+            .find(|m| m.id.as_str() == to)
+            .ok_or(RelayError::UnknownPeer)?;
+        if state.mode == Mode::Sfu && state.switch.is_none() {
+            return Err(RelayError::SfuMode);
+        }
+        send(&target.outbound, message);
+        Ok(())
+    }
+
+    /// Records that `participant` receives everyone through `mode`; settles the switch when it
+    /// was the last one awaited. A report for another mode (a switch since replaced) is stale
+    /// and ignored.
+    pub fn ready(&self, participant: &ParticipantId, mode: Mode) {
+        let mut state = self.lock();
+        if state.mode != mode {
+            return;
+        }
+        if let Some(switch) = &mut state.switch {
+            switch.waiting.remove(participant);
+        }
+        self.settle_if_done(&mut state);
+    }
+
+    /// Starts a switch to `to`; `newcomer` (whose join caused it) has no old connections and is
+    /// not waited for.
+    fn begin_switch(&self, state: &mut RoomState, to: Mode, newcomer: Option<&ParticipantId>) {
+        state.mode = to;
+        state.switch_generation += 1;
+        match to {
+            Mode::Sfu => state.switches_to_sfu += 1,
+            Mode::Mesh => state.switches_to_mesh += 1,
+        }
+        state.switch = Some(Switch {
+            waiting: state
+                .members
+                .iter()
+                .map(|m| m.id.clone())
+                .filter(|id| Some(id) != newcomer)
+                .collect(),
+        });
+        tracing::info!(room = %self.name, mode = to.as_str(), participants = state.members.len(), "mode switching");
+        let message = ServerMessage::Mode {
+            mode: to,
+            phase: ModePhase::Switching,
+        };
+        for member in &state.members {
+            send(&member.outbound, message.clone());
+        }
+        let generation = state.switch_generation;
+        let room = self.this.clone();
+        let timeout = self.policy.switch_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(room) = room.upgrade() {
+                let mut state = room.lock();
+                if state.switch_generation == generation && state.switch.is_some() {
+                    tracing::warn!(room = %room.name, "mode switch timed out waiting for `ready`");
+                    room.settle(&mut state);
+                }
+            }
+        });
+        self.settle_if_done(state);
+    }
+
+    fn settle_if_done(&self, state: &mut RoomState) {
+        let done = match &state.switch {
+            Some(switch) => {
+                // Someone alone has no connections to move.
+                state.members.len() <= 1
+                    || !state.members.iter().any(|m| switch.waiting.contains(&m.id))
+            }
+            None => false,
+        };
+        if done {
+            self.settle(state);
+        }
+    }
+
+    fn settle(&self, state: &mut RoomState) {
+        state.switch = None;
+        tracing::info!(room = %self.name, mode = state.mode.as_str(), "mode settled");
+        let message = ServerMessage::Mode {
+            mode: state.mode,
+            phase: ModePhase::Settled,
+        };
+        for member in &state.members {
+            send(&member.outbound, message.clone());
+        }
+    }
+
+    /// After the room grew: switches to SFU when it outgrew mesh, and cancels a pending return
+    /// to mesh.
+    fn grew(&self, state: &mut RoomState, newcomer: &ParticipantId) {
+        let mesh_max = self.policy.mesh_max;
+        if mesh_max == 0 || state.members.len() <= mesh_max {
+            return;
+        }
+        if state.hold_pending {
+            state.hold_pending = false;
+            state.hold_generation += 1;
+        }
+        if state.mode == Mode::Mesh {
+            self.begin_switch(state, Mode::Sfu, Some(newcomer));
+        }
+    }
+
+    /// After the room shrank: settles a switch that waited only for those who left, and starts
+    /// the hold time of a return to mesh.
+    fn shrank(&self, state: &mut RoomState) {
+        self.settle_if_done(state);
+        let count = state.members.len();
+        let mesh_max = self.policy.mesh_max;
+        if state.mode != Mode::Sfu
+            || mesh_max == 0
+            || count == 0
+            || count > mesh_max
+            || state.hold_pending
+        {
+            return;
+        }
+        state.hold_pending = true;
+        state.hold_generation += 1;
+        let generation = state.hold_generation;
+        let room = self.this.clone();
+        let hold = self.policy.mesh_hold;
+        tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            let Some(room) = room.upgrade() else {
+                return;
+            };
+            let mut state = room.lock();
+            if state.hold_generation != generation || !state.hold_pending {
+                return;
+            }
+            state.hold_pending = false;
+            let count = state.members.len();
+            if state.mode == Mode::Sfu && count > 0 && count <= room.policy.mesh_max {
+                room.begin_switch(&mut state, Mode::Mesh, None);
+            }
+        });
     }
 
     /// A snapshot for `/api/rooms`.
@@ -255,7 +527,10 @@ impl Room {
             });
         RoomSnapshot {
             name: self.name.clone(),
-            mode: "sfu",
+            mode: state.mode.as_str(),
+            switching: state.switch.is_some(),
+            switches_to_sfu: state.switches_to_sfu,
+            switches_to_mesh: state.switches_to_mesh,
             participants,
             forwarded_packets,
             forwarded_bytes,
@@ -271,8 +546,14 @@ const RELAXED: std::sync::atomic::Ordering = std::sync::atomic::Ordering::Relaxe
 pub struct RoomSnapshot {
     /// Its name.
     pub name: String,
-    /// `sfu`.
+    /// `mesh` or `sfu` (the mode it is switching to, during a switch).
     pub mode: &'static str,
+    /// A switch waits for participants' `ready`.
+    pub switching: bool,
+    /// Switches from mesh to SFU so far.
+    pub switches_to_sfu: u64,
+    /// Switches from SFU to mesh so far.
+    pub switches_to_mesh: u64,
     /// Who is in.
     pub participants: Vec<ParticipantSnapshot>,
     /// Packets forwarded for the room's live publications.
@@ -320,15 +601,36 @@ pub struct PublicationSnapshot {
 /// Every room, by case-folded name.
 pub struct RoomRegistry {
     rooms: Mutex<HashMap<String, Arc<Room>>>,
-    max_participants: usize,
+    policy: RoomPolicy,
 }
 
 impl RoomRegistry {
-    /// An empty registry whose rooms admit `max_participants` each.
-    pub fn new(max_participants: usize) -> Self {
+    /// An empty registry whose rooms follow `policy`.
+    pub fn new(policy: RoomPolicy) -> Self {
         Self {
             rooms: Mutex::new(HashMap::new()),
-            max_participants,
+            policy,
+        }
+    }
+
+    /// The mode a participant joining `room_name` now would find. A guess (others may join or
+    /// leave meanwhile), used to open SFU connections before joining when they will be needed.
+    pub fn mode_for_join(&self, room_name: &str) -> Mode {
+        let mesh_max = self.policy.mesh_max;
+        if mesh_max == 0 {
+            return Mode::Sfu;
+        }
+        let rooms = self.lock();
+        match rooms.get(&room_name.to_lowercase()) {
+            Some(room) => {
+                let state = room.lock();
+                if state.mode == Mode::Sfu || state.members.len() >= mesh_max {
+                    Mode::Sfu
+                } else {
+                    Mode::Mesh
+                }
+            }
+            None => Mode::Mesh,
         }
     }
 
@@ -339,24 +641,40 @@ impl RoomRegistry {
     }
 
     /// Adds a participant, creating the room on first join, and tells the others. `joined`
-    /// builds the participant's `joined` message from the room's name and the others; it is
-    /// queued before anything else about the room can reach the participant.
+    /// builds the participant's `joined` message from the room's name, its mode once the
+    /// participant is in, and the others; it is queued before anything else about the room can
+    /// reach the participant.
     pub fn join(
         &self,
         room_name: &str,
         id: &ParticipantId,
         name: &str,
         outbound: Outbound,
-        negotiator: mpsc::UnboundedSender<RoomCommand>,
-        joined: impl FnOnce(&str, Vec<PeerInfo>) -> ServerMessage,
+        joined: impl FnOnce(&str, Mode, Vec<PeerInfo>) -> ServerMessage,
     ) -> Result<Joined, JoinError> {
         let mut rooms = self.lock();
+        let policy = self.policy;
         let room = rooms
             .entry(room_name.to_lowercase())
             .or_insert_with(|| {
-                Arc::new(Room {
+                Arc::new_cyclic(|this| Room {
                     name: room_name.to_owned(),
-                    state: Mutex::new(RoomState::default()),
+                    policy,
+                    this: this.clone(),
+                    state: Mutex::new(RoomState {
+                        members: Vec::new(),
+                        mode: if policy.mesh_max == 0 {
+                            Mode::Sfu
+                        } else {
+                            Mode::Mesh
+                        },
+                        switch: None,
+                        switch_generation: 0,
+                        hold_generation: 0,
+                        hold_pending: false,
+                        switches_to_sfu: 0,
+                        switches_to_mesh: 0,
+                    }),
                 })
             })
             .clone();
@@ -367,8 +685,8 @@ impl RoomRegistry {
             .any(|m| m.name.to_lowercase() == name.to_lowercase())
         {
             Some(JoinError::NameTaken)
-        } else if state.members.len() >= self.max_participants {
-            Some(JoinError::RoomFull(self.max_participants))
+        } else if state.members.len() >= policy.max_participants {
+            Some(JoinError::RoomFull(policy.max_participants))
         } else {
             None
         };
@@ -387,12 +705,13 @@ impl RoomRegistry {
                 name: m.name.clone(),
             })
             .collect();
-        send(&outbound, joined(&room.name, peers));
-        let publications = state
-            .members
-            .iter()
-            .flat_map(|m| m.published.iter().map(|p| p.publication.clone()))
-            .collect();
+        let mesh_max = policy.mesh_max;
+        let mode = if state.mode == Mode::Mesh && mesh_max > 0 && state.members.len() >= mesh_max {
+            Mode::Sfu // This join makes the room outgrow mesh.
+        } else {
+            state.mode
+        };
+        send(&outbound, joined(&room.name, mode, peers));
         let announcement = ServerMessage::PeerJoined {
             peer_id: id.to_string(),
             name: name.to_owned(),
@@ -404,12 +723,14 @@ impl RoomRegistry {
             id: id.clone(),
             name: name.to_owned(),
             outbound,
-            negotiator,
+            negotiator: None,
             published: Vec::new(),
             muted: HashMap::new(),
         });
+        room.grew(&mut state, id);
+        debug_assert_eq!(state.mode, mode);
         drop(state);
-        Ok(Joined { room, publications })
+        Ok(Joined { room, mode })
     }
 
     /// Removes a participant, tells the others, and removes the room when it is empty.
@@ -426,11 +747,10 @@ impl RoomRegistry {
         for other in &state.members {
             send(&other.outbound, announcement.clone());
             for published in &member.published {
-                let _ = other
-                    .negotiator
-                    .send(RoomCommand::Unsubscribe(published.publication.id.clone()));
+                other.command(RoomCommand::Unsubscribe(published.publication.id.clone()));
             }
         }
+        room.shrank(&mut state);
         if state.members.is_empty() {
             drop(state);
             let key = room.name.to_lowercase();
@@ -470,6 +790,7 @@ pub async fn run_negotiator(
                         .into_iter()
                         .map(|o| SubscriptionInfo {
                             muted: room.is_muted(&o.publication),
+                            track_id: o.publication.track_id.clone(),
                             mid: o.mid,
                             publication_id: o.publication.id.to_string(),
                             peer_id: o.publication.participant.to_string(),
@@ -478,10 +799,11 @@ pub async fn run_negotiator(
                         })
                         .collect();
                     let offer = ServerMessage::Offer {
-                        peer_id: crate::protocol::SFU_PEER,
-                        transport: TransportName::Subscribe,
+                        peer_id: crate::protocol::SFU_PEER.to_owned(),
+                        transport: Some(TransportName::Subscribe),
                         sdp,
-                        subscriptions,
+                        subscriptions: Some(subscriptions),
+                        tracks: None,
                     };
                     // Not sent means the participant is being disconnected.
                     if outbound.send(offer) {

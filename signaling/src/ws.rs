@@ -7,17 +7,19 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
-use sfu::{ParticipantId, PublishTransport, RTCIceCandidateInit, SfuEvent, Source};
+use sfu::{
+    ParticipantId, PublishTransport, RTCIceCandidateInit, SfuEvent, Source, SubscribeTransport,
+};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::auth::Claims;
 use crate::http::AppState;
 use crate::protocol::{
-    CandidateInit, ClientMessage, ErrorCode, PROTOCOL_VERSION, SFU_PEER, ServerMessage,
-    TransportName,
+    CandidateInit, ClientMessage, ErrorCode, MAX_TRACKS, Mode, ModePhase, PROTOCOL_VERSION,
+    SFU_PEER, ServerMessage, TrackInfo, TransportName,
 };
-use crate::room::{JoinError, NegotiatorCommand, Outbound, Room, run_negotiator};
+use crate::room::{JoinError, NegotiatorCommand, Outbound, RelayError, Room, run_negotiator};
 
 /// Interval between server pings.
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
@@ -27,20 +29,87 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(7);
 /// How often silence is checked.
 const LIVENESS_CHECK: Duration = Duration::from_millis(500);
 const OUTBOUND_QUEUE: usize = 1024;
+/// Messages a participant may have relayed to others (and `mute` broadcasts) in a burst, and
+/// per second after it: enough for several renegotiations with trickled candidates, too few to
+/// flood a room.
+const RELAY_BURST: f64 = 100.0;
+const RELAY_PER_SECOND: f64 = 20.0;
+
+/// A participant's connections to the server (SFU mode, and during a switch).
+struct SfuLink {
+    publish: PublishTransport,
+    negotiator: mpsc::Sender<NegotiatorCommand>,
+}
+
+/// Transports opened but not yet attached to the room.
+struct OpenTransports {
+    publish: PublishTransport,
+    subscribe: SubscribeTransport,
+    events: mpsc::UnboundedReceiver<SfuEvent>,
+}
+
+impl OpenTransports {
+    async fn close(mut self) {
+        self.publish.close().await;
+        self.subscribe.close().await;
+    }
+}
 
 struct Membership {
     room: Arc<Room>,
     participant: ParticipantId,
-    publish: PublishTransport,
-    negotiator: mpsc::Sender<NegotiatorCommand>,
+    sfu: Option<SfuLink>,
+}
+
+/// A token bucket for relayed messages.
+struct RelayBudget {
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl RelayBudget {
+    fn new() -> Self {
+        Self {
+            tokens: RELAY_BURST,
+            refilled: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.refilled).as_secs_f64() * RELAY_PER_SECOND;
+        self.tokens = (self.tokens + earned).min(RELAY_BURST);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 struct Session {
     state: AppState,
     claims: Claims,
     outbound: Outbound,
-    sfu_events: mpsc::UnboundedSender<SfuEvent>,
+    /// Events of the current SFU transports; replaced with them, so that a closed transport's
+    /// late events are never mistaken for the current one's.
+    sfu_events: Option<mpsc::UnboundedReceiver<SfuEvent>>,
     membership: Option<Membership>,
+    relay_budget: RelayBudget,
+}
+
+type Refusal = (ErrorCode, String);
+
+async fn next_sfu_event(events: &mut Option<mpsc::UnboundedReceiver<SfuEvent>>) -> SfuEvent {
+    match events {
+        Some(rx) => match rx.recv().await {
+            Some(event) => event,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 enum Flow {
@@ -60,16 +129,14 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
     let (mut sink, mut stream) = socket.split();
     let (outbound, mut outbound_rx) = Outbound::new(OUTBOUND_QUEUE);
     let kick = outbound.clone();
-    // Unbounded: media-plane events per participant are bounded by its publications, and the
-    // webrtc-rs driver that sends them must never wait on this socket.
-    let (sfu_events, mut sfu_rx) = mpsc::unbounded_channel();
     let mut shutdown = state.shutdown.clone();
     let mut session = Session {
         state,
         claims,
         outbound,
-        sfu_events,
+        sfu_events: None,
         membership: None,
+        relay_budget: RelayBudget::new(),
     };
     let mut liveness = tokio::time::interval(LIVENESS_CHECK);
     let mut last_heard = Instant::now();
@@ -97,12 +164,16 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
                 }
             },
             Some(message) = outbound_rx.recv() => {
+                if let ServerMessage::Mode { mode, phase } = &message {
+                    // Applied before the client hears of it: its next message may rely on it.
+                    session.apply_mode(*mode, *phase).await;
+                }
                 if send_json(&mut sink, &message).await.is_err() {
                     break;
                 }
             }
             _ = kick.kicked() => break,
-            Some(event) = sfu_rx.recv() => {
+            event = next_sfu_event(&mut session.sfu_events) => {
                 if let Flow::Leave = session.handle_sfu_event(event) {
                     break;
                 }
@@ -166,6 +237,25 @@ fn candidate_init(candidate: CandidateInit) -> RTCIceCandidateInit {
     }
 }
 
+/// Checks the `tracks` of a description; the sources by track id.
+fn parse_tracks(tracks: &[TrackInfo]) -> Result<HashMap<String, Source>, Refusal> {
+    if tracks.len() > MAX_TRACKS {
+        return Err((
+            ErrorCode::BadRequest,
+            format!("at most {MAX_TRACKS} tracks per description"),
+        ));
+    }
+    let mut sources = HashMap::new();
+    for track in tracks {
+        let source = Source::parse(&track.source).ok_or((
+            ErrorCode::BadRequest,
+            format!("unknown source `{}`", track.source),
+        ))?;
+        sources.insert(track.track_id.clone(), source);
+    }
+    Ok(sources)
+}
+
 fn valid_name(name: &str) -> bool {
     let trimmed = name.trim();
     !trimmed.is_empty() && trimmed.chars().count() <= 64
@@ -202,28 +292,50 @@ impl Session {
         }
     }
 
-    /// Checks that `peer_id` is the server and that the participant has joined.
-    fn sfu_target(&self, peer_id: &str) -> Result<&Membership, (ErrorCode, String)> {
-        let membership = self
-            .membership
+    fn membership(&self) -> Result<&Membership, Refusal> {
+        self.membership
             .as_ref()
-            .ok_or((ErrorCode::InvalidState, "send `join` first".to_owned()))?;
-        if peer_id == SFU_PEER {
-            Ok(membership)
-        } else if membership.room.has_member(peer_id) {
-            Err((
-                ErrorCode::InvalidState,
-                format!("the room is in sfu mode: address `{SFU_PEER}`, not `{peer_id}`"),
-            ))
-        } else {
-            Err((
-                ErrorCode::UnknownPeer,
-                format!("no participant `{peer_id}` in this room"),
-            ))
-        }
+            .ok_or((ErrorCode::InvalidState, "send `join` first".to_owned()))
     }
 
-    async fn handle(&mut self, message: ClientMessage) -> Result<(), (ErrorCode, String)> {
+    /// The participant's SFU connections, when `peer_id` is the server.
+    fn sfu_link(&self) -> Result<&SfuLink, Refusal> {
+        self.membership()?.sfu.as_ref().ok_or((
+            ErrorCode::InvalidState,
+            "the room is in mesh mode: address participants by their peerId, not `sfu`".into(),
+        ))
+    }
+
+    /// Hands `message` to participant `to`, within the relay budget.
+    fn relay(&mut self, to: &str, message: ServerMessage) -> Result<(), Refusal> {
+        let membership = self.membership()?;
+        let (room, from) = (membership.room.clone(), membership.participant.clone());
+        if !self.relay_budget.take() {
+            return Err((
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {RELAY_BURST} messages to other participants in a burst \
+                     ({RELAY_PER_SECOND} per second after it): this one was dropped"
+                ),
+            ));
+        }
+        room.relay(&from, to, message).map_err(|err| match err {
+            RelayError::SfuMode => (
+                ErrorCode::InvalidState,
+                format!("the room is in sfu mode: address `{SFU_PEER}`, not `{to}`"),
+            ),
+            RelayError::UnknownPeer => (
+                ErrorCode::UnknownPeer,
+                format!("no participant `{to}` in this room"),
+            ),
+            RelayError::ToSelf => (
+                ErrorCode::InvalidState,
+                "a message addressed to yourself".into(),
+            ),
+        })
+    }
+
+    async fn handle(&mut self, message: ClientMessage) -> Result<(), Refusal> {
         match message {
             ClientMessage::Join { name } => self.join(name).await,
             ClientMessage::Offer {
@@ -232,30 +344,39 @@ impl Session {
                 sdp,
                 tracks,
             } => {
-                let membership = self.sfu_target(&peer_id)?;
-                if transport != TransportName::Publish {
+                let sources = parse_tracks(&tracks)?;
+                if peer_id != SFU_PEER {
+                    let me = self.membership()?.participant.to_string();
+                    return self.relay(
+                        &peer_id,
+                        ServerMessage::Offer {
+                            peer_id: me,
+                            transport: None,
+                            sdp,
+                            subscriptions: None,
+                            tracks: Some(tracks),
+                        },
+                    );
+                }
+                let link = self.sfu_link()?;
+                if transport != Some(TransportName::Publish) {
                     return Err((
                         ErrorCode::InvalidState,
-                        "the server makes every offer on the subscribe connection".into(),
+                        "offers to `sfu` are for the publish connection (`transport: \"publish\"`); \
+                         the server makes every offer on the subscribe connection"
+                            .into(),
                     ));
                 }
-                let mut sources = HashMap::new();
-                for track in tracks {
-                    let source = Source::parse(&track.source).ok_or((
-                        ErrorCode::BadRequest,
-                        format!("unknown source `{}`", track.source),
-                    ))?;
-                    sources.insert(track.track_id, source);
-                }
-                let answer = membership
+                let answer = link
                     .publish
                     .answer(sdp, sources)
                     .await
                     .map_err(|err| (ErrorCode::InvalidSdp, err.to_string()))?;
                 self.reply(ServerMessage::Answer {
-                    peer_id: SFU_PEER,
-                    transport: TransportName::Publish,
+                    peer_id: SFU_PEER.to_owned(),
+                    transport: Some(TransportName::Publish),
                     sdp: answer,
+                    tracks: None,
                 });
                 Ok(())
             }
@@ -263,16 +384,30 @@ impl Session {
                 peer_id,
                 transport,
                 sdp,
+                tracks,
             } => {
-                let membership = self.sfu_target(&peer_id)?;
-                if transport != TransportName::Subscribe {
+                parse_tracks(&tracks)?;
+                if peer_id != SFU_PEER {
+                    let me = self.membership()?.participant.to_string();
+                    return self.relay(
+                        &peer_id,
+                        ServerMessage::Answer {
+                            peer_id: me,
+                            transport: None,
+                            sdp,
+                            tracks: Some(tracks),
+                        },
+                    );
+                }
+                let link = self.sfu_link()?;
+                if transport != Some(TransportName::Subscribe) {
                     return Err((
                         ErrorCode::InvalidState,
-                        "the publish connection takes offers, not answers".into(),
+                        "answers to `sfu` are for the subscribe connection (`transport: \"subscribe\"`)"
+                            .into(),
                     ));
                 }
-                membership
-                    .negotiator
+                link.negotiator
                     .send(NegotiatorCommand::Answer(sdp))
                     .await
                     .map_err(|_| (ErrorCode::Internal, "subscribe connection is gone".into()))
@@ -282,28 +417,54 @@ impl Session {
                 transport,
                 candidate,
             } => {
-                let membership = self.sfu_target(&peer_id)?;
+                if peer_id != SFU_PEER {
+                    let me = self.membership()?.participant.to_string();
+                    return self.relay(
+                        &peer_id,
+                        ServerMessage::IceCandidate {
+                            peer_id: me,
+                            candidate,
+                        },
+                    );
+                }
+                let link = self.sfu_link()?;
+                let transport = transport.ok_or((
+                    ErrorCode::BadRequest,
+                    "a candidate for `sfu` names its `transport`".to_owned(),
+                ))?;
                 let Some(candidate) = candidate.filter(|c| !c.candidate.is_empty()) else {
                     return Ok(()); // End of candidates: nothing to do for an ICE-lite-like server.
                 };
                 let candidate = candidate_init(candidate);
                 match transport {
-                    TransportName::Publish => membership
+                    TransportName::Publish => link
                         .publish
                         .add_ice_candidate(candidate)
                         .await
                         .map_err(|err| {
                             (ErrorCode::BadRequest, format!("candidate refused: {err}"))
                         }),
-                    TransportName::Subscribe => membership
+                    TransportName::Subscribe => link
                         .negotiator
                         .send(NegotiatorCommand::Candidate(candidate))
                         .await
                         .map_err(|_| (ErrorCode::Internal, "subscribe connection is gone".into())),
                 }
             }
+            ClientMessage::Ready { mode } => {
+                let membership = self.membership()?;
+                membership.room.ready(&membership.participant, mode);
+                Ok(())
+            }
             ClientMessage::Mute { track_id, muted } => {
-                let membership = self.sfu_target(SFU_PEER)?;
+                self.membership()?;
+                if !self.relay_budget.take() {
+                    return Err((
+                        ErrorCode::RateLimited,
+                        "too many messages for other participants: this one was dropped".into(),
+                    ));
+                }
+                let membership = self.membership()?;
                 membership
                     .room
                     .set_muted(&membership.participant, &track_id, muted);
@@ -326,38 +487,23 @@ impl Session {
         }
         let name = name.trim().to_owned();
         let participant = ParticipantId::random();
-        // Transports first: once in the room, the participant must be able to take offers.
-        let sfu = &self.state.sfu;
-        let internal =
-            |err: sfu::SfuError| (ErrorCode::Internal, format!("media transport: {err}"));
-        let publish = sfu
-            .publish_transport(participant.clone(), self.sfu_events.clone())
-            .await
-            .map_err(internal)?;
-        let mut subscribe = match sfu
-            .subscribe_transport(participant.clone(), self.sfu_events.clone())
-            .await
-        {
-            Ok(subscribe) => subscribe,
-            Err(err) => {
-                publish.close().await;
-                return Err(internal(err));
-            }
-        };
-        let (negotiator, negotiator_rx) = mpsc::channel(64);
-        let (room_commands, room_commands_rx) = mpsc::unbounded_channel();
+        // A participant who will be in SFU mode gets its transports before it enters: once in,
+        // it must be able to take offers, and a failure must not show up as a join and a leave.
+        let mut transports = None;
+        if self.state.rooms.mode_for_join(&self.claims.room) == Mode::Sfu {
+            transports = Some(self.open_transports(&participant).await?);
+        }
         let config = &self.state.config;
         let joined = self.state.rooms.join(
             &self.claims.room,
             &participant,
             &name,
             self.outbound.clone(),
-            room_commands,
-            |room, peers| ServerMessage::Joined {
+            |room, mode, peers| ServerMessage::Joined {
                 participant_id: participant.to_string(),
                 room: room.to_owned(),
                 name: name.clone(),
-                mode: "sfu",
+                mode,
                 peers,
                 ice_servers: config.ice_servers.clone(),
                 max_video_bitrate: config.max_video_bitrate,
@@ -367,8 +513,9 @@ impl Session {
         let joined = match joined {
             Ok(joined) => joined,
             Err(err) => {
-                publish.close().await;
-                subscribe.close().await;
+                if let Some(transports) = transports {
+                    transports.close().await;
+                }
                 return Err(match err {
                     JoinError::NameTaken => (
                         ErrorCode::NameTaken,
@@ -382,14 +529,88 @@ impl Session {
             }
         };
         tracing::Span::current().record("participant", participant.as_str());
-        tracing::info!(%name, "joined");
-        let negotiator_task = run_negotiator(
+        tracing::info!(%name, mode = joined.mode.as_str(), "joined");
+        self.membership = Some(Membership {
+            room: joined.room,
+            participant,
+            sfu: None,
+        });
+        match (joined.mode, transports) {
+            (Mode::Sfu, Some(transports)) => self.attach_sfu(transports),
+            (Mode::Sfu, None) => {
+                if let Err(refusal) = self.start_sfu().await {
+                    self.leave().await;
+                    return Err(refusal);
+                }
+            }
+            (Mode::Mesh, Some(transports)) => transports.close().await,
+            (Mode::Mesh, None) => {}
+        }
+        Ok(())
+    }
+
+    async fn open_transports(
+        &self,
+        participant: &ParticipantId,
+    ) -> Result<OpenTransports, Refusal> {
+        let sfu = &self.state.sfu;
+        let internal =
+            |err: sfu::SfuError| (ErrorCode::Internal, format!("media transport: {err}"));
+        // Unbounded: media-plane events per participant are bounded by its publications, and the
+        // webrtc-rs driver that sends them must never wait on this socket.
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let publish = sfu
+            .publish_transport(participant.clone(), events_tx.clone())
+            .await
+            .map_err(internal)?;
+        let subscribe = match sfu
+            .subscribe_transport(participant.clone(), events_tx)
+            .await
+        {
+            Ok(subscribe) => subscribe,
+            Err(err) => {
+                publish.close().await;
+                return Err(internal(err));
+            }
+        };
+        Ok(OpenTransports {
+            publish,
             subscribe,
+            events,
+        })
+    }
+
+    /// Opens and attaches SFU transports, unless the participant has them.
+    async fn start_sfu(&mut self) -> Result<(), Refusal> {
+        let Some(membership) = &self.membership else {
+            return Ok(());
+        };
+        if membership.sfu.is_some() {
+            return Ok(());
+        }
+        let participant = membership.participant.clone();
+        let transports = self.open_transports(&participant).await?;
+        self.attach_sfu(transports);
+        Ok(())
+    }
+
+    /// Puts opened transports in the room: the negotiator subscribes to what others publish.
+    fn attach_sfu(&mut self, transports: OpenTransports) {
+        let Some(membership) = &mut self.membership else {
+            return;
+        };
+        let (negotiator, negotiator_rx) = mpsc::channel(64);
+        let (room_commands, room_commands_rx) = mpsc::unbounded_channel();
+        let initial = membership
+            .room
+            .attach_sfu(&membership.participant, room_commands);
+        let negotiator_task = run_negotiator(
+            transports.subscribe,
             negotiator_rx,
             room_commands_rx,
-            joined.publications,
+            initial,
             self.outbound.clone(),
-            joined.room.clone(),
+            membership.room.clone(),
         );
         let tasks = self.state.tasks.clone();
         tokio::spawn(
@@ -399,19 +620,51 @@ impl Session {
             }
             .in_current_span(),
         );
-        self.membership = Some(Membership {
-            room: joined.room,
-            participant,
-            publish,
+        self.sfu_events = Some(transports.events);
+        membership.sfu = Some(SfuLink {
+            publish: transports.publish,
             negotiator,
         });
-        Ok(())
+    }
+
+    /// Closes the participant's SFU transports and takes its publications out of the room.
+    async fn stop_sfu(&mut self) {
+        let Some(membership) = &mut self.membership else {
+            return;
+        };
+        let Some(link) = membership.sfu.take() else {
+            return;
+        };
+        membership.room.detach_sfu(&membership.participant);
+        self.sfu_events = None;
+        // Dropping the negotiator's only sender ends it, and it closes the subscribe transport.
+        drop(link.negotiator);
+        link.publish.close().await;
+    }
+
+    /// Follows the room's mode: SFU transports come up when a switch to SFU starts, and go once
+    /// the room has settled in mesh.
+    async fn apply_mode(&mut self, mode: Mode, phase: ModePhase) {
+        match (mode, phase) {
+            (Mode::Sfu, _) => {
+                if let Err((_, err)) = self.start_sfu().await {
+                    // The client keeps its mesh connections; it reports no `ready`, and the
+                    // switch settles by timeout.
+                    tracing::error!(%err, "cannot open SFU transports for a switch");
+                }
+            }
+            (Mode::Mesh, ModePhase::Settled) => self.stop_sfu().await,
+            (Mode::Mesh, ModePhase::Switching) => {}
+        }
     }
 
     fn handle_sfu_event(&mut self, event: SfuEvent) -> Flow {
         let Some(membership) = &self.membership else {
             return Flow::Continue;
         };
+        if membership.sfu.is_none() {
+            return Flow::Continue;
+        }
         match event {
             SfuEvent::PublicationStarted(publication) => {
                 membership
@@ -442,9 +695,13 @@ impl Session {
         self.state
             .rooms
             .leave(&membership.room, &membership.participant);
-        // Dropping the negotiator's only sender ends it, and it closes the subscribe transport.
-        drop(membership.negotiator);
-        membership.publish.close().await;
+        self.sfu_events = None;
+        if let Some(link) = membership.sfu {
+            // Dropping the negotiator's only sender ends it, and it closes the subscribe
+            // transport.
+            drop(link.negotiator);
+            link.publish.close().await;
+        }
         tracing::info!("left");
     }
 }

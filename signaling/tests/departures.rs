@@ -138,6 +138,7 @@ async fn a_media_transport_that_cannot_open_gets_internal_and_leaves_no_trace() 
     let config = signaling::Config {
         bind: "127.0.0.1:0".parse()?,
         media_ip: Some("192.0.2.1".parse()?),
+        mesh_max: 0,
         log_level: "warn".into(),
         ..signaling::Config::default()
     };

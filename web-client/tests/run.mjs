@@ -97,7 +97,7 @@ async function startServer(port) {
   if (!existsSync(serverBin)) throw new Error(`server binary not found: ${serverBin}`);
   const log = createWriteStream(path.join(outDir, 'server.log'));
   serverLog = log;
-  const child = spawn(serverBin, ['--bind', `127.0.0.1:${port}`, '--max-video-bitrate', `${MAX_VIDEO_BITRATE}`], {
+  const child = spawn(serverBin, ['--bind', `127.0.0.1:${port}`, '--max-video-bitrate', `${MAX_VIDEO_BITRATE}`, '--mesh-max', '0'], {
     cwd: repoRoot,
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'info' },

@@ -35,6 +35,21 @@ pub async fn start_server(max_participants: usize) -> Result<signaling::Server> 
         bind: "127.0.0.1:0".parse()?,
         media_ip: Some("127.0.0.1".parse()?),
         max_participants,
+        // These tests exercise the media plane: every room is an SFU room from its first member.
+        mesh_max: 0,
+        log_level: "warn".into(),
+        ..signaling::Config::default()
+    };
+    Ok(signaling::Server::start(config).await?)
+}
+
+/// A server on an ephemeral port whose rooms are meshes up to `mesh_max` participants.
+pub async fn start_mesh_server(mesh_max: usize, hold_secs: u64) -> Result<signaling::Server> {
+    let config = signaling::Config {
+        bind: "127.0.0.1:0".parse()?,
+        media_ip: Some("127.0.0.1".parse()?),
+        mesh_max,
+        mesh_hold_secs: hold_secs,
         log_level: "warn".into(),
         ..signaling::Config::default()
     };
