@@ -93,6 +93,9 @@ pub struct TrackInfo {
     /// The media section carrying it (mesh: tells the receiver which section is which).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mid: Option<String>,
+    /// Whether the sender has muted it (mesh: a new peer learns the state from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub muted: Option<bool>,
 }
 
 /// An ICE candidate in the browser's `RTCIceCandidateInit` shape.

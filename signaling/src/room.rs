@@ -712,13 +712,6 @@ impl RoomRegistry {
             state.mode
         };
         send(&outbound, joined(&room.name, mode, peers));
-        let announcement = ServerMessage::PeerJoined {
-            peer_id: id.to_string(),
-            name: name.to_owned(),
-        };
-        for member in &state.members {
-            send(&member.outbound, announcement.clone());
-        }
         state.members.push(Member {
             id: id.clone(),
             name: name.to_owned(),
@@ -727,8 +720,17 @@ impl RoomRegistry {
             published: Vec::new(),
             muted: HashMap::new(),
         });
+        // A switch is announced before the newcomer, so that nobody opens a mesh connection to
+        // a participant of an SFU room.
         room.grew(&mut state, id);
         debug_assert_eq!(state.mode, mode);
+        let announcement = ServerMessage::PeerJoined {
+            peer_id: id.to_string(),
+            name: name.to_owned(),
+        };
+        for member in state.members.iter().filter(|m| &m.id != id) {
+            send(&member.outbound, announcement.clone());
+        }
         drop(state);
         Ok(Joined { room, mode })
     }

@@ -281,7 +281,26 @@ async fn a_fourth_participant_switches_to_sfu_and_the_room_returns_to_mesh_after
         "the fourth goes straight to sfu: {joined}"
     );
     for peer in &mut peers {
-        expect_mode(peer, "sfu", "switching", WAIT).await?;
+        // The switch comes before the newcomer's arrival: nobody offers it a mesh connection.
+        loop {
+            let message = recv(&mut peer.ws, WAIT).await?;
+            ensure!(
+                message["peerId"] != dan.id.as_str(),
+                "dan announced before the switch: {message}"
+            );
+            if message["type"] == "mode" {
+                ensure!(
+                    message["mode"] == "sfu" && message["phase"] == "switching",
+                    "{message}"
+                );
+                break;
+            }
+        }
+        let arrival = recv(&mut peer.ws, WAIT).await?;
+        ensure!(
+            arrival["type"] == "peer_joined" && arrival["peerId"] == dan.id.as_str(),
+            "{arrival}"
+        );
     }
     // While switching, both paths work: mesh relaying and the server's connections.
     let bob_id = peers[1].id.clone();

@@ -105,6 +105,7 @@ async function join(roomName, name) {
     t.muted = muted;
     renderTileMedia(tile);
   });
+  current.on('modeChanged', () => renderStatus());
   current.on('error', (e) => showError(e));
   current.on('disconnected', ({ reason }) => {
     if (room !== current) return;
@@ -260,7 +261,11 @@ function setFormEnabled(enabled) {
 function renderStatus() {
   if (!room || room.state !== 'joined') return;
   const others = room.participants.size;
-  statusLine.textContent = `${room.roomName ?? ''} · ${others + 1} participant${others ? 's' : ''}`;
+  // Discreet: how media flows is the server's business, but worth a glance when debugging.
+  const mode = room.mode === 'mesh' ? 'peer-to-peer' : 'via server';
+  const switching = room.switching ? ' (switching)' : '';
+  statusLine.textContent = `${room.roomName ?? ''} · ${others + 1} participant${others ? 's' : ''} · ${mode}${switching}`;
+  statusLine.dataset.mode = room.mode;
 }
 
 function renderControls() {

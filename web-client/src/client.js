@@ -11,10 +11,16 @@
 //
 // `connect(serverUrl, options)` does the same in one call; participants already present are
 // then found in `room.participants`.
+//
+// Mesh or SFU is invisible to the app: a room of up to three is a peer-to-peer mesh, a larger one
+// goes through the server, and when the room switches the SDK brings up the new connections
+// while the old ones keep playing. A remote track is swapped for its counterpart on the new path
+// (trackUnsubscribed, then trackSubscribed, in one task) only once the new one is decoding.
 
 /**
  * @typedef {'microphone' | 'camera' | 'screen'} Source
  * @typedef {'publish' | 'subscribe'} Transport
+ * @typedef {'mesh' | 'sfu'} Mode
  *
  * @typedef {object} Subscription  One media section of the server's subscribe offer.
  * @property {string} mid
@@ -23,15 +29,25 @@
  * @property {'audio' | 'video'} kind
  * @property {Source} source
  * @property {boolean} muted
+ * @property {string} [trackId]
+ *
+ * @typedef {object} TrackInfo  What a description says about one of its sender's tracks.
+ * @property {string} trackId
+ * @property {Source} source
+ * @property {string | null} [mid]
+ * @property {boolean} [muted]
  *
  * @typedef {object} RemoteTrack  What `trackSubscribed` / `trackUnsubscribed` carry.
  * @property {string} peerId
- * @property {string} publicationId
+ * @property {string} publicationId  stable for as long as the track is subscribed
  * @property {string} mid
  * @property {MediaStreamTrack} track
  * @property {'audio' | 'video'} kind
  * @property {Source} source
  * @property {boolean} muted
+ * @property {string | undefined} trackId  the publisher's name for the track
+ * @property {RTCRtpReceiver} receiver  for getStats()
+ * @property {Mode} path  the connection it arrives on
  *
  * @typedef {object} Participant  A remote participant.
  * @property {string} peerId
@@ -50,6 +66,13 @@
  * @property {boolean} [video=true]
  * @property {number} [joinTimeoutMs=15000]
  *
+ * @typedef {object} MeshLink  The connection to one participant in mesh mode.
+ * @property {RTCPeerConnection} pc
+ * @property {boolean} polite  yields when both sides offer at once (perfect negotiation)
+ * @property {boolean} makingOffer
+ * @property {boolean} ignoreOffer
+ * @property {Map<string, TrackInfo>} remoteTracks  the peer's tracks by mid
+ *
  * Events (listener argument):
  *  - participantJoined   (Participant)
  *  - participantUpdated  (Participant)   a known participant's name changed
@@ -57,7 +80,8 @@
  *  - trackSubscribed     (RemoteTrack)
  *  - trackUnsubscribed   (RemoteTrack)
  *  - trackMuted          ({peerId, publicationId, source, muted})
- *  - localStream         (MediaStream)   local media captured, before publishing
+ *  - modeChanged         ({mode, phase})   'mesh' | 'sfu', 'switching' | 'settled'
+ *  - localStream         (MediaStream)   local media captured, before joining
  *  - error               (ErrorEvent)
  *  - disconnected        ({reason: string, code?: number})
  */
@@ -66,6 +90,15 @@ export const PROTOCOL_VERSION = 1;
 
 /** How long the first subscribe answer waits for local candidates before trickling the rest. */
 const SUBSCRIBE_GATHER_WAIT_MS = 500;
+/** How often, during a switch, new-path tracks are checked for decoded media. */
+const LIVE_POLL_MS = 100;
+/**
+ * A new-path track replaces the old one once it has decoded this many frames (video) or received
+ * this many packets (audio, 20 ms each) and is still progressing: one keyframe that is not
+ * followed by more would show as a freeze.
+ */
+const LIVE_MIN_FRAMES = 8;
+const LIVE_MIN_AUDIO_PACKETS = 10;
 
 /** An error carrying a protocol error code (`name_taken`, `unauthorized`, ...). */
 export class SwitchboardError extends Error {
@@ -142,9 +175,16 @@ export class Room extends Emitter {
   /** @type {string | null} */ roomName = null;
   /** @type {string | null} */ name = null;
   /** @type {RTCIceServer[]} */ iceServers = [];
+  /** The room's mode (during a switch, the mode it is switching to). @type {Mode} */
+  mode = 'sfu';
+  /** True between `mode`/`switching` and `mode`/`settled`. */
+  switching = false;
   /** @type {RTCPeerConnection | null} */ publishPc = null;
   /** @type {RTCPeerConnection | null} */ subscribePc = null;
+  /** Mesh connections by peerId. @type {Map<string, MeshLink>} */
+  mesh = new Map();
   /** @type {MediaStream | null} */ localStream = null;
+  /** @type {MediaStreamTrack | null} */ screenTrack = null;
   /** @type {Map<string, Participant>} remote participants by peerId */
   participants = new Map();
   /** @type {Map<string, Subscription>} the latest subscribe offer's sections, by mid */
@@ -157,7 +197,7 @@ export class Room extends Emitter {
   #queue = Promise.resolve();
   /** @type {{resolve: (msg: any) => void, reject: (err: Error) => void} | null} */
   #joinWaiter = null;
-  /** Remote tracks announced to listeners, by mid. @type {Map<string, RemoteTrack>} */
+  /** Remote tracks announced to listeners, by `peerId|kind|source`. @type {Map<string, RemoteTrack>} */
   #active = new Map();
   /** Stream ids seen in `track` events, by mid: a fallback when an offer omits a section. */
   #streamIdByMid = new Map();
@@ -166,6 +206,20 @@ export class Room extends Emitter {
     publish: { open: false, held: /** @type {any[]} */ ([]) },
     subscribe: { open: false, held: /** @type {any[]} */ ([]) },
   };
+  /** A publish re-offer is due once the outstanding one is answered. */
+  #publishPending = false;
+  /** Remote tracks that decode media steadily (video frames, audio packets). @type {WeakSet<MediaStreamTrack>} */
+  #live = new WeakSet();
+  /** The last decoded-frame (video) or packet (audio) count seen per track. @type {WeakMap<MediaStreamTrack, number>} */
+  #progress = new WeakMap();
+  /** Mute states by `peerId|trackId`. @type {Map<string, boolean>} */
+  #remoteMuted = new Map();
+  #readySent = false;
+  /** @type {ReturnType<typeof setTimeout> | null} */
+  #livePoll = null;
+  /** Sources of local tracks by track id. @type {Map<string, Source>} */
+  #localSources = new Map();
+  /** @type {MediaStream | null} */ #screenStream = null;
 
   /**
    * @param {string} serverUrl
@@ -176,19 +230,22 @@ export class Room extends Emitter {
     this.state = 'connecting';
     const base = new URL(serverUrl);
     try {
-      const token = await fetchToken(base, name, room);
-      await this.#openSocket(base, token);
-      await this.#join(name, joinTimeoutMs);
+      // Media first: whichever mode the room is in, connections are made with the tracks in them.
       if (audio || video) {
         const stream = await captureMedia(audio, video);
-        if (this.state !== 'joined') {
+        if (this.state !== 'connecting') {
           for (const track of stream.getTracks()) track.stop();
           throw new SwitchboardError('closed', 'left while capturing media');
         }
         this.localStream = stream;
+        for (const track of stream.getTracks()) {
+          this.#localSources.set(track.id, track.kind === 'audio' ? 'microphone' : 'camera');
+        }
         this.emit('localStream', this.localStream);
-        this.#publish().catch((err) => this.#fail('publish', err));
       }
+      const token = await fetchToken(base, name, room);
+      await this.#openSocket(base, token);
+      await this.#join(name, joinTimeoutMs);
     } catch (err) {
       this.#close(err instanceof SwitchboardError ? err.code : 'connect_failed', false);
       throw err;
@@ -218,6 +275,40 @@ export class Room extends Emitter {
 
   get cameraEnabled() {
     return this.localStream?.getVideoTracks().some((t) => t.enabled) ?? false;
+  }
+
+  /**
+   * Shares a screen (or any video track, e.g. a canvas capture) with everyone.
+   * @param {MediaStreamTrack} [track]  default: asks the browser for a screen
+   */
+  async startScreenShare(track) {
+    if (this.state !== 'joined') throw new SwitchboardError('invalid_state', 'join a room first');
+    if (this.screenTrack) return;
+    if (!track) {
+      const display = await navigator.mediaDevices.getDisplayMedia({ video: true, audio: false });
+      track = display.getVideoTracks()[0];
+    }
+    this.screenTrack = track;
+    this.#screenStream = new MediaStream([track]);
+    this.#localSources.set(track.id, 'screen');
+    track.addEventListener('ended', () => this.stopScreenShare());
+    for (const link of this.mesh.values()) link.pc.addTrack(track, this.#screenStream);
+    if (this.publishPc) {
+      this.publishPc.addTransceiver(track, { direction: 'sendonly', streams: [this.#screenStream] });
+    }
+  }
+
+  /** Stops the screen share. */
+  stopScreenShare() {
+    const track = this.screenTrack;
+    if (!track) return;
+    this.screenTrack = null;
+    this.#screenStream = null;
+    for (const pc of [...[...this.mesh.values()].map((l) => l.pc), this.publishPc]) {
+      const sender = pc?.getSenders().find((s) => s.track === track);
+      if (pc && sender && pc.signalingState !== 'closed') pc.removeTrack(sender);
+    }
+    track.stop();
   }
 
   /**
@@ -301,14 +392,16 @@ export class Room extends Emitter {
     this.state = 'closed';
     this.#joinWaiter?.reject(new SwitchboardError('closed', reason));
     this.#joinWaiter = null;
+    if (this.#livePoll) clearTimeout(this.#livePoll);
     const ws = this.#ws;
     if (ws) {
       ws.onclose = ws.onmessage = ws.onerror = null;
       if (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING) ws.close(1000);
     }
-    this.publishPc?.close();
-    this.subscribePc?.close();
+    this.#closeSfu();
+    for (const peerId of [...this.mesh.keys()]) this.#closeMeshLink(peerId);
     for (const track of this.localStream?.getTracks() ?? []) track.stop();
+    this.screenTrack?.stop();
     for (const peerId of [...this.participants.keys()]) this.#removeParticipant(peerId);
     if (notify && wasJoined) this.emit('disconnected', { reason, code });
   }
@@ -330,6 +423,7 @@ export class Room extends Emitter {
   /** @param {any} msg */
   async #handle(msg) {
     if (this.state === 'closed') return;
+    const fromSfu = msg?.peerId === 'sfu';
     switch (msg?.type) {
       case 'joined':
         return this.#onJoined(msg);
@@ -339,15 +433,23 @@ export class Room extends Emitter {
         return this.#addParticipant(msg.peerId, msg.name);
       case 'peer_left':
         return this.#removeParticipant(msg.peerId);
+      case 'mode':
+        return this.#onMode(msg);
       case 'answer':
+        if (!fromSfu) return this.#onMeshDescription(msg);
         if (msg.transport === 'publish' && this.publishPc) {
           await this.publishPc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
+          if (this.#publishPending) await this.#offerPublish();
         }
         return;
       case 'offer':
+        if (!fromSfu) return this.#onMeshDescription(msg);
+        // One the server queued just before settling in mesh: its connection is gone.
+        if (this.mode === 'mesh' && !this.switching) return;
         if (msg.transport === 'subscribe') await this.#onSubscribeOffer(msg);
         return;
       case 'ice-candidate': {
+        if (!fromSfu && msg.peerId) return this.#onMeshCandidate(msg);
         const pc = msg.transport === 'publish' ? this.publishPc : this.subscribePc;
         if (pc && msg.candidate?.candidate) await pc.addIceCandidate(msg.candidate);
         return;
@@ -369,9 +471,12 @@ export class Room extends Emitter {
     this.roomName = msg.room ?? null;
     this.name = msg.name ?? null;
     this.iceServers = Array.isArray(msg.iceServers) ? msg.iceServers : [];
+    this.mode = msg.mode === 'mesh' ? 'mesh' : 'sfu';
+    if (this.mode === 'sfu') this.#startSfu();
     for (const peer of msg.peers ?? []) this.#addParticipant(peer.peerId, peer.name);
     this.#joinWaiter.resolve(msg);
     this.#joinWaiter = null;
+    this.emit('modeChanged', { mode: this.mode, phase: 'settled' });
   }
 
   /** @param {any} msg */
@@ -385,6 +490,12 @@ export class Room extends Emitter {
     if (this.#joinWaiter && (event.requestType === 'join' || !event.requestType)) {
       this.#joinWaiter.reject(new SwitchboardError(event.code, event.message, event.requestType));
       this.#joinWaiter = null;
+    }
+    // The SDK addresses only participants it knows: an unknown one has just left, and a message
+    // (a trickled candidate, say) crossed its `peer_left`. Nothing for the app to act on.
+    if (event.code === 'unknown_peer' && ['offer', 'answer', 'ice-candidate'].includes(event.requestType)) {
+      console.debug(`switchboard: ${event.message}`);
+      return;
     }
     this.emit('error', event);
   }
@@ -407,8 +518,9 @@ export class Room extends Emitter {
     const participant = { peerId, name: name || peerId, tracks: new Map() };
     this.participants.set(peerId, participant);
     this.emit('participantJoined', participant);
+    if (this.mode === 'mesh' && this.#offersTo(peerId)) this.#meshLink(peerId);
     // An offer may already carry this participant's media.
-    if (this.subscribePc) this.#reconcileTracks(this.subscribePc);
+    this.#reconcile();
     return participant;
   }
 
@@ -416,59 +528,206 @@ export class Room extends Emitter {
   #removeParticipant(peerId) {
     const participant = this.participants.get(peerId);
     if (!participant) return;
+    this.#closeMeshLink(peerId);
     // Drop its media at once rather than waiting for the next subscribe offer.
-    for (const [mid, remote] of [...this.#active]) {
-      if (remote.peerId === peerId) this.#unsubscribe(mid);
+    for (const [key, remote] of [...this.#active]) {
+      if (remote.peerId === peerId) this.#unannounce(key);
     }
     this.participants.delete(peerId);
     this.emit('participantLeft', participant);
+    this.#checkReady();
   }
 
   /** @param {any} msg */
   #onRemoteMute(msg) {
-    const participant = this.participants.get(msg.peerId);
-    const remote = participant?.tracks.get(msg.publicationId);
-    if (remote) remote.muted = !!msg.muted;
+    const muted = !!msg.muted;
+    if (msg.trackId) this.#remoteMuted.set(`${msg.peerId}|${msg.trackId}`, muted);
     for (const sub of this.subscriptions.values()) {
-      if (sub.publicationId === msg.publicationId) sub.muted = !!msg.muted;
+      if (sub.publicationId === msg.publicationId) sub.muted = muted;
     }
-    this.emit('trackMuted', {
-      peerId: msg.peerId,
-      publicationId: msg.publicationId,
-      source: msg.source,
-      muted: !!msg.muted,
-    });
+    for (const remote of this.#active.values()) {
+      const same =
+        remote.peerId === msg.peerId &&
+        ((msg.trackId && remote.trackId === msg.trackId) ||
+          (msg.publicationId && remote.publicationId === msg.publicationId));
+      if (!same) continue;
+      remote.muted = muted;
+      this.emit('trackMuted', {
+        peerId: remote.peerId,
+        publicationId: remote.publicationId,
+        source: remote.source,
+        muted,
+      });
+    }
   }
 
-  // --- publish connection ---------------------------------------------------------------------
+  // --- mode switching -------------------------------------------------------------------------
 
-  async #publish() {
-    const stream = /** @type {MediaStream} */ (this.localStream);
+  /** @param {any} msg */
+  #onMode(msg) {
+    /** @type {Mode} */
+    const mode = msg.mode === 'mesh' ? 'mesh' : 'sfu';
+    if (msg.phase === 'switching') {
+      this.mode = mode;
+      this.switching = true;
+      this.#readySent = false;
+      // Make: bring up the new path beside the old one.
+      if (mode === 'sfu') this.#startSfu();
+      else for (const peerId of this.participants.keys()) if (this.#offersTo(peerId)) this.#meshLink(peerId);
+      this.emit('modeChanged', { mode, phase: 'switching' });
+      this.#reconcile();
+      return;
+    }
+    if (msg.phase === 'settled' && mode === this.mode) {
+      this.switching = false;
+      // Break: the old path's connections go.
+      if (mode === 'sfu') for (const peerId of [...this.mesh.keys()]) this.#closeMeshLink(peerId);
+      else this.#closeSfu();
+      this.emit('modeChanged', { mode, phase: 'settled' });
+      this.#reconcile();
+    }
+  }
+
+  /** Tells the server, once per switch, when everything shown comes through the new path. */
+  #checkReady() {
+    if (!this.switching || this.#readySent || this.state !== 'joined') return;
+    for (const remote of this.#active.values()) if (remote.path !== this.mode) return;
+    this.#readySent = true;
+    this.#send({ type: 'ready', mode: this.mode });
+  }
+
+  /**
+   * Brings the announced remote tracks in line with both paths' connections. For each
+   * participant's source, the current mode's track is shown once it decodes (or when there is
+   * nothing else to show); until then the other path's track keeps playing.
+   */
+  #reconcile() {
+    if (this.state === 'closed') return;
+    /** @type {Map<string, {preferred?: RemoteTrack, other?: RemoteTrack}>} */
+    const groups = new Map();
+    for (const candidate of [...this.#sfuTracks(), ...this.#meshTracks()]) {
+      if (!this.participants.has(candidate.peerId)) continue;
+      const key = `${candidate.peerId}|${candidate.kind}|${candidate.source}`;
+      const group = groups.get(key) ?? {};
+      groups.set(key, group);
+      if (candidate.path === this.mode) group.preferred ??= candidate;
+      else group.other ??= candidate;
+    }
+    let waiting = false;
+    /** @type {Map<string, RemoteTrack>} */
+    const wanted = new Map();
+    for (const [key, { preferred, other }] of groups) {
+      const preferredLive = !!preferred && this.#live.has(preferred.track);
+      if (preferred && other && !preferredLive) waiting = true;
+      const pick = preferred && (preferredLive || !other) ? preferred : (other ?? preferred);
+      if (pick) wanted.set(key, pick);
+    }
+    // Retire first, then announce, in this one task: the app never shows a gap or two at once.
+    for (const [key, remote] of [...this.#active]) {
+      const next = wanted.get(key);
+      if (!next || next.track !== remote.track || next.publicationId !== remote.publicationId) {
+        this.#unannounce(key);
+      }
+    }
+    for (const [key, remote] of wanted) {
+      if (this.#active.has(key)) continue;
+      this.#active.set(key, remote);
+      this.participants.get(remote.peerId)?.tracks.set(remote.publicationId, remote);
+      this.emit('trackSubscribed', remote);
+    }
+    this.#checkReady();
+    if ((waiting || (this.switching && !this.#readySent)) && !this.#livePoll) {
+      this.#livePoll = setTimeout(() => this.#pollLive(), LIVE_POLL_MS);
+    }
+  }
+
+  /** Marks new-path tracks that decode media as live, then reconciles. */
+  async #pollLive() {
+    this.#livePoll = null;
+    if (this.state === 'closed') return;
+    const candidates = this.mode === 'sfu' ? this.#sfuTracks() : this.#meshTracks();
+    await Promise.all(
+      candidates
+        .filter((c) => !this.#live.has(c.track))
+        .map(async (c) => {
+          try {
+            for (const s of (await c.receiver.getStats()).values()) {
+              if (s.type !== 'inbound-rtp') continue;
+              const count = (c.kind === 'video' ? s.framesDecoded : s.packetsReceived) ?? 0;
+              const enough = count >= (c.kind === 'video' ? LIVE_MIN_FRAMES : LIVE_MIN_AUDIO_PACKETS);
+              const last = this.#progress.get(c.track);
+              this.#progress.set(c.track, count);
+              if (enough && last !== undefined && count > last) this.#live.add(c.track);
+            }
+          } catch {
+            // The connection closed meanwhile: the next reconcile drops the track.
+          }
+        }),
+    );
+    this.#reconcile();
+  }
+
+  /** @param {string} key */
+  #unannounce(key) {
+    const remote = this.#active.get(key);
+    if (!remote) return;
+    this.#active.delete(key);
+    this.participants.get(remote.peerId)?.tracks.delete(remote.publicationId);
+    this.emit('trackUnsubscribed', remote);
+  }
+
+  // --- SFU path: publish and subscribe connections ---------------------------------------------
+
+  /** Opens the publish connection (the server offers the subscribe one). */
+  #startSfu() {
+    if (this.publishPc) return;
     const pc = new RTCPeerConnection({ iceServers: this.iceServers });
     this.publishPc = pc;
-    this.#watchPc(pc, 'publish');
-    for (const track of stream.getTracks()) {
-      pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
+    this.#watchSfuPc(pc, 'publish');
+    const stream = this.localStream;
+    for (const track of stream?.getTracks() ?? []) {
+      pc.addTransceiver(track, { direction: 'sendonly', streams: [/** @type {MediaStream} */ (stream)] });
     }
-    const offer = await pc.createOffer();
-    await pc.setLocalDescription(offer);
-    if (this.state !== 'joined') return;
-    this.#sendDescription(pc, 'publish', {
-      type: 'offer',
-      tracks: stream.getTracks().map((t) => ({
-        trackId: t.id,
-        source: t.kind === 'audio' ? 'microphone' : 'camera',
-      })),
-    });
+    if (this.screenTrack && this.#screenStream) {
+      pc.addTransceiver(this.screenTrack, { direction: 'sendonly', streams: [this.#screenStream] });
+    }
+    pc.onnegotiationneeded = () => this.#offerPublish().catch((err) => this.#fail('publish', err));
   }
 
-  // --- subscribe connection -------------------------------------------------------------------
+  /** Offers the publish connection now, or once the outstanding offer is answered. */
+  async #offerPublish() {
+    const pc = this.publishPc;
+    if (!pc || pc.signalingState === 'closed') return;
+    if (pc.signalingState !== 'stable') {
+      this.#publishPending = true;
+      return;
+    }
+    this.#publishPending = false;
+    if (pc.getTransceivers().every((t) => !t.sender.track && t.mid == null)) return;
+    await pc.setLocalDescription(await pc.createOffer());
+    if (this.state !== 'joined' || this.publishPc !== pc) return;
+    this.#sendDescription(pc, 'publish', { type: 'offer', tracks: this.#localTrackInfo(pc) });
+  }
+
+  #closeSfu() {
+    this.publishPc?.close();
+    this.subscribePc?.close();
+    this.publishPc = null;
+    this.subscribePc = null;
+    this.subscriptions = new Map();
+    this.#streamIdByMid.clear();
+    this.#publishPending = false;
+    for (const gate of Object.values(this.#candidateGate)) {
+      gate.open = false;
+      gate.held.length = 0;
+    }
+  }
 
   #ensureSubscribePc() {
     if (this.subscribePc) return this.subscribePc;
     const pc = new RTCPeerConnection({ iceServers: this.iceServers });
     this.subscribePc = pc;
-    this.#watchPc(pc, 'subscribe');
+    this.#watchSfuPc(pc, 'subscribe');
     pc.ontrack = (ev) => {
       const mid = ev.transceiver.mid;
       if (mid != null && ev.streams[0]) this.#streamIdByMid.set(mid, ev.streams[0].id);
@@ -482,6 +741,9 @@ export class Room extends Emitter {
     this.subscriptions = new Map(
       (msg.subscriptions ?? []).map((/** @type {Subscription} */ s) => [String(s.mid), s]),
     );
+    for (const sub of this.subscriptions.values()) {
+      if (sub.trackId) this.#remoteMuted.set(`${sub.peerId}|${sub.trackId}`, !!sub.muted);
+    }
     await pc.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
     const answer = await pc.createAnswer();
     await pc.setLocalDescription(answer);
@@ -489,20 +751,22 @@ export class Room extends Emitter {
     // a connectivity check (peer-reflexive) is nominated only after a wait of about a second,
     // so the first answer carries the host candidates instead of trickling them.
     await iceGatheringComplete(pc, SUBSCRIBE_GATHER_WAIT_MS);
-    if (this.state !== 'joined') return;
+    if (this.state !== 'joined' || this.subscribePc !== pc) return;
     this.#sendDescription(pc, 'subscribe', { type: 'answer' });
-    this.#reconcileTracks(pc);
+    this.#reconcile();
   }
 
   /**
-   * Brings the announced remote tracks in line with the negotiated subscribe connection.
+   * The subscribe connection's receiving sections, as remote tracks.
    * Sections are identified by mid; a reused section (new publicationId on an old mid)
-   * is an unsubscribe followed by a subscribe.
-   * @param {RTCPeerConnection} pc
+   * is a different track.
+   * @returns {RemoteTrack[]}
    */
-  #reconcileTracks(pc) {
-    /** @type {Map<string, RemoteTrack>} */
-    const wanted = new Map();
+  #sfuTracks() {
+    const pc = this.subscribePc;
+    if (!pc || pc.connectionState === 'closed') return [];
+    /** @type {RemoteTrack[]} */
+    const out = [];
     for (const transceiver of pc.getTransceivers()) {
       const mid = transceiver.mid;
       const direction = transceiver.currentDirection;
@@ -510,47 +774,206 @@ export class Room extends Emitter {
       const track = transceiver.receiver.track;
       const sub = this.subscriptions.get(mid);
       const peerId = sub?.peerId ?? this.#streamIdByMid.get(mid);
-      if (!peerId || !this.participants.has(peerId)) continue;
-      wanted.set(mid, {
+      if (!peerId) continue;
+      out.push({
         peerId,
         publicationId: sub?.publicationId ?? `${peerId}/${track.id}`,
         mid,
         track,
         kind: sub?.kind ?? /** @type {'audio' | 'video'} */ (track.kind),
         source: sub?.source ?? (track.kind === 'audio' ? 'microphone' : 'camera'),
-        muted: !!sub?.muted,
+        muted: sub?.trackId ? (this.#remoteMuted.get(`${peerId}|${sub.trackId}`) ?? !!sub.muted) : !!sub?.muted,
+        trackId: sub?.trackId,
+        receiver: transceiver.receiver,
+        path: 'sfu',
       });
     }
-    for (const [mid, remote] of [...this.#active]) {
-      const next = wanted.get(mid);
-      if (!next || next.publicationId !== remote.publicationId || next.peerId !== remote.peerId) {
-        this.#unsubscribe(mid);
+    return out;
+  }
+
+  // --- mesh path: one connection per participant, perfect negotiation ---------------------------
+
+  /**
+   * Of each pair, the participant whose id sorts first makes the first offer and is the
+   * impolite side of perfect negotiation (docs/protocol.md, section 4).
+   * @param {string} peerId
+   */
+  #offersTo(peerId) {
+    return /** @type {string} */ (this.participantId) < peerId;
+  }
+
+  /**
+   * The connection to `peerId`, created with the local tracks in it.
+   * @param {string} peerId
+   * @returns {MeshLink}
+   */
+  #meshLink(peerId) {
+    const existing = this.mesh.get(peerId);
+    if (existing) return existing;
+    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
+    /** @type {MeshLink} */
+    const link = {
+      pc,
+      polite: !this.#offersTo(peerId),
+      makingOffer: false,
+      ignoreOffer: false,
+      remoteTracks: new Map(),
+    };
+    this.mesh.set(peerId, link);
+    pc.onicecandidate = (ev) => {
+      if (ev.candidate) {
+        const { candidate, sdpMid, sdpMLineIndex } = ev.candidate;
+        this.#send({ type: 'ice-candidate', peerId, candidate: { candidate, sdpMid, sdpMLineIndex } });
+      }
+    };
+    pc.onnegotiationneeded = async () => {
+      try {
+        link.makingOffer = true;
+        await pc.setLocalDescription();
+        if (this.mesh.get(peerId) !== link || !pc.localDescription) return;
+        this.#send({
+          type: 'offer',
+          peerId,
+          sdp: pc.localDescription.sdp,
+          tracks: this.#localTrackInfo(pc),
+        });
+      } catch (err) {
+        this.#fail('mesh offer', err);
+      } finally {
+        link.makingOffer = false;
+      }
+    };
+    pc.ontrack = () => this.#reconcile();
+    pc.onconnectionstatechange = () => {
+      if (pc.connectionState === 'failed' && this.mesh.get(peerId) === link) pc.restartIce();
+    };
+    // The polite side adds its tracks when it answers, so the first exchange is one offer and
+    // one answer rather than two colliding offers.
+    if (!link.polite) this.#addLocalTracks(pc);
+    return link;
+  }
+
+  /** @param {RTCPeerConnection} pc */
+  #addLocalTracks(pc) {
+    const sending = new Set(pc.getSenders().map((s) => s.track));
+    const stream = this.localStream;
+    for (const track of stream?.getTracks() ?? []) {
+      if (!sending.has(track)) pc.addTrack(track, /** @type {MediaStream} */ (stream));
+    }
+    if (this.screenTrack && this.#screenStream && !sending.has(this.screenTrack)) {
+      pc.addTrack(this.screenTrack, this.#screenStream);
+    }
+  }
+
+  /** @param {any} msg  a relayed `offer` or `answer` */
+  async #onMeshDescription(msg) {
+    const peerId = String(msg.peerId ?? '');
+    if (!this.participants.has(peerId)) return;
+    // In an SFU room only existing mesh connections (kept until the switch settles) renegotiate.
+    if (this.mode === 'sfu' && !this.mesh.has(peerId)) return;
+    const link = this.#meshLink(peerId);
+    const { pc } = link;
+    const collision = msg.type === 'offer' && (link.makingOffer || pc.signalingState !== 'stable');
+    link.ignoreOffer = !link.polite && collision;
+    if (link.ignoreOffer) return;
+    await pc.setRemoteDescription({ type: msg.type, sdp: msg.sdp });
+    link.remoteTracks = new Map();
+    for (const info of Array.isArray(msg.tracks) ? msg.tracks : []) {
+      if (info?.mid != null) link.remoteTracks.set(String(info.mid), info);
+      if (info?.trackId && typeof info.muted === 'boolean') {
+        this.#remoteMuted.set(`${peerId}|${info.trackId}`, info.muted);
       }
     }
-    for (const [mid, remote] of wanted) {
-      if (this.#active.has(mid)) continue;
-      this.#active.set(mid, remote);
-      this.participants.get(remote.peerId)?.tracks.set(remote.publicationId, remote);
-      this.emit('trackSubscribed', remote);
+    if (msg.type === 'offer') {
+      this.#addLocalTracks(pc);
+      await pc.setLocalDescription();
+      if (this.mesh.get(peerId) !== link || !pc.localDescription) return;
+      this.#send({
+        type: 'answer',
+        peerId,
+        sdp: pc.localDescription.sdp,
+        tracks: this.#localTrackInfo(pc),
+      });
+    }
+    this.#reconcile();
+  }
+
+  /** @param {any} msg */
+  async #onMeshCandidate(msg) {
+    const link = this.mesh.get(String(msg.peerId));
+    if (!link || !msg.candidate?.candidate) return;
+    try {
+      await link.pc.addIceCandidate(msg.candidate);
+    } catch (err) {
+      if (!link.ignoreOffer) throw err;
     }
   }
 
-  /** @param {string} mid */
-  #unsubscribe(mid) {
-    const remote = this.#active.get(mid);
-    if (!remote) return;
-    this.#active.delete(mid);
-    this.participants.get(remote.peerId)?.tracks.delete(remote.publicationId);
-    this.emit('trackUnsubscribed', remote);
+  /** @param {string} peerId */
+  #closeMeshLink(peerId) {
+    const link = this.mesh.get(peerId);
+    if (!link) return;
+    this.mesh.delete(peerId);
+    link.pc.close();
   }
 
-  // --- ICE ----------------------------------------------------------------------------------
+  /**
+   * The mesh connections' receiving sections, as remote tracks.
+   * @returns {RemoteTrack[]}
+   */
+  #meshTracks() {
+    /** @type {RemoteTrack[]} */
+    const out = [];
+    for (const [peerId, link] of this.mesh) {
+      if (link.pc.connectionState === 'closed') continue;
+      for (const transceiver of link.pc.getTransceivers()) {
+        const mid = transceiver.mid;
+        const direction = transceiver.currentDirection;
+        if (mid == null || (direction !== 'recvonly' && direction !== 'sendrecv')) continue;
+        const track = transceiver.receiver.track;
+        const info = link.remoteTracks.get(mid);
+        const kind = /** @type {'audio' | 'video'} */ (track.kind);
+        out.push({
+          peerId,
+          publicationId: `mesh:${peerId}:${mid}`,
+          mid,
+          track,
+          kind,
+          source: info?.source ?? (kind === 'audio' ? 'microphone' : 'camera'),
+          muted: info ? (this.#remoteMuted.get(`${peerId}|${info.trackId}`) ?? false) : false,
+          trackId: info?.trackId,
+          receiver: transceiver.receiver,
+          path: 'mesh',
+        });
+      }
+    }
+    return out;
+  }
+
+  /**
+   * What `pc` sends, for the `tracks` of a description.
+   * @param {RTCPeerConnection} pc
+   * @returns {TrackInfo[]}
+   */
+  #localTrackInfo(pc) {
+    /** @type {TrackInfo[]} */
+    const out = [];
+    for (const transceiver of pc.getTransceivers()) {
+      const track = transceiver.sender.track;
+      if (!track) continue;
+      const source = this.#localSources.get(track.id) ?? (track.kind === 'audio' ? 'microphone' : 'camera');
+      out.push({ trackId: track.id, source, mid: transceiver.mid, muted: !track.enabled });
+    }
+    return out;
+  }
+
+  // --- ICE on the SFU path ------------------------------------------------------------------------
 
   /**
    * @param {RTCPeerConnection} pc
    * @param {Transport} transport
    */
-  #watchPc(pc, transport) {
+  #watchSfuPc(pc, transport) {
     pc.onicecandidate = (ev) => {
       const candidate = ev.candidate
         ? {
@@ -575,7 +998,7 @@ export class Room extends Emitter {
    * Sends the local description of `pc` and lets its candidates flow from then on.
    * @param {RTCPeerConnection} pc
    * @param {Transport} transport
-   * @param {{type: 'offer' | 'answer', tracks?: {trackId: string, source: Source}[]}} msg
+   * @param {{type: 'offer' | 'answer', tracks?: TrackInfo[]}} msg
    */
   #sendDescription(pc, transport, msg) {
     this.#send({ ...msg, peerId: 'sfu', transport, sdp: pc.localDescription?.sdp });

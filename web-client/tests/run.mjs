@@ -1,23 +1,19 @@
-// End-to-end test: the real server binary and real Chromium pages running the demo app.
+// End-to-end test of an SFU room: the real server binary and real Chromium pages running the
+// demo app, every room an SFU room (--mesh-max 0). Mesh rooms and switching: mesh.mjs.
 // Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/run.mjs
-// Environment: SWITCHBOARD_BIN (server binary), CHROMIUM (browser binary), HEADED=1 to watch,
-// CLIENT_FROM_DISK=1 to serve web-client/ from this checkout instead of the copy embedded in a
-// release binary (so client changes can be tried without rebuilding the server).
-import { spawn } from 'node:child_process';
-import { createWriteStream, existsSync, mkdirSync, readFileSync } from 'node:fs';
-import { createServer } from 'node:net';
+// Environment: see harness.mjs.
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
-
-const here = path.dirname(fileURLToPath(import.meta.url));
-const webClient = path.resolve(here, '..');
-const repoRoot = path.resolve(webClient, '..');
-const outDir = path.join(here, 'out');
-const serverBin = path.resolve(
-  process.env.SWITCHBOARD_BIN ?? path.join(repoRoot, 'target/release/switchboard'),
-);
-const chromiumBin = process.env.CHROMIUM ?? '/usr/bin/chromium';
+import {
+  check,
+  launchBrowser,
+  openPage as openBrowserPage,
+  outDir,
+  run,
+  serverCpuSeconds,
+  sleep,
+  startServer,
+  step,
+} from './harness.mjs';
 
 const ROOM = 'e2e';
 const PAGES = 4;
@@ -26,165 +22,6 @@ const PAGES = 4;
 // transport-wide CC feedback) and the cap (the server's b=TIAS).
 const MAX_VIDEO_BITRATE = 600_000;
 const TOTAL_TIMEOUT_MS = 170_000;
-const CHROMIUM_ARGS = [
-  '--no-sandbox',
-  '--use-fake-ui-for-media-stream',
-  '--use-fake-device-for-media-stream',
-  '--allow-loopback-in-peer-connection',
-  '--disable-features=WebRtcHideLocalIpsWithMdns',
-  '--disable-background-networking',
-  '--no-first-run',
-  '--disable-gpu',
-  '--disable-component-update',
-  '--disable-sync',
-  '--autoplay-policy=no-user-gesture-required',
-];
-
-let passed = 0;
-let failed = 0;
-/** @type {import('node:child_process').ChildProcess | null} */
-let server = null;
-/** @type {import('playwright-core').Browser | null} */
-let browser = null;
-const serverLogTail = /** @type {string[]} */ ([]);
-/** @type {import('node:fs').WriteStream | null} */
-let serverLog = null;
-
-/**
- * Records one check.
- * @param {string} name
- * @param {boolean} ok
- * @param {string} [detail]
- */
-function check(name, ok, detail = '') {
-  if (ok) passed++;
-  else failed++;
-  console.log(`${ok ? 'PASS' : 'FAIL'}  ${name}${detail ? `  (${detail})` : ''}`);
-  return ok;
-}
-
-/**
- * Runs one step; an exception fails it as one check instead of ending the test.
- * @param {string} name
- * @param {() => Promise<void>} fn
- */
-async function step(name, fn) {
-  try {
-    await fn();
-    return true;
-  } catch (err) {
-    check(name, false, err instanceof Error ? err.message.split('\n')[0] : String(err));
-    return false;
-  }
-}
-
-const sleep = (/** @type {number} */ ms) => new Promise((r) => setTimeout(r, ms));
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = /** @type {import('node:net').AddressInfo} */ (srv.address());
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-/** @param {number} port */
-async function startServer(port) {
-  if (!existsSync(serverBin)) throw new Error(`server binary not found: ${serverBin}`);
-  const log = createWriteStream(path.join(outDir, 'server.log'));
-  serverLog = log;
-  const child = spawn(serverBin, ['--bind', `127.0.0.1:${port}`, '--max-video-bitrate', `${MAX_VIDEO_BITRATE}`, '--mesh-max', '0'], {
-    cwd: repoRoot,
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'info' },
-  });
-  server = child;
-  for (const stream of [child.stdout, child.stderr]) {
-    stream?.on('data', (chunk) => {
-      log.write(chunk);
-      serverLogTail.push(...String(chunk).split('\n').filter(Boolean));
-      serverLogTail.splice(0, Math.max(0, serverLogTail.length - 40));
-    });
-  }
-  /** @type {string | null} */
-  let exited = null;
-  child.on('exit', (code, signal) => (exited = `server exited (code ${code}, signal ${signal})`));
-  child.on('error', (err) => (exited = `server failed to start: ${err.message}`));
-
-  const base = `http://127.0.0.1:${port}`;
-  const deadline = Date.now() + 20_000;
-  while (Date.now() < deadline) {
-    if (exited) throw new Error(exited);
-    try {
-      const res = await fetch(`${base}/healthz`, { signal: AbortSignal.timeout(1000) });
-      if (res.ok) return base;
-    } catch {
-      // not listening yet
-    }
-    await sleep(100);
-  }
-  throw new Error('GET /healthz did not answer 200 within 20 s');
-}
-
-/** Stops the server with SIGTERM; returns its exit code, or null when it had to be killed. */
-async function stopServer() {
-  const child = server;
-  /** @type {number | null} */
-  let code = child?.exitCode ?? null;
-  if (child && child.exitCode === null && child.signalCode === null) {
-    const gone = new Promise((r) => child.once('exit', (c) => r(c)));
-    child.kill('SIGTERM');
-    const result = await Promise.race([gone, sleep(6000).then(() => 'timeout')]);
-    if (result === 'timeout') {
-      child.kill('SIGKILL');
-      await Promise.race([gone, sleep(2000)]);
-      code = null;
-    } else {
-      code = /** @type {number | null} */ (result);
-    }
-  }
-  const log = serverLog;
-  if (log) await new Promise((r) => log.end(r));
-  return code;
-}
-
-/** CPU seconds (user + system) the server process has used so far. */
-function serverCpuSeconds() {
-  const pid = server?.pid;
-  if (!pid) return 0;
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
-  // utime and stime are fields 14 and 15 of /proc/PID/stat, in clock ticks (100 per second).
-  return (Number(fields[11]) + Number(fields[12])) / 100;
-}
-
-const CONTENT_TYPES = { '.html': 'text/html', '.js': 'text/javascript', '.css': 'text/css' };
-
-/**
- * Answers requests for the web client's files from disk.
- * @param {import('playwright-core').BrowserContext} context
- * @param {string} base
- */
-async function serveClientFromDisk(context, base) {
-  await context.route(
-    (url) => url.origin === base && !/^\/(auth|ws|api|healthz|metrics)\b/.test(url.pathname),
-    async (route) => {
-      const { pathname } = new URL(route.request().url());
-      const file = path.join(webClient, pathname === '/' ? 'index.html' : pathname);
-      if (!file.startsWith(webClient + path.sep) || !existsSync(file)) return route.continue();
-      const type = CONTENT_TYPES[/** @type {keyof CONTENT_TYPES} */ (path.extname(file))];
-      await route.fulfill({ body: readFileSync(file), contentType: type ?? 'application/octet-stream' });
-    },
-  );
-}
-
-async function stopBrowser() {
-  if (!browser) return;
-  await Promise.race([browser.close().catch(() => {}), sleep(5000)]);
-}
 
 /** Installed into every page: per remote participant, the inbound RTP stats of its media. */
 function installStatsHelper() {
@@ -299,53 +136,18 @@ function participantsInRoom(json, room) {
 const remoteTileCount = (page) => page.locator('.tile.remote').count();
 
 async function main() {
-  mkdirSync(outDir, { recursive: true });
-
-  const port = await freePort();
   /** @type {string} */
   let base = '';
   const started = await step('server starts and answers /healthz', async () => {
-    base = await startServer(port);
+    base = await startServer('server.log', ['--max-video-bitrate', `${MAX_VIDEO_BITRATE}`, '--mesh-max', '0']);
     check('server starts and answers /healthz', true, base);
   });
   if (!started) return;
+  await launchBrowser();
 
-  const args = [...CHROMIUM_ARGS];
-  if (process.env.CLIENT_FROM_DISK === '1') {
-    // A page that Playwright fulfilled has no address space, so Chromium would refuse its
-    // WebSocket to 127.0.0.1 as a local-network request.
-    const i = args.findIndex((a) => a.startsWith('--disable-features='));
-    args[i] += ',LocalNetworkAccessChecks';
-  }
-  browser = await chromium.launch({
-    executablePath: chromiumBin,
-    args,
-    headless: process.env.HEADED !== '1',
-    timeout: 30_000,
-  });
-
-  /**
-   * @param {string} name
-   * @returns {Promise<import('playwright-core').Page>}
-   */
-  async function openPage(name) {
-    const context = await /** @type {import('playwright-core').Browser} */ (browser).newContext({
-      viewport: { width: 1000, height: 760 },
-    });
-    await context.addInitScript(installStatsHelper);
-    if (process.env.CLIENT_FROM_DISK === '1') await serveClientFromDisk(context, base);
-    const page = await context.newPage();
-    const consoleLog = createWriteStream(path.join(outDir, `console-${name}.log`));
-    page.on('console', (msg) => {
-      consoleLog.write(`[${msg.type()}] ${msg.text()}\n`);
-      if (msg.type() === 'error') console.log(`  [${name} console] ${msg.text()}`);
-    });
-    page.on('pageerror', (err) => console.log(`  [${name} page error] ${err.message}`));
-    page.on('close', () => consoleLog.end());
-    const url = `${base}/?room=${ROOM}&name=${encodeURIComponent(name)}&autojoin=1`;
-    await page.goto(url, { timeout: 15_000 });
-    return page;
-  }
+  /** @param {string} name */
+  const openPage = (name) =>
+    openBrowserPage(name, base, `${base}/?room=${ROOM}&name=${encodeURIComponent(name)}&autojoin=1`, installStatsHelper);
 
   const names = Array.from({ length: PAGES }, (_, i) => `user${i + 1}`);
   // The first pages join together; the last joins a room where media already flows, which is
@@ -516,31 +318,4 @@ async function main() {
   });
 }
 
-const watchdog = setTimeout(async () => {
-  check('whole test finishes in time', false, `over ${TOTAL_TIMEOUT_MS / 1000} s`);
-  await finish();
-}, TOTAL_TIMEOUT_MS);
-
-let finishing = false;
-async function finish() {
-  if (finishing) return;
-  finishing = true;
-  clearTimeout(watchdog);
-  await stopBrowser();
-  const code = await stopServer();
-  if (server) check('server exits 0 on SIGTERM', code === 0, `exit code ${code}`);
-  if (failed > 0 && serverLogTail.length) {
-    console.log('--- server log (last lines; full log in tests/out/server.log) ---');
-    for (const line of serverLogTail) console.log(line);
-  }
-  console.log(`${passed} passed, ${failed} failed`);
-  process.exit(failed > 0 || passed === 0 ? 1 : 0);
-}
-
-try {
-  await main();
-} catch (err) {
-  check('test ran to the end', false, err instanceof Error ? err.message.split('\n')[0] : String(err));
-} finally {
-  await finish();
-}
+await run(main, TOTAL_TIMEOUT_MS);

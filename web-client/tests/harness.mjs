@@ -1,0 +1,269 @@
+// Shared by the end-to-end tests: the real server binary, real Chromium, and a tally of checks.
+// Environment: SWITCHBOARD_BIN (server binary), CHROMIUM (browser binary), HEADED=1 to watch,
+// CLIENT_FROM_DISK=1 to serve web-client/ from this checkout instead of the copy embedded in a
+// release binary (so client changes can be tried without rebuilding the server).
+import { spawn } from 'node:child_process';
+import { createWriteStream, existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const webClient = path.resolve(here, '..');
+const repoRoot = path.resolve(webClient, '..');
+export const outDir = path.join(here, 'out');
+const serverBin = path.resolve(
+  process.env.SWITCHBOARD_BIN ?? path.join(repoRoot, 'target/release/switchboard'),
+);
+const chromiumBin = process.env.CHROMIUM ?? '/usr/bin/chromium';
+
+const CHROMIUM_ARGS = [
+  '--no-sandbox',
+  '--use-fake-ui-for-media-stream',
+  '--use-fake-device-for-media-stream',
+  '--allow-loopback-in-peer-connection',
+  '--disable-features=WebRtcHideLocalIpsWithMdns',
+  '--disable-background-networking',
+  '--no-first-run',
+  '--disable-gpu',
+  '--disable-component-update',
+  '--disable-sync',
+  '--autoplay-policy=no-user-gesture-required',
+];
+
+let passed = 0;
+let failed = 0;
+/** @type {import('node:child_process').ChildProcess | null} */
+let server = null;
+/** @type {import('playwright-core').Browser | null} */
+let browser = null;
+const serverLogTail = /** @type {string[]} */ ([]);
+/** @type {import('node:fs').WriteStream | null} */
+let serverLog = null;
+
+/**
+ * Records one check.
+ * @param {string} name
+ * @param {boolean} ok
+ * @param {string} [detail]
+ */
+export function check(name, ok, detail = '') {
+  if (ok) passed++;
+  else failed++;
+  console.log(`${ok ? 'PASS' : 'FAIL'}  ${name}${detail ? `  (${detail})` : ''}`);
+  return ok;
+}
+
+/**
+ * Runs one step; an exception fails it as one check instead of ending the test.
+ * @param {string} name
+ * @param {() => Promise<void>} fn
+ */
+export async function step(name, fn) {
+  try {
+    await fn();
+    return true;
+  } catch (err) {
+    check(name, false, err instanceof Error ? err.message.split('\n')[0] : String(err));
+    return false;
+  }
+}
+
+export const sleep = (/** @type {number} */ ms) => new Promise((r) => setTimeout(r, ms));
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = /** @type {import('node:net').AddressInfo} */ (srv.address());
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * Starts the server on a free port with `args`; returns its base URL.
+ * @param {string} logName  the log file in tests/out
+ * @param {string[]} args
+ */
+export async function startServer(logName, args) {
+  if (!existsSync(serverBin)) throw new Error(`server binary not found: ${serverBin}`);
+  mkdirSync(outDir, { recursive: true });
+  const port = await freePort();
+  const log = createWriteStream(path.join(outDir, logName));
+  serverLog = log;
+  const child = spawn(serverBin, ['--bind', `127.0.0.1:${port}`, ...args], {
+    cwd: repoRoot,
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'info' },
+  });
+  server = child;
+  for (const stream of [child.stdout, child.stderr]) {
+    stream?.on('data', (chunk) => {
+      log.write(chunk);
+      serverLogTail.push(...String(chunk).split('\n').filter(Boolean));
+      serverLogTail.splice(0, Math.max(0, serverLogTail.length - 40));
+    });
+  }
+  /** @type {string | null} */
+  let exited = null;
+  child.on('exit', (code, signal) => (exited = `server exited (code ${code}, signal ${signal})`));
+  child.on('error', (err) => (exited = `server failed to start: ${err.message}`));
+
+  const base = `http://127.0.0.1:${port}`;
+  const deadline = Date.now() + 20_000;
+  while (Date.now() < deadline) {
+    if (exited) throw new Error(exited);
+    try {
+      const res = await fetch(`${base}/healthz`, { signal: AbortSignal.timeout(1000) });
+      if (res.ok) return base;
+    } catch {
+      // not listening yet
+    }
+    await sleep(100);
+  }
+  throw new Error('GET /healthz did not answer 200 within 20 s');
+}
+
+/** Stops the server with SIGTERM; returns its exit code, or null when it had to be killed. */
+async function stopServer() {
+  const child = server;
+  /** @type {number | null} */
+  let code = child?.exitCode ?? null;
+  if (child && child.exitCode === null && child.signalCode === null) {
+    const gone = new Promise((r) => child.once('exit', (c) => r(c)));
+    child.kill('SIGTERM');
+    const result = await Promise.race([gone, sleep(6000).then(() => 'timeout')]);
+    if (result === 'timeout') {
+      child.kill('SIGKILL');
+      await Promise.race([gone, sleep(2000)]);
+      code = null;
+    } else {
+      code = /** @type {number | null} */ (result);
+    }
+  }
+  const log = serverLog;
+  if (log) await new Promise((r) => log.end(r));
+  return code;
+}
+
+/** CPU seconds (user + system) the server process has used so far. */
+export function serverCpuSeconds() {
+  const pid = server?.pid;
+  if (!pid) return 0;
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  // utime and stime are fields 14 and 15 of /proc/PID/stat, in clock ticks (100 per second).
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
+const CONTENT_TYPES = { '.html': 'text/html', '.js': 'text/javascript', '.css': 'text/css' };
+
+/**
+ * Answers requests for the web client's files from disk.
+ * @param {import('playwright-core').BrowserContext} context
+ * @param {string} base
+ */
+async function serveClientFromDisk(context, base) {
+  await context.route(
+    (url) => url.origin === base && !/^\/(auth|ws|api|healthz|metrics)\b/.test(url.pathname),
+    async (route) => {
+      const { pathname } = new URL(route.request().url());
+      const file = path.join(webClient, pathname === '/' ? 'index.html' : pathname);
+      if (!file.startsWith(webClient + path.sep) || !existsSync(file)) return route.continue();
+      const type = CONTENT_TYPES[/** @type {keyof CONTENT_TYPES} */ (path.extname(file))];
+      await route.fulfill({ body: readFileSync(file), contentType: type ?? 'application/octet-stream' });
+    },
+  );
+}
+
+async function stopBrowser() {
+  if (!browser) return;
+  await Promise.race([browser.close().catch(() => {}), sleep(5000)]);
+}
+
+/** Starts Chromium with the flags that work in the loopback-only namespace. */
+export async function launchBrowser() {
+  const args = [...CHROMIUM_ARGS];
+  if (process.env.CLIENT_FROM_DISK === '1') {
+    // A page that Playwright fulfilled has no address space, so Chromium would refuse its
+    // WebSocket to 127.0.0.1 as a local-network request.
+    const i = args.findIndex((a) => a.startsWith('--disable-features='));
+    args[i] += ',LocalNetworkAccessChecks';
+  }
+  browser = await chromium.launch({
+    executablePath: chromiumBin,
+    args,
+    headless: process.env.HEADED !== '1',
+    timeout: 30_000,
+  });
+  return browser;
+}
+
+/**
+ * Opens `url` in a fresh browser context (its own camera, microphone and storage), logging the
+ * page's console to tests/out/console-<name>.log.
+ * @param {string} name
+ * @param {string} base  the server's base URL
+ * @param {string} url
+ * @param {() => void} [initScript]  runs in the page before its scripts
+ * @returns {Promise<import('playwright-core').Page>}
+ */
+export async function openPage(name, base, url, initScript) {
+  if (!browser) throw new Error('launchBrowser() first');
+  const context = await browser.newContext({ viewport: { width: 1000, height: 760 } });
+  if (initScript) await context.addInitScript(initScript);
+  if (process.env.CLIENT_FROM_DISK === '1') await serveClientFromDisk(context, base);
+  const page = await context.newPage();
+  const consoleLog = createWriteStream(path.join(outDir, `console-${name}.log`));
+  page.on('console', (msg) => {
+    consoleLog.write(`[${msg.type()}] ${msg.text()}\n`);
+    if (msg.type() === 'error') console.log(`  [${name} console] ${msg.text()}`);
+  });
+  page.on('pageerror', (err) => console.log(`  [${name} page error] ${err.message}`));
+  page.on('close', () => consoleLog.end());
+  await page.goto(url, { timeout: 15_000 });
+  return page;
+}
+
+/** @type {ReturnType<typeof setTimeout> | undefined} */
+let watchdog;
+
+/**
+ * Runs `main`, then stops browser and server and exits with the result; fails the run when it
+ * takes longer than `timeoutMs`.
+ * @param {() => Promise<void>} main
+ * @param {number} timeoutMs
+ */
+export async function run(main, timeoutMs) {
+  watchdog = setTimeout(async () => {
+    check('whole test finishes in time', false, `over ${timeoutMs / 1000} s`);
+    await finish();
+  }, timeoutMs);
+  try {
+    await main();
+  } catch (err) {
+    check('test ran to the end', false, err instanceof Error ? err.message.split('\n')[0] : String(err));
+  } finally {
+    await finish();
+  }
+}
+
+let finishing = false;
+async function finish() {
+  if (finishing) return;
+  finishing = true;
+  clearTimeout(watchdog);
+  await stopBrowser();
+  const code = await stopServer();
+  if (server) check('server exits 0 on SIGTERM', code === 0, `exit code ${code}`);
+  if (failed > 0 && serverLogTail.length) {
+    console.log('--- server log (last lines; full log in tests/out/server.log) ---');
+    for (const line of serverLogTail) console.log(line);
+  }
+  console.log(`${passed} passed, ${failed} failed`);
+  process.exit(failed > 0 || passed === 0 ? 1 : 0);
+}
+

@@ -1,0 +1,380 @@
+// End-to-end test of mesh rooms and the switch to the SFU and back, with real Chromium pages
+// running the demo app against the real server binary.
+// Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/mesh.mjs
+// Environment: see harness.mjs.
+import path from 'node:path';
+import { check, launchBrowser, openPage, outDir, run, sleep, startServer, step } from './harness.mjs';
+
+const ROOM = 'mesh';
+const HOLD_SECS = 3;
+// The longest a remote camera may stop producing new frames on screen during a switch.
+const MAX_GAP_MS = 1500;
+const TOTAL_TIMEOUT_MS = 200_000;
+
+/** Installed into every page: what the app shows of each remote participant, and a gap meter. */
+function installMeshHelper() {
+  /**
+   * @param {any} t  a RemoteTrack
+   * @returns {Promise<{path: string, trackId: string, framesDecoded: number, packetsReceived: number}>}
+   */
+  const statsOf = async (t) => {
+    /** @type {any} */
+    let inbound = {};
+    try {
+      for (const s of (await t.receiver.getStats()).values()) if (s.type === 'inbound-rtp') inbound = s;
+    } catch {
+      // closed
+    }
+    return {
+      path: t.path,
+      trackId: t.track.id,
+      framesDecoded: inbound.framesDecoded ?? 0,
+      packetsReceived: inbound.packetsReceived ?? 0,
+    };
+  };
+  // @ts-ignore
+  window.__view = async () => {
+    // @ts-ignore
+    const room = window.__switchboard;
+    /** @type {Record<string, any>} */
+    const participants = {};
+    for (const p of room?.participants?.values() ?? []) {
+      /** @type {Record<string, any>} */
+      const entry = {};
+      for (const t of p.tracks.values()) {
+        const role = t.kind === 'audio' ? 'audio' : t.source === 'screen' ? 'screen' : 'video';
+        entry[role] = await statsOf(t);
+      }
+      participants[p.name] = entry;
+    }
+    return {
+      state: room?.state,
+      mode: room?.mode,
+      switching: room?.switching,
+      meshLinks: room?.mesh?.size ?? 0,
+      sfuConnections: [room?.publishPc, room?.subscribePc].filter(Boolean).length,
+      participants,
+    };
+  };
+  // The gap meter samples the camera track each tile shows every 50 ms. Progress is a new
+  // decoded frame on the same track, or a swap to a track that is already decoding. A gap is
+  // the time between two progresses (or from the last one to the end), counted from a
+  // participant's first decoded frame: waiting for a newcomer's first frame is not a stall.
+  /** @type {{running: boolean, gaps: Record<string, number>, where: Record<string, string>, lastProgress: Record<string, number>, prev: Record<string, {trackId: string, frames: number}>}} */
+  const meter = { running: false, gaps: {}, where: {}, lastProgress: {}, prev: {} };
+  // @ts-ignore
+  window.__startGapMeter = () => {
+    meter.running = true;
+    meter.gaps = {};
+    meter.where = {};
+    meter.prev = {};
+    meter.lastProgress = {};
+    (async () => {
+      while (meter.running) {
+        // @ts-ignore
+        const room = window.__switchboard;
+        for (const p of room?.participants?.values() ?? []) {
+          const camera = [...p.tracks.values()].find((t) => t.kind === 'video' && t.source === 'camera');
+          const now = performance.now();
+          if (!camera) continue;
+          const s = await statsOf(camera);
+          const prev = meter.prev[p.name];
+          const progress = prev
+            ? (prev.trackId === s.trackId && s.framesDecoded > prev.frames) ||
+              (prev.trackId !== s.trackId && s.framesDecoded > 0)
+            : s.framesDecoded > 0;
+          if (progress) {
+            const last = meter.lastProgress[p.name] ?? now;
+            if (now - last > (meter.gaps[p.name] ?? 0)) {
+              meter.gaps[p.name] = now - last;
+              meter.where[p.name] = prev?.trackId === s.trackId ? s.path : `swap to ${s.path}`;
+            }
+            meter.lastProgress[p.name] = now;
+          }
+          meter.prev[p.name] = { trackId: s.trackId, frames: s.framesDecoded };
+        }
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    })();
+  };
+  // @ts-ignore
+  window.__stopGapMeter = () => {
+    meter.running = false;
+    const now = performance.now();
+    for (const [name, last] of Object.entries(meter.lastProgress)) {
+      if (now - last > (meter.gaps[name] ?? 0)) {
+        meter.gaps[name] = now - last;
+        meter.where[name] = 'at the end';
+      }
+    }
+    /** @type {Record<string, {ms: number, where: string}>} */
+    const out = {};
+    for (const [name, ms] of Object.entries(meter.gaps)) out[name] = { ms, where: meter.where[name] };
+    return out;
+  };
+  /** @type {{mode: string, phase: string, at: number}[]} */
+  const modeEvents = [];
+  // @ts-ignore
+  window.__modeEvents = modeEvents;
+  const hook = () => {
+    // @ts-ignore
+    const room = window.__switchboard;
+    if (!room) return setTimeout(hook, 20);
+    room.on('modeChanged', (/** @type {any} */ e) => modeEvents.push({ ...e, at: performance.now() }));
+  };
+  hook();
+}
+
+/**
+ * In the page: resolves when the page shows `others` remote participants, each with camera and
+ * microphone arriving through `path` connections and decoding, and the room settled in `mode`.
+ * @param {{others: number, path: string, mode: string, timeoutMs: number}} arg
+ */
+async function settledView({ others, path, mode, timeoutMs }) {
+  const deadline = performance.now() + timeoutMs;
+  /** @type {any} */
+  let view = null;
+  while (performance.now() < deadline) {
+    // @ts-ignore
+    view = await window.__view();
+    const entries = Object.values(view.participants);
+    const ok =
+      view.mode === mode &&
+      !view.switching &&
+      entries.length === others &&
+      entries.every(
+        (/** @type {any} */ e) =>
+          e.video?.path === path && e.video.framesDecoded > 0 && e.audio?.path === path && e.audio.packetsReceived > 0,
+      );
+    if (ok) return { ok: true, view };
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return { ok: false, view };
+}
+
+/**
+ * @param {string} base
+ * @returns {Promise<Record<string, number>>} the server's metrics, by name with labels
+ */
+async function metrics(base) {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  /** @type {Record<string, number>} */
+  const out = {};
+  for (const line of text.split('\n')) {
+    const m = /^(\S+) (\S+)$/.exec(line);
+    if (m && !line.startsWith('#')) out[m[1]] = Number(m[2]);
+  }
+  return out;
+}
+
+/**
+ * @param {string} base
+ * @returns {Promise<any>} the test room in /api/rooms
+ */
+async function roomInfo(base) {
+  const json = await (await fetch(`${base}/api/rooms`)).json();
+  return json.rooms.find((/** @type {any} */ r) => r.name === ROOM) ?? null;
+}
+
+/** @param {any} view */
+function describe(view) {
+  if (!view) return 'no view';
+  const parts = Object.entries(view.participants).map(
+    ([name, e]) =>
+      `${name}: video ${e.video?.path ?? '-'}/${e.video?.framesDecoded ?? 0}, audio ${e.audio?.path ?? '-'}/${e.audio?.packetsReceived ?? 0}`,
+  );
+  return `mode ${view.mode}${view.switching ? ' (switching)' : ''}, ${view.meshLinks} mesh links, ${view.sfuConnections} sfu connections; ${parts.join('; ')}`;
+}
+
+async function main() {
+  /** @type {string} */
+  let base = '';
+  const started = await step('server starts', async () => {
+    base = await startServer('server-mesh.log', ['--mesh-hold-secs', `${HOLD_SECS}`]);
+    check('server starts with mesh rooms of up to 3 (the default)', true, base);
+  });
+  if (!started) return;
+  await launchBrowser();
+  /** @param {string} name */
+  const open = (name) =>
+    openPage(name, base, `${base}/?room=${ROOM}&name=${encodeURIComponent(name)}&autojoin=1`, installMeshHelper);
+  const names = ['user1', 'user2', 'user3', 'user4'];
+  /** @type {import('playwright-core').Page[]} */
+  const pages = [];
+
+  /**
+   * @param {import('playwright-core').Page[]} group
+   * @param {{others: number, path: string, mode: string, timeoutMs?: number}} want
+   * @param {string} what
+   */
+  const expectAll = (group, want, what) =>
+    Promise.all(
+      group.map(async (page, i) => {
+        const result = await page.evaluate(settledView, { timeoutMs: 30_000, ...want }).catch((err) => ({
+          ok: false,
+          view: String(err),
+        }));
+        check(`${names[i]}: ${what}`, result.ok, describe(result.view));
+        return result.view;
+      }),
+    );
+
+  // Two pages: a mesh, no media through the server.
+  pages.push(await open(names[0]), await open(names[1]));
+  await expectAll(pages, { others: 1, path: 'mesh', mode: 'mesh' }, 'mesh of two, the other decoding over the mesh');
+  let counters = await metrics(base);
+  let room = await roomInfo(base);
+  check(
+    'a mesh of two forwards nothing through the server',
+    room?.mode === 'mesh' && room?.forwardedPackets === 0 && counters.switchboard_forwarded_packets_total === 0,
+    `room mode ${room?.mode}, forwarded ${counters.switchboard_forwarded_packets_total}, negotiators ${counters.switchboard_negotiators}`,
+  );
+
+  // A third page: still a mesh, everyone decodes both others.
+  pages.push(await open(names[2]));
+  await expectAll(pages, { others: 2, path: 'mesh', mode: 'mesh' }, 'mesh of three, both others decoding over the mesh');
+  counters = await metrics(base);
+  check(
+    'a mesh of three forwards nothing through the server',
+    counters.switchboard_forwarded_packets_total === 0 && counters.switchboard_negotiators === 0,
+    `forwarded ${counters.switchboard_forwarded_packets_total}, negotiators ${counters.switchboard_negotiators}`,
+  );
+  await Promise.all(pages.map((p, i) => p.screenshot({ path: path.join(outDir, `mesh-${names[i]}.png`) })));
+
+  // Renegotiation in the mesh: two pages start a screen share at the same moment (both offer at
+  // once), later stop it at the same moment. Perfect negotiation must sort out both collisions.
+  await step('simultaneous screen shares in the mesh', async () => {
+    const share = () => {
+      const canvas = document.createElement('canvas');
+      canvas.width = 320;
+      canvas.height = 180;
+      const ctx = /** @type {CanvasRenderingContext2D} */ (canvas.getContext('2d'));
+      let n = 0;
+      setInterval(() => {
+        ctx.fillStyle = `hsl(${(n += 7) % 360}, 80%, 50%)`;
+        ctx.fillRect(0, 0, 320, 180);
+      }, 40);
+      // @ts-ignore
+      return window.__switchboard.startScreenShare(canvas.captureStream(15).getVideoTracks()[0]);
+    };
+    await Promise.all([pages[0].evaluate(share), pages[1].evaluate(share)]);
+    const seesScreens = async (/** @type {number} */ i, /** @type {string[]} */ sharers, /** @type {boolean} */ want) => {
+      const deadline = Date.now() + 15_000;
+      /** @type {any} */
+      let view = null;
+      while (Date.now() < deadline) {
+        view = await pages[i].evaluate(() => /** @type {any} */ (window).__view());
+        const ok = sharers.every((s) =>
+          want ? view.participants[s]?.screen?.framesDecoded > 0 : !view.participants[s]?.screen,
+        );
+        if (ok) return { ok, view };
+        await sleep(200);
+      }
+      return { ok: false, view };
+    };
+    for (const [i, sharers] of /** @type {[number, string[]][]} */ ([[0, ['user2']], [1, ['user1']], [2, ['user1', 'user2']]])) {
+      const r = await seesScreens(i, sharers, true);
+      check(`${names[i]} decodes the screen shares of ${sharers.join(' and ')} started at the same moment`, r.ok,
+        Object.entries(r.view?.participants ?? {}).map(([n, e]) => `${n} screen ${e.screen?.framesDecoded ?? '-'}`).join(', '));
+    }
+    await Promise.all([0, 1].map((i) => pages[i].evaluate(() => /** @type {any} */ (window).__switchboard.stopScreenShare())));
+    for (const [i, sharers] of /** @type {[number, string[]][]} */ ([[0, ['user2']], [1, ['user1']], [2, ['user1', 'user2']]])) {
+      const r = await seesScreens(i, sharers, false);
+      check(`${names[i]} sees the screen shares of ${sharers.join(' and ')} end`, r.ok, '');
+    }
+  });
+  await expectAll(pages, { others: 2, path: 'mesh', mode: 'mesh' }, 'cameras still decoding over the mesh after the screen shares');
+
+  // A fourth page: the room switches to SFU; nobody's video may stall for long.
+  await Promise.all(pages.map((p) => p.evaluate(() => /** @type {any} */ (window).__startGapMeter())));
+  const upAt = Date.now();
+  pages.push(await open(names[3]));
+  await expectAll(pages, { others: 3, path: 'sfu', mode: 'sfu', timeoutMs: 40_000 }, 'switched to SFU, three remotes decoding through the server');
+  const upSettled = Date.now() - upAt;
+  let gaps = await Promise.all(pages.slice(0, 3).map((p) => p.evaluate(() => /** @type {any} */ (window).__stopGapMeter())));
+  gaps.forEach((g, i) => {
+    const entries = Object.entries(/** @type {Record<string, {ms: number, where: string}>} */ (g));
+    const worst = Math.max(0, ...entries.map(([, e]) => e.ms));
+    check(
+      `${names[i]}: no remote video stalls over ${MAX_GAP_MS} ms while switching up`,
+      entries.length === 3 && worst < MAX_GAP_MS,
+      `longest stall per remote: ${entries.map(([n, e]) => `${n} ${Math.round(e.ms)} ms (${e.where})`).join(', ')}`,
+    );
+  });
+  console.log(`      switch up: fourth page opened to every page settled in SFU: ${(upSettled / 1000).toFixed(1)} s`);
+  const upViews = await Promise.all(pages.map((p) => p.evaluate(() => /** @type {any} */ (window).__view())));
+  check('the mesh connections are closed once the room settled in SFU', upViews.every((v) => v.meshLinks === 0),
+    upViews.map((v) => v.meshLinks).join(', '));
+  room = await roomInfo(base);
+  check('/api/rooms shows the room in SFU mode after one switch', room?.mode === 'sfu' && room?.switchesToSfu === 1,
+    JSON.stringify({ mode: room?.mode, switchesToSfu: room?.switchesToSfu }));
+  await Promise.all(pages.map((p, i) => p.screenshot({ path: path.join(outDir, `sfu-${names[i]}.png`) })));
+
+  // The fourth leaves: after the hold time the room returns to mesh, again without a stall.
+  await Promise.all(pages.slice(0, 3).map((p) => p.evaluate(() => /** @type {any} */ (window).__startGapMeter())));
+  const downAt = Date.now();
+  await pages[3].context().close();
+  pages.pop();
+  await expectAll(pages, { others: 2, path: 'mesh', mode: 'mesh', timeoutMs: 40_000 }, 'back to mesh after the hold, both others decoding over the mesh');
+  const downSettled = Date.now() - downAt;
+  gaps = await Promise.all(pages.map((p) => p.evaluate(() => /** @type {any} */ (window).__stopGapMeter())));
+  gaps.forEach((g, i) => {
+    const stayers = Object.entries(/** @type {Record<string, {ms: number, where: string}>} */ (g)).filter(
+      ([n]) => n !== 'user4',
+    );
+    const worst = Math.max(0, ...stayers.map(([, e]) => e.ms));
+    check(
+      `${names[i]}: no remote video stalls over ${MAX_GAP_MS} ms while switching down`,
+      stayers.length === 2 && worst < MAX_GAP_MS,
+      `longest stall per remote: ${stayers.map(([n, e]) => `${n} ${Math.round(e.ms)} ms (${e.where})`).join(', ')}`,
+    );
+  });
+  console.log(`      switch down: fourth page closed to every page settled in mesh: ${(downSettled / 1000).toFixed(1)} s (hold ${HOLD_SECS} s)`);
+  check(`the room stayed in SFU for the hold time (${HOLD_SECS} s)`, downSettled >= HOLD_SECS * 1000, `${downSettled} ms`);
+  const before = await metrics(base);
+  await sleep(2000);
+  const after = await metrics(base);
+  check(
+    'back in mesh, the server forwards nothing more and holds no media tasks',
+    after.switchboard_forwarded_packets_total === before.switchboard_forwarded_packets_total &&
+      after.switchboard_negotiators === 0 &&
+      after.switchboard_fanout_tasks === 0,
+    `forwarded ${before.switchboard_forwarded_packets_total} -> ${after.switchboard_forwarded_packets_total}, negotiators ${after.switchboard_negotiators}, fanouts ${after.switchboard_fanout_tasks}`,
+  );
+  const downViews = await Promise.all(pages.map((p) => p.evaluate(() => /** @type {any} */ (window).__view())));
+  check('the SFU connections are closed once the room settled in mesh', downViews.every((v) => v.sfuConnections === 0),
+    downViews.map((v) => v.sfuConnections).join(', '));
+
+  // Leave and rejoin five times quickly (user3, with the app's Leave button and join form).
+  await step('leave and rejoin five times', async () => {
+    const page = pages[2];
+    for (let round = 0; round < 5; round++) {
+      await page.click('#leave');
+      await page.waitForFunction(() => !(/** @type {HTMLElement} */ (document.getElementById('join-form')).hidden), null, { timeout: 10_000 });
+      await page.evaluate(() => /** @type {HTMLFormElement} */ (document.getElementById('join-form')).requestSubmit());
+      await page.waitForFunction(() => /** @type {any} */ (window).__switchboard?.state === 'joined', null, { timeout: 10_000 });
+    }
+    check('user3 left and rejoined five times', true);
+  });
+  await expectAll(pages, { others: 2, path: 'mesh', mode: 'mesh' }, 'after five rejoins, both others decoding over the mesh');
+  const errors = await Promise.all(
+    pages.map(async (p) => ((await p.locator('#error').isVisible()) ? await p.locator('#error').textContent() : null)),
+  );
+  check('no page shows an error', errors.every((e) => !e), errors.map((e, i) => `${names[i]}: ${e ?? 'none'}`).join('; '));
+  const finalCounters = await metrics(base);
+  room = await roomInfo(base);
+  check(
+    'the server holds exactly three participants and sessions, and no media tasks',
+    room?.participants?.length === 3 &&
+      finalCounters.switchboard_sessions === 3 &&
+      finalCounters.switchboard_negotiators === 0 &&
+      finalCounters.switchboard_fanout_tasks === 0 &&
+      finalCounters.switchboard_writer_tasks === 0,
+    `participants ${room?.participants?.length}, sessions ${finalCounters.switchboard_sessions}, negotiators ${finalCounters.switchboard_negotiators}, fanouts ${finalCounters.switchboard_fanout_tasks}, writers ${finalCounters.switchboard_writer_tasks}`,
+  );
+  check('no switch was caused by leaving and rejoining', room?.switchesToSfu === 1 && room?.switchesToMesh === 1,
+    `switchesToSfu ${room?.switchesToSfu}, switchesToMesh ${room?.switchesToMesh}`);
+  await Promise.all(pages.map((p, i) => p.screenshot({ path: path.join(outDir, `mesh-again-${names[i]}.png`) })));
+}
+
+await run(main, TOTAL_TIMEOUT_MS);
