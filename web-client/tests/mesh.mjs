@@ -9,6 +9,9 @@ const ROOM = 'mesh';
 const HOLD_SECS = 3;
 // The longest a remote camera may stop producing new frames on screen during a switch.
 const MAX_GAP_MS = 1500;
+// Handed to clients for every connection, mesh ones included. Nothing listens there in the
+// namespace: the browser's STUN requests just go unanswered.
+const ICE_SERVER = 'stun:127.0.0.1:3478';
 const TOTAL_TIMEOUT_MS = 200_000;
 
 /** Installed into every page: what the app shows of each remote participant, and a gap meter. */
@@ -190,7 +193,7 @@ async function main() {
   /** @type {string} */
   let base = '';
   const started = await step('server starts', async () => {
-    base = await startServer('server-mesh.log', ['--mesh-hold-secs', `${HOLD_SECS}`]);
+    base = await startServer('server-mesh.log', ['--mesh-hold-secs', `${HOLD_SECS}`, '--ice-server', ICE_SERVER]);
     check('server starts with mesh rooms of up to 3 (the default)', true, base);
   });
   if (!started) return;
@@ -222,6 +225,14 @@ async function main() {
   // Two pages: a mesh, no media through the server.
   pages.push(await open(names[0]), await open(names[1]));
   await expectAll(pages, { others: 1, path: 'mesh', mode: 'mesh' }, 'mesh of two, the other decoding over the mesh');
+  const iceServers = await pages[0].evaluate(() =>
+    [.../** @type {any} */ (window).__switchboard.mesh.values()].map((l) => l.pc.getConfiguration().iceServers),
+  );
+  check(
+    'mesh connections use the configured ICE servers',
+    iceServers.length === 1 && JSON.stringify(iceServers[0]).includes(ICE_SERVER),
+    JSON.stringify(iceServers),
+  );
   let counters = await metrics(base);
   let room = await roomInfo(base);
   check(
