@@ -179,18 +179,27 @@ pub enum ClientMessage {
         /// Muted or not.
         muted: bool,
     },
+    /// A chat message to everyone in the room.
+    Chat {
+        /// 1 to [`MAX_CHAT_CHARS`] characters, not only whitespace.
+        text: String,
+    },
     /// Leave the room.
     Leave,
 }
 
+/// Longest chat message, in characters.
+pub const MAX_CHAT_CHARS: usize = 1000;
+
 /// Every `type` a client may send, to tell an unknown type from a malformed known one.
-pub const CLIENT_TYPES: [&str; 7] = [
+pub const CLIENT_TYPES: [&str; 8] = [
     "join",
     "offer",
     "answer",
     "ice-candidate",
     "ready",
     "mute",
+    "chat",
     "leave",
 ];
 
@@ -259,6 +268,7 @@ impl ClientMessage {
             ClientMessage::IceCandidate { .. } => "ice-candidate",
             ClientMessage::Ready { .. } => "ready",
             ClientMessage::Mute { .. } => "mute",
+            ClientMessage::Chat { .. } => "chat",
             ClientMessage::Leave => "leave",
         }
     }
@@ -286,6 +296,22 @@ pub struct PeerInfo {
     pub peer_id: String,
     /// Their display name.
     pub name: String,
+}
+
+/// A chat message as the room keeps it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatMessage {
+    /// Its number in the room, from 1.
+    pub id: u64,
+    /// Who sent it.
+    pub peer_id: String,
+    /// Their display name then.
+    pub name: String,
+    /// The text, as sent (clients must escape it).
+    pub text: String,
+    /// When the server received it, milliseconds since the Unix epoch.
+    pub at: u64,
 }
 
 /// One media section of a subscribe offer.
@@ -328,6 +354,8 @@ pub enum ServerMessage {
         mode: Mode,
         /// The others already in the room.
         peers: Vec<PeerInfo>,
+        /// The room's latest chat messages, oldest first.
+        chat: Vec<ChatMessage>,
         /// ICE servers for your connections.
         ice_servers: Vec<IceServer>,
         /// The highest video bitrate to send, in bits per second.
@@ -391,6 +419,8 @@ pub enum ServerMessage {
         /// `switching` or `settled`.
         phase: ModePhase,
     },
+    /// A chat message, to everyone in the room (its sender too).
+    Chat(ChatMessage),
     /// A track was muted or unmuted.
     Mute {
         /// Its publisher.

@@ -9,7 +9,7 @@
 //! everyone to close the old connections (make before break). Going back to mesh waits until the
 //! room has stayed small for the hold time, so a quick leave and rejoin switches nothing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -19,8 +19,12 @@ use sfu::{RTCIceCandidateInit, SfuError};
 use tokio::sync::{Notify, mpsc};
 
 use crate::protocol::{
-    ErrorCode, Mode, ModePhase, PeerInfo, ServerMessage, SubscriptionInfo, TransportName,
+    ChatMessage, ErrorCode, Mode, ModePhase, PeerInfo, ServerMessage, SubscriptionInfo,
+    TransportName,
 };
+
+/// Chat messages a room keeps for those who join later.
+pub const CHAT_HISTORY: usize = 100;
 
 /// A switch whose participants have not all reported `ready` by then settles anyway, so that one
 /// broken client cannot keep a room on two paths forever.
@@ -131,6 +135,9 @@ struct RoomState {
     hold_pending: bool,
     switches_to_sfu: u64,
     switches_to_mesh: u64,
+    /// The latest chat messages, oldest first, at most [`CHAT_HISTORY`].
+    chat: VecDeque<ChatMessage>,
+    chat_sent: u64,
 }
 
 /// A switch in progress.
@@ -326,6 +333,38 @@ impl Room {
             .find(|m| m.id == publication.participant)
             .and_then(|m| m.muted.get(&publication.track_id).copied())
             .unwrap_or(false)
+    }
+
+    /// Sends `text` from `participant` to everyone in the room and keeps it for later joiners.
+    pub fn chat(&self, participant: &ParticipantId, text: String) {
+        let mut state = self.lock();
+        let Some(name) = state
+            .members
+            .iter()
+            .find(|m| &m.id == participant)
+            .map(|m| m.name.clone())
+        else {
+            return;
+        };
+        state.chat_sent += 1;
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let message = ChatMessage {
+            id: state.chat_sent,
+            peer_id: participant.to_string(),
+            name,
+            text,
+            at,
+        };
+        if state.chat.len() == CHAT_HISTORY {
+            state.chat.pop_front();
+        }
+        state.chat.push_back(message.clone());
+        for member in &state.members {
+            send(&member.outbound, ServerMessage::Chat(message.clone()));
+        }
     }
 
     /// True when `peer` is a member of this room.
@@ -650,7 +689,7 @@ impl RoomRegistry {
         id: &ParticipantId,
         name: &str,
         outbound: Outbound,
-        joined: impl FnOnce(&str, Mode, Vec<PeerInfo>) -> ServerMessage,
+        joined: impl FnOnce(&str, Mode, Vec<PeerInfo>, Vec<ChatMessage>) -> ServerMessage,
     ) -> Result<Joined, JoinError> {
         let mut rooms = self.lock();
         let policy = self.policy;
@@ -674,6 +713,8 @@ impl RoomRegistry {
                         hold_pending: false,
                         switches_to_sfu: 0,
                         switches_to_mesh: 0,
+                        chat: VecDeque::new(),
+                        chat_sent: 0,
                     }),
                 })
             })
@@ -711,7 +752,8 @@ impl RoomRegistry {
         } else {
             state.mode
         };
-        send(&outbound, joined(&room.name, mode, peers));
+        let chat = state.chat.iter().cloned().collect();
+        send(&outbound, joined(&room.name, mode, peers, chat));
         state.members.push(Member {
             id: id.clone(),
             name: name.to_owned(),

@@ -16,8 +16,8 @@ use tracing::Instrument;
 use crate::auth::Claims;
 use crate::http::AppState;
 use crate::protocol::{
-    CandidateInit, ClientMessage, ErrorCode, MAX_TRACKS, Mode, ModePhase, PROTOCOL_VERSION,
-    SFU_PEER, ServerMessage, TrackInfo, TransportName,
+    CandidateInit, ClientMessage, ErrorCode, MAX_CHAT_CHARS, MAX_TRACKS, Mode, ModePhase,
+    PROTOCOL_VERSION, SFU_PEER, ServerMessage, TrackInfo, TransportName,
 };
 use crate::room::{JoinError, NegotiatorCommand, Outbound, RelayError, Room, run_negotiator};
 
@@ -34,6 +34,9 @@ const OUTBOUND_QUEUE: usize = 1024;
 /// flood a room.
 const RELAY_BURST: f64 = 100.0;
 const RELAY_PER_SECOND: f64 = 20.0;
+/// Chat messages a participant may send in a burst, and per second after it.
+const CHAT_BURST: f64 = 10.0;
+const CHAT_PER_SECOND: f64 = 1.0;
 
 /// A participant's connections to the server (SFU mode, and during a switch).
 struct SfuLink {
@@ -61,24 +64,28 @@ struct Membership {
     sfu: Option<SfuLink>,
 }
 
-/// A token bucket for relayed messages.
-struct RelayBudget {
+/// A token bucket: `burst` messages at once, `per_second` after them.
+struct Budget {
+    burst: f64,
+    per_second: f64,
     tokens: f64,
     refilled: Instant,
 }
 
-impl RelayBudget {
-    fn new() -> Self {
+impl Budget {
+    fn new(burst: f64, per_second: f64) -> Self {
         Self {
-            tokens: RELAY_BURST,
+            burst,
+            per_second,
+            tokens: burst,
             refilled: Instant::now(),
         }
     }
 
     fn take(&mut self) -> bool {
         let now = Instant::now();
-        let earned = now.duration_since(self.refilled).as_secs_f64() * RELAY_PER_SECOND;
-        self.tokens = (self.tokens + earned).min(RELAY_BURST);
+        let earned = now.duration_since(self.refilled).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + earned).min(self.burst);
         self.refilled = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -97,7 +104,8 @@ struct Session {
     /// late events are never mistaken for the current one's.
     sfu_events: Option<mpsc::UnboundedReceiver<SfuEvent>>,
     membership: Option<Membership>,
-    relay_budget: RelayBudget,
+    relay_budget: Budget,
+    chat_budget: Budget,
 }
 
 type Refusal = (ErrorCode, String);
@@ -136,7 +144,8 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
         outbound,
         sfu_events: None,
         membership: None,
-        relay_budget: RelayBudget::new(),
+        relay_budget: Budget::new(RELAY_BURST, RELAY_PER_SECOND),
+        chat_budget: Budget::new(CHAT_BURST, CHAT_PER_SECOND),
     };
     let mut liveness = tokio::time::interval(LIVENESS_CHECK);
     let mut last_heard = Instant::now();
@@ -470,6 +479,31 @@ impl Session {
                     .set_muted(&membership.participant, &track_id, muted);
                 Ok(())
             }
+            ClientMessage::Chat { text } => {
+                let membership = self.membership()?;
+                let length = text.chars().count();
+                if text.trim().is_empty() || length > MAX_CHAT_CHARS {
+                    return Err((
+                        ErrorCode::BadRequest,
+                        format!(
+                            "a chat message is 1 to {MAX_CHAT_CHARS} characters, not only spaces \
+                             ({length} sent)"
+                        ),
+                    ));
+                }
+                let (room, participant) = (membership.room.clone(), membership.participant.clone());
+                if !self.chat_budget.take() {
+                    return Err((
+                        ErrorCode::RateLimited,
+                        format!(
+                            "more than {CHAT_BURST} chat messages in a burst ({CHAT_PER_SECOND} \
+                             per second after it): this one was not sent"
+                        ),
+                    ));
+                }
+                room.chat(&participant, text);
+                Ok(())
+            }
             ClientMessage::Leave => Ok(()),
         }
     }
@@ -499,12 +533,13 @@ impl Session {
             &participant,
             &name,
             self.outbound.clone(),
-            |room, mode, peers| ServerMessage::Joined {
+            |room, mode, peers, chat| ServerMessage::Joined {
                 participant_id: participant.to_string(),
                 room: room.to_owned(),
                 name: name.clone(),
                 mode,
                 peers,
+                chat,
                 ice_servers: config.ice_servers.clone(),
                 max_video_bitrate: config.max_video_bitrate,
                 protocol: PROTOCOL_VERSION,

@@ -22,6 +22,11 @@ const statusLine = $('status');
 const controls = $('controls');
 const micButton = $('mic');
 const cameraButton = $('camera');
+const chatToggle = $('chat-toggle');
+const chatPanel = $('chat');
+const chatLog = $('chat-log');
+const chatForm = /** @type {HTMLFormElement} */ ($('chat-form'));
+const chatInput = /** @type {HTMLInputElement} */ ($('chat-input'));
 
 /** @type {Room | null} */
 let room = null;
@@ -49,6 +54,19 @@ cameraButton.addEventListener('click', () => {
   renderControls();
 });
 $('leave').addEventListener('click', () => room?.leave());
+chatToggle.addEventListener('click', () => {
+  chatPanel.hidden = !chatPanel.hidden;
+  chatToggle.textContent = 'Chat';
+  chatToggle.setAttribute('aria-pressed', String(!chatPanel.hidden));
+  if (!chatPanel.hidden) chatInput.focus();
+});
+chatForm.addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  const text = chatInput.value.trim();
+  if (!room || !text) return;
+  room.sendChat(text);
+  chatInput.value = '';
+});
 
 if (roomInput.value && nameInput.value && params.get('autojoin') === '1') {
   join(roomInput.value.trim(), nameInput.value.trim());
@@ -106,6 +124,7 @@ async function join(roomName, name) {
     renderTileMedia(tile);
   });
   current.on('modeChanged', () => renderStatus());
+  current.on('chatMessage', (/** @type {import('./client.js').ChatMessage} */ m) => appendChat(m, current));
   current.on('error', (e) => showError(e));
   current.on('disconnected', ({ reason }) => {
     if (room !== current) return;
@@ -129,8 +148,33 @@ async function join(roomName, name) {
   renderStatus();
 }
 
+/**
+ * @param {import('./client.js').ChatMessage} message
+ * @param {Room} current
+ */
+function appendChat(message, current) {
+  const item = document.createElement('li');
+  const who = document.createElement('span');
+  who.className = 'who';
+  who.textContent = message.peerId === current.participantId ? 'You' : message.name;
+  const text = document.createElement('span');
+  text.className = 'text';
+  // textContent, never innerHTML: a message is shown exactly as typed.
+  text.textContent = message.text;
+  item.append(who, text);
+  item.title = new Date(message.at).toLocaleTimeString();
+  chatLog.append(item);
+  chatLog.scrollTop = chatLog.scrollHeight;
+  if (chatPanel.hidden && message.peerId !== current.participantId) {
+    chatToggle.textContent = 'Chat •';
+  }
+}
+
 function reset() {
   room = null;
+  chatLog.replaceChildren();
+  chatPanel.hidden = true;
+  chatToggle.textContent = 'Chat';
   for (const tile of tiles.values()) tile.el.remove();
   tiles.clear();
   localTile?.el.remove();

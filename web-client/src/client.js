@@ -66,6 +66,13 @@
  * @property {boolean} [video=true]
  * @property {number} [joinTimeoutMs=15000]
  *
+ * @typedef {object} ChatMessage
+ * @property {number} id  its number in the room, from 1
+ * @property {string} peerId  the sender (your own participantId for your messages)
+ * @property {string} name  the sender's display name
+ * @property {string} text  as typed: escape it before putting it in HTML
+ * @property {number} at  when the server received it, ms since the Unix epoch
+ *
  * @typedef {object} MeshLink  The connection to one participant in mesh mode.
  * @property {RTCPeerConnection} pc
  * @property {boolean} polite  yields when both sides offer at once (perfect negotiation)
@@ -81,6 +88,7 @@
  *  - trackUnsubscribed   (RemoteTrack)
  *  - trackMuted          ({peerId, publicationId, source, muted})
  *  - modeChanged         ({mode, phase})   'mesh' | 'sfu', 'switching' | 'settled'
+ *  - chatMessage         (ChatMessage)   also your own, once the server has it
  *  - localStream         (MediaStream)   local media captured, before joining
  *  - error               (ErrorEvent)
  *  - disconnected        ({reason: string, code?: number})
@@ -191,6 +199,8 @@ export class Room extends Emitter {
   subscriptions = new Map();
   /** @type {'new' | 'connecting' | 'joined' | 'closed'} */
   state = 'new';
+  /** The room's chat so far (the server keeps the latest 100 for those who join later). @type {ChatMessage[]} */
+  chat = [];
 
   /** @type {WebSocket | null} */ #ws = null;
   /** Incoming messages are handled one at a time, in arrival order. */
@@ -275,6 +285,17 @@ export class Room extends Emitter {
 
   get cameraEnabled() {
     return this.localStream?.getVideoTracks().some((t) => t.enabled) ?? false;
+  }
+
+  /**
+   * Sends a chat message to everyone in the room (1 to 1000 characters; at most 10 at once,
+   * then 1 per second). It comes back as a `chatMessage` event once the server has it.
+   * @param {string} text
+   */
+  sendChat(text) {
+    if (this.state !== 'joined') throw new SwitchboardError('invalid_state', 'join a room first');
+    if (!text.trim()) return;
+    this.#send({ type: 'chat', text });
   }
 
   /**
@@ -456,6 +477,8 @@ export class Room extends Emitter {
       }
       case 'mute':
         return this.#onRemoteMute(msg);
+      case 'chat':
+        return this.#onChat(msg);
       default:
         // Unknown message types are ignored, as unknown fields are (forward compatibility).
         return;
@@ -474,6 +497,7 @@ export class Room extends Emitter {
     this.mode = msg.mode === 'mesh' ? 'mesh' : 'sfu';
     if (this.mode === 'sfu') this.#startSfu();
     for (const peer of msg.peers ?? []) this.#addParticipant(peer.peerId, peer.name);
+    for (const message of Array.isArray(msg.chat) ? msg.chat : []) this.#onChat(message);
     this.#joinWaiter.resolve(msg);
     this.#joinWaiter = null;
     this.emit('modeChanged', { mode: this.mode, phase: 'settled' });
@@ -536,6 +560,21 @@ export class Room extends Emitter {
     this.participants.delete(peerId);
     this.emit('participantLeft', participant);
     this.#checkReady();
+  }
+
+  /** @param {any} msg */
+  #onChat(msg) {
+    /** @type {ChatMessage} */
+    const message = {
+      id: Number(msg.id),
+      peerId: String(msg.peerId ?? ''),
+      name: String(msg.name ?? ''),
+      text: String(msg.text ?? ''),
+      at: Number(msg.at),
+    };
+    this.chat.push(message);
+    if (this.chat.length > 500) this.chat.splice(0, this.chat.length - 500);
+    this.emit('chatMessage', message);
   }
 
   /** @param {any} msg */

@@ -1,0 +1,110 @@
+//! Chat through signaling: to everyone in the room, kept (bounded) for later joiners, length- and
+//! rate-limited with the documented errors.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use serde_json::{Value, json};
+use support::{Ws, connect, recv, recv_type, send, start_mesh_server};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn join(server: &signaling::Server, room: &str, name: &str) -> Result<(Ws, Value)> {
+    let mut ws = connect(server, name, room).await?;
+    send(&mut ws, json!({"type": "join", "name": name})).await?;
+    let joined = recv_type(&mut ws, "joined", WAIT).await?;
+    Ok((ws, joined))
+}
+
+#[tokio::test]
+async fn chat_reaches_everyone_and_late_joiners_get_the_history() -> Result<()> {
+    let server = start_mesh_server(3, 10).await?;
+    let (mut ann, joined) = join(&server, "talk", "ann").await?;
+    ensure!(joined["chat"] == json!([]), "{joined}");
+    let (mut bob, _) = join(&server, "talk", "bob").await?;
+    let (mut other_room, _) = join(&server, "elsewhere", "cat").await?;
+
+    let text = "<b>hello</b> & \"quotes\" – ünïcödé";
+    send(&mut ann, json!({"type": "chat", "text": text})).await?;
+    for ws in [&mut ann, &mut bob] {
+        let message = recv_type(ws, "chat", WAIT).await?;
+        ensure!(
+            message["text"] == text && message["name"] == "ann" && message["id"] == 1,
+            "the text arrives exactly as sent, to the sender too: {message}"
+        );
+        ensure!(
+            message["at"]
+                .as_u64()
+                .is_some_and(|at| at > 1_700_000_000_000),
+            "{message}"
+        );
+    }
+    send(&mut bob, json!({"type": "chat", "text": "hi ann"})).await?;
+    recv_type(&mut ann, "chat", WAIT).await?;
+
+    let (_dan, joined) = join(&server, "talk", "dan").await?;
+    let history: Vec<&str> = joined["chat"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["text"].as_str()).collect())
+        .unwrap_or_default();
+    ensure!(
+        history == [text, "hi ann"],
+        "a late joiner gets the history: {joined}"
+    );
+
+    ensure!(
+        recv(&mut other_room, Duration::from_millis(300))
+            .await
+            .is_err(),
+        "another room hears nothing"
+    );
+    server.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn chat_is_length_and_rate_limited() -> Result<()> {
+    let server = start_mesh_server(3, 10).await?;
+    let (mut ann, _) = join(&server, "limits", "ann").await?;
+    for text in [String::new(), "   ".into(), "x".repeat(1001)] {
+        send(&mut ann, json!({"type": "chat", "text": text})).await?;
+        let error = recv_type(&mut ann, "error", WAIT).await?;
+        ensure!(
+            error["code"] == "bad_request" && error["requestType"] == "chat",
+            "{error}"
+        );
+    }
+    send(&mut ann, json!({"type": "chat", "text": "y".repeat(1000)})).await?;
+    ensure!(
+        recv_type(&mut ann, "chat", WAIT).await?["text"]
+            .as_str()
+            .map(str::len)
+            == Some(1000)
+    );
+
+    // The burst of 10 includes the message above; the 11th in a row is refused.
+    for i in 0..12 {
+        send(
+            &mut ann,
+            json!({"type": "chat", "text": format!("spam {i}")}),
+        )
+        .await?;
+    }
+    let mut delivered = 0;
+    let mut refused = 0;
+    while let Ok(message) = recv(&mut ann, Duration::from_millis(500)).await {
+        match message["type"].as_str() {
+            Some("chat") => delivered += 1,
+            Some("error") if message["code"] == "rate_limited" => refused += 1,
+            _ => {}
+        }
+    }
+    ensure!(
+        delivered == 9 && refused == 3,
+        "{delivered} delivered, {refused} refused"
+    );
+    server.shutdown().await?;
+    Ok(())
+}
