@@ -203,7 +203,7 @@ export class Room extends Emitter {
   chat = [];
 
   /** @type {WebSocket | null} */ #ws = null;
-  /** Incoming messages are handled one at a time, in arrival order. */
+  /** Incoming messages are handled one at a time, in arrival order. @type {Promise<unknown>} */
   #queue = Promise.resolve();
   /** @type {{resolve: (msg: any) => void, reject: (err: Error) => void} | null} */
   #joinWaiter = null;
