@@ -129,6 +129,10 @@ pub enum ClientMessage {
         /// Display name; the token's userId when absent.
         #[serde(default)]
         name: Option<String>,
+        /// The `resumeToken` of an earlier `joined`: that participant, if still in the room
+        /// (its connection lost but not yet noticed), is replaced by this one.
+        #[serde(default)]
+        resume: Option<String>,
     },
     /// An offer: of the publish connection (to `sfu`), or of a mesh connection (to a peer).
     Offer {
@@ -356,6 +360,8 @@ pub enum ServerMessage {
         peers: Vec<PeerInfo>,
         /// The room's latest chat messages, oldest first.
         chat: Vec<ChatMessage>,
+        /// A secret to put in `join.resume` when reconnecting.
+        resume_token: String,
         /// ICE servers for your connections.
         ice_servers: Vec<IceServer>,
         /// The highest video bitrate to send, in bits per second.
@@ -514,7 +520,10 @@ mod tests {
         assert_eq!(candidate.type_name(), "ice-candidate");
         assert!(matches!(
             ClientMessage::decode(r#"{"type":"join"}"#),
-            Ok(ClientMessage::Join { name: None })
+            Ok(ClientMessage::Join {
+                name: None,
+                resume: None
+            })
         ));
     }
 

@@ -78,6 +78,11 @@ impl Outbound {
         }
     }
 
+    /// Asks the participant's session to end (it was replaced by a resumed one).
+    pub fn disconnect(&self) {
+        self.kick.notify_one();
+    }
+
     /// Completes when the participant must be disconnected.
     pub async fn kicked(&self) {
         self.kick.notified().await
@@ -115,6 +120,8 @@ struct Published {
 struct Member {
     id: ParticipantId,
     name: String,
+    /// The secret with which a reconnecting client replaces this member.
+    resume_token: String,
     outbound: Outbound,
     /// Set while the participant has SFU connections.
     negotiator: Option<mpsc::UnboundedSender<RoomCommand>>,
@@ -365,6 +372,24 @@ impl Room {
         for member in &state.members {
             send(&member.outbound, ServerMessage::Chat(message.clone()));
         }
+    }
+
+    /// Takes `id` out and tells the others.
+    fn remove_member(&self, state: &mut RoomState, id: &ParticipantId) {
+        let Some(index) = state.members.iter().position(|m| &m.id == id) else {
+            return;
+        };
+        let member = state.members.remove(index);
+        let announcement = ServerMessage::PeerLeft {
+            peer_id: id.to_string(),
+        };
+        for other in &state.members {
+            send(&other.outbound, announcement.clone());
+            for published in &member.published {
+                other.command(RoomCommand::Unsubscribe(published.publication.id.clone()));
+            }
+        }
+        self.shrank(state);
     }
 
     /// True when `peer` is a member of this room.
@@ -688,8 +713,9 @@ impl RoomRegistry {
         room_name: &str,
         id: &ParticipantId,
         name: &str,
+        resume: Option<&str>,
         outbound: Outbound,
-        joined: impl FnOnce(&str, Mode, Vec<PeerInfo>, Vec<ChatMessage>) -> ServerMessage,
+        joined: impl FnOnce(&str, Mode, Vec<PeerInfo>, Vec<ChatMessage>, &str) -> ServerMessage,
     ) -> Result<Joined, JoinError> {
         let mut rooms = self.lock();
         let policy = self.policy;
@@ -720,6 +746,15 @@ impl RoomRegistry {
             })
             .clone();
         let mut state = room.lock();
+        if let Some(token) = resume.filter(|t| !t.is_empty()) {
+            if let Some(index) = state.members.iter().position(|m| m.resume_token == token) {
+                // The same client, back before its old connection was noticed as gone.
+                let ghost = state.members[index].id.clone();
+                tracing::info!(participant = %ghost, "replaced by a resumed join");
+                state.members[index].outbound.disconnect();
+                room.remove_member(&mut state, &ghost);
+            }
+        }
         let refused = if state
             .members
             .iter()
@@ -753,10 +788,15 @@ impl RoomRegistry {
             state.mode
         };
         let chat = state.chat.iter().cloned().collect();
-        send(&outbound, joined(&room.name, mode, peers, chat));
+        let resume_token = format!("{:032x}", rand::random::<u128>());
+        send(
+            &outbound,
+            joined(&room.name, mode, peers, chat, &resume_token),
+        );
         state.members.push(Member {
             id: id.clone(),
             name: name.to_owned(),
+            resume_token,
             outbound,
             negotiator: None,
             published: Vec::new(),
@@ -781,20 +821,7 @@ impl RoomRegistry {
     pub fn leave(&self, room: &Arc<Room>, id: &ParticipantId) {
         let mut rooms = self.lock();
         let mut state = room.lock();
-        let Some(index) = state.members.iter().position(|m| &m.id == id) else {
-            return;
-        };
-        let member = state.members.remove(index);
-        let announcement = ServerMessage::PeerLeft {
-            peer_id: id.to_string(),
-        };
-        for other in &state.members {
-            send(&other.outbound, announcement.clone());
-            for published in &member.published {
-                other.command(RoomCommand::Unsubscribe(published.publication.id.clone()));
-            }
-        }
-        room.shrank(&mut state);
+        room.remove_member(&mut state, id);
         if state.members.is_empty() {
             drop(state);
             let key = room.name.to_lowercase();

@@ -346,7 +346,7 @@ impl Session {
 
     async fn handle(&mut self, message: ClientMessage) -> Result<(), Refusal> {
         match message {
-            ClientMessage::Join { name } => self.join(name).await,
+            ClientMessage::Join { name, resume } => self.join(name, resume).await,
             ClientMessage::Offer {
                 peer_id,
                 transport,
@@ -508,7 +508,11 @@ impl Session {
         }
     }
 
-    async fn join(&mut self, name: Option<String>) -> Result<(), (ErrorCode, String)> {
+    async fn join(
+        &mut self,
+        name: Option<String>,
+        resume: Option<String>,
+    ) -> Result<(), (ErrorCode, String)> {
         if self.membership.is_some() {
             return Err((ErrorCode::InvalidState, "already joined".into()));
         }
@@ -532,14 +536,16 @@ impl Session {
             &self.claims.room,
             &participant,
             &name,
+            resume.as_deref(),
             self.outbound.clone(),
-            |room, mode, peers, chat| ServerMessage::Joined {
+            |room, mode, peers, chat, resume_token| ServerMessage::Joined {
                 participant_id: participant.to_string(),
                 room: room.to_owned(),
                 name: name.clone(),
                 mode,
                 peers,
                 chat,
+                resume_token: resume_token.to_owned(),
                 ice_servers: config.ice_servers.clone(),
                 max_video_bitrate: config.max_video_bitrate,
                 protocol: PROTOCOL_VERSION,

@@ -126,6 +126,15 @@ async function join(roomName, name) {
   current.on('modeChanged', () => renderStatus());
   current.on('chatMessage', (/** @type {import('./client.js').ChatMessage} */ m) => appendChat(m, current));
   current.on('error', (e) => showError(e));
+  current.on('reconnecting', () => {
+    statusLine.textContent = 'Connection lost. Reconnecting…';
+    statusLine.dataset.reconnecting = '';
+  });
+  current.on('reconnected', () => {
+    delete statusLine.dataset.reconnecting;
+    showError(null);
+    renderStatus();
+  });
   current.on('disconnected', ({ reason }) => {
     if (room !== current) return;
     reset();

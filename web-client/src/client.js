@@ -91,13 +91,20 @@
  *  - chatMessage         (ChatMessage)   also your own, once the server has it
  *  - localStream         (MediaStream)   local media captured, before joining
  *  - error               (ErrorEvent)
- *  - disconnected        ({reason: string, code?: number})
+ *  - reconnecting        ({reason: string})   the connection to the server was lost; retrying
+ *  - reconnected         ({})   back in the room (participants are announced again)
+ *  - disconnected        ({reason: string, code?: number})   for good: left, refused, or 30 s
+ *                                 of reconnecting failed
  */
 
 export const PROTOCOL_VERSION = 1;
 
 /** How long the first subscribe answer waits for local candidates before trickling the rest. */
 const SUBSCRIBE_GATHER_WAIT_MS = 500;
+/** How long the SDK keeps trying to get back into the room after losing the server. */
+const RECONNECT_WINDOW_MS = 30_000;
+/** Refusals a retry cannot fix. */
+const FATAL_CODES = ['name_taken', 'room_full', 'unauthorized', 'bad_request'];
 /** How often, during a switch, new-path tracks are checked for decoded media. */
 const LIVE_POLL_MS = 100;
 /**
@@ -197,7 +204,7 @@ export class Room extends Emitter {
   participants = new Map();
   /** @type {Map<string, Subscription>} the latest subscribe offer's sections, by mid */
   subscriptions = new Map();
-  /** @type {'new' | 'connecting' | 'joined' | 'closed'} */
+  /** @type {'new' | 'connecting' | 'joined' | 'reconnecting' | 'closed'} */
   state = 'new';
   /** The room's chat so far (the server keeps the latest 100 for those who join later). @type {ChatMessage[]} */
   chat = [];
@@ -230,6 +237,12 @@ export class Room extends Emitter {
   /** Sources of local tracks by track id. @type {Map<string, Source>} */
   #localSources = new Map();
   /** @type {MediaStream | null} */ #screenStream = null;
+  /** What a reconnect needs: where, who, and the secret that replaces our lost self. */
+  /** @type {{base: URL, room: string, name: string, joinTimeoutMs: number} | null} */
+  #session = null;
+  /** @type {string | null} */ #resumeToken = null;
+  /** Chat messages already announced, by `id@at`. @type {Set<string>} */
+  #chatSeen = new Set();
 
   /**
    * @param {string} serverUrl
@@ -253,6 +266,7 @@ export class Room extends Emitter {
         }
         this.emit('localStream', this.localStream);
       }
+      this.#session = { base, room, name, joinTimeoutMs };
       const token = await fetchToken(base, name, room);
       await this.#openSocket(base, token);
       await this.#join(name, joinTimeoutMs);
@@ -361,9 +375,13 @@ export class Room extends Emitter {
       ws.onerror = () => reject(new SwitchboardError('socket', `cannot open ${url.origin}/ws/signal`));
       ws.onclose = (ev) => {
         reject(new SwitchboardError('socket', `signaling socket closed (${ev.code})`));
-        this.#close(ev.reason || 'socket closed', true, ev.code);
+        if (this.#ws !== ws) return;
+        if (this.state === 'joined') this.#reconnect(ev.reason || `signaling socket closed (${ev.code})`);
+        else if (this.state === 'connecting') this.#close(ev.reason || 'socket closed', true, ev.code);
+        // While reconnecting, the attempt fails through `reject` and the next one follows.
       };
       ws.onmessage = (ev) => {
+        if (this.#ws !== ws) return;
         let msg;
         try {
           msg = JSON.parse(ev.data);
@@ -398,8 +416,61 @@ export class Room extends Emitter {
         resolve: (msg) => (clearTimeout(timer), resolve(msg)),
         reject: (err) => (clearTimeout(timer), reject(err)),
       };
-      this.#send({ type: 'join', name });
+      this.#send({ type: 'join', name, ...(this.#resumeToken ? { resume: this.#resumeToken } : {}) });
     });
+  }
+
+  /**
+   * Gets back into the room after the server was lost (network drop, server restart): drops
+   * the connections and remote participants, keeps local media, and rejoins with a fresh token
+   * and the resume secret, retrying for up to 30 s.
+   * @param {string} reason
+   */
+  async #reconnect(reason) {
+    const session = this.#session;
+    if (this.state !== 'joined' || !session) return;
+    this.state = 'reconnecting';
+    this.emit('reconnecting', { reason });
+    this.#dropRoomState();
+    const deadline = Date.now() + RECONNECT_WINDOW_MS;
+    let lastError = reason;
+    for (let attempt = 0; Date.now() < deadline; attempt++) {
+      await new Promise((r) => setTimeout(r, Math.min(250 * 2 ** attempt, 2000)));
+      if (this.state !== 'reconnecting') return;
+      try {
+        const token = await fetchToken(session.base, session.name, session.room);
+        await this.#openSocket(session.base, token);
+        await this.#join(session.name, Math.min(session.joinTimeoutMs, Math.max(1000, deadline - Date.now())));
+        this.emit('reconnected', {});
+        return;
+      } catch (err) {
+        lastError = err instanceof Error ? err.message : String(err);
+        const ws = this.#ws;
+        this.#ws = null;
+        ws?.close();
+        if (this.state !== 'reconnecting') return;
+        if (err instanceof SwitchboardError && FATAL_CODES.includes(err.code)) break;
+      }
+    }
+    this.#close(`could not reconnect: ${lastError}`, true);
+  }
+
+  /** Forgets everything about the room but the local media, for a reconnect. */
+  #dropRoomState() {
+    if (this.#livePoll) clearTimeout(this.#livePoll);
+    this.#livePoll = null;
+    const ws = this.#ws;
+    this.#ws = null;
+    if (ws) {
+      ws.onclose = ws.onmessage = ws.onerror = null;
+      ws.close();
+    }
+    this.#closeSfu();
+    for (const peerId of [...this.mesh.keys()]) this.#closeMeshLink(peerId);
+    for (const peerId of [...this.participants.keys()]) this.#removeParticipant(peerId);
+    this.switching = false;
+    this.#readySent = false;
+    this.#remoteMuted.clear();
   }
 
   /**
@@ -409,7 +480,7 @@ export class Room extends Emitter {
    */
   #close(reason, notify, code) {
     if (this.state === 'closed') return;
-    const wasJoined = this.state === 'joined';
+    const wasJoined = this.state === 'joined' || this.state === 'reconnecting';
     this.state = 'closed';
     this.#joinWaiter?.reject(new SwitchboardError('closed', reason));
     this.#joinWaiter = null;
@@ -494,7 +565,12 @@ export class Room extends Emitter {
     this.roomName = msg.room ?? null;
     this.name = msg.name ?? null;
     this.iceServers = Array.isArray(msg.iceServers) ? msg.iceServers : [];
+    this.#resumeToken = typeof msg.resumeToken === 'string' ? msg.resumeToken : null;
     this.mode = msg.mode === 'mesh' ? 'mesh' : 'sfu';
+    // The server knows nothing of mutes made before this join (or before a reconnect).
+    for (const track of this.localStream?.getTracks() ?? []) {
+      if (!track.enabled) this.#send({ type: 'mute', trackId: track.id, muted: true });
+    }
     if (this.mode === 'sfu') this.#startSfu();
     for (const peer of msg.peers ?? []) this.#addParticipant(peer.peerId, peer.name);
     for (const message of Array.isArray(msg.chat) ? msg.chat : []) this.#onChat(message);
@@ -564,6 +640,12 @@ export class Room extends Emitter {
 
   /** @param {any} msg */
   #onChat(msg) {
+    // A rejoin replays the history: show each message once. (A restarted server numbers
+    // from 1 again, hence the time in the key.)
+    const key = `${msg.id}@${msg.at}`;
+    if (this.#chatSeen.has(key)) return;
+    this.#chatSeen.add(key);
+    if (this.#chatSeen.size > 1000) this.#chatSeen.delete(/** @type {string} */ (this.#chatSeen.values().next().value));
     /** @type {ChatMessage} */
     const message = {
       id: Number(msg.id),
@@ -669,7 +751,21 @@ export class Room extends Emitter {
       }
     }
     for (const [key, remote] of wanted) {
-      if (this.#active.has(key)) continue;
+      const current = this.#active.get(key);
+      if (current) {
+        // Same track: what later descriptions or offers say about it may be news.
+        current.trackId = remote.trackId;
+        if (current.muted !== remote.muted) {
+          current.muted = remote.muted;
+          this.emit('trackMuted', {
+            peerId: current.peerId,
+            publicationId: current.publicationId,
+            source: current.source,
+            muted: current.muted,
+          });
+        }
+        continue;
+      }
       this.#active.set(key, remote);
       this.participants.get(remote.peerId)?.tracks.set(remote.publicationId, remote);
       this.emit('trackSubscribed', remote);
@@ -915,7 +1011,8 @@ export class Room extends Emitter {
     const collision = msg.type === 'offer' && (link.makingOffer || pc.signalingState !== 'stable');
     link.ignoreOffer = !link.polite && collision;
     if (link.ignoreOffer) return;
-    await pc.setRemoteDescription({ type: msg.type, sdp: msg.sdp });
+    // Before applying: `track` events fire while the description is applied, and what they
+    // announce must already know which section is which.
     link.remoteTracks = new Map();
     for (const info of Array.isArray(msg.tracks) ? msg.tracks : []) {
       if (info?.mid != null) link.remoteTracks.set(String(info.mid), info);
@@ -923,6 +1020,7 @@ export class Room extends Emitter {
         this.#remoteMuted.set(`${peerId}|${info.trackId}`, info.muted);
       }
     }
+    await pc.setRemoteDescription({ type: msg.type, sdp: msg.sdp });
     if (msg.type === 'offer') {
       this.#addLocalTracks(pc);
       await pc.setLocalDescription();

@@ -1,9 +1,9 @@
 // End-to-end test of the meeting app as a person uses it: the join form, an invite link, chat
-// (also for a late joiner), mute shown on the others, and leaving.
+// (also for a late joiner), mute shown on the others, leaving, and a server restart survived.
 // Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/app.mjs
 // Environment: see harness.mjs.
 import path from 'node:path';
-import { check, launchBrowser, openPage, outDir, run, startServer, step } from './harness.mjs';
+import { check, launchBrowser, openPage, outDir, restartServer, run, startServer, step } from './harness.mjs';
 
 const ROOM = 'Standup';
 const TOTAL_TIMEOUT_MS = 120_000;
@@ -147,6 +147,49 @@ async function main() {
     await Promise.all([waitForTiles(ann, 1), waitForTiles(bob, 1)]);
     check('when Cat leaves, Ann and Bob drop Cat\'s tile', true);
     check('Cat sees the join form again', await cat.locator('#join-form').isVisible());
+  });
+
+  await step('a server restart is survived by reconnecting', async () => {
+    for (const page of [ann, bob]) {
+      await page.evaluate(() => {
+        const w = /** @type {any} */ (window);
+        w.__events = [];
+        for (const type of ['reconnecting', 'reconnected', 'disconnected']) {
+          w.__switchboard.on(type, () => w.__events.push(type));
+        }
+      });
+    }
+    const { exitCode } = await restartServer();
+    const restartedAt = Date.now();
+    check('the server exits 0 on SIGTERM and starts again on the same port', exitCode === 0, `exit code ${exitCode}`);
+    for (const [page, name, other] of /** @type {[Page, string, string][]} */ ([[ann, 'Ann', 'Bob'], [bob, 'Bob', 'Ann']])) {
+      // Polled from here: the predicate reads stats, which is asynchronous.
+      const deadline = Date.now() + 30_000;
+      let back = false;
+      while (!back && Date.now() < deadline) {
+        back = await page.evaluate(async (otherName) => {
+          const room = /** @type {any} */ (window).__switchboard;
+          if (room?.state !== 'joined') return false;
+          const peer = [...room.participants.values()].find((p) => p.name === otherName);
+          const camera = peer && [...peer.tracks.values()].find((t) => t.kind === 'video');
+          if (!camera) return false;
+          for (const s of (await camera.receiver.getStats()).values()) {
+            if (s.type === 'inbound-rtp' && s.framesDecoded > 0) return true;
+          }
+          return false;
+        }, other);
+        if (!back) await new Promise((r) => setTimeout(r, 200));
+      }
+      const events = await page.evaluate(() => /** @type {any} */ (window).__events.join(' → '));
+      check(
+        `${name} reconnects by itself and decodes ${other}'s video again`,
+        back && events === 'reconnecting → reconnected',
+        `events: ${events}; back ${((Date.now() - restartedAt) / 1000).toFixed(1)} s after the restart`,
+      );
+    }
+    const errorShown = await ann.locator('#error').isVisible();
+    check('no error is left on screen after reconnecting', !errorShown, (await ann.locator('#error').textContent()) ?? '');
+    await ann.screenshot({ path: path.join(outDir, 'app-reconnected.png') });
   });
 }
 

@@ -89,11 +89,13 @@ function freePort() {
  * @param {string} logName  the log file in tests/out
  * @param {string[]} args
  */
-export async function startServer(logName, args) {
+export async function startServer(logName, args, port = 0) {
   if (!existsSync(serverBin)) throw new Error(`server binary not found: ${serverBin}`);
   mkdirSync(outDir, { recursive: true });
-  const port = await freePort();
-  const log = createWriteStream(path.join(outDir, logName));
+  port ||= await freePort();
+  // A restart (same port) appends to the first run's log.
+  const log = createWriteStream(path.join(outDir, logName), { flags: lastStart?.port === port ? 'a' : 'w' });
+  lastStart = { logName, args, port };
   serverLog = log;
   const child = spawn(serverBin, ['--bind', `127.0.0.1:${port}`, ...args], {
     cwd: repoRoot,
@@ -126,6 +128,23 @@ export async function startServer(logName, args) {
     await sleep(100);
   }
   throw new Error('GET /healthz did not answer 200 within 20 s');
+}
+
+/** @type {{logName: string, args: string[], port: number} | null} */
+let lastStart = null;
+
+/**
+ * Stops the server (SIGTERM) and starts it again on the same port with the same arguments, as
+ * an operator restarting it would.
+ * @returns {Promise<{exitCode: number | null, base: string}>}
+ */
+export async function restartServer() {
+  const start = lastStart;
+  if (!start) throw new Error('startServer() first');
+  const exitCode = await stopServer();
+  server = null;
+  const base = await startServer(start.logName, start.args, start.port);
+  return { exitCode, base };
 }
 
 /** Stops the server with SIGTERM; returns its exit code, or null when it had to be killed. */

@@ -1,5 +1,5 @@
-//! Chat through signaling: to everyone in the room, kept (bounded) for later joiners, length- and
-//! rate-limited with the documented errors.
+//! Room features beyond media: chat through signaling (to everyone in the room, kept for later
+//! joiners, length- and rate-limited with the documented errors) and resuming a lost connection.
 
 mod support;
 
@@ -105,6 +105,63 @@ async fn chat_is_length_and_rate_limited() -> Result<()> {
         delivered == 9 && refused == 3,
         "{delivered} delivered, {refused} refused"
     );
+    server.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_resumed_join_replaces_the_lost_connection_at_once() -> Result<()> {
+    let server = start_mesh_server(3, 10).await?;
+    let (mut ann, joined) = join(&server, "resume", "ann").await?;
+    let old_id = joined["participantId"].clone();
+    let token = joined["resumeToken"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(token.len() == 32, "a resume token: {joined}");
+    let (mut bob, _) = join(&server, "resume", "bob").await?;
+
+    // A wrong token resumes nothing: the name is still taken.
+    let mut impostor = connect(&server, "ann", "resume").await?;
+    send(
+        &mut impostor,
+        json!({"type": "join", "name": "ann", "resume": "0".repeat(32)}),
+    )
+    .await?;
+    let refused = recv_type(&mut impostor, "error", WAIT).await?;
+    ensure!(refused["code"] == "name_taken", "{refused}");
+
+    // Ann's client lost its socket (not yet noticed by the server) and comes back.
+    let mut again = connect(&server, "ann", "resume").await?;
+    send(
+        &mut again,
+        json!({"type": "join", "name": "ann", "resume": token}),
+    )
+    .await?;
+    let joined = recv_type(&mut again, "joined", WAIT).await?;
+    ensure!(joined["participantId"] != old_id, "{joined}");
+    ensure!(
+        joined["peers"].as_array().map(Vec::len) == Some(1),
+        "only bob is there: {joined}"
+    );
+    let left = recv_type(&mut bob, "peer_left", WAIT).await?;
+    ensure!(left["peerId"] == old_id, "{left}");
+    let arrived = recv_type(&mut bob, "peer_joined", WAIT).await?;
+    ensure!(arrived["peerId"] == joined["participantId"], "{arrived}");
+    // The old socket is closed by the server.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the old socket stays open"
+        );
+        if recv(&mut ann, Duration::from_millis(200))
+            .await
+            .is_err_and(|e| e.to_string().contains("closed"))
+        {
+            break;
+        }
+    }
     server.shutdown().await?;
     Ok(())
 }
