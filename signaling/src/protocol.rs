@@ -183,6 +183,13 @@ pub enum ClientMessage {
         /// Muted or not.
         muted: bool,
     },
+    /// A mesh connection cannot connect (no route between the peers): the room must use the SFU.
+    #[serde(rename = "mesh_failed")]
+    MeshFailed {
+        /// The participant it could not reach, for the logs.
+        #[serde(default)]
+        peer_id: Option<String>,
+    },
     /// A chat message to everyone in the room.
     Chat {
         /// 1 to [`MAX_CHAT_CHARS`] characters, not only whitespace.
@@ -196,7 +203,7 @@ pub enum ClientMessage {
 pub const MAX_CHAT_CHARS: usize = 1000;
 
 /// Every `type` a client may send, to tell an unknown type from a malformed known one.
-pub const CLIENT_TYPES: [&str; 8] = [
+pub const CLIENT_TYPES: [&str; 9] = [
     "join",
     "offer",
     "answer",
@@ -204,6 +211,7 @@ pub const CLIENT_TYPES: [&str; 8] = [
     "ready",
     "mute",
     "chat",
+    "mesh_failed",
     "leave",
 ];
 
@@ -273,6 +281,7 @@ impl ClientMessage {
             ClientMessage::Ready { .. } => "ready",
             ClientMessage::Mute { .. } => "mute",
             ClientMessage::Chat { .. } => "chat",
+            ClientMessage::MeshFailed { .. } => "mesh_failed",
             ClientMessage::Leave => "leave",
         }
     }

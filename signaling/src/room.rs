@@ -142,6 +142,8 @@ struct RoomState {
     hold_pending: bool,
     switches_to_sfu: u64,
     switches_to_mesh: u64,
+    /// Set when a mesh could not connect: the room stays in SFU mode for as long as it exists.
+    mesh_blocked: bool,
     /// The latest chat messages, oldest first, at most [`CHAT_HISTORY`].
     chat: VecDeque<ChatMessage>,
     chat_sent: u64,
@@ -468,8 +470,15 @@ impl Room {
             if let Some(room) = room.upgrade() {
                 let mut state = room.lock();
                 if state.switch_generation == generation && state.switch.is_some() {
-                    tracing::warn!(room = %room.name, "mode switch timed out waiting for `ready`");
-                    room.settle(&mut state);
+                    tracing::warn!(room = %room.name, mode = state.mode.as_str(), "mode switch timed out waiting for `ready`");
+                    if state.mode == Mode::Mesh {
+                        // The mesh did not come up (peers without a route to each other): the
+                        // SFU connections still work, so go back to them and stay there.
+                        state.mesh_blocked = true;
+                        room.begin_switch(&mut state, Mode::Sfu, None);
+                    } else {
+                        room.settle(&mut state);
+                    }
                 }
             }
         });
@@ -502,6 +511,23 @@ impl Room {
         }
     }
 
+    /// A participant's mesh connection cannot connect: the room switches to SFU and stays there.
+    pub fn mesh_failed(&self, participant: &ParticipantId, peer: Option<&str>) {
+        let mut state = self.lock();
+        if !state.members.iter().any(|m| &m.id == participant) || state.mesh_blocked {
+            return;
+        }
+        tracing::warn!(room = %self.name, %participant, peer, "a mesh connection failed: the room uses the SFU from now on");
+        state.mesh_blocked = true;
+        if state.hold_pending {
+            state.hold_pending = false;
+            state.hold_generation += 1;
+        }
+        if state.mode == Mode::Mesh {
+            self.begin_switch(&mut state, Mode::Sfu, None);
+        }
+    }
+
     /// After the room grew: switches to SFU when it outgrew mesh, and cancels a pending return
     /// to mesh.
     fn grew(&self, state: &mut RoomState, newcomer: &ParticipantId) {
@@ -526,6 +552,7 @@ impl Room {
         let mesh_max = self.policy.mesh_max;
         if state.mode != Mode::Sfu
             || mesh_max == 0
+            || state.mesh_blocked
             || count == 0
             || count > mesh_max
             || state.hold_pending
@@ -548,7 +575,11 @@ impl Room {
             }
             state.hold_pending = false;
             let count = state.members.len();
-            if state.mode == Mode::Sfu && count > 0 && count <= room.policy.mesh_max {
+            if state.mode == Mode::Sfu
+                && !state.mesh_blocked
+                && count > 0
+                && count <= room.policy.mesh_max
+            {
                 room.begin_switch(&mut state, Mode::Mesh, None);
             }
         });
@@ -593,6 +624,7 @@ impl Room {
             name: self.name.clone(),
             mode: state.mode.as_str(),
             switching: state.switch.is_some(),
+            mesh_blocked: state.mesh_blocked,
             switches_to_sfu: state.switches_to_sfu,
             switches_to_mesh: state.switches_to_mesh,
             participants,
@@ -614,6 +646,8 @@ pub struct RoomSnapshot {
     pub mode: &'static str,
     /// A switch waits for participants' `ready`.
     pub switching: bool,
+    /// A mesh failed here: the room stays in SFU mode.
+    pub mesh_blocked: bool,
     /// Switches from mesh to SFU so far.
     pub switches_to_sfu: u64,
     /// Switches from SFU to mesh so far.
@@ -739,6 +773,7 @@ impl RoomRegistry {
                         hold_pending: false,
                         switches_to_sfu: 0,
                         switches_to_mesh: 0,
+                        mesh_blocked: false,
                         chat: VecDeque::new(),
                         chat_sent: 0,
                     }),

@@ -34,6 +34,12 @@ const OUTBOUND_QUEUE: usize = 1024;
 /// flood a room.
 const RELAY_BURST: f64 = 100.0;
 const RELAY_PER_SECOND: f64 = 20.0;
+/// Bytes of SDP and candidates a participant may have relayed in a burst, and per second after
+/// it: a message count alone would let 64 KiB messages fill another participant's queue.
+const RELAY_BYTES_BURST: f64 = 512.0 * 1024.0;
+const RELAY_BYTES_PER_SECOND: f64 = 128.0 * 1024.0;
+/// What a relayed message costs beyond its SDP.
+const RELAY_MESSAGE_BYTES: usize = 256;
 /// Chat messages a participant may send in a burst, and per second after it.
 const CHAT_BURST: f64 = 10.0;
 const CHAT_PER_SECOND: f64 = 1.0;
@@ -83,12 +89,16 @@ impl Budget {
     }
 
     fn take(&mut self) -> bool {
+        self.take_n(1.0)
+    }
+
+    fn take_n(&mut self, n: f64) -> bool {
         let now = Instant::now();
         let earned = now.duration_since(self.refilled).as_secs_f64() * self.per_second;
         self.tokens = (self.tokens + earned).min(self.burst);
         self.refilled = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false
@@ -105,7 +115,10 @@ struct Session {
     sfu_events: Option<mpsc::UnboundedReceiver<SfuEvent>>,
     membership: Option<Membership>,
     relay_budget: Budget,
+    relay_bytes: Budget,
     chat_budget: Budget,
+    /// Set when the session must end once the current reply is out.
+    ending: bool,
 }
 
 type Refusal = (ErrorCode, String);
@@ -145,6 +158,8 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
         sfu_events: None,
         membership: None,
         relay_budget: Budget::new(RELAY_BURST, RELAY_PER_SECOND),
+        relay_bytes: Budget::new(RELAY_BYTES_BURST, RELAY_BYTES_PER_SECOND),
+        ending: false,
         chat_budget: Budget::new(CHAT_BURST, CHAT_PER_SECOND),
     };
     let mut liveness = tokio::time::interval(LIVENESS_CHECK);
@@ -175,7 +190,10 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
             Some(message) = outbound_rx.recv() => {
                 if let ServerMessage::Mode { mode, phase } = &message {
                     // Applied before the client hears of it: its next message may rely on it.
-                    session.apply_mode(*mode, *phase).await;
+                    if let Err((code, text)) = session.apply_mode(*mode, *phase).await {
+                        let _ = send_json(&mut sink, &ServerMessage::error(code, text, None)).await;
+                        break;
+                    }
                 }
                 if send_json(&mut sink, &message).await.is_err() {
                     break;
@@ -292,7 +310,11 @@ impl Session {
         if let Err((code, text)) = self.handle(message).await {
             tracing::debug!(?code, %text, kind, "refused a message");
             self.reply(ServerMessage::error(code, text, Some(kind)));
-            return Flow::Continue;
+            return if self.ending {
+                Flow::Leave
+            } else {
+                Flow::Continue
+            };
         }
         if kind == "leave" {
             Flow::Leave
@@ -315,11 +337,16 @@ impl Session {
         ))
     }
 
-    /// Hands `message` to participant `to`, within the relay budget.
+    /// Hands `message` to participant `to`, within the relay budgets.
     fn relay(&mut self, to: &str, message: ServerMessage) -> Result<(), Refusal> {
         let membership = self.membership()?;
         let (room, from) = (membership.room.clone(), membership.participant.clone());
-        if !self.relay_budget.take() {
+        let bytes = RELAY_MESSAGE_BYTES
+            + match &message {
+                ServerMessage::Offer { sdp, .. } | ServerMessage::Answer { sdp, .. } => sdp.len(),
+                _ => 0,
+            };
+        if !self.relay_budget.take() || !self.relay_bytes.take_n(bytes as f64) {
             return Err((
                 ErrorCode::RateLimited,
                 format!(
@@ -504,6 +531,13 @@ impl Session {
                 room.chat(&participant, text);
                 Ok(())
             }
+            ClientMessage::MeshFailed { peer_id } => {
+                let membership = self.membership()?;
+                membership
+                    .room
+                    .mesh_failed(&membership.participant, peer_id.as_deref());
+                Ok(())
+            }
             ClientMessage::Leave => Ok(()),
         }
     }
@@ -580,7 +614,9 @@ impl Session {
             (Mode::Sfu, Some(transports)) => self.attach_sfu(transports),
             (Mode::Sfu, None) => {
                 if let Err(refusal) = self.start_sfu().await {
+                    // `joined` is already queued: the client is told, and the socket closes.
                     self.leave().await;
+                    self.ending = true;
                     return Err(refusal);
                 }
             }
@@ -684,19 +720,20 @@ impl Session {
     }
 
     /// Follows the room's mode: SFU transports come up when a switch to SFU starts, and go once
-    /// the room has settled in mesh.
-    async fn apply_mode(&mut self, mode: Mode, phase: ModePhase) {
+    /// the room has settled in mesh. A participant whose transports cannot open cannot stay in
+    /// an SFU room: the error ends its session.
+    async fn apply_mode(&mut self, mode: Mode, phase: ModePhase) -> Result<(), Refusal> {
         match (mode, phase) {
             (Mode::Sfu, _) => {
-                if let Err((_, err)) = self.start_sfu().await {
-                    // The client keeps its mesh connections; it reports no `ready`, and the
-                    // switch settles by timeout.
+                if let Err((code, err)) = self.start_sfu().await {
                     tracing::error!(%err, "cannot open SFU transports for a switch");
+                    return Err((code, err));
                 }
             }
             (Mode::Mesh, ModePhase::Settled) => self.stop_sfu().await,
             (Mode::Mesh, ModePhase::Switching) => {}
         }
+        Ok(())
     }
 
     fn handle_sfu_event(&mut self, event: SfuEvent) -> Flow {

@@ -442,3 +442,105 @@ async fn a_participant_that_never_reports_ready_delays_the_switch_by_the_timeout
     server.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_failed_mesh_moves_the_room_to_sfu_for_good() -> Result<()> {
+    let server = start_mesh_server(3, 1).await?;
+    let (mut ann, _) = join(&server, "nat", "ann").await?;
+    let (mut bob, _) = join(&server, "nat", "bob").await?;
+    send(
+        &mut ann.ws,
+        json!({"type": "mesh_failed", "peerId": bob.id}),
+    )
+    .await?;
+    for peer in [&mut ann, &mut bob] {
+        expect_mode(peer, "sfu", "switching", WAIT).await?;
+        send(&mut peer.ws, json!({"type": "ready", "mode": "sfu"})).await?;
+    }
+    expect_mode(&mut ann, "sfu", "settled", WAIT).await?;
+    // Two participants, hold 1 s: a room that could mesh, but will not try again.
+    let seen = drain(&mut ann.ws, Duration::from_secs(2)).await;
+    ensure!(!seen.iter().any(|m| m["type"] == "mode"), "{seen:?}");
+    let room = room_json(&server, "nat").await?;
+    ensure!(
+        room["mode"] == "sfu" && room["meshBlocked"] == true,
+        "{room}"
+    );
+    server.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_switch_to_mesh_nobody_confirms_goes_back_to_sfu() -> Result<()> {
+    let server = start_mesh_server(2, 1).await?;
+    let (mut ann, _) = join(&server, "unreachable", "ann").await?;
+    let (mut bob, _) = join(&server, "unreachable", "bob").await?;
+    let (cat, _) = join(&server, "unreachable", "cat").await?;
+    for peer in [&mut ann, &mut bob] {
+        expect_mode(peer, "sfu", "switching", WAIT).await?;
+        send(&mut peer.ws, json!({"type": "ready", "mode": "sfu"})).await?;
+    }
+    expect_mode(&mut ann, "sfu", "settled", WAIT).await?;
+    // Bob stays alive and confirms SFU switches only, as a client whose mesh never connects.
+    let mut bob_ws = bob.ws;
+    let bob = tokio::spawn(async move {
+        loop {
+            match recv(&mut bob_ws, Duration::from_secs(1)).await {
+                Ok(m) if m["type"] == "mode" && m["mode"] == "sfu" && m["phase"] == "switching" => {
+                    let _ = send(&mut bob_ws, json!({"type": "ready", "mode": "sfu"})).await;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    if bob_ws
+                        .send(Message::Ping(Default::default()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    drop(cat);
+    expect_mode_patiently(&mut ann, "mesh", "switching", Duration::from_secs(5)).await?;
+    // Nobody reports `ready` for mesh: after the 10 s timeout the room returns to SFU.
+    expect_mode_patiently(&mut ann, "sfu", "switching", Duration::from_secs(13)).await?;
+    send(&mut ann.ws, json!({"type": "ready", "mode": "sfu"})).await?;
+    expect_mode(&mut ann, "sfu", "settled", WAIT).await?;
+    let room = room_json(&server, "unreachable").await?;
+    ensure!(
+        room["mode"] == "sfu" && room["meshBlocked"] == true && room["switchesToMesh"] == 1,
+        "{room}"
+    );
+    bob.abort();
+    server.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn relayed_bytes_are_limited_too() -> Result<()> {
+    let server = start_mesh_server(3, 10).await?;
+    let (mut ann, _) = join(&server, "bytes", "ann").await?;
+    let (bob, _) = join(&server, "bytes", "bob").await?;
+    let bob_id = bob.id.clone();
+    let bob = keep_alive(bob.ws);
+    let sdp = "a".repeat(60_000);
+    for _ in 0..12 {
+        send(
+            &mut ann.ws,
+            json!({"type": "offer", "peerId": bob_id, "sdp": sdp}),
+        )
+        .await?;
+    }
+    let refused = drain(&mut ann.ws, Duration::from_millis(500))
+        .await
+        .into_iter()
+        .filter(|m| m["code"] == "rate_limited")
+        .count();
+    // 512 KiB in a burst: eight 60 KB offers pass, the rest is refused.
+    ensure!(refused == 4, "{refused} of 12 large offers refused");
+    bob.abort();
+    server.shutdown().await?;
+    Ok(())
+}

@@ -79,6 +79,7 @@
  * @property {boolean} makingOffer
  * @property {boolean} ignoreOffer
  * @property {Map<string, TrackInfo>} remoteTracks  the peer's tracks by mid
+ * @property {boolean} [failed]  reported to the server as unable to connect
  *
  * Events (listener argument):
  *  - participantJoined   (Participant)
@@ -114,6 +115,10 @@ const LIVE_POLL_MS = 100;
  */
 const LIVE_MIN_FRAMES = 8;
 const LIVE_MIN_AUDIO_PACKETS = 10;
+/** ...or once it has shown media for this long, however slowly it arrives. */
+const LIVE_SLOW_MS = 1500;
+/** A mesh connection not connected this long after it was made cannot connect (no route). */
+const MESH_CONNECT_TIMEOUT_MS = 10_000;
 
 /** An error carrying a protocol error code (`name_taken`, `unauthorized`, ...). */
 export class SwitchboardError extends Error {
@@ -237,6 +242,11 @@ export class Room extends Emitter {
   /** Sources of local tracks by track id. @type {Map<string, Source>} */
   #localSources = new Map();
   /** @type {MediaStream | null} */ #screenStream = null;
+  #screenPending = false;
+  /** When the mode last changed: errors for messages that crossed it are expected. */
+  #modeChangedAt = 0;
+  /** When each track first showed decoded media. @type {WeakMap<MediaStreamTrack, number>} */
+  #firstMediaAt = new WeakMap();
   /** What a reconnect needs: where, who, and the secret that replaces our lost self. */
   /** @type {{base: URL, room: string, name: string, joinTimeoutMs: number} | null} */
   #session = null;
@@ -318,10 +328,15 @@ export class Room extends Emitter {
    */
   async startScreenShare(track) {
     if (this.state !== 'joined') throw new SwitchboardError('invalid_state', 'join a room first');
-    if (this.screenTrack) return;
+    if (this.screenTrack || this.#screenPending) return;
     if (!track) {
-      const display = await navigator.mediaDevices.getDisplayMedia({ video: true, audio: false });
-      track = display.getVideoTracks()[0];
+      this.#screenPending = true;
+      try {
+        const display = await navigator.mediaDevices.getDisplayMedia({ video: true, audio: false });
+        track = display.getVideoTracks()[0];
+      } finally {
+        this.#screenPending = false;
+      }
     }
     this.screenTrack = track;
     this.#screenStream = new MediaStream([track]);
@@ -591,9 +606,16 @@ export class Room extends Emitter {
       this.#joinWaiter.reject(new SwitchboardError(event.code, event.message, event.requestType));
       this.#joinWaiter = null;
     }
+    // The server refused a publish offer: roll it back so later changes can be offered.
+    if (event.code === 'invalid_sdp' && event.requestType === 'offer' && this.publishPc?.signalingState === 'have-local-offer') {
+      this.publishPc.setLocalDescription({ type: 'rollback' }).catch(() => {});
+    }
     // The SDK addresses only participants it knows: an unknown one has just left, and a message
-    // (a trickled candidate, say) crossed its `peer_left`. Nothing for the app to act on.
-    if (event.code === 'unknown_peer' && ['offer', 'answer', 'ice-candidate'].includes(event.requestType)) {
+    // (a trickled candidate, say) crossed its `peer_left`. Likewise a negotiation message that
+    // crossed a change of mode. Nothing for the app to act on.
+    const negotiation = ['offer', 'answer', 'ice-candidate'].includes(event.requestType);
+    const crossedModeChange = event.code === 'invalid_state' && Date.now() - this.#modeChangedAt < 3000;
+    if (negotiation && (event.code === 'unknown_peer' || crossedModeChange)) {
       console.debug(`switchboard: ${event.message}`);
       return;
     }
@@ -693,14 +715,26 @@ export class Room extends Emitter {
       this.switching = true;
       this.#readySent = false;
       // Make: bring up the new path beside the old one.
+      this.#modeChangedAt = Date.now();
       if (mode === 'sfu') this.#startSfu();
-      else for (const peerId of this.participants.keys()) if (this.#offersTo(peerId)) this.#meshLink(peerId);
+      else {
+        for (const peerId of this.participants.keys()) {
+          if (!this.#offersTo(peerId)) continue;
+          const existing = this.mesh.get(peerId);
+          // An offer made before a switch overtook this one may have been dropped: send it again.
+          const pc = existing?.pc;
+          if (pc && pc.signalingState === 'have-local-offer' && pc.localDescription) {
+            this.#send({ type: 'offer', peerId, sdp: pc.localDescription.sdp, tracks: this.#localTrackInfo(pc) });
+          } else this.#meshLink(peerId);
+        }
+      }
       this.emit('modeChanged', { mode, phase: 'switching' });
       this.#reconcile();
       return;
     }
     if (msg.phase === 'settled' && mode === this.mode) {
       this.switching = false;
+      this.#modeChangedAt = Date.now();
       // Break: the old path's connections go.
       if (mode === 'sfu') for (const peerId of [...this.mesh.keys()]) this.#closeMeshLink(peerId);
       else this.#closeSfu();
@@ -792,7 +826,11 @@ export class Room extends Emitter {
               const enough = count >= (c.kind === 'video' ? LIVE_MIN_FRAMES : LIVE_MIN_AUDIO_PACKETS);
               const last = this.#progress.get(c.track);
               this.#progress.set(c.track, count);
-              if (enough && last !== undefined && count > last) this.#live.add(c.track);
+              if (count > 0 && !this.#firstMediaAt.has(c.track)) this.#firstMediaAt.set(c.track, Date.now());
+              // A camera that is off sends about one black frame a second, and a still screen
+              // share hardly more: media that keeps arriving slowly counts after a while.
+              const slowButThere = count > 0 && Date.now() - (this.#firstMediaAt.get(c.track) ?? Date.now()) > LIVE_SLOW_MS;
+              if ((enough && last !== undefined && count > last) || slowButThere) this.#live.add(c.track);
             }
           } catch {
             // The connection closed meanwhile: the next reconcile drops the track.
@@ -979,12 +1017,36 @@ export class Room extends Emitter {
       }
     };
     pc.ontrack = () => this.#reconcile();
+    let restarted = false;
+    const giveUp = () => {
+      if (this.mesh.get(peerId) !== link || pc.connectionState === 'connected' || link.failed) return;
+      // Tell the server: the room moves to the SFU, which every participant can reach.
+      link.failed = true;
+      this.#send({ type: 'mesh_failed', peerId });
+    };
+    const watchdog = setTimeout(giveUp, MESH_CONNECT_TIMEOUT_MS);
     pc.onconnectionstatechange = () => {
-      if (pc.connectionState === 'failed' && this.mesh.get(peerId) === link) pc.restartIce();
+      if (this.mesh.get(peerId) !== link) return;
+      if (pc.connectionState === 'connected') clearTimeout(watchdog);
+      if (pc.connectionState === 'failed') {
+        if (restarted) giveUp();
+        else {
+          restarted = true;
+          pc.restartIce();
+        }
+      }
     };
     // The polite side adds its tracks when it answers, so the first exchange is one offer and
     // one answer rather than two colliding offers.
-    if (!link.polite) this.#addLocalTracks(pc);
+    if (!link.polite) {
+      this.#addLocalTracks(pc);
+      // Receive even what we do not send: an offer with no sections would never be made.
+      for (const kind of ['audio', 'video']) {
+        if (!pc.getTransceivers().some((t) => t.receiver.track.kind === kind)) {
+          pc.addTransceiver(kind, { direction: 'recvonly' });
+        }
+      }
+    }
     return link;
   }
 
