@@ -39,6 +39,11 @@ pub(crate) enum FanoutCommand {
         key: SubscriptionKey,
         seqs: Vec<u16>,
     },
+    /// Stop or resume forwarding to one subscription (its video is off screen).
+    Pause {
+        key: SubscriptionKey,
+        paused: bool,
+    },
 }
 
 /// Packets a video publication keeps for retransmission: several seconds at camera rates.
@@ -169,6 +174,14 @@ impl Fanout {
                     self.request_keyframe().await;
                 }
             }
+            FanoutCommand::Pause { key, paused } => {
+                if let Some(slot) = slots.iter_mut().find(|slot| slot.key == key) {
+                    slot.forwarder.set_paused(paused);
+                    if slot.forwarder.waiting_for_keyframe() {
+                        self.request_keyframe().await;
+                    }
+                }
+            }
         }
     }
 
@@ -222,7 +235,7 @@ impl Fanout {
                     Err(TrySendError::Closed(_)) => closed = true,
                 },
                 Err(DropReason::WaitingForKeyframe) => needs_keyframe = true,
-                Err(DropReason::NotNegotiated) => {}
+                Err(DropReason::NotNegotiated | DropReason::Paused) => {}
             }
         }
         if closed {

@@ -28,6 +28,8 @@ pub enum DropReason {
     NotNegotiated,
     /// Video waits for a keyframe after the subscription starts or after a loss.
     WaitingForKeyframe,
+    /// The subscriber paused this subscription (its video is off screen).
+    Paused,
 }
 
 /// What the subscriber negotiated for this subscription.
@@ -180,6 +182,7 @@ pub struct Forwarder {
     clock_rate: u32,
     params: Option<Box<ForwarderParams>>,
     waiting_for_keyframe: bool,
+    paused: bool,
     numbers: SeqTsMap,
     sent: Box<[Option<SentPacket>]>,
 }
@@ -194,6 +197,7 @@ impl Forwarder {
             clock_rate,
             params: None,
             waiting_for_keyframe: kind == MediaKind::Video,
+            paused: false,
             numbers: SeqTsMap::default(),
             sent: vec![None; SENT_HISTORY].into_boxed_slice(),
         }
@@ -231,6 +235,15 @@ impl Forwarder {
         self.waiting_for_keyframe
     }
 
+    /// Stops or resumes forwarding. Paused packets leave no hole in the outgoing sequence, and
+    /// resumed video starts at a keyframe.
+    pub fn set_paused(&mut self, paused: bool) {
+        if self.paused && !paused && self.kind == MediaKind::Video {
+            self.waiting_for_keyframe = true;
+        }
+        self.paused = paused;
+    }
+
     /// Marks that a packet this forwarder accepted was then lost on the way out (queue full):
     /// video must restart at a keyframe.
     pub fn lost_after_forward(&mut self) {
@@ -251,6 +264,10 @@ impl Forwarder {
             return Err(DropReason::NotNegotiated);
         };
         let source = &packet.header;
+        if self.paused {
+            self.numbers.skip(source.ssrc, source.sequence_number);
+            return Err(DropReason::Paused);
+        }
         if self.waiting_for_keyframe {
             if self.codec.is_keyframe_start(&packet.payload) {
                 self.waiting_for_keyframe = false;
@@ -473,6 +490,37 @@ mod tests {
             .forward(&packet(7, 13, &[0x10, 0x01]), now)
             .expect("then everything passes");
         assert_eq!(next.header.sequence_number, key.header.sequence_number + 1);
+    }
+
+    #[test]
+    fn a_paused_subscription_resumes_at_a_keyframe_without_a_hole() {
+        let mut forwarder = Forwarder::new(MediaKind::Video, "video/VP8", 90_000);
+        forwarder.configure(ForwarderParams::new(0xABCD, 100, &[], &[]));
+        let now = Instant::now();
+        let key = forwarder
+            .forward(&packet(7, 1, &[0x10, 0x00, 0xAA]), now)
+            .expect("keyframe");
+        forwarder.set_paused(true);
+        for seq in 2..50 {
+            assert_eq!(
+                forwarder.forward(&packet(7, seq, &[0x10, 0x00]), now).err(),
+                Some(DropReason::Paused),
+                "even keyframes wait while paused"
+            );
+        }
+        forwarder.set_paused(false);
+        assert_eq!(
+            forwarder.forward(&packet(7, 50, &[0x10, 0x01]), now).err(),
+            Some(DropReason::WaitingForKeyframe)
+        );
+        let resumed = forwarder
+            .forward(&packet(7, 51, &[0x10, 0x00, 0xBB]), now)
+            .expect("a keyframe resumes it");
+        assert_eq!(
+            resumed.header.sequence_number,
+            key.header.sequence_number + 1,
+            "the subscriber sees no gap to NACK"
+        );
     }
 
     #[test]

@@ -554,6 +554,23 @@ impl SubscribeTransport {
         Ok(())
     }
 
+    /// Stops or resumes forwarding `publication` to this participant (its video is off screen),
+    /// keeping the subscription and its media section; false when there is no such subscription.
+    pub async fn set_paused(&self, publication: &PublicationId, paused: bool) -> bool {
+        let Some(state) = self.subscriptions.get(publication) else {
+            return false;
+        };
+        state
+            .publication
+            .commands
+            .send(FanoutCommand::Pause {
+                key: state.key,
+                paused,
+            })
+            .await
+            .is_ok()
+    }
+
     /// Removes a subscription; its section goes inactive in the next offer.
     pub async fn unsubscribe(&mut self, publication: &PublicationId) -> Result<(), SfuError> {
         let Some(state) = self.subscriptions.remove(publication) else {

@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use prometheus_client::encoding::text::encode;
@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 use rust_embed::RustEmbed;
 use serde::Deserialize;
 use tokio::sync::watch;
+use tower_http::cors::{Any, CorsLayer};
 
 use crate::auth::TokenAuthority;
 use crate::config::Config;
@@ -88,6 +89,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/rooms", get(list_rooms))
         .route("/metrics", get(metrics))
         .fallback(get(web_client))
+        // Any page may embed the SDK: import /src/client.js and mint a token from its own origin
+        // (docs/sdk.md). No cookies are involved, so no credentials are allowed.
+        .layer(
+            CorsLayer::new()
+                .allow_origin(Any)
+                .allow_methods([Method::GET, Method::POST])
+                .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]),
+        )
         .with_state(state)
 }
 

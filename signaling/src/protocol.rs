@@ -190,6 +190,13 @@ pub enum ClientMessage {
         #[serde(default)]
         peer_id: Option<String>,
     },
+    /// Stop or resume receiving one publication through the server (its video is off screen).
+    Pause {
+        /// The publication, as named in `subscriptions`.
+        publication_id: String,
+        /// Paused or not.
+        paused: bool,
+    },
     /// A chat message to everyone in the room.
     Chat {
         /// 1 to [`MAX_CHAT_CHARS`] characters, not only whitespace.
@@ -203,7 +210,7 @@ pub enum ClientMessage {
 pub const MAX_CHAT_CHARS: usize = 1000;
 
 /// Every `type` a client may send, to tell an unknown type from a malformed known one.
-pub const CLIENT_TYPES: [&str; 9] = [
+pub const CLIENT_TYPES: [&str; 10] = [
     "join",
     "offer",
     "answer",
@@ -212,6 +219,7 @@ pub const CLIENT_TYPES: [&str; 9] = [
     "mute",
     "chat",
     "mesh_failed",
+    "pause",
     "leave",
 ];
 
@@ -282,6 +290,7 @@ impl ClientMessage {
             ClientMessage::Mute { .. } => "mute",
             ClientMessage::Chat { .. } => "chat",
             ClientMessage::MeshFailed { .. } => "mesh_failed",
+            ClientMessage::Pause { .. } => "pause",
             ClientMessage::Leave => "leave",
         }
     }

@@ -110,6 +110,8 @@ pub enum NegotiatorCommand {
     Answer(String),
     /// A candidate the participant trickled for its subscribe connection.
     Candidate(RTCIceCandidateInit),
+    /// Stop or resume forwarding one publication to the participant.
+    Pause(PublicationId, bool),
 }
 
 struct Published {
@@ -941,6 +943,10 @@ pub async fn run_negotiator(
                             ServerMessage::error(ErrorCode::InvalidSdp, err.to_string(), Some("answer")),
                         ),
                     }
+                }
+                Some(NegotiatorCommand::Pause(publication, paused)) => {
+                    // A publication that just ended has nothing left to pause: nothing to say.
+                    transport.set_paused(&publication, paused).await;
                 }
                 Some(NegotiatorCommand::Candidate(candidate)) => {
                     if let Err(err) = transport.add_ice_candidate(candidate).await {

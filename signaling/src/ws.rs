@@ -531,6 +531,19 @@ impl Session {
                 room.chat(&participant, text);
                 Ok(())
             }
+            ClientMessage::Pause {
+                publication_id,
+                paused,
+            } => {
+                let link = self.sfu_link()?;
+                link.negotiator
+                    .send(NegotiatorCommand::Pause(
+                        publication_id.as_str().into(),
+                        paused,
+                    ))
+                    .await
+                    .map_err(|_| (ErrorCode::Internal, "subscribe connection is gone".into()))
+            }
             ClientMessage::MeshFailed { peer_id } => {
                 let membership = self.membership()?;
                 membership

@@ -1,7 +1,10 @@
-// The Switchboard demo page: a join form and a grid of participant tiles.
-import { Room } from './client.js';
+// The Switchboard meeting app: a join screen with a camera preview, and a call screen with a
+// grid of tiles, a large stage for screen shares, chat, a participant list and a connection badge.
+import { Room, captureMedia, listDevices } from './client.js';
 
 /** @typedef {import('./client.js').RemoteTrack} RemoteTrack */
+/** @typedef {import('./client.js').ChatMessage} ChatMessage */
+/** @typedef {import('./client.js').ConnectionQuality} ConnectionQuality */
 
 /**
  * @typedef {object} Tile
@@ -16,17 +19,42 @@ const $ = (/** @type {string} */ id) => /** @type {HTMLElement} */ (document.get
 const form = /** @type {HTMLFormElement} */ ($('join-form'));
 const roomInput = /** @type {HTMLInputElement} */ ($('room'));
 const nameInput = /** @type {HTMLInputElement} */ ($('name'));
+const cameraSelect = /** @type {HTMLSelectElement} */ ($('camera-select'));
+const micSelect = /** @type {HTMLSelectElement} */ ($('mic-select'));
+const previewVideo = /** @type {HTMLVideoElement} */ ($('preview'));
 const grid = $('grid');
+const stage = $('stage');
+const stageVideo = /** @type {HTMLVideoElement} */ ($('stage-video'));
+const stageLabel = $('stage-label');
 const errorBox = $('error');
 const statusLine = $('status');
+const qualityBadge = $('quality');
 const controls = $('controls');
 const micButton = $('mic');
 const cameraButton = $('camera');
+const shareButton = $('share');
+const peopleToggle = $('people-toggle');
+const peoplePanel = $('people');
+const peopleList = $('people-list');
 const chatToggle = $('chat-toggle');
 const chatPanel = $('chat');
 const chatLog = $('chat-log');
 const chatForm = /** @type {HTMLFormElement} */ ($('chat-form'));
 const chatInput = /** @type {HTMLInputElement} */ ($('chat-input'));
+
+/** What people read for each error code; the code itself is shown too, for support. */
+const FRIENDLY_ERRORS = /** @type {Record<string, string>} */ ({
+  name_taken: 'Someone in this room already uses that name. Pick another one.',
+  room_full: 'This room is full.',
+  media_unavailable:
+    'Your camera or microphone is blocked or missing. Allow access in the browser to be seen and heard; you can still join to watch and listen.',
+  unreachable: 'Cannot reach the server. Check the address and your connection.',
+  socket: 'Lost the connection to the server.',
+  unauthorized: 'You are not allowed into this room.',
+  server_shutdown: 'The server is restarting.',
+  timeout: 'The server did not answer in time.',
+});
+const STORAGE = { room: 'switchboard.room', name: 'switchboard.name' };
 
 /** @type {Room | null} */
 let room = null;
@@ -34,32 +62,53 @@ let room = null;
 const tiles = new Map();
 /** @type {Tile | null} */
 let localTile = null;
+/** The preview's media, handed to the room on join. @type {MediaStream | null} */
+let preview = null;
+/** The preview being captured: a join waits for it. @type {Promise<void>} */
+let previewReady = Promise.resolve();
+/** Tiles scrolled out of view pause their video: in a large room only what is seen is received. */
+const visibility = new IntersectionObserver((entries) => {
+  for (const entry of entries) {
+    const peerId = /** @type {HTMLElement} */ (entry.target).dataset.peerId;
+    if (peerId) room?.pauseVideo(peerId, !entry.isIntersecting);
+  }
+});
 
 const params = new URLSearchParams(location.search);
-roomInput.value = params.get('room') ?? '';
-nameInput.value = params.get('name') ?? '';
+roomInput.value = params.get('room') ?? localStorage.getItem(STORAGE.room) ?? '';
+nameInput.value = params.get('name') ?? localStorage.getItem(STORAGE.name) ?? '';
 
 form.addEventListener('submit', (ev) => {
   ev.preventDefault();
   join(roomInput.value.trim(), nameInput.value.trim());
 });
+cameraSelect.addEventListener('change', () => startPreview());
+micSelect.addEventListener('change', () => startPreview());
 micButton.addEventListener('click', () => {
   if (!room) return;
   room.setMicrophoneEnabled(!room.microphoneEnabled);
   renderControls();
+  renderPeople();
 });
 cameraButton.addEventListener('click', () => {
   if (!room) return;
   room.setCameraEnabled(!room.cameraEnabled);
   renderControls();
 });
-$('leave').addEventListener('click', () => room?.leave());
-chatToggle.addEventListener('click', () => {
-  chatPanel.hidden = !chatPanel.hidden;
-  chatToggle.textContent = 'Chat';
-  chatToggle.setAttribute('aria-pressed', String(!chatPanel.hidden));
-  if (!chatPanel.hidden) chatInput.focus();
+shareButton.addEventListener('click', async () => {
+  if (!room) return;
+  try {
+    if (room.screenTrack) room.stopScreenShare();
+    else await room.startScreenShare();
+  } catch (err) {
+    // Closing the browser's picker is a choice, not an error.
+    if (!(err instanceof DOMException && err.name === 'NotAllowedError')) showError(/** @type {any} */ (err));
+  }
+  renderControls();
 });
+$('leave').addEventListener('click', () => room?.leave());
+chatToggle.addEventListener('click', () => togglePanel(chatPanel, chatToggle));
+peopleToggle.addEventListener('click', () => togglePanel(peoplePanel, peopleToggle));
 chatForm.addEventListener('submit', (ev) => {
   ev.preventDefault();
   const text = chatInput.value.trim();
@@ -68,8 +117,45 @@ chatForm.addEventListener('submit', (ev) => {
   chatInput.value = '';
 });
 
-if (roomInput.value && nameInput.value && params.get('autojoin') === '1') {
-  join(roomInput.value.trim(), nameInput.value.trim());
+const autojoin = roomInput.value && nameInput.value && params.get('autojoin') === '1';
+startPreview().then(() => {
+  if (autojoin) join(roomInput.value.trim(), nameInput.value.trim());
+});
+
+/** Shows the chosen (or default) camera and microphone before joining. */
+function startPreview() {
+  previewReady = previewReady.then(capturePreview);
+  return previewReady;
+}
+
+async function capturePreview() {
+  if (room) return;
+  for (const track of preview?.getTracks() ?? []) track.stop();
+  preview = null;
+  try {
+    preview = await captureMedia(micSelect.value || true, cameraSelect.value || true);
+    previewVideo.srcObject = preview;
+    showError(null);
+    await fillDeviceSelects();
+  } catch (err) {
+    previewVideo.srcObject = null;
+    showError(/** @type {any} */ (err));
+  }
+}
+
+async function fillDeviceSelects() {
+  const { cameras, microphones } = await listDevices();
+  const current = (/** @type {'audio' | 'video'} */ kind) => preview?.getTracks().find((t) => t.kind === kind)?.getSettings().deviceId;
+  for (const [select, devices, kind] of /** @type {[HTMLSelectElement, MediaDeviceInfo[], 'audio' | 'video'][]} */ ([
+    [cameraSelect, cameras, 'video'],
+    [micSelect, microphones, 'audio'],
+  ])) {
+    select.replaceChildren(
+      ...devices.map((d, i) => new Option(d.label || `${kind === 'video' ? 'Camera' : 'Microphone'} ${i + 1}`, d.deviceId)),
+    );
+    const active = current(kind);
+    if (active) select.value = active;
+  }
 }
 
 /**
@@ -77,10 +163,12 @@ if (roomInput.value && nameInput.value && params.get('autojoin') === '1') {
  * @param {string} name
  */
 async function join(roomName, name) {
-  if (!roomName || !name) return;
+  if (!roomName || !name || room) return;
   showError(null);
   setFormEnabled(false);
   statusLine.textContent = `Joining ${roomName}…`;
+  localStorage.setItem(STORAGE.room, roomName);
+  localStorage.setItem(STORAGE.name, name);
 
   const current = new Room();
   room = current;
@@ -88,33 +176,40 @@ async function join(roomName, name) {
   Object.assign(window, { __switchboard: current });
 
   current.on('localStream', (/** @type {MediaStream} */ stream) => {
-    localTile = createTile('local', `${name} (you)`, true);
-    localTile.video.srcObject = stream;
-    playMedia(localTile.video);
+    localTile ??= createTile('local', `${name} (you)`, true);
+    setTracks(localTile.video, stream.getVideoTracks());
   });
   current.on('participantJoined', (p) => {
     ensureTile(p.peerId, p.name);
     renderStatus();
+    renderPeople();
   });
   current.on('participantUpdated', (p) => {
     const tile = tiles.get(p.peerId);
     if (tile) tile.label.textContent = p.name;
+    renderPeople();
   });
   current.on('participantLeft', (p) => {
-    tiles.get(p.peerId)?.el.remove();
+    const gone = tiles.get(p.peerId);
+    if (gone) visibility.unobserve(gone.el);
+    gone?.el.remove();
     tiles.delete(p.peerId);
     renderStatus();
+    renderPeople();
+    renderStage();
   });
   current.on('trackSubscribed', (/** @type {RemoteTrack} */ t) => {
     const tile = ensureTile(t.peerId, current.participants.get(t.peerId)?.name ?? t.peerId);
     tile.tracks.set(t.publicationId, t);
     renderTileMedia(tile);
+    renderStage();
   });
   current.on('trackUnsubscribed', (/** @type {RemoteTrack} */ t) => {
     const tile = tiles.get(t.peerId);
     if (!tile || tile.tracks.get(t.publicationId) !== t) return;
     tile.tracks.delete(t.publicationId);
     renderTileMedia(tile);
+    renderStage();
   });
   current.on('trackMuted', ({ peerId, publicationId, muted }) => {
     const tile = tiles.get(peerId);
@@ -122,9 +217,20 @@ async function join(roomName, name) {
     if (!tile || !t) return;
     t.muted = muted;
     renderTileMedia(tile);
+    renderPeople();
+  });
+  current.on('activeSpeaker', ({ peerId }) => {
+    for (const [id, tile] of tiles) toggleAttr(tile.el, 'speaking', id === peerId);
+  });
+  current.on('connectionQuality', (/** @type {ConnectionQuality} */ q) => {
+    qualityBadge.hidden = false;
+    qualityBadge.dataset.quality = q.quality;
+    const rtt = q.rttMs == null ? '–' : `${q.rttMs} ms`;
+    qualityBadge.textContent = `${rtt} · ${q.lossPercent}% loss · ↑${q.sendKbps} ↓${q.receiveKbps} kbit/s`;
+    qualityBadge.title = `Connection ${q.quality}: round trip ${rtt}, ${q.lossPercent}% of incoming packets lost`;
   });
   current.on('modeChanged', () => renderStatus());
-  current.on('chatMessage', (/** @type {import('./client.js').ChatMessage} */ m) => appendChat(m, current));
+  current.on('chatMessage', (/** @type {ChatMessage} */ m) => appendChat(m, current));
   current.on('error', (e) => showError(e));
   current.on('reconnecting', () => {
     statusLine.textContent = 'Connection lost. Reconnecting…';
@@ -139,15 +245,23 @@ async function join(roomName, name) {
     if (room !== current) return;
     reset();
     statusLine.textContent = reason === 'left' ? 'You left the room.' : `Disconnected: ${reason}`;
+    startPreview();
   });
 
+  await previewReady;
+  if (room !== current) return;
+  const stream = preview;
+  preview = null;
+  previewVideo.srcObject = null;
   try {
-    await current.connect(location.origin, { room: roomName, name });
+    // Without camera and microphone (blocked), join to watch and listen.
+    await current.connect(location.origin, { room: roomName, name, stream: stream ?? undefined, audio: false, video: false });
   } catch (err) {
     if (room !== current) return;
     reset();
     statusLine.textContent = '';
     showError(/** @type {any} */ (err));
+    startPreview();
     return;
   }
   if (room !== current || current.state !== 'joined') return;
@@ -155,10 +269,44 @@ async function join(roomName, name) {
   controls.hidden = false;
   renderControls();
   renderStatus();
+  renderPeople();
+}
+
+function reset() {
+  room = null;
+  for (const tile of tiles.values()) {
+    visibility.unobserve(tile.el);
+    tile.el.remove();
+  }
+  tiles.clear();
+  localTile?.el.remove();
+  localTile = null;
+  chatLog.replaceChildren();
+  chatPanel.hidden = true;
+  peoplePanel.hidden = true;
+  chatToggle.textContent = 'Chat';
+  qualityBadge.hidden = true;
+  form.hidden = false;
+  controls.hidden = true;
+  renderStage();
+  setFormEnabled(true);
 }
 
 /**
- * @param {import('./client.js').ChatMessage} message
+ * @param {HTMLElement} panel
+ * @param {HTMLElement} button
+ */
+function togglePanel(panel, button) {
+  panel.hidden = !panel.hidden;
+  button.setAttribute('aria-pressed', String(!panel.hidden));
+  if (panel === chatPanel) {
+    chatToggle.textContent = 'Chat';
+    if (!panel.hidden) chatInput.focus();
+  }
+}
+
+/**
+ * @param {ChatMessage} message
  * @param {Room} current
  */
 function appendChat(message, current) {
@@ -179,20 +327,6 @@ function appendChat(message, current) {
   }
 }
 
-function reset() {
-  room = null;
-  chatLog.replaceChildren();
-  chatPanel.hidden = true;
-  chatToggle.textContent = 'Chat';
-  for (const tile of tiles.values()) tile.el.remove();
-  tiles.clear();
-  localTile?.el.remove();
-  localTile = null;
-  form.hidden = false;
-  controls.hidden = true;
-  setFormEnabled(true);
-}
-
 /**
  * @param {string} peerId
  * @param {string} name
@@ -203,6 +337,7 @@ function ensureTile(peerId, name) {
     tile = createTile('remote', name, false);
     tile.el.dataset.peerId = peerId;
     tiles.set(peerId, tile);
+    visibility.observe(tile.el);
   }
   return tile;
 }
@@ -242,8 +377,7 @@ function createTile(kind, name, first) {
 /** @param {Tile} tile */
 function renderTileMedia(tile) {
   const all = [...tile.tracks.values()];
-  const videos = all.filter((t) => t.kind === 'video');
-  const video = videos.find((t) => t.source === 'camera') ?? videos[0];
+  const video = all.find((t) => t.kind === 'video' && t.source === 'camera');
   const audios = all.filter((t) => t.kind === 'audio');
 
   setTracks(tile.video, video ? [video.track] : []);
@@ -251,6 +385,42 @@ function renderTileMedia(tile) {
 
   toggleAttr(tile.el, 'noVideo', !video || video.muted);
   toggleAttr(tile.el, 'micMuted', audios.some((t) => t.source === 'microphone' && t.muted));
+}
+
+/** Shows the latest remote screen share large, above the grid. */
+function renderStage() {
+  /** @type {{track: RemoteTrack, name: string} | null} */
+  let shown = null;
+  for (const tile of tiles.values()) {
+    for (const t of tile.tracks.values()) {
+      if (t.kind === 'video' && t.source === 'screen') shown = { track: t, name: tile.label.textContent ?? '' };
+    }
+  }
+  stage.hidden = !shown;
+  setTracks(stageVideo, shown ? [shown.track.track] : []);
+  stageLabel.textContent = shown ? `${shown.name}'s screen` : '';
+  document.body.toggleAttribute('data-stage', !!shown);
+}
+
+function renderPeople() {
+  if (!room) return;
+  const current = room;
+  const entries = [
+    { name: `${current.name ?? ''} (you)`, muted: !current.microphoneEnabled },
+    ...[...current.participants.values()].map((p) => ({
+      name: p.name,
+      muted: [...p.tracks.values()].some((t) => t.source === 'microphone' && t.muted),
+    })),
+  ];
+  peopleList.replaceChildren(
+    ...entries.map(({ name, muted }) => {
+      const li = document.createElement('li');
+      li.textContent = name;
+      if (muted) li.dataset.micMuted = '';
+      return li;
+    }),
+  );
+  peopleToggle.textContent = `People (${entries.length})`;
 }
 
 /**
@@ -273,7 +443,7 @@ function playMedia(el) {
     document.addEventListener(
       'click',
       () => {
-        for (const m of grid.querySelectorAll('video, audio')) {
+        for (const m of document.querySelectorAll('main video, main audio')) {
           /** @type {HTMLMediaElement} */ (m).play().catch(() => {});
         }
         renderStatus();
@@ -298,11 +468,13 @@ function showError(err) {
   if (!err) {
     errorBox.hidden = true;
     errorBox.textContent = '';
+    delete errorBox.dataset.code;
     return;
   }
-  const code = err.code ? ` (${err.code})` : '';
-  errorBox.textContent = `${err.message || 'Something went wrong'}${code}`;
-  errorBox.dataset.code = err.code ?? '';
+  const code = err.code ?? '';
+  const text = FRIENDLY_ERRORS[code] ?? err.message ?? 'Something went wrong.';
+  errorBox.textContent = code ? `${text} (${code})` : text;
+  errorBox.dataset.code = code;
   errorBox.hidden = false;
 }
 
@@ -325,8 +497,11 @@ function renderControls() {
   if (!room) return;
   const mic = room.microphoneEnabled;
   const cam = room.cameraEnabled;
+  const sharing = !!room.screenTrack;
   micButton.textContent = mic ? 'Mute mic' : 'Unmute mic';
   micButton.setAttribute('aria-pressed', String(mic));
   cameraButton.textContent = cam ? 'Stop camera' : 'Start camera';
   cameraButton.setAttribute('aria-pressed', String(cam));
+  shareButton.textContent = sharing ? 'Stop sharing' : 'Share screen';
+  shareButton.setAttribute('aria-pressed', String(sharing));
 }

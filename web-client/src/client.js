@@ -62,9 +62,18 @@
  * @typedef {object} ConnectOptions
  * @property {string} room
  * @property {string} name  used as userId for the token and as display name
- * @property {boolean} [audio=true]
- * @property {boolean} [video=true]
+ * @property {boolean | string} [audio=true]  false, true, or a microphone's deviceId
+ * @property {boolean | string} [video=true]  false, true, or a camera's deviceId
+ * @property {MediaStream} [stream]  local media already captured (a preview): used instead of
+ *   capturing, and stopped when the room is left
  * @property {number} [joinTimeoutMs=15000]
+ *
+ * @typedef {object} ConnectionQuality  Measured over the last two seconds, all connections.
+ * @property {number | null} rttMs  round-trip time to the server or the peers (the worst)
+ * @property {number} lossPercent  incoming packets lost
+ * @property {number} sendKbps
+ * @property {number} receiveKbps
+ * @property {'good' | 'fair' | 'poor'} quality
  *
  * @typedef {object} ChatMessage
  * @property {number} id  its number in the room, from 1
@@ -90,6 +99,8 @@
  *  - trackMuted          ({peerId, publicationId, source, muted})
  *  - modeChanged         ({mode, phase})   'mesh' | 'sfu', 'switching' | 'settled'
  *  - chatMessage         (ChatMessage)   also your own, once the server has it
+ *  - activeSpeaker       ({peerId: string | null})   the remote participant speaking loudest
+ *  - connectionQuality   (ConnectionQuality)   every two seconds
  *  - localStream         (MediaStream)   local media captured, before joining
  *  - error               (ErrorEvent)
  *  - reconnecting        ({reason: string})   the connection to the server was lost; retrying
@@ -251,6 +262,20 @@ export class Room extends Emitter {
   /** @type {{base: URL, room: string, name: string, joinTimeoutMs: number} | null} */
   #session = null;
   /** @type {string | null} */ #resumeToken = null;
+  /** A replacement track (another camera) keeps the id its first track was announced by. @type {WeakMap<MediaStreamTrack, string>} */
+  #announcedIds = new WeakMap();
+  /** @type {ReturnType<typeof setInterval> | null} */ #statsTimer = null;
+  /** Previous samples, for deltas: per connection, by stats id. @type {WeakMap<RTCPeerConnection, Map<string, any>>} */
+  #statsBefore = new WeakMap();
+  /** The previous inbound audio sample per remote track. @type {WeakMap<MediaStreamTrack, any>} */
+  #levelBefore = new WeakMap();
+  /** @type {string | null} */ #speaker = null;
+  #speakerSince = 0;
+  #statsTicks = 0;
+  /** Participants whose video the app does not show (off screen). @type {Set<string>} */
+  #videoPaused = new Set();
+  /** Publications the server was asked to pause. @type {Set<string>} */
+  #pauseSent = new Set();
   /** Chat messages already announced, by `id@at`. @type {Set<string>} */
   #chatSeen = new Set();
 
@@ -258,14 +283,14 @@ export class Room extends Emitter {
    * @param {string} serverUrl
    * @param {ConnectOptions} options
    */
-  async connect(serverUrl, { room, name, audio = true, video = true, joinTimeoutMs = 15000 }) {
+  async connect(serverUrl, { room, name, audio = true, video = true, stream: given, joinTimeoutMs = 15000 }) {
     if (this.state !== 'new') throw new Error('Room.connect may be called once');
     this.state = 'connecting';
     const base = new URL(serverUrl);
     try {
       // Media first: whichever mode the room is in, connections are made with the tracks in them.
-      if (audio || video) {
-        const stream = await captureMedia(audio, video);
+      if (given || audio || video) {
+        const stream = given ?? (await captureMedia(audio, video));
         if (this.state !== 'connecting') {
           for (const track of stream.getTracks()) track.stop();
           throw new SwitchboardError('closed', 'left while capturing media');
@@ -362,6 +387,157 @@ export class Room extends Emitter {
   }
 
   /**
+   * Switches to another microphone or camera (see `listDevices()`), on every connection at
+   * once, without renegotiating. Its mute state carries over.
+   * @param {'audioinput' | 'videoinput'} kind
+   * @param {string} deviceId
+   */
+  async setDevice(kind, deviceId) {
+    const audio = kind === 'audioinput';
+    const captured = await captureMedia(audio ? deviceId : false, audio ? false : deviceId);
+    const track = captured.getTracks()[0];
+    const stream = this.localStream ?? new MediaStream();
+    this.localStream = stream;
+    const old = stream.getTracks().find((t) => t.kind === track.kind);
+    if (old) {
+      track.enabled = old.enabled;
+      this.#announcedIds.set(track, this.#announcedId(old));
+    } else {
+      this.#localSources.set(track.id, audio ? 'microphone' : 'camera');
+    }
+    const connections = [this.publishPc, ...[...this.mesh.values()].map((l) => l.pc)];
+    for (const pc of connections) {
+      for (const sender of pc?.getSenders() ?? []) if (old && sender.track === old) await sender.replaceTrack(track);
+    }
+    if (old) {
+      stream.removeTrack(old);
+      old.stop();
+    }
+    stream.addTrack(track);
+    if (!old) {
+      // A kind not sent before: connections take it as a new track.
+      for (const link of this.mesh.values()) link.pc.addTrack(track, stream);
+      this.publishPc?.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
+    }
+    this.emit('localStream', stream);
+  }
+
+  /**
+   * Stops (or resumes) receiving a participant's video, for a tile that is off screen: in a
+   * large room only what is seen costs bandwidth and decoding. Through the server only (a mesh
+   * is small); remembered for the participant's later video too.
+   * @param {string} peerId
+   * @param {boolean} paused
+   */
+  pauseVideo(peerId, paused) {
+    if (paused) this.#videoPaused.add(peerId);
+    else this.#videoPaused.delete(peerId);
+    this.#applyPauses();
+  }
+
+  /** Tells the server which video subscriptions to pause, as far as that changed. */
+  #applyPauses() {
+    if (!this.publishPc && !this.subscribePc) return;
+    for (const sub of this.subscriptions.values()) {
+      if (sub.kind !== 'video') continue;
+      const want = this.#videoPaused.has(sub.peerId);
+      if (want === this.#pauseSent.has(sub.publicationId)) continue;
+      if (want) this.#pauseSent.add(sub.publicationId);
+      else this.#pauseSent.delete(sub.publicationId);
+      this.#send({ type: 'pause', publicationId: sub.publicationId, paused: want });
+    }
+  }
+
+  /** @param {MediaStreamTrack} track */
+  #announcedId(track) {
+    return this.#announcedIds.get(track) ?? track.id;
+  }
+
+  // --- stats: active speaker and connection quality -----------------------------------------
+
+  #startStats() {
+    if (this.#statsTimer) return;
+    this.#statsTimer = setInterval(() => {
+      this.#sampleStats().catch((err) => console.debug('switchboard: stats', err));
+    }, 500);
+  }
+
+  async #sampleStats() {
+    if (this.state !== 'joined') return;
+    const now = performance.now();
+    // Active speaker: the loudest remote microphone over the last half second.
+    let loudest = { peerId: /** @type {string | null} */ (null), level: 0 };
+    for (const remote of this.#active.values()) {
+      if (remote.kind !== 'audio' || remote.muted) continue;
+      // A connection closing meanwhile fails only its own sample.
+      const report = await remote.receiver.getStats().catch(() => new Map());
+      for (const s of report.values()) {
+        if (s.type !== 'inbound-rtp') continue;
+        const before = this.#levelBefore.get(remote.track);
+        this.#levelBefore.set(remote.track, s);
+        if (!before) continue;
+        const energy = (s.totalAudioEnergy ?? 0) - (before.totalAudioEnergy ?? 0);
+        const duration = (s.totalSamplesDuration ?? 0) - (before.totalSamplesDuration ?? 0);
+        const level = duration > 0 ? Math.sqrt(energy / duration) : 0;
+        if (level > loudest.level) loudest = { peerId: remote.peerId, level };
+      }
+    }
+    // About -40 dBFS: quieter is silence or room noise.
+    const speaking = loudest.level > 0.01 ? loudest.peerId : null;
+    if (speaking !== this.#speaker && (speaking || now - this.#speakerSince > 1500)) {
+      this.#speaker = speaking;
+      this.emit('activeSpeaker', { peerId: speaking });
+    }
+    if (speaking) this.#speakerSince = now;
+    if (++this.#statsTicks % 4 === 0) this.emit('connectionQuality', await this.#quality());
+  }
+
+  /** @returns {Promise<ConnectionQuality>} */
+  async #quality() {
+    let rtt = /** @type {number | null} */ (null);
+    let lost = 0;
+    let received = 0;
+    let sentBytes = 0;
+    let receivedBytes = 0;
+    let seconds = 0;
+    const pcs = [this.publishPc, this.subscribePc, ...[...this.mesh.values()].map((l) => l.pc)];
+    for (const pc of pcs) {
+      if (!pc || pc.connectionState === 'closed') continue;
+      const previous = this.#statsBefore.get(pc) ?? new Map();
+      this.#statsBefore.set(pc, previous);
+      const report = await pc.getStats().catch(() => new Map());
+      for (const s of report.values()) {
+        const key = s.id;
+        const before = previous.get(key);
+        if (s.type === 'candidate-pair' && s.nominated && s.currentRoundTripTime != null) {
+          rtt = Math.max(rtt ?? 0, s.currentRoundTripTime * 1000);
+        }
+        if (s.type !== 'inbound-rtp' && s.type !== 'outbound-rtp') continue;
+        previous.set(key, s);
+        if (!before) continue;
+        seconds = Math.max(seconds, (s.timestamp - before.timestamp) / 1000);
+        if (s.type === 'inbound-rtp') {
+          lost += Math.max(0, (s.packetsLost ?? 0) - (before.packetsLost ?? 0));
+          received += Math.max(0, (s.packetsReceived ?? 0) - (before.packetsReceived ?? 0));
+          receivedBytes += Math.max(0, (s.bytesReceived ?? 0) - (before.bytesReceived ?? 0));
+        } else {
+          sentBytes += Math.max(0, (s.bytesSent ?? 0) - (before.bytesSent ?? 0));
+        }
+      }
+    }
+    const lossPercent = received + lost > 0 ? (100 * lost) / (received + lost) : 0;
+    const kbps = (/** @type {number} */ bytes) => (seconds > 0 ? Math.round((bytes * 8) / seconds / 1000) : 0);
+    const quality = lossPercent > 5 || (rtt ?? 0) > 400 ? 'poor' : lossPercent > 1 || (rtt ?? 0) > 150 ? 'fair' : 'good';
+    return {
+      rttMs: rtt == null ? null : Math.round(rtt),
+      lossPercent: Math.round(lossPercent * 10) / 10,
+      sendKbps: kbps(sentBytes),
+      receiveKbps: kbps(receivedBytes),
+      quality,
+    };
+  }
+
+  /**
    * @param {'audio' | 'video'} kind
    * @param {boolean} enabled
    */
@@ -369,7 +545,7 @@ export class Room extends Emitter {
     for (const track of this.localStream?.getTracks() ?? []) {
       if (track.kind !== kind || track.enabled === enabled) continue;
       track.enabled = enabled;
-      this.#send({ type: 'mute', trackId: track.id, muted: !enabled });
+      this.#send({ type: 'mute', trackId: this.#announcedId(track), muted: !enabled });
     }
   }
 
@@ -500,6 +676,7 @@ export class Room extends Emitter {
     this.#joinWaiter?.reject(new SwitchboardError('closed', reason));
     this.#joinWaiter = null;
     if (this.#livePoll) clearTimeout(this.#livePoll);
+    if (this.#statsTimer) clearInterval(this.#statsTimer);
     const ws = this.#ws;
     if (ws) {
       ws.onclose = ws.onmessage = ws.onerror = null;
@@ -584,9 +761,10 @@ export class Room extends Emitter {
     this.mode = msg.mode === 'mesh' ? 'mesh' : 'sfu';
     // The server knows nothing of mutes made before this join (or before a reconnect).
     for (const track of this.localStream?.getTracks() ?? []) {
-      if (!track.enabled) this.#send({ type: 'mute', trackId: track.id, muted: true });
+      if (!track.enabled) this.#send({ type: 'mute', trackId: this.#announcedId(track), muted: true });
     }
     if (this.mode === 'sfu') this.#startSfu();
+    this.#startStats();
     for (const peer of msg.peers ?? []) this.#addParticipant(peer.peerId, peer.name);
     for (const message of Array.isArray(msg.chat) ? msg.chat : []) this.#onChat(message);
     this.#joinWaiter.resolve(msg);
@@ -772,7 +950,9 @@ export class Room extends Emitter {
     /** @type {Map<string, RemoteTrack>} */
     const wanted = new Map();
     for (const [key, { preferred, other }] of groups) {
-      const preferredLive = !!preferred && this.#live.has(preferred.track);
+      // A paused video decodes nothing, and is not shown anyway: it need not wait.
+      const paused = preferred?.kind === 'video' && preferred.path === 'sfu' && this.#videoPaused.has(preferred.peerId);
+      const preferredLive = !!preferred && (paused || this.#live.has(preferred.track));
       if (preferred && other && !preferredLive) waiting = true;
       const pick = preferred && (preferredLive || !other) ? preferred : (other ?? preferred);
       if (pick) wanted.set(key, pick);
@@ -888,6 +1068,7 @@ export class Room extends Emitter {
     this.publishPc = null;
     this.subscribePc = null;
     this.subscriptions = new Map();
+    this.#pauseSent.clear();
     this.#streamIdByMid.clear();
     this.#publishPending = false;
     for (const gate of Object.values(this.#candidateGate)) {
@@ -926,6 +1107,7 @@ export class Room extends Emitter {
     await iceGatheringComplete(pc, SUBSCRIBE_GATHER_WAIT_MS);
     if (this.state !== 'joined' || this.subscribePc !== pc) return;
     this.#sendDescription(pc, 'subscribe', { type: 'answer' });
+    this.#applyPauses();
     this.#reconcile();
   }
 
@@ -1160,8 +1342,8 @@ export class Room extends Emitter {
     for (const transceiver of pc.getTransceivers()) {
       const track = transceiver.sender.track;
       if (!track) continue;
-      const source = this.#localSources.get(track.id) ?? (track.kind === 'audio' ? 'microphone' : 'camera');
-      out.push({ trackId: track.id, source, mid: transceiver.mid, muted: !track.enabled });
+      const source = this.#localSources.get(this.#announcedId(track)) ?? (track.kind === 'audio' ? 'microphone' : 'camera');
+      out.push({ trackId: this.#announcedId(track), source, mid: transceiver.mid, muted: !track.enabled });
     }
     return out;
   }
@@ -1235,11 +1417,17 @@ function iceGatheringComplete(pc, maxWaitMs) {
  * @returns {Promise<string>}
  */
 async function fetchToken(base, userId, room) {
-  const res = await fetch(new URL('/auth/token', base), {
-    method: 'POST',
-    headers: { 'Content-Type': 'application/json' },
-    body: JSON.stringify({ userId, room }),
-  });
+  /** @type {Response} */
+  let res;
+  try {
+    res = await fetch(new URL('/auth/token', base), {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ userId, room }),
+    });
+  } catch (err) {
+    throw new SwitchboardError('unreachable', `cannot reach ${base.origin} (${err instanceof Error ? err.message : err})`);
+  }
   const body = await res.json().catch(() => null);
   if (!res.ok || typeof body?.token !== 'string') {
     const code = body?.error?.code ?? (res.status === 401 ? 'unauthorized' : 'bad_request');
@@ -1249,13 +1437,27 @@ async function fetchToken(base, userId, room) {
 }
 
 /**
- * @param {boolean} audio
- * @param {boolean} video
- * @returns {Promise<MediaStream>}
+ * The microphones and cameras this browser offers (labels appear once media access is granted).
+ * @returns {Promise<{microphones: MediaDeviceInfo[], cameras: MediaDeviceInfo[]}>}
  */
-async function captureMedia(audio, video) {
+export async function listDevices() {
+  const all = await navigator.mediaDevices.enumerateDevices();
+  return {
+    microphones: all.filter((d) => d.kind === 'audioinput'),
+    cameras: all.filter((d) => d.kind === 'videoinput'),
+  };
+}
+
+/**
+ * Captures camera and microphone, for a preview or for `connect({stream})`.
+ * @param {boolean | string} audio  false, true, or a microphone's deviceId
+ * @param {boolean | string} video  false, true, or a camera's deviceId
+ * @returns {Promise<MediaStream>}  fails with a SwitchboardError `media_unavailable`
+ */
+export async function captureMedia(audio, video) {
+  const constraint = (/** @type {boolean | string} */ v) => (typeof v === 'string' ? { deviceId: { exact: v } } : v);
   try {
-    return await navigator.mediaDevices.getUserMedia({ audio, video });
+    return await navigator.mediaDevices.getUserMedia({ audio: constraint(audio), video: constraint(video) });
   } catch (err) {
     const reason = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
     throw new SwitchboardError('media_unavailable', `cannot use camera or microphone (${reason})`);

@@ -1,16 +1,40 @@
-// End-to-end test of the meeting app as a person uses it: the join form, an invite link, chat
-// (also for a late joiner), mute shown on the others, leaving, and a server restart survived.
+// End-to-end test of the meeting app as a person uses it: the join screen (preview, devices,
+// remembered fields, invite link), chat (also for a late joiner), the active speaker, mute shown
+// on the others, the participant list, the connection badge, a screen share shown large, a
+// phone-sized window, understandable errors, leaving, and a server restart survived.
 // Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/app.mjs
 // Environment: see harness.mjs.
+import { readFileSync } from 'node:fs';
+import { createServer } from 'node:http';
 import path from 'node:path';
-import { check, launchBrowser, openPage, outDir, restartServer, run, startServer, step } from './harness.mjs';
+import { fileURLToPath } from 'node:url';
+import { check, launchBrowser, openPage, outDir, restartServer, run, sleep, startServer, step } from './harness.mjs';
 
 const ROOM = 'Standup';
-const TOTAL_TIMEOUT_MS = 120_000;
+const TOTAL_TIMEOUT_MS = 150_000;
 // What a person might type that must show as text, never as markup.
 const TRICKY = '<img src=x onerror="window.__pwned=1"> & "quotes" – ünïcödé';
 
 /** @typedef {import('playwright-core').Page} Page */
+
+/** Installed into pages: the browser's screen picker answers with a moving canvas. */
+function fakeScreenPicker() {
+  navigator.mediaDevices.getDisplayMedia = async () => {
+    const canvas = document.createElement('canvas');
+    canvas.width = 640;
+    canvas.height = 360;
+    const ctx = /** @type {CanvasRenderingContext2D} */ (canvas.getContext('2d'));
+    let n = 0;
+    setInterval(() => {
+      ctx.fillStyle = `hsl(${(n += 5) % 360}, 70%, 45%)`;
+      ctx.fillRect(0, 0, 640, 360);
+      ctx.fillStyle = '#fff';
+      ctx.font = '40px sans-serif';
+      ctx.fillText(`Shared screen, frame ${n / 5}`, 40, 190);
+    }, 66);
+    return canvas.captureStream(15);
+  };
+}
 
 /**
  * Joins through the form the page shows.
@@ -33,6 +57,29 @@ async function joinFromForm(page, name, room) {
  */
 const waitForTiles = (page, count) =>
   page.waitForFunction((n) => document.querySelectorAll('.tile.remote').length === n, count, { timeout: 20_000 });
+
+/**
+ * Resolves true when `predicate(arg)` holds in the page within `timeoutMs`, false otherwise.
+ * @template T
+ * @param {Page} page
+ * @param {(arg: T) => boolean} predicate
+ * @param {T} arg
+ * @param {number} [timeoutMs]
+ */
+const eventually = (page, predicate, arg, timeoutMs = 10_000) =>
+  page
+    .waitForFunction(predicate, arg, { timeout: timeoutMs })
+    .then(() => true)
+    .catch(() => false);
+
+/**
+ * The data attributes of the remote tile labelled `name`, or null.
+ * @param {string} name
+ */
+function tileState(name) {
+  const tile = [...document.querySelectorAll('.tile.remote')].find((t) => t.querySelector('.label')?.textContent === name);
+  return tile ? { ...(/** @type {HTMLElement} */ (tile).dataset) } : null;
+}
 
 /**
  * Sends a chat message through the chat panel.
@@ -64,7 +111,20 @@ async function main() {
   if (!started) return;
   await launchBrowser();
 
-  const ann = await openPage('ann', base, `${base}/`);
+  const ann = await openPage('ann', base, `${base}/`, fakeScreenPicker);
+  await step('the join screen previews the camera', async () => {
+    const shown = await eventually(ann, () => {
+      const video = /** @type {HTMLVideoElement} */ (document.getElementById('preview'));
+      return video.readyState >= 2 && video.videoWidth > 0;
+    }, null);
+    const devices = await ann.evaluate(() => ({
+      cameras: /** @type {HTMLSelectElement} */ (document.getElementById('camera-select')).options.length,
+      microphones: /** @type {HTMLSelectElement} */ (document.getElementById('mic-select')).options.length,
+    }));
+    check('the join screen shows a live camera preview before joining', shown);
+    check('the camera and microphone can be chosen', devices.cameras >= 1 && devices.microphones >= 1, JSON.stringify(devices));
+    await ann.screenshot({ path: path.join(outDir, 'app-join.png') });
+  });
   await step('join from the form', async () => {
     await joinFromForm(ann, 'Ann', ROOM);
     check('Ann joins by typing room and name into the form', await ann.locator('#join-form').isHidden());
@@ -78,7 +138,7 @@ async function main() {
   await step('two pages see each other', async () => {
     await Promise.all([waitForTiles(ann, 1), waitForTiles(bob, 1)]);
     const labels = [await ann.locator('.tile.remote .label').textContent(), await bob.locator('.tile.remote .label').textContent()];
-    check('Ann and Bob each see the other\'s tile, by name', labels[0] === 'Bob' && labels[1] === 'Ann', labels.join(', '));
+    check("Ann and Bob each see the other's tile, by name", labels[0] === 'Bob' && labels[1] === 'Ann', labels.join(', '));
   });
 
   await step('chat', async () => {
@@ -106,47 +166,140 @@ async function main() {
     const lines = await chatLines(cat);
     check('Cat, joining later, sees the chat so far', lines[0] === `Ann: ${TRICKY}` && lines[1] === 'Bob: hi Ann', lines.join(' | '));
     await cat.screenshot({ path: path.join(outDir, 'app-chat.png') });
+    await cat.click('#chat-toggle');
+  });
+
+  await step('the active speaker is highlighted', async () => {
+    await waitForTiles(cat, 2);
+    // Only Ann's (fake, beeping) microphone stays on.
+    await bob.click('#mic');
+    await cat.click('#mic');
+    const onCat = await eventually(cat, (n) => {
+      const tile = [...document.querySelectorAll('.tile.remote')].find((t) => t.querySelector('.label')?.textContent === n);
+      return !!tile && 'speaking' in /** @type {HTMLElement} */ (tile).dataset;
+    }, 'Ann');
+    const bobNotSpeaking = await cat.evaluate(tileState, 'Bob');
+    check("Ann, the only one with sound, is highlighted as the speaker on Cat's page", onCat && !('speaking' in (bobNotSpeaking ?? {})));
+    await bob.click('#mic');
+    await cat.click('#mic');
   });
 
   await step('mute shows on the others', async () => {
-    await waitForTiles(cat, 2);
     await ann.click('#mic');
     await ann.click('#camera');
     for (const [page, name] of /** @type {[Page, string][]} */ ([[bob, 'Bob'], [cat, 'Cat']])) {
-      const shown = await page
-        .waitForFunction(
-          () => {
-            const tile = [...document.querySelectorAll('.tile.remote')].find((t) => t.querySelector('.label')?.textContent === 'Ann');
-            return !!tile && 'micMuted' in /** @type {HTMLElement} */ (tile).dataset && 'noVideo' in /** @type {HTMLElement} */ (tile).dataset;
-          },
-          null,
-          { timeout: 10_000 },
-        )
-        .then(() => true)
-        .catch(() => false);
+      const shown = await eventually(page, (n) => {
+        const tile = [...document.querySelectorAll('.tile.remote')].find((t) => t.querySelector('.label')?.textContent === n);
+        const data = /** @type {HTMLElement | undefined} */ (tile)?.dataset;
+        return !!data && 'micMuted' in data && 'noVideo' in data;
+      }, 'Ann');
       check(`${name} sees Ann's microphone muted and camera off`, shown);
     }
+    await bob.click('#people-toggle');
+    const listed = await eventually(bob, () => {
+      const items = [...document.querySelectorAll('#people-list li')];
+      const ann = items.find((li) => li.textContent === 'Ann');
+      return items.length === 3 && !!ann && 'micMuted' in /** @type {HTMLElement} */ (ann).dataset;
+    }, null);
+    check('the participant list shows all three, Ann as muted', listed, (await bob.locator('#people-list').textContent()) ?? '');
     await ann.click('#mic');
-    const unmuted = await bob
-      .waitForFunction(
-        () => {
-          const tile = [...document.querySelectorAll('.tile.remote')].find((t) => t.querySelector('.label')?.textContent === 'Ann');
-          return !!tile && !('micMuted' in /** @type {HTMLElement} */ (tile).dataset);
-        },
-        null,
-        { timeout: 10_000 },
-      )
-      .then(() => true)
-      .catch(() => false);
+    await ann.click('#camera');
+    const unmuted = await eventually(bob, (n) => {
+      const tile = [...document.querySelectorAll('.tile.remote')].find((t) => t.querySelector('.label')?.textContent === n);
+      return !!tile && !('micMuted' in /** @type {HTMLElement} */ (tile).dataset);
+    }, 'Ann');
     check('Bob sees Ann unmute', unmuted);
-    await bob.screenshot({ path: path.join(outDir, 'app-muted.png') });
+    await bob.click('#people-toggle');
+  });
+
+  await step('the connection badge shows round trip, loss and bitrate', async () => {
+    const shown = await eventually(bob, () => {
+      const m = /(\d+) ms · [\d.]+% loss · ↑(\d+) ↓(\d+) kbit\/s/.exec(document.getElementById('quality')?.textContent ?? '');
+      // Two cameras and microphones arrive, one of each leaves: hundreds of kbit/s both ways.
+      return !!m && Number(m[2]) > 100 && Number(m[3]) > 100;
+    }, null);
+    check('Bob sees a connection badge with round trip, loss and bitrate', shown, (await bob.textContent('#quality')) ?? '');
+  });
+
+  await step('a screen share is shown large on the others', async () => {
+    await ann.click('#share');
+    for (const [page, name] of /** @type {[Page, string][]} */ ([[bob, 'Bob'], [cat, 'Cat']])) {
+      const large = await eventually(page, () => {
+        const stage = document.getElementById('stage');
+        const video = /** @type {HTMLVideoElement} */ (document.getElementById('stage-video'));
+        const tile = document.querySelector('.tile');
+        if (!stage || stage.hidden || !tile || video.videoWidth === 0) return false;
+        return stage.getBoundingClientRect().width > 1.5 * tile.getBoundingClientRect().width;
+      }, null, 20_000);
+      const label = await page.textContent('#stage-label');
+      check(`${name} sees Ann's screen share large, above the tiles`, large && label === "Ann's screen", label ?? '');
+    }
+    await bob.screenshot({ path: path.join(outDir, 'app-screen-share.png') });
+    check("Ann's share button says how to stop", (await ann.textContent('#share')) === 'Stop sharing');
+    await ann.click('#share');
+    const gone = await eventually(bob, () => !!document.getElementById('stage')?.hidden, null);
+    check('when Ann stops sharing, the stage goes away', gone);
+  });
+
+  await step('a phone-sized window', async () => {
+    await cat.setViewportSize({ width: 390, height: 844 });
+    await sleep(300);
+    const fits = await cat.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth);
+    await cat.screenshot({ path: path.join(outDir, 'app-phone.png') });
+    check('the call fits a 390 px wide window without sideways scrolling', fits);
+  });
+
+  await step('controls are reachable and named', async () => {
+    const names = await ann.$$eval('#controls button', (buttons) => buttons.map((b) => b.textContent?.trim() ?? ''));
+    await ann.focus('#mic');
+    await ann.keyboard.press('Enter');
+    const toggled = await ann.evaluate(() => /** @type {any} */ (window).__switchboard.microphoneEnabled === false);
+    await ann.keyboard.press('Enter');
+    check('every control is a named button, and the keyboard works them', names.every(Boolean) && toggled, names.join(', '));
+  });
+
+  await step('a taken name gets an understandable error', async () => {
+    const dup = await openPage('dup', base, `${base}/?room=${ROOM}&name=ANN&autojoin=1`);
+    const shown = await eventually(dup, () => /already uses that name/.test(document.getElementById('error')?.textContent ?? ''), null, 15_000);
+    check('a taken name says so in words (and shows the code)', shown, (await dup.textContent('#error')) ?? '');
+    await dup.context().close();
   });
 
   await step('leave removes the tile', async () => {
     await cat.click('#leave');
     await Promise.all([waitForTiles(ann, 1), waitForTiles(bob, 1)]);
-    check('when Cat leaves, Ann and Bob drop Cat\'s tile', true);
+    check("when Cat leaves, Ann and Bob drop Cat's tile", true);
     check('Cat sees the join form again', await cat.locator('#join-form').isVisible());
+    await cat.goto(`${base}/`);
+    const remembered = [await cat.inputValue('#room'), await cat.inputValue('#name')];
+    check('the join form remembers the room and name', remembered[0] === ROOM && remembered[1] === 'Cat', remembered.join(', '));
+  });
+
+  await step('the embedding example of docs/sdk.md works from another origin', async () => {
+    const doc = readFileSync(path.join(path.dirname(fileURLToPath(import.meta.url)), '../../docs/sdk.md'), 'utf8');
+    const snippet = /```html\n([\s\S]*?)```/.exec(doc)?.[1];
+    if (!snippet) throw new Error('no html example in docs/sdk.md');
+    const html = `<!doctype html><meta charset="utf-8"><title>Embed</title>\n${snippet.replaceAll('http://127.0.0.1:8080', base)}`;
+    // Another origin (another port): the page a developer would paste the example into.
+    const site = createServer((_req, res) => res.writeHead(200, { 'Content-Type': 'text/html' }).end(html));
+    await new Promise((resolve) => site.listen(0, '127.0.0.1', () => resolve(undefined)));
+    const address = /** @type {import('node:net').AddressInfo} */ (site.address());
+    try {
+      const host = await openPage('embed-host', base, `${base}/?room=demo&name=Host&autojoin=1`);
+      const guest = await openPage('embed-guest', base, `http://127.0.0.1:${address.port}/`);
+      const plays = await eventually(guest, () => {
+        const video = /** @type {HTMLVideoElement | null} */ (document.querySelector('#switchboard video'));
+        return !!video && video.videoWidth > 0 && !video.paused;
+      }, null, 20_000);
+      const audio = await guest.evaluate(() => document.querySelectorAll('#switchboard audio').length);
+      check("the pasted example shows the other participant's video (and adds its audio)", plays && audio === 1, `audio elements: ${audio}`);
+      const seen = await eventually(host, () => document.querySelectorAll('.tile.remote').length === 1, null);
+      check('the app sees the embedded guest', seen);
+      await guest.context().close();
+      await host.context().close();
+    } finally {
+      site.close();
+    }
   });
 
   await step('a server restart is survived by reconnecting', async () => {
@@ -178,13 +331,13 @@ async function main() {
           }
           return false;
         }, other);
-        if (!back) await new Promise((r) => setTimeout(r, 200));
+        if (!back) await sleep(200);
       }
       const events = await page.evaluate(() => /** @type {any} */ (window).__events.join(' → '));
       check(
         `${name} reconnects by itself and decodes ${other}'s video again`,
         back && events === 'reconnecting → reconnected',
-        `events: ${events}; back ${((Date.now() - restartedAt) / 1000).toFixed(1)} s after the restart`,
+        `events: ${events}; back ${((Date.now() - restartedAt) / 1000).toFixed(1)} s after the restarted server answered`,
       );
     }
     const errorShown = await ann.locator('#error').isVisible();

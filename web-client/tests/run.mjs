@@ -275,6 +275,47 @@ async function main() {
     ),
   );
 
+  // Large rooms: a tile scrolled out of view stops receiving video, and resumes when seen.
+  await step('off-screen tiles pause their video', async () => {
+    const page = pages[0];
+    await page.setViewportSize({ width: 1000, height: 300 });
+    const offscreenNames = () =>
+      page.evaluate(() =>
+        [...document.querySelectorAll('.tile.remote')]
+          .filter((t) => t.getBoundingClientRect().top >= window.innerHeight)
+          .map((t) => t.querySelector('.label')?.textContent ?? ''),
+      );
+    const hidden = await offscreenNames();
+    if (hidden.length === 0 || hidden.length === PAGES - 1) throw new Error(`layout: ${hidden.length} tiles off screen`);
+    await sleep(1000);
+    // @ts-ignore
+    const before = await page.evaluate(() => window.__e2eRemoteStats());
+    await sleep(1500);
+    // @ts-ignore
+    const after = await page.evaluate(() => window.__e2eRemoteStats());
+    const frames = (/** @type {any} */ s, /** @type {string} */ n) => s[n]?.video?.framesDecoded ?? 0;
+    const others = names.filter((n) => n !== names[0]);
+    const detail = others.map((n) => `${n}${hidden.includes(n) ? ' (off screen)' : ''} ${frames(before, n)} -> ${frames(after, n)}`).join(', ');
+    check(
+      `${names[0]} receives no video for tiles off screen, and keeps receiving the others`,
+      others.every((n) => (hidden.includes(n) ? frames(after, n) === frames(before, n) : frames(after, n) > frames(before, n))),
+      detail,
+    );
+    await page.evaluate((n) => {
+      const tile = [...document.querySelectorAll('.tile.remote')].find((t) => t.querySelector('.label')?.textContent === n);
+      tile?.scrollIntoView();
+    }, hidden[0]);
+    const t0 = performance.now();
+    let resumed = false;
+    while (!resumed && performance.now() - t0 < 5000) {
+      await sleep(100);
+      // @ts-ignore
+      resumed = frames(await page.evaluate(() => window.__e2eRemoteStats()), hidden[0]) > frames(after, hidden[0]);
+    }
+    check(`${hidden[0]}'s video resumes when its tile is scrolled into view`, resumed, `after ${Math.round(performance.now() - t0)} ms`);
+    await page.setViewportSize({ width: 1000, height: 760 });
+  });
+
   // A participant leaves: the others must drop its tile within 10 s.
   const leaver = names[PAGES - 1];
   await pages[PAGES - 1].context().close();
