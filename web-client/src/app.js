@@ -139,7 +139,8 @@ async function capturePreview() {
     await fillDeviceSelects();
   } catch (err) {
     previewVideo.srcObject = null;
-    showError(/** @type {any} */ (err));
+    // A failed join says more than a preview that could not start again after it.
+    if (errorBox.hidden) showError(/** @type {any} */ (err));
   }
 }
 

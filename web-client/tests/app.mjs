@@ -258,6 +258,52 @@ async function main() {
     check('every control is a named button, and the keyboard works them', names.every(Boolean) && toggled, names.join(', '));
   });
 
+  await step('another camera can be picked during the call', async () => {
+    const switched = await ann.evaluate(async () => {
+      const room = /** @type {any} */ (window).__switchboard;
+      const { cameras } = await (await import('/src/client.js')).listDevices();
+      // The last fake camera (see harness.mjs).
+      const other = cameras[cameras.length - 1];
+      if (cameras.length < 2) return { cameras: cameras.length };
+      await room.setDevice('videoinput', other.deviceId);
+      return { cameras: cameras.length, now: room.localStream.getVideoTracks()[0].getSettings().deviceId === other.deviceId };
+    });
+    // Bob keeps decoding Ann's video, now from the other camera.
+    const frames = () =>
+      bob.evaluate(async () => {
+        const room = /** @type {any} */ (window).__switchboard;
+        const ann = [...room.participants.values()].find((p) => p.name === 'Ann');
+        const camera = ann && [...ann.tracks.values()].find((t) => t.kind === 'video' && t.source === 'camera');
+        if (!camera) return 0;
+        for (const s of (await camera.receiver.getStats()).values()) if (s.type === 'inbound-rtp') return s.framesDecoded;
+        return 0;
+      });
+    const before = await frames();
+    await sleep(1500);
+    const after = await frames();
+    check('Ann switches to another camera and Bob keeps seeing her', !!switched.now && after > before, `${JSON.stringify(switched)}, Bob's frames ${before} -> ${after}`);
+  });
+
+  await step('a blocked camera or an unreachable server is explained', async () => {
+    const denied = await openPage('denied', base, `${base}/?room=${ROOM}`, () => {
+      navigator.mediaDevices.getUserMedia = async () => {
+        throw new DOMException('Permission denied', 'NotAllowedError');
+      };
+    });
+    const explained = await eventually(denied, () => /camera or microphone is blocked/.test(document.getElementById('error')?.textContent ?? ''), null);
+    check('a blocked camera is explained before joining', explained, (await denied.textContent('#error')) ?? '');
+    await joinFromForm(denied, 'Dee');
+    const seen = await eventually(bob, () => [...document.querySelectorAll('.tile.remote .label')].some((l) => l.textContent === 'Dee'), null);
+    check('without camera and microphone one still joins, to watch and listen', seen);
+    await denied.click('#leave');
+    // The server stops answering: the request for a token fails.
+    await denied.route('**/auth/token', (route) => route.abort('connectionrefused'));
+    await denied.click('#join-form button[type=submit]');
+    const unreachable = await eventually(denied, () => /Cannot reach the server/.test(document.getElementById('error')?.textContent ?? ''), null);
+    check('an unreachable server is explained', unreachable, (await denied.textContent('#error')) ?? '');
+    await denied.context().close();
+  });
+
   await step('a taken name gets an understandable error', async () => {
     const dup = await openPage('dup', base, `${base}/?room=${ROOM}&name=ANN&autojoin=1`);
     const shown = await eventually(dup, () => /already uses that name/.test(document.getElementById('error')?.textContent ?? ''), null, 15_000);

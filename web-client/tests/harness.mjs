@@ -21,7 +21,9 @@ const chromiumBin = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
   '--no-sandbox',
   '--use-fake-ui-for-media-stream',
-  '--use-fake-device-for-media-stream',
+  // Three fake cameras, so that picking another one can be tested. (Chromium's second fake
+  // camera is a depth camera whose frames no encoder takes; the third sends MJPEG.)
+  '--use-fake-device-for-media-stream=device-count=3',
   '--allow-loopback-in-peer-connection',
   '--disable-features=WebRtcHideLocalIpsWithMdns',
   '--disable-background-networking',
