@@ -113,6 +113,11 @@ export const PROTOCOL_VERSION = 1;
 
 /** How long the first subscribe answer waits for local candidates before trickling the rest. */
 const SUBSCRIBE_GATHER_WAIT_MS = 500;
+/**
+ * The longest one incoming message may hold up the next. A peer connection closed while one of
+ * its operations is in flight never settles that operation's promise (as the WebRTC spec says).
+ */
+const HANDLER_TIMEOUT_MS = 10_000;
 /** How long the SDK keeps trying to get back into the room after losing the server. */
 const RECONNECT_WINDOW_MS = 30_000;
 /** Refusals a retry cannot fix. */
@@ -581,7 +586,7 @@ export class Room extends Emitter {
           return;
         }
         this.#queue = this.#queue
-          .then(() => this.#handle(msg))
+          .then(() => withTimeout(this.#handle(msg), HANDLER_TIMEOUT_MS, `handling \`${msg?.type}\``))
           .catch((err) => this.#fail(msg?.type ?? 'message', err));
       };
     });
@@ -648,6 +653,9 @@ export class Room extends Emitter {
 
   /** Forgets everything about the room but the local media, for a reconnect. */
   #dropRoomState() {
+    // A handler may be awaiting a connection closed below, whose promise then never settles:
+    // the new session's messages must not queue behind it.
+    this.#queue = Promise.resolve();
     if (this.#livePoll) clearTimeout(this.#livePoll);
     this.#livePoll = null;
     const ws = this.#ws;
@@ -1389,6 +1397,23 @@ export class Room extends Emitter {
     // Candidates gathered so far are already in the description; only end-of-candidates is news.
     for (const held of gate.held.splice(0)) if (held.candidate === null) this.#send(held);
   }
+}
+
+/**
+ * `promise`, or a rejection after `ms`.
+ * @template T
+ * @param {Promise<T>} promise
+ * @param {number} ms
+ * @param {string} what
+ * @returns {Promise<T>}
+ */
+function withTimeout(promise, ms, what) {
+  /** @type {ReturnType<typeof setTimeout> | undefined} */
+  let timer;
+  const timeout = new Promise((_resolve, reject) => {
+    timer = setTimeout(() => reject(new SwitchboardError('timeout', `${what} took over ${ms / 1000} s`)), ms);
+  });
+  return /** @type {Promise<T>} */ (Promise.race([promise, timeout])).finally(() => clearTimeout(timer));
 }
 
 /**
