@@ -22,9 +22,7 @@ use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
-    RTCConfigurationBuilder, RTCIceGatheringState, RTCSessionDescription, Registry,
-    SettingEngineBuilder, register_default_interceptors,
+    PeerConnection, PeerConnectionEventHandler, RTCIceGatheringState, RTCSessionDescription,
 };
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -342,43 +340,13 @@ async fn peer_connection_with(
     media: Option<mpsc::UnboundedSender<Received>>,
     runtime: Option<Arc<dyn webrtc::runtime::Runtime>>,
 ) -> Result<(Arc<dyn PeerConnection>, watch::Receiver<bool>)> {
-    let mut engine = MediaEngine::default();
-    engine.register_default_codecs()?;
-    let registry = register_default_interceptors(Registry::new(), &mut engine)?;
     let (gathered, gathered_rx) = watch::channel(false);
-    let mut builder = PeerConnectionBuilder::new();
-    if let Some(runtime) = runtime {
-        builder = builder.with_runtime(runtime);
-    }
-    let pc = builder
-        .with_configuration(RTCConfigurationBuilder::new().build())
-        .with_media_engine(engine)
-        .with_setting_engine(
-            SettingEngineBuilder::new()
-                .with_include_loopback_candidate(true)
-                .build(),
-        )
-        .with_interceptor_registry(registry)
-        .with_handler(Arc::new(Handler { gathered, media }))
-        .with_udp_addrs(vec!["127.0.0.1:0"])
-        .build()
-        .await?;
-    Ok((Arc::new(pc), gathered_rx))
+    let handler = Arc::new(Handler { gathered, media });
+    let pc = switchboard_bench::client::loopback_peer_connection(handler, runtime).await?;
+    Ok((pc, gathered_rx))
 }
 
-async fn local_sdp(
-    pc: &Arc<dyn PeerConnection>,
-    gathered: &mut watch::Receiver<bool>,
-    desc: RTCSessionDescription,
-) -> Result<String> {
-    pc.set_local_description(desc).await?;
-    tokio::time::timeout(Duration::from_secs(5), gathered.wait_for(|g| *g)).await??;
-    Ok(pc
-        .local_description()
-        .await
-        .ok_or_else(|| anyhow!("no local description"))?
-        .sdp)
-}
+use switchboard_bench::client::local_sdp;
 
 /// What the socket task saw, other than media.
 #[derive(Clone, Debug)]

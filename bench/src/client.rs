@@ -1,0 +1,461 @@
+//! Synthetic participants speaking the public protocol: an HTTP token, WebSocket signaling and
+//! real WebRTC (webrtc-rs), so the server does in a benchmark exactly what it does in a call.
+//! Subscribers keep webrtc-rs's default interceptors (receiver reports, NACKs, TWCC feedback),
+//! as browsers do.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    RTCConfigurationBuilder, RTCIceGatheringState, RTCSessionDescription, Registry,
+    SettingEngineBuilder, register_default_interceptors,
+};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Marks a payload as a probe of this tool.
+const MAGIC: u16 = 0x5B0A;
+/// Bytes of a probe header after the two VP8 bytes: magic, publisher, packet number, send time.
+const PROBE_BYTES: usize = 2 + 2 + 8 + 8;
+/// Largest RTP payload sent: a browser's packets are about this size.
+pub const MAX_PAYLOAD: usize = 1100;
+
+/// What a publisher sends.
+#[derive(Clone, Copy, Debug)]
+pub struct VideoShape {
+    /// Bits per second.
+    pub bitrate: u64,
+    /// Frames per second.
+    pub fps: u32,
+    /// Seconds between keyframes.
+    pub keyframe_interval: Duration,
+}
+
+/// Latency histogram: 100 µs buckets up to 2 s, then one overflow bucket. Atomic, so that
+/// recording a packet allocates nothing and takes no lock.
+pub struct Histogram {
+    buckets: Vec<AtomicU64>,
+}
+
+const BUCKET_US: u64 = 100;
+const BUCKETS: usize = 20_000;
+
+impl Histogram {
+    fn new() -> Self {
+        Self {
+            buckets: (0..=BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn record(&self, micros: u64) {
+        let index = usize::try_from(micros / BUCKET_US)
+            .unwrap_or(BUCKETS)
+            .min(BUCKETS);
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts since the last call, and a fresh start.
+    pub fn take(&self) -> Vec<u64> {
+        self.buckets
+            .iter()
+            .map(|b| b.swap(0, Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// The latency (ms) below which `quantile` of the samples in `counts` fall.
+pub fn quantile_ms(counts: &[u64], quantile: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let target = (total as f64 * quantile).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (index, count) in counts.iter().enumerate() {
+        seen += count;
+        if seen >= target {
+            return Some((index as u64 + 1) as f64 * BUCKET_US as f64 / 1000.0);
+        }
+    }
+    None
+}
+
+/// Counters every synthetic participant writes to.
+pub struct Tally {
+    /// RTP packets publishers handed to their connection.
+    pub sent: AtomicU64,
+    /// Probe packets subscribers received.
+    pub received: AtomicU64,
+    /// Probe bytes subscribers received.
+    pub received_bytes: AtomicU64,
+    /// Subscribed tracks that have delivered a packet.
+    pub live_tracks: AtomicU64,
+    /// One-way latency of received probes.
+    pub latency: Histogram,
+}
+
+impl Tally {
+    /// Zeroed counters.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            received_bytes: AtomicU64::new(0),
+            live_tracks: AtomicU64::new(0),
+            latency: Histogram::new(),
+        })
+    }
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(0))
+        .unwrap_or(0)
+}
+
+/// A signaling socket that has joined, and how long joining took.
+struct Joined {
+    ws: Ws,
+    took: Duration,
+}
+
+async fn join(base: &str, room: &str, name: &str) -> Result<Joined> {
+    let started = Instant::now();
+    let body: Value = reqwest::Client::new()
+        .post(format!("{base}/auth/token"))
+        .json(&json!({"userId": name, "room": room}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = body["token"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no token: {body}"))?;
+    let ws_base = base.replacen("http", "ws", 1);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{ws_base}/ws/signal?token={token}")).await?;
+    send(&mut ws, json!({"type": "join", "name": name})).await?;
+    loop {
+        let message = recv(&mut ws).await?;
+        match message["type"].as_str() {
+            Some("joined") => break,
+            Some("error") => bail!("join refused: {message}"),
+            _ => {}
+        }
+    }
+    Ok(Joined {
+        ws,
+        took: started.elapsed(),
+    })
+}
+
+async fn send(ws: &mut Ws, message: Value) -> Result<()> {
+    ws.send(Message::Text(message.to_string().into())).await?;
+    Ok(())
+}
+
+/// The next JSON message; pongs to the server's pings go out with it.
+async fn recv(ws: &mut Ws) -> Result<Value> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .context("signaling went quiet")?
+            .ok_or_else(|| anyhow!("socket closed"))??;
+        // Tungstenite queues the pong for a ping: flushing sends it, or the server would take
+        // this participant for gone.
+        ws.flush().await?;
+        match frame {
+            Message::Text(text) => return Ok(serde_json::from_str(&text)?),
+            Message::Close(frame) => bail!("socket closed: {frame:?}"),
+            _ => {}
+        }
+    }
+}
+
+struct Handler {
+    gathered: watch::Sender<bool>,
+    tally: Option<Arc<Tally>>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            self.gathered.send_replace(true);
+        }
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let Some(tally) = self.tally.clone() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let mut live = false;
+            while let Some(event) = track.poll().await {
+                let TrackRemoteEvent::OnRtpPacket(packet) = event else {
+                    continue;
+                };
+                let payload = &packet.payload;
+                if payload.len() < 2 + PROBE_BYTES
+                    || u16::from_be_bytes([payload[2], payload[3]]) != MAGIC
+                {
+                    continue;
+                }
+                let sent_at = u64::from_be_bytes(payload[14..22].try_into().unwrap_or([0; 8]));
+                tally.latency.record(now_micros().saturating_sub(sent_at));
+                tally.received.fetch_add(1, Ordering::Relaxed);
+                tally
+                    .received_bytes
+                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                if !live {
+                    live = true;
+                    tally.live_tracks.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+}
+
+async fn peer_connection(
+    tally: Option<Arc<Tally>>,
+) -> Result<(Arc<dyn PeerConnection>, watch::Receiver<bool>)> {
+    let (gathered, gathered_rx) = watch::channel(false);
+    let pc = loopback_peer_connection(Arc::new(Handler { gathered, tally }), None).await?;
+    Ok((pc, gathered_rx))
+}
+
+/// A webrtc-rs peer connection on 127.0.0.1 with the default codecs and interceptors (what a
+/// browser negotiates and sends as feedback), events to `handler`, sockets from `runtime`
+/// (Tokio when `None`).
+pub async fn loopback_peer_connection(
+    handler: Arc<dyn PeerConnectionEventHandler>,
+    runtime: Option<Arc<dyn webrtc::runtime::Runtime>>,
+) -> Result<Arc<dyn PeerConnection>> {
+    let mut engine = MediaEngine::default();
+    engine.register_default_codecs()?;
+    let registry = register_default_interceptors(Registry::new(), &mut engine)?;
+    let mut builder = PeerConnectionBuilder::new();
+    if let Some(runtime) = runtime {
+        builder = builder.with_runtime(runtime);
+    }
+    let pc = builder
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(engine)
+        .with_setting_engine(
+            SettingEngineBuilder::new()
+                .with_include_loopback_candidate(true)
+                .build(),
+        )
+        .with_interceptor_registry(registry)
+        .with_handler(handler)
+        .with_udp_addrs(vec!["127.0.0.1:0"])
+        .build()
+        .await?;
+    Ok(Arc::new(pc))
+}
+
+/// Applies `desc` and returns the local SDP once ICE gathering has completed.
+pub async fn local_sdp(
+    pc: &Arc<dyn PeerConnection>,
+    gathered: &mut watch::Receiver<bool>,
+    desc: RTCSessionDescription,
+) -> Result<String> {
+    pc.set_local_description(desc).await?;
+    tokio::time::timeout(Duration::from_secs(10), gathered.wait_for(|g| *g)).await??;
+    Ok(pc
+        .local_description()
+        .await
+        .ok_or_else(|| anyhow!("no local description"))?
+        .sdp)
+}
+
+/// Joins `room` and publishes one VP8 video track of `shape` until `stop` turns true. Returns
+/// the time joining took once publishing has started (through `started`).
+pub async fn publisher(
+    base: String,
+    room: String,
+    index: u16,
+    shape: VideoShape,
+    tally: Arc<Tally>,
+    started: tokio::sync::oneshot::Sender<Duration>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let Joined { mut ws, took } = join(&base, &room, &format!("publisher-{index}")).await?;
+    let (pc, mut gathered) = peer_connection(None).await?;
+    let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        format!("bench-{index}"),
+        "cam".into(),
+        "cam".into(),
+        RtpCodecKind::Video,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(rand::random::<u32>()),
+                ..Default::default()
+            },
+            codec: RTCRtpCodec {
+                mime_type: "video/VP8".into(),
+                clock_rate: 90_000,
+                channels: 0,
+                sdp_fmtp_line: String::new(),
+                rtcp_feedback: vec![],
+            },
+            ..Default::default()
+        }],
+    )));
+    pc.add_track(track.clone() as Arc<dyn TrackLocal>).await?;
+    let offer = pc.create_offer(None).await?;
+    let sdp = local_sdp(&pc, &mut gathered, offer).await?;
+    send(
+        &mut ws,
+        json!({"type": "offer", "peerId": "sfu", "transport": "publish", "sdp": sdp,
+               "tracks": [{"trackId": "cam", "source": "camera"}]}),
+    )
+    .await?;
+    let answer = loop {
+        let message = recv(&mut ws).await?;
+        if message["type"] == "answer" {
+            break message["sdp"].as_str().unwrap_or_default().to_owned();
+        }
+        if message["type"] == "error" {
+            bail!("publish refused: {message}");
+        }
+    };
+    pc.set_remote_description(RTCSessionDescription::answer(answer)?)
+        .await?;
+    let payload_type = payload_type(&pc).await?;
+    let ssrc = track
+        .ssrcs()
+        .await
+        .first()
+        .copied()
+        .ok_or_else(|| anyhow!("no ssrc"))?;
+    let _ = started.send(took);
+
+    // Signaling stays read (pings answered) while media flows.
+    let keepalive = tokio::spawn(async move { while recv(&mut ws).await.is_ok() {} });
+    let frame_bytes = usize::try_from(shape.bitrate / 8 / u64::from(shape.fps.max(1)))
+        .unwrap_or(MAX_PAYLOAD)
+        .max(PROBE_BYTES + 2);
+    let keyframe_every =
+        (shape.keyframe_interval.as_secs_f64() * f64::from(shape.fps)).max(1.0) as u64;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1) / shape.fps.max(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let (mut seq, mut number, mut frame) = (rand::random::<u16>() >> 1, 0u64, 0u64);
+    let filler = Bytes::from(vec![0xA5u8; MAX_PAYLOAD]);
+    let mut buf = BytesMut::with_capacity(MAX_PAYLOAD * 64);
+    while !*stop.borrow() {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let keyframe = frame % keyframe_every == 0;
+        let timestamp =
+            u32::try_from((frame * 90_000 / u64::from(shape.fps)) % (1 << 32)).unwrap_or(0);
+        let packets = frame_bytes.div_ceil(MAX_PAYLOAD);
+        let mut left = frame_bytes;
+        for i in 0..packets {
+            let size = left.clamp(2 + PROBE_BYTES, MAX_PAYLOAD);
+            left = left.saturating_sub(size);
+            // VP8 payload descriptor (S bit on a frame's first packet), then for that packet the
+            // first byte of the VP8 header, whose P bit is 0 on a keyframe.
+            buf.put_u8(if i == 0 { 0x10 } else { 0x00 });
+            buf.put_u8(if keyframe { 0x00 } else { 0x01 });
+            buf.put_u16(MAGIC);
+            buf.put_u16(index);
+            buf.put_u64(number);
+            buf.put_u64(now_micros());
+            buf.extend_from_slice(&filler[..size - 2 - PROBE_BYTES]);
+            let packet = rtp::Packet {
+                header: rtp::Header {
+                    version: 2,
+                    marker: i + 1 == packets,
+                    payload_type,
+                    sequence_number: seq,
+                    timestamp,
+                    ssrc,
+                    ..Default::default()
+                },
+                payload: buf.split().freeze(),
+            };
+            seq = seq.wrapping_add(1);
+            number += 1;
+            if track.write_rtp(packet).await.is_err() {
+                break;
+            }
+            tally.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        frame += 1;
+    }
+    keepalive.abort();
+    let _ = pc.close().await;
+    Ok(())
+}
+
+async fn payload_type(pc: &Arc<dyn PeerConnection>) -> Result<u8> {
+    for sender in pc.get_senders().await {
+        for codec in &sender.get_parameters().await?.rtp_parameters.codecs {
+            if codec.rtp_codec.mime_type.eq_ignore_ascii_case("video/vp8") {
+                return Ok(codec.payload_type);
+            }
+        }
+    }
+    bail!("VP8 not negotiated")
+}
+
+/// Joins `room` and receives everything the server offers until `stop` turns true.
+pub async fn subscriber(
+    base: String,
+    room: String,
+    index: u32,
+    tally: Arc<Tally>,
+    joined: tokio::sync::oneshot::Sender<Duration>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let Joined { mut ws, took } = join(&base, &room, &format!("subscriber-{index}")).await?;
+    let _ = joined.send(took);
+    let (pc, mut gathered) = peer_connection(Some(tally)).await?;
+    loop {
+        let message = tokio::select! {
+            message = recv(&mut ws) => message?,
+            _ = stop.changed() => break,
+        };
+        if message["type"] == "offer" && message["transport"] == "subscribe" {
+            let sdp = message["sdp"].as_str().unwrap_or_default().to_owned();
+            pc.set_remote_description(RTCSessionDescription::offer(sdp)?)
+                .await?;
+            let answer = pc.create_answer(None).await?;
+            let sdp = local_sdp(&pc, &mut gathered, answer).await?;
+            send(
+                &mut ws,
+                json!({"type": "answer", "peerId": "sfu", "transport": "subscribe", "sdp": sdp}),
+            )
+            .await?;
+        }
+    }
+    let _ = ws
+        .send(Message::Text(json!({"type": "leave"}).to_string().into()))
+        .await;
+    let _ = pc.close().await;
+    Ok(())
+}
+
+use webrtc::media_stream::Track as _;

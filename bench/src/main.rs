@@ -1,0 +1,414 @@
+//! `switchboard-bench`: measures how much a Switchboard server forwards, with what loss and
+//! latency, at what CPU cost, with synthetic publishers and subscribers speaking the real
+//! protocol. docs/benchmarks.md explains every figure.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use switchboard_bench::client::{self, Tally, VideoShape};
+use switchboard_bench::report;
+use tokio::sync::{oneshot, watch};
+
+/// The fixed scenario: P publishers and S subscribers in one room for T seconds.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard-bench", version, about)]
+struct Cli {
+    /// A running server (its rooms must use the SFU: start it with --mesh-max 0).
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:8080",
+        conflicts_with = "spawn"
+    )]
+    url: String,
+    /// Start the server binary on a free port instead, pinned to core 0 with taskset.
+    #[arg(long)]
+    spawn: bool,
+    /// The server binary for --spawn.
+    #[arg(long, default_value = "target/release/switchboard")]
+    server_bin: PathBuf,
+    /// The server's process id (for its CPU and memory) when it was not spawned.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Publishers, each sending one video track.
+    #[arg(long, default_value_t = 1)]
+    publishers: u16,
+    /// Subscribers, each receiving every publisher.
+    #[arg(long, default_value_t = 10)]
+    subscribers: u32,
+    /// Seconds of measurement (after everyone receives).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Video bits per second per publisher.
+    #[arg(long, default_value_t = 1_500_000)]
+    bitrate: u64,
+    /// Video frames per second.
+    #[arg(long, default_value_t = 30)]
+    fps: u32,
+    /// Room name.
+    #[arg(long, default_value = "bench")]
+    room: String,
+    /// Where report.json, report.md and the SVG charts go.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// CI smoke run: exit with an error unless every packet arrived and the written files parse
+    /// back (JSON, and the SVG charts as XML).
+    #[arg(long)]
+    smoke: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// CPU seconds (user + system) of a process, from /proc.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Resident memory of a process in MiB, from /proc.
+fn rss_mib(pid: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The server's forwarded-packet counter, from /metrics.
+async fn forwarded_packets(base: &str) -> Option<u64> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with("switchboard_forwarded_packets_total "))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // SIGTERM first: the server then closes every session cleanly.
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        for _ in 0..50 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+    }
+}
+
+async fn spawn_server(bin: &PathBuf) -> Result<(String, Spawned)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let args = [
+        "--bind".to_owned(),
+        format!("127.0.0.1:{port}"),
+        "--mesh-max".into(),
+        "0".into(),
+        "--max-participants".into(),
+        "100000".into(),
+        "--log-level".into(),
+        "warn".into(),
+    ];
+    let taskset = Command::new("taskset").arg("--version").output().is_ok();
+    let mut command = if taskset {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    };
+    let child = command
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let spawned = Spawned(child);
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if reqwest::get(format!("{base}/healthz"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Ok((base, spawned));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the spawned server did not answer /healthz within 20 s")
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let (base, spawned) = if cli.spawn {
+        let (base, spawned) = spawn_server(&cli.server_bin).await?;
+        (base, Some(spawned))
+    } else {
+        (cli.url.trim_end_matches('/').to_owned(), None)
+    };
+    let server_pid = spawned
+        .as_ref()
+        .map(|s| {
+            // With taskset, the child execs the server in place: same pid.
+            s.0.id()
+        })
+        .or(cli.server_pid)
+        .map(|p| p.to_string());
+    let result = run(&cli, &base, server_pid.as_deref()).await;
+    drop(spawned);
+    let report = result?;
+    std::fs::create_dir_all(&cli.out)?;
+    report::write_all(&report, &cli.out)?;
+    println!("{}", report::markdown(&report));
+    println!("written to {}", cli.out.display());
+    if cli.smoke {
+        if report.totals.lost_packets > 0 || report.totals.received_packets == 0 {
+            bail!(
+                "smoke run: {} of {} packets lost, expected none",
+                report.totals.lost_packets,
+                report.totals.expected_packets
+            );
+        }
+        report::verify_files(&cli.out)?;
+        println!("smoke run: no loss, report files well-formed");
+    }
+    Ok(())
+}
+
+async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::Report> {
+    let tally = Tally::new();
+    let (stop_tx, stop) = watch::channel(false);
+    let shape = VideoShape {
+        bitrate: cli.bitrate,
+        fps: cli.fps,
+        keyframe_interval: Duration::from_secs(2),
+    };
+    let mut tasks = Vec::new();
+    let mut joins = Vec::new();
+    for index in 0..cli.publishers {
+        let (tx, rx) = oneshot::channel();
+        joins.push(rx);
+        tasks.push(tokio::spawn(client::publisher(
+            base.to_owned(),
+            cli.room.clone(),
+            index,
+            shape,
+            tally.clone(),
+            tx,
+            stop.clone(),
+        )));
+    }
+    for index in 0..cli.subscribers {
+        let (tx, rx) = oneshot::channel();
+        joins.push(rx);
+        tasks.push(tokio::spawn(client::subscriber(
+            base.to_owned(),
+            cli.room.clone(),
+            index,
+            tally.clone(),
+            tx,
+            stop.clone(),
+        )));
+    }
+    let mut join_ms = Vec::new();
+    for rx in joins {
+        match tokio::time::timeout(Duration::from_secs(60), rx).await {
+            Ok(Ok(took)) => join_ms.push(took.as_secs_f64() * 1000.0),
+            _ => {
+                let _ = stop_tx.send(true);
+                let failed = tasks.into_iter().find(|t| t.is_finished());
+                let why = match failed {
+                    Some(task) => format!("{:?}", task.await),
+                    None => "timed out".into(),
+                };
+                bail!("a participant did not join within 60 s: {why}");
+            }
+        }
+    }
+    // Measure only once every subscriber receives every publisher.
+    let expected_tracks = u64::from(cli.publishers) * u64::from(cli.subscribers);
+    let warmup = Instant::now();
+    while tally.live_tracks.load(Ordering::Relaxed) < expected_tracks {
+        if warmup.elapsed() > Duration::from_secs(60) {
+            let _ = stop_tx.send(true);
+            bail!(
+                "only {} of {expected_tracks} subscriptions delivered media within 60 s",
+                tally.live_tracks.load(Ordering::Relaxed)
+            );
+        }
+        if let Some(failed) = tasks.iter().position(|t| t.is_finished()) {
+            let _ = stop_tx.send(true);
+            let task = tasks.swap_remove(failed);
+            let outcome = task.await;
+            bail!("a participant stopped during warm-up: {outcome:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let time_to_media = warmup.elapsed();
+
+    let bar = if cli.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(cli.duration)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} s  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let own_pid = std::process::id().to_string();
+    let start_sent = tally.sent.load(Ordering::Relaxed);
+    let start_received = tally.received.load(Ordering::Relaxed);
+    let start_bytes = tally.received_bytes.load(Ordering::Relaxed);
+    let start_forwarded = forwarded_packets(base).await;
+    let start_server_cpu = server_pid.and_then(cpu_seconds);
+    let start_own_cpu = cpu_seconds(&own_pid);
+    tally.latency.take();
+    let mut all_latency = vec![0u64; 20_001];
+    let mut seconds = Vec::new();
+    let started = Instant::now();
+    let (mut prev_received, mut prev_forwarded) = (start_received, start_forwarded);
+    let (mut prev_server_cpu, mut prev_own_cpu) = (start_server_cpu, start_own_cpu);
+    let mut prev_at = started;
+    for second in 1..=cli.duration {
+        tokio::time::sleep_until((started + Duration::from_secs(second)).into()).await;
+        let now = Instant::now();
+        let elapsed = now.duration_since(prev_at).as_secs_f64();
+        prev_at = now;
+        let received = tally.received.load(Ordering::Relaxed);
+        let forwarded = forwarded_packets(base).await;
+        let server_cpu = server_pid.and_then(cpu_seconds);
+        let own_cpu = cpu_seconds(&own_pid);
+        let latency = tally.latency.take();
+        for (total, count) in all_latency.iter_mut().zip(&latency) {
+            *total += count;
+        }
+        let row = report::Second {
+            second,
+            received_pps: (received - prev_received) as f64 / elapsed,
+            forwarded_pps: match (forwarded, prev_forwarded) {
+                (Some(now), Some(before)) => Some(now.saturating_sub(before) as f64 / elapsed),
+                _ => None,
+            },
+            latency_p50_ms: client::quantile_ms(&latency, 0.50),
+            latency_p99_ms: client::quantile_ms(&latency, 0.99),
+            server_cpu_percent: match (server_cpu, prev_server_cpu) {
+                (Some(now), Some(before)) => Some((now - before) / elapsed * 100.0),
+                _ => None,
+            },
+            server_rss_mib: server_pid.and_then(rss_mib),
+            generator_cpu_percent: match (own_cpu, prev_own_cpu) {
+                (Some(now), Some(before)) => Some((now - before) / elapsed * 100.0),
+                _ => None,
+            },
+        };
+        bar.set_message(format!(
+            "{:.0} pkt/s received, p99 {}, server CPU {}",
+            row.received_pps,
+            row.latency_p99_ms
+                .map_or("-".into(), |v| format!("{v:.1} ms")),
+            row.server_cpu_percent
+                .map_or("-".into(), |v| format!("{v:.0} %")),
+        ));
+        bar.inc(1);
+        seconds.push(row);
+        prev_received = received;
+        prev_forwarded = forwarded;
+        prev_server_cpu = server_cpu;
+        prev_own_cpu = own_cpu;
+    }
+    bar.finish_and_clear();
+    let measured = started.elapsed().as_secs_f64();
+    let end_forwarded = forwarded_packets(base).await;
+    let end_server_cpu = server_pid.and_then(cpu_seconds);
+    let end_own_cpu = cpu_seconds(&own_pid);
+    // Stop sending, then let what is in flight arrive before counting losses.
+    let _ = stop_tx.send(true);
+    let sent = tally.sent.load(Ordering::Relaxed) - start_sent;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let received = tally.received.load(Ordering::Relaxed) - start_received;
+    let received_bytes = tally.received_bytes.load(Ordering::Relaxed) - start_bytes;
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    let expected = sent * u64::from(cli.subscribers);
+    let forwarded = match (end_forwarded, start_forwarded) {
+        (Some(end), Some(start)) => Some(end.saturating_sub(start)),
+        _ => None,
+    };
+    let server_cpu = match (end_server_cpu, start_server_cpu) {
+        (Some(end), Some(start)) => Some(end - start),
+        _ => None,
+    };
+    let own_cpu = match (end_own_cpu, start_own_cpu) {
+        (Some(end), Some(start)) => Some(end - start),
+        _ => None,
+    };
+    join_ms.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        join_ms
+            .get(((join_ms.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+    };
+    let generator_cpu_percent = own_cpu.map(|c| c / measured * 100.0);
+    Ok(report::Report {
+        config: report::Config {
+            url: base.to_owned(),
+            spawned: cli.spawn,
+            publishers: cli.publishers,
+            subscribers: cli.subscribers,
+            duration_s: cli.duration,
+            bitrate: cli.bitrate,
+            fps: cli.fps,
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        },
+        totals: report::Totals {
+            sent_packets: sent,
+            expected_packets: expected,
+            received_packets: received,
+            lost_packets: expected.saturating_sub(received),
+            loss_percent: if expected > 0 {
+                expected.saturating_sub(received) as f64 * 100.0 / expected as f64
+            } else {
+                0.0
+            },
+            forwarded_pps: forwarded.map(|f| f as f64 / measured),
+            received_mbps: received_bytes as f64 * 8.0 / measured / 1e6,
+            latency_p50_ms: client::quantile_ms(&all_latency, 0.50),
+            latency_p95_ms: client::quantile_ms(&all_latency, 0.95),
+            latency_p99_ms: client::quantile_ms(&all_latency, 0.99),
+            join_p50_ms: pick(0.50),
+            join_p99_ms: pick(0.99),
+            time_to_media_s: time_to_media.as_secs_f64(),
+            server_cpu_percent: server_cpu.map(|c| c / measured * 100.0),
+            server_rss_mib: seconds.last().and_then(|s| s.server_rss_mib),
+            server_cpu_us_per_forwarded_packet: match (server_cpu, forwarded) {
+                (Some(cpu), Some(f)) if f > 0 => Some(cpu * 1e6 / f as f64),
+                _ => None,
+            },
+            generator_cpu_percent,
+            generator_cpu_us_per_received_packet: own_cpu
+                .filter(|_| received > 0)
+                .map(|c| c * 1e6 / received as f64),
+            generator_saturated: generator_cpu_percent.is_some_and(|p| p > 80.0),
+        },
+        seconds,
+    })
+}

@@ -1,0 +1,278 @@
+//! The results of a run: JSON for tools, Markdown for people, SVG charts for both.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+
+/// What was run.
+#[derive(Debug, Serialize)]
+pub struct Config {
+    pub url: String,
+    pub spawned: bool,
+    pub publishers: u16,
+    pub subscribers: u32,
+    pub duration_s: u64,
+    pub bitrate: u64,
+    pub fps: u32,
+    pub cores: usize,
+}
+
+/// One second of the run.
+#[derive(Debug, Serialize)]
+pub struct Second {
+    pub second: u64,
+    pub received_pps: f64,
+    pub forwarded_pps: Option<f64>,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub server_cpu_percent: Option<f64>,
+    pub server_rss_mib: Option<f64>,
+    pub generator_cpu_percent: Option<f64>,
+}
+
+/// The whole run.
+#[derive(Debug, Serialize)]
+pub struct Totals {
+    pub sent_packets: u64,
+    pub expected_packets: u64,
+    pub received_packets: u64,
+    pub lost_packets: u64,
+    pub loss_percent: f64,
+    pub forwarded_pps: Option<f64>,
+    pub received_mbps: f64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p95_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub join_p50_ms: Option<f64>,
+    pub join_p99_ms: Option<f64>,
+    pub time_to_media_s: f64,
+    pub server_cpu_percent: Option<f64>,
+    pub server_rss_mib: Option<f64>,
+    pub server_cpu_us_per_forwarded_packet: Option<f64>,
+    pub generator_cpu_percent: Option<f64>,
+    pub generator_cpu_us_per_received_packet: Option<f64>,
+    /// The generator used over 80 % of a core: the server may not be what limited the run.
+    pub generator_saturated: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub config: Config,
+    pub totals: Totals,
+    pub seconds: Vec<Second>,
+}
+
+fn opt(value: Option<f64>, unit: &str) -> String {
+    value.map_or_else(|| "n/a".into(), |v| format!("{v:.1}{unit}"))
+}
+
+/// A Markdown summary.
+pub fn markdown(report: &Report) -> String {
+    let c = &report.config;
+    let t = &report.totals;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Switchboard forwarding benchmark\n\n{} publisher(s) of {} kbit/s at {} fps, {} subscriber(s), {} s, {} cores, server {}.\n",
+        c.publishers,
+        c.bitrate / 1000,
+        c.fps,
+        c.subscribers,
+        c.duration_s,
+        c.cores,
+        if c.spawned {
+            "spawned (pinned to core 0 when taskset exists)"
+        } else {
+            c.url.as_str()
+        },
+    );
+    let _ = writeln!(out, "| measure | value |\n|---|---|");
+    let rows = [
+        (
+            "forwarded packets/s (server counter)",
+            opt(t.forwarded_pps, ""),
+        ),
+        (
+            "received Mbit/s (all subscribers)",
+            format!("{:.1}", t.received_mbps),
+        ),
+        (
+            "loss",
+            format!(
+                "{:.3} % ({} of {} packets)",
+                t.loss_percent, t.lost_packets, t.expected_packets
+            ),
+        ),
+        (
+            "latency p50 / p95 / p99",
+            format!(
+                "{} / {} / {}",
+                opt(t.latency_p50_ms, " ms"),
+                opt(t.latency_p95_ms, " ms"),
+                opt(t.latency_p99_ms, " ms")
+            ),
+        ),
+        (
+            "join time p50 / p99",
+            format!(
+                "{} / {}",
+                opt(t.join_p50_ms, " ms"),
+                opt(t.join_p99_ms, " ms")
+            ),
+        ),
+        (
+            "all subscriptions receiving after",
+            format!("{:.2} s", t.time_to_media_s),
+        ),
+        (
+            "server CPU (one core = 100 %)",
+            opt(t.server_cpu_percent, " %"),
+        ),
+        ("server RSS", opt(t.server_rss_mib, " MiB")),
+        (
+            "server CPU per forwarded packet",
+            opt(t.server_cpu_us_per_forwarded_packet, " µs"),
+        ),
+        ("generator CPU", opt(t.generator_cpu_percent, " %")),
+        (
+            "generator CPU per received packet",
+            opt(t.generator_cpu_us_per_received_packet, " µs"),
+        ),
+    ];
+    for (name, value) in rows {
+        let _ = writeln!(out, "| {name} | {value} |");
+    }
+    if t.generator_saturated {
+        let _ = writeln!(
+            out,
+            "\n**The load generator used more than 80 % of a core: it, not the server, may have limited this run.**"
+        );
+    }
+    out
+}
+
+/// One line of a chart: its name, its colour, and its (second, value) points.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
+/// A line chart of per-second series, as a standalone SVG.
+fn chart(title: &str, unit: &str, series: &[Series<'_>]) -> String {
+    let (width, height, left, bottom, top, right) = (640.0, 320.0, 56.0, 36.0, 32.0, 16.0);
+    let points = series.iter().flat_map(|(_, _, p)| p.iter());
+    let x_max = points.clone().map(|p| p.0).fold(1.0, f64::max);
+    let y_max = points.map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.1;
+    let x = |v: f64| left + v / x_max * (width - left - right);
+    let y = |v: f64| height - bottom - v / y_max * (height - bottom - top);
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{left}" y="20" font-size="14">{title}</text>
+<line x1="{left}" y1="{y0}" x2="{xr}" y2="{y0}" stroke="black"/>
+<line x1="{left}" y1="{top}" x2="{left}" y2="{y0}" stroke="black"/>
+<text x="{xr}" y="{xl}" text-anchor="end">seconds</text>
+<text x="4" y="{top}">{ymax:.1} {unit}</text>
+<text x="4" y="{y0}">0</text>
+"#,
+        y0 = height - bottom,
+        xr = width - right,
+        xl = height - 8.0,
+        ymax = y_max,
+    );
+    for (i, (name, color, points)) in series.iter().enumerate() {
+        let path: Vec<String> = points
+            .iter()
+            .map(|(a, b)| format!("{:.1},{:.1}", x(*a), y(*b)))
+            .collect();
+        let _ = writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>
+<text x="{}" y="{}" fill="{color}">{name}</text>"#,
+            path.join(" "),
+            width - right - 150.0,
+            top + 16.0 * (i as f64 + 1.0),
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn series(report: &Report, pick: impl Fn(&Second) -> Option<f64>) -> Vec<(f64, f64)> {
+    report
+        .seconds
+        .iter()
+        .filter_map(|s| pick(s).map(|v| (s.second as f64, v)))
+        .collect()
+}
+
+/// Reads back what [`write_all`] wrote: the JSON must parse to a report with totals, the
+/// Markdown must hold the table, and each SVG must be well-formed XML.
+pub fn verify_files(dir: &Path) -> Result<()> {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json"))?)?;
+    anyhow::ensure!(
+        json["totals"]["received_packets"].as_u64().is_some() && json["seconds"].is_array(),
+        "report.json lacks totals or seconds"
+    );
+    let md = std::fs::read_to_string(dir.join("report.md"))?;
+    anyhow::ensure!(md.contains("| loss |"), "report.md lacks the results table");
+    for name in ["latency.svg", "cpu.svg"] {
+        let text = std::fs::read_to_string(dir.join(name))?;
+        let mut reader = quick_xml::Reader::from_str(&text);
+        let mut polylines = 0;
+        loop {
+            match reader.read_event() {
+                Ok(quick_xml::events::Event::Eof) => break,
+                Ok(quick_xml::events::Event::Empty(e) | quick_xml::events::Event::Start(e))
+                    if e.name().as_ref() == b"polyline" =>
+                {
+                    polylines += 1;
+                }
+                Ok(_) => {}
+                Err(err) => anyhow::bail!("{name} is not well-formed XML: {err}"),
+            }
+        }
+        anyhow::ensure!(polylines > 0, "{name} draws no series");
+    }
+    Ok(())
+}
+
+/// Writes report.json, report.md, latency.svg and cpu.svg into `dir`.
+pub fn write_all(report: &Report, dir: &Path) -> Result<()> {
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(report)?,
+    )?;
+    std::fs::write(dir.join("report.md"), markdown(report))?;
+    std::fs::write(
+        dir.join("latency.svg"),
+        chart(
+            "One-way latency per second",
+            "ms",
+            &[
+                ("p50", "#1f77b4", series(report, |s| s.latency_p50_ms)),
+                ("p99", "#d62728", series(report, |s| s.latency_p99_ms)),
+            ],
+        ),
+    )?;
+    std::fs::write(
+        dir.join("cpu.svg"),
+        chart(
+            "CPU per second (100 % = one core)",
+            "%",
+            &[
+                (
+                    "server",
+                    "#2ca02c",
+                    series(report, |s| s.server_cpu_percent),
+                ),
+                (
+                    "generator",
+                    "#ff7f0e",
+                    series(report, |s| s.generator_cpu_percent),
+                ),
+            ],
+        ),
+    )?;
+    Ok(())
+}
