@@ -14,10 +14,32 @@ use switchboard_bench::client::{self, Tally, VideoShape};
 use switchboard_bench::report;
 use tokio::sync::{oneshot, watch};
 
-/// The fixed scenario: P publishers and S subscribers in one room for T seconds.
+/// What to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// P publishers and S subscribers in one room for T seconds.
+    Fixed,
+    /// P publishers; subscribers added `--step` at a time (each step measured for
+    /// `--step-seconds`) until loss passes 1 % or p99 latency passes 50 ms.
+    Ramp,
+}
+
+/// Measures a Switchboard server with synthetic participants speaking the real protocol.
 #[derive(Debug, Parser)]
 #[command(name = "switchboard-bench", version, about)]
 struct Cli {
+    /// `fixed` or `ramp`.
+    #[arg(long, value_enum, default_value_t = Scenario::Fixed)]
+    scenario: Scenario,
+    /// Ramp: subscribers added per step.
+    #[arg(long, default_value_t = 50)]
+    step: u32,
+    /// Ramp: seconds measured per step.
+    #[arg(long, default_value_t = 5)]
+    step_seconds: u64,
+    /// Ramp: stop at this many subscribers.
+    #[arg(long, default_value_t = 1000)]
+    max_subscribers: u32,
     /// A running server (its rooms must use the SFU: start it with --mesh-max 0).
     #[arg(
         long,
@@ -172,6 +194,16 @@ async fn main() -> Result<()> {
         })
         .or(cli.server_pid)
         .map(|p| p.to_string());
+    if cli.scenario == Scenario::Ramp {
+        let result = ramp(&cli, &base, server_pid.as_deref()).await;
+        drop(spawned);
+        let report = result?;
+        std::fs::create_dir_all(&cli.out)?;
+        report::write_ramp(&report, &cli.out)?;
+        println!("{}", report::ramp_markdown(&report));
+        println!("written to {}", cli.out.display());
+        return Ok(());
+    }
     let result = run(&cli, &base, server_pid.as_deref()).await;
     drop(spawned);
     let report = result?;
@@ -191,6 +223,143 @@ async fn main() -> Result<()> {
         println!("smoke run: no loss, report files well-formed");
     }
     Ok(())
+}
+
+/// Loss above this ends a ramp.
+const RAMP_MAX_LOSS_PERCENT: f64 = 1.0;
+/// p99 latency above this ends a ramp.
+const RAMP_MAX_P99_MS: f64 = 50.0;
+
+async fn ramp(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::RampReport> {
+    let tally = Tally::new();
+    let (stop_tx, stop) = watch::channel(false);
+    let shape = VideoShape {
+        bitrate: cli.bitrate,
+        fps: cli.fps,
+        keyframe_interval: Duration::from_secs(2),
+    };
+    let mut tasks = Vec::new();
+    for index in 0..cli.publishers {
+        let (tx, _rx) = oneshot::channel();
+        tasks.push(tokio::spawn(client::publisher(
+            base.to_owned(),
+            cli.room.clone(),
+            index,
+            shape,
+            tally.clone(),
+            tx,
+            stop.clone(),
+        )));
+    }
+    let own_pid = std::process::id().to_string();
+    let bar = if cli.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(u64::from(cli.max_subscribers))
+    };
+    let mut steps = Vec::new();
+    let mut subscribers = 0u32;
+    let mut largest_held = None;
+    let mut ended_because = format!("reached --max-subscribers {}", cli.max_subscribers);
+    while subscribers < cli.max_subscribers {
+        let add = cli.step.min(cli.max_subscribers - subscribers);
+        for index in subscribers..subscribers + add {
+            let (tx, _rx) = oneshot::channel();
+            tasks.push(tokio::spawn(client::subscriber(
+                base.to_owned(),
+                cli.room.clone(),
+                index,
+                tally.clone(),
+                tx,
+                stop.clone(),
+            )));
+        }
+        subscribers += add;
+        let expected_tracks = u64::from(cli.publishers) * u64::from(subscribers);
+        let warmup = Instant::now();
+        while tally.live_tracks.load(Ordering::Relaxed) < expected_tracks
+            && warmup.elapsed() < Duration::from_secs(30)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let live = tally.live_tracks.load(Ordering::Relaxed);
+        // Settle: joining costs CPU that is not forwarding.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (sent0, received0) = (
+            tally.sent.load(Ordering::Relaxed),
+            tally.received.load(Ordering::Relaxed),
+        );
+        let forwarded0 = forwarded_packets(base).await;
+        let (server0, own0) = (server_pid.and_then(cpu_seconds), cpu_seconds(&own_pid));
+        tally.latency.take();
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(cli.step_seconds)).await;
+        let sent = tally.sent.load(Ordering::Relaxed) - sent0;
+        let forwarded1 = forwarded_packets(base).await;
+        let (server1, own1) = (server_pid.and_then(cpu_seconds), cpu_seconds(&own_pid));
+        let elapsed = started.elapsed().as_secs_f64();
+        // What was sent in the window has had 300 ms to arrive.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let received = tally.received.load(Ordering::Relaxed) - received0;
+        let latency = tally.latency.take();
+        let expected = sent * u64::from(subscribers);
+        let loss = if expected > 0 {
+            expected.saturating_sub(received) as f64 * 100.0 / expected as f64
+        } else {
+            0.0
+        };
+        let step = report::Step {
+            subscribers,
+            live_subscriptions: live,
+            forwarded_pps: match (forwarded1, forwarded0) {
+                (Some(b), Some(a)) => Some(b.saturating_sub(a) as f64 / elapsed),
+                _ => None,
+            },
+            loss_percent: loss,
+            latency_p50_ms: client::quantile_ms(&latency, 0.50),
+            latency_p99_ms: client::quantile_ms(&latency, 0.99),
+            server_cpu_percent: match (server1, server0) {
+                (Some(b), Some(a)) => Some((b - a) / elapsed * 100.0),
+                _ => None,
+            },
+            generator_cpu_percent: match (own1, own0) {
+                (Some(b), Some(a)) => Some((b - a) / elapsed * 100.0),
+                _ => None,
+            },
+        };
+        bar.set_position(u64::from(subscribers));
+        bar.set_message(format!(
+            "loss {loss:.2} %, p99 {:?} ms",
+            step.latency_p99_ms
+        ));
+        let p99 = step.latency_p99_ms.unwrap_or(f64::INFINITY);
+        let held =
+            live == expected_tracks && loss <= RAMP_MAX_LOSS_PERCENT && p99 <= RAMP_MAX_P99_MS;
+        steps.push(step);
+        if !held {
+            ended_because = format!(
+                "at {subscribers} subscribers: loss {loss:.2} %, p99 {p99:.1} ms, {live} of {expected_tracks} subscriptions live"
+            );
+            break;
+        }
+        largest_held = Some(subscribers);
+    }
+    bar.finish_and_clear();
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    Ok(report::RampReport {
+        publishers: cli.publishers,
+        bitrate: cli.bitrate,
+        fps: cli.fps,
+        step_seconds: cli.step_seconds,
+        max_loss_percent: RAMP_MAX_LOSS_PERCENT,
+        max_p99_ms: RAMP_MAX_P99_MS,
+        largest_held,
+        ended_because,
+        steps,
+    })
 }
 
 async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::Report> {

@@ -157,7 +157,7 @@ pub fn markdown(report: &Report) -> String {
 type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
 
 /// A line chart of per-second series, as a standalone SVG.
-fn chart(title: &str, unit: &str, series: &[Series<'_>]) -> String {
+fn chart(title: &str, unit: &str, x_label: &str, series: &[Series<'_>]) -> String {
     let (width, height, left, bottom, top, right) = (640.0, 320.0, 56.0, 36.0, 32.0, 16.0);
     let points = series.iter().flat_map(|(_, _, p)| p.iter());
     let x_max = points.clone().map(|p| p.0).fold(1.0, f64::max);
@@ -170,7 +170,7 @@ fn chart(title: &str, unit: &str, series: &[Series<'_>]) -> String {
 <text x="{left}" y="20" font-size="14">{title}</text>
 <line x1="{left}" y1="{y0}" x2="{xr}" y2="{y0}" stroke="black"/>
 <line x1="{left}" y1="{top}" x2="{left}" y2="{y0}" stroke="black"/>
-<text x="{xr}" y="{xl}" text-anchor="end">seconds</text>
+<text x="{xr}" y="{xl}" text-anchor="end">{x_label}</text>
 <text x="4" y="{top}">{ymax:.1} {unit}</text>
 <text x="4" y="{y0}">0</text>
 "#,
@@ -203,6 +203,109 @@ fn series(report: &Report, pick: impl Fn(&Second) -> Option<f64>) -> Vec<(f64, f
         .iter()
         .filter_map(|s| pick(s).map(|v| (s.second as f64, v)))
         .collect()
+}
+
+/// One step of a ramp.
+#[derive(Debug, Serialize)]
+pub struct Step {
+    pub subscribers: u32,
+    pub live_subscriptions: u64,
+    pub forwarded_pps: Option<f64>,
+    pub loss_percent: f64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub server_cpu_percent: Option<f64>,
+    pub generator_cpu_percent: Option<f64>,
+}
+
+/// A ramp: subscribers added until loss or latency passed their limits.
+#[derive(Debug, Serialize)]
+pub struct RampReport {
+    pub publishers: u16,
+    pub bitrate: u64,
+    pub fps: u32,
+    pub step_seconds: u64,
+    pub max_loss_percent: f64,
+    pub max_p99_ms: f64,
+    /// The most subscribers held within both limits.
+    pub largest_held: Option<u32>,
+    pub ended_because: String,
+    pub steps: Vec<Step>,
+}
+
+/// A Markdown summary of a ramp.
+pub fn ramp_markdown(report: &RampReport) -> String {
+    let mut out = format!(
+        "# Switchboard ramp\n\n{} publisher(s) of {} kbit/s at {} fps; subscribers added until loss > {} % or p99 > {} ms ({} s per step).\n\n**Largest load held: {}** (ended {}).\n\n| subscribers | forwarded packets/s | loss | p50 / p99 | server CPU | generator CPU |\n|---|---|---|---|---|---|\n",
+        report.publishers,
+        report.bitrate / 1000,
+        report.fps,
+        report.max_loss_percent,
+        report.max_p99_ms,
+        report.step_seconds,
+        report
+            .largest_held
+            .map_or("none".into(), |n| format!("{n} subscribers")),
+        report.ended_because,
+    );
+    for s in &report.steps {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.2} % | {} / {} | {} | {} |",
+            s.subscribers,
+            opt(s.forwarded_pps, ""),
+            s.loss_percent,
+            opt(s.latency_p50_ms, " ms"),
+            opt(s.latency_p99_ms, " ms"),
+            opt(s.server_cpu_percent, " %"),
+            opt(s.generator_cpu_percent, " %"),
+        );
+    }
+    out
+}
+
+/// Writes ramp.json, ramp.md and ramp-latency.svg, ramp-loss.svg and ramp-cpu.svg (each
+/// against the number of subscribers).
+pub fn write_ramp(report: &RampReport, dir: &Path) -> Result<()> {
+    std::fs::write(dir.join("ramp.json"), serde_json::to_string_pretty(report)?)?;
+    std::fs::write(dir.join("ramp.md"), ramp_markdown(report))?;
+    let by = |pick: &dyn Fn(&Step) -> Option<f64>| -> Vec<(f64, f64)> {
+        report
+            .steps
+            .iter()
+            .filter_map(|s| pick(s).map(|v| (f64::from(s.subscribers), v)))
+            .collect()
+    };
+    let files: [(&str, &str, &str, Vec<Series<'_>>); 3] = [
+        (
+            "ramp-latency.svg",
+            "One-way latency against subscribers",
+            "ms",
+            vec![
+                ("p50", "#1f77b4", by(&|s| s.latency_p50_ms)),
+                ("p99", "#d62728", by(&|s| s.latency_p99_ms)),
+            ],
+        ),
+        (
+            "ramp-loss.svg",
+            "Loss against subscribers",
+            "%",
+            vec![("loss", "#9467bd", by(&|s| Some(s.loss_percent)))],
+        ),
+        (
+            "ramp-cpu.svg",
+            "CPU against subscribers (100 % = one core)",
+            "%",
+            vec![
+                ("server", "#2ca02c", by(&|s| s.server_cpu_percent)),
+                ("generator", "#ff7f0e", by(&|s| s.generator_cpu_percent)),
+            ],
+        ),
+    ];
+    for (name, title, unit, series) in files {
+        std::fs::write(dir.join(name), chart(title, unit, "subscribers", &series))?;
+    }
+    Ok(())
 }
 
 /// Reads back what [`write_all`] wrote: the JSON must parse to a report with totals, the
@@ -249,6 +352,7 @@ pub fn write_all(report: &Report, dir: &Path) -> Result<()> {
         chart(
             "One-way latency per second",
             "ms",
+            "seconds",
             &[
                 ("p50", "#1f77b4", series(report, |s| s.latency_p50_ms)),
                 ("p99", "#d62728", series(report, |s| s.latency_p99_ms)),
@@ -260,6 +364,7 @@ pub fn write_all(report: &Report, dir: &Path) -> Result<()> {
         chart(
             "CPU per second (100 % = one core)",
             "%",
+            "seconds",
             &[
                 (
                     "server",
