@@ -6,6 +6,7 @@
 // Environment: see harness.mjs.
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
+import { connect as tcpConnect, createServer as createTcpServer } from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { check, launchBrowser, openPage, outDir, restartServer, run, sleep, startServer, step } from './harness.mjs';
@@ -345,6 +346,66 @@ async function main() {
       await host.context().close();
     } finally {
       site.close();
+    }
+  });
+
+  await step('a network drop is survived by reconnecting', async () => {
+    // A proxy between a page and the server's HTTP port. "Dropping the network" resets the
+    // page's side of every connection while the server's side stays open and silent, as when
+    // a laptop changes networks: the server still counts the old session in the room.
+    const { port: serverPort } = new URL(base);
+    /** @type {Set<{client: import('node:net').Socket, upstream: import('node:net').Socket}>} */
+    const pairs = new Set();
+    const proxy = createTcpServer((client) => {
+      const upstream = tcpConnect(Number(serverPort), '127.0.0.1');
+      const pair = { client, upstream };
+      pairs.add(pair);
+      client.pipe(upstream);
+      upstream.pipe(client);
+      const forget = () => pairs.delete(pair);
+      client.on('error', forget);
+      upstream.on('error', forget);
+      client.on('close', forget);
+    });
+    await new Promise((resolve) => proxy.listen(0, '127.0.0.1', () => resolve(undefined)));
+    const proxyBase = `http://127.0.0.1:${/** @type {import('node:net').AddressInfo} */ (proxy.address()).port}`;
+    try {
+      const roamer = await openPage('roamer', proxyBase, `${proxyBase}/?room=${ROOM}&name=Roamer&autojoin=1`);
+      await roamer.waitForFunction(() => /** @type {any} */ (window).__switchboard?.state === 'joined', null, { timeout: 15_000 });
+      await waitForTiles(bob, 2);
+      await roamer.evaluate(() => {
+        const w = /** @type {any} */ (window);
+        w.__events = [];
+        for (const type of ['reconnecting', 'reconnected', 'disconnected']) w.__switchboard.on(type, () => w.__events.push(type));
+      });
+      const dropped = Date.now();
+      for (const { client, upstream } of pairs) {
+        upstream.unpipe(client);
+        client.unpipe(upstream);
+        client.resetAndDestroy();
+        upstream.pause(); // held open, unread: the server hears nothing more
+      }
+      const back = await eventually(roamer, () => /** @type {any} */ (window).__events.includes('reconnected'), null, 20_000);
+      const events = await roamer.evaluate(() => /** @type {any} */ (window).__events.join(' → '));
+      check('after a network drop the page reconnects by itself', back && events === 'reconnecting → reconnected', `events: ${events}, ${((Date.now() - dropped) / 1000).toFixed(1)} s`);
+      // The server took the new connection for the same person at once: no ghost for 7 s.
+      const seen = await eventually(bob, () => [...document.querySelectorAll('.tile.remote .label')].filter((l) => l.textContent === 'Roamer').length === 1, null, 5000);
+      const room = await (await fetch(`${base}/api/rooms`)).json();
+      const roamers = room.rooms.find((/** @type {any} */ r) => r.name === ROOM)?.participants.filter((/** @type {any} */ p) => p.name === 'Roamer').length;
+      check('the others see Roamer once, and the server holds one Roamer, not a ghost', seen && roamers === 1, `server: ${roamers} Roamer(s), ${((Date.now() - dropped) / 1000).toFixed(1)} s after the drop`);
+      const media = await eventually(bob, () => {
+        const tile = [...document.querySelectorAll('.tile.remote')].find((t) => t.querySelector('.label')?.textContent === 'Roamer');
+        const video = /** @type {HTMLVideoElement | null | undefined} */ (tile?.querySelector('video'));
+        return !!video && video.videoWidth > 0 && !('noVideo' in /** @type {HTMLElement} */ (tile).dataset);
+      }, null, 15_000);
+      check("Bob sees Roamer's video again", media);
+      await roamer.context().close();
+    } finally {
+      for (const { client, upstream } of pairs) {
+        client.destroy();
+        upstream.destroy();
+      }
+      proxy.close();
     }
   });
 
