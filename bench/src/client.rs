@@ -288,20 +288,8 @@ pub async fn local_sdp(
         .sdp)
 }
 
-/// Joins `room` and publishes one VP8 video track of `shape` until `stop` turns true. Returns
-/// the time joining took once publishing has started (through `started`).
-pub async fn publisher(
-    base: String,
-    room: String,
-    index: u16,
-    shape: VideoShape,
-    tally: Arc<Tally>,
-    started: tokio::sync::oneshot::Sender<Duration>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<()> {
-    let Joined { mut ws, took } = join(&base, &room, &format!("publisher-{index}")).await?;
-    let (pc, mut gathered) = peer_connection(None).await?;
-    let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+fn vp8_track(index: u16) -> Arc<TrackLocalStaticRTP> {
+    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
         format!("bench-{index}"),
         "cam".into(),
         "cam".into(),
@@ -320,16 +308,96 @@ pub async fn publisher(
             },
             ..Default::default()
         }],
-    )));
+    )))
+}
+
+/// A publish connection with one VP8 track, its offer made.
+struct Publishing {
+    pc: Arc<dyn PeerConnection>,
+    track: Arc<TrackLocalStaticRTP>,
+}
+
+async fn offer_publish(ws: &mut Ws, index: u16) -> Result<Publishing> {
+    let (pc, mut gathered) = peer_connection(None).await?;
+    let track = vp8_track(index);
     pc.add_track(track.clone() as Arc<dyn TrackLocal>).await?;
     let offer = pc.create_offer(None).await?;
     let sdp = local_sdp(&pc, &mut gathered, offer).await?;
     send(
-        &mut ws,
+        ws,
         json!({"type": "offer", "peerId": "sfu", "transport": "publish", "sdp": sdp,
                "tracks": [{"trackId": "cam", "source": "camera"}]}),
     )
     .await?;
+    Ok(Publishing { pc, track })
+}
+
+impl Publishing {
+    /// Applies the server's answer and starts sending video until `stop`.
+    async fn start(
+        &self,
+        answer: String,
+        index: u16,
+        shape: VideoShape,
+        tally: Arc<Tally>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<tokio::task::JoinHandle<()>> {
+        self.pc
+            .set_remote_description(RTCSessionDescription::answer(answer)?)
+            .await?;
+        let payload_type = payload_type(&self.pc).await?;
+        let ssrc = self
+            .track
+            .ssrcs()
+            .await
+            .first()
+            .copied()
+            .ok_or_else(|| anyhow!("no ssrc"))?;
+        let track = self.track.clone();
+        Ok(tokio::spawn(send_video(
+            track,
+            payload_type,
+            ssrc,
+            index,
+            shape,
+            tally,
+            stop,
+        )))
+    }
+}
+
+/// Answers a subscribe offer on `pc`.
+async fn answer_subscribe(
+    ws: &mut Ws,
+    pc: &Arc<dyn PeerConnection>,
+    gathered: &mut watch::Receiver<bool>,
+    message: &Value,
+) -> Result<()> {
+    let sdp = message["sdp"].as_str().unwrap_or_default().to_owned();
+    pc.set_remote_description(RTCSessionDescription::offer(sdp)?)
+        .await?;
+    let answer = pc.create_answer(None).await?;
+    let sdp = local_sdp(pc, gathered, answer).await?;
+    send(
+        ws,
+        json!({"type": "answer", "peerId": "sfu", "transport": "subscribe", "sdp": sdp}),
+    )
+    .await
+}
+
+/// Joins `room` and publishes one VP8 video track of `shape` until `stop` turns true. Reports
+/// the time joining took through `started` once media flows.
+pub async fn publisher(
+    base: String,
+    room: String,
+    index: u16,
+    shape: VideoShape,
+    tally: Arc<Tally>,
+    started: tokio::sync::oneshot::Sender<Duration>,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let Joined { mut ws, took } = join(&base, &room, &format!("publisher-{index}")).await?;
+    let publishing = offer_publish(&mut ws, index).await?;
     let answer = loop {
         let message = recv(&mut ws).await?;
         if message["type"] == "answer" {
@@ -339,19 +407,74 @@ pub async fn publisher(
             bail!("publish refused: {message}");
         }
     };
-    pc.set_remote_description(RTCSessionDescription::answer(answer)?)
-        .await?;
-    let payload_type = payload_type(&pc).await?;
-    let ssrc = track
-        .ssrcs()
-        .await
-        .first()
-        .copied()
-        .ok_or_else(|| anyhow!("no ssrc"))?;
+    let sending = publishing.start(answer, index, shape, tally, stop).await?;
     let _ = started.send(took);
-
     // Signaling stays read (pings answered) while media flows.
     let keepalive = tokio::spawn(async move { while recv(&mut ws).await.is_ok() {} });
+    let _ = sending.await;
+    keepalive.abort();
+    let _ = publishing.pc.close().await;
+    Ok(())
+}
+
+/// Joins `room`, publishes one VP8 track and receives everyone else, as a participant of a
+/// call does, until `stop` turns true.
+pub async fn participant(
+    base: String,
+    room: String,
+    index: u16,
+    shape: VideoShape,
+    tally: Arc<Tally>,
+    joined: tokio::sync::oneshot::Sender<Duration>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let Joined { mut ws, took } = join(&base, &room, &format!("participant-{index}")).await?;
+    let _ = joined.send(took);
+    let (subscribe, mut gathered) = peer_connection(Some(tally.clone())).await?;
+    let publishing = offer_publish(&mut ws, index).await?;
+    let mut sending = None;
+    loop {
+        let message = tokio::select! {
+            message = recv(&mut ws) => message?,
+            _ = stop.changed() => break,
+        };
+        match (message["type"].as_str(), message["transport"].as_str()) {
+            (Some("answer"), Some("publish")) => {
+                let answer = message["sdp"].as_str().unwrap_or_default().to_owned();
+                sending = Some(
+                    publishing
+                        .start(answer, index, shape, tally.clone(), stop.clone())
+                        .await?,
+                );
+            }
+            (Some("offer"), Some("subscribe")) => {
+                answer_subscribe(&mut ws, &subscribe, &mut gathered, &message).await?;
+            }
+            (Some("error"), _) => bail!("refused: {message}"),
+            _ => {}
+        }
+    }
+    if let Some(sending) = sending {
+        let _ = sending.await;
+    }
+    let _ = ws
+        .send(Message::Text(json!({"type": "leave"}).to_string().into()))
+        .await;
+    let _ = publishing.pc.close().await;
+    let _ = subscribe.close().await;
+    Ok(())
+}
+
+/// Sends frames of `shape` as MTU-sized VP8 packets carrying probes, until `stop`.
+async fn send_video(
+    track: Arc<TrackLocalStaticRTP>,
+    payload_type: u8,
+    ssrc: u32,
+    index: u16,
+    shape: VideoShape,
+    tally: Arc<Tally>,
+    mut stop: watch::Receiver<bool>,
+) {
     let frame_bytes = usize::try_from(shape.bitrate / 8 / u64::from(shape.fps.max(1)))
         .unwrap_or(MAX_PAYLOAD)
         .max(PROBE_BYTES + 2);
@@ -405,9 +528,6 @@ pub async fn publisher(
         }
         frame += 1;
     }
-    keepalive.abort();
-    let _ = pc.close().await;
-    Ok(())
 }
 
 async fn payload_type(pc: &Arc<dyn PeerConnection>) -> Result<u8> {
@@ -439,16 +559,7 @@ pub async fn subscriber(
             _ = stop.changed() => break,
         };
         if message["type"] == "offer" && message["transport"] == "subscribe" {
-            let sdp = message["sdp"].as_str().unwrap_or_default().to_owned();
-            pc.set_remote_description(RTCSessionDescription::offer(sdp)?)
-                .await?;
-            let answer = pc.create_answer(None).await?;
-            let sdp = local_sdp(&pc, &mut gathered, answer).await?;
-            send(
-                &mut ws,
-                json!({"type": "answer", "peerId": "sfu", "transport": "subscribe", "sdp": sdp}),
-            )
-            .await?;
+            answer_subscribe(&mut ws, &pc, &mut gathered, &message).await?;
         }
     }
     let _ = ws

@@ -22,15 +22,21 @@ enum Scenario {
     /// P publishers; subscribers added `--step` at a time (each step measured for
     /// `--step-seconds`) until loss passes 1 % or p99 latency passes 50 ms.
     Ramp,
+    /// `--participants` N, each publishing one video and receiving all the others, for T
+    /// seconds: a 7-20 person call.
+    LargeRoom,
 }
 
 /// Measures a Switchboard server with synthetic participants speaking the real protocol.
 #[derive(Debug, Parser)]
 #[command(name = "switchboard-bench", version, about)]
 struct Cli {
-    /// `fixed` or `ramp`.
+    /// `fixed`, `ramp` or `large-room`.
     #[arg(long, value_enum, default_value_t = Scenario::Fixed)]
     scenario: Scenario,
+    /// Large room: participants, each publishing and subscribing.
+    #[arg(long, default_value_t = 10)]
+    participants: u16,
     /// Ramp: subscribers added per step.
     #[arg(long, default_value_t = 50)]
     step: u32,
@@ -372,20 +378,43 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
     };
     let mut tasks = Vec::new();
     let mut joins = Vec::new();
-    for index in 0..cli.publishers {
+    let large_room = cli.scenario == Scenario::LargeRoom;
+    // Who publishes, and how many receivers each published packet has.
+    let (publishers, receivers) = if large_room {
+        (
+            cli.participants,
+            u64::from(cli.participants.saturating_sub(1)),
+        )
+    } else {
+        (cli.publishers, u64::from(cli.subscribers))
+    };
+    for index in 0..publishers {
         let (tx, rx) = oneshot::channel();
         joins.push(rx);
-        tasks.push(tokio::spawn(client::publisher(
-            base.to_owned(),
-            cli.room.clone(),
-            index,
-            shape,
-            tally.clone(),
-            tx,
-            stop.clone(),
-        )));
+        let task = if large_room {
+            tokio::spawn(client::participant(
+                base.to_owned(),
+                cli.room.clone(),
+                index,
+                shape,
+                tally.clone(),
+                tx,
+                stop.clone(),
+            ))
+        } else {
+            tokio::spawn(client::publisher(
+                base.to_owned(),
+                cli.room.clone(),
+                index,
+                shape,
+                tally.clone(),
+                tx,
+                stop.clone(),
+            ))
+        };
+        tasks.push(task);
     }
-    for index in 0..cli.subscribers {
+    for index in 0..if large_room { 0 } else { cli.subscribers } {
         let (tx, rx) = oneshot::channel();
         joins.push(rx);
         tasks.push(tokio::spawn(client::subscriber(
@@ -413,7 +442,7 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
         }
     }
     // Measure only once every subscriber receives every publisher.
-    let expected_tracks = u64::from(cli.publishers) * u64::from(cli.subscribers);
+    let expected_tracks = u64::from(publishers) * receivers;
     let warmup = Instant::now();
     while tally.live_tracks.load(Ordering::Relaxed) < expected_tracks {
         if warmup.elapsed() > Duration::from_secs(60) {
@@ -517,7 +546,7 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
-    let expected = sent * u64::from(cli.subscribers);
+    let expected = sent * receivers;
     let forwarded = match (end_forwarded, start_forwarded) {
         (Some(end), Some(start)) => Some(end.saturating_sub(start)),
         _ => None,
@@ -541,8 +570,9 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
         config: report::Config {
             url: base.to_owned(),
             spawned: cli.spawn,
-            publishers: cli.publishers,
-            subscribers: cli.subscribers,
+            publishers,
+            subscribers: u32::try_from(receivers).unwrap_or(u32::MAX),
+            large_room,
             duration_s: cli.duration,
             bitrate: cli.bitrate,
             fps: cli.fps,

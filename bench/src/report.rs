@@ -12,7 +12,10 @@ pub struct Config {
     pub url: String,
     pub spawned: bool,
     pub publishers: u16,
+    /// Receivers of each publisher.
     pub subscribers: u32,
+    /// Every participant publishes and receives all the others.
+    pub large_room: bool,
     pub duration_s: u64,
     pub bitrate: u64,
     pub fps: u32,
@@ -73,13 +76,22 @@ pub fn markdown(report: &Report) -> String {
     let c = &report.config;
     let t = &report.totals;
     let mut out = String::new();
+    let who = if c.large_room {
+        format!(
+            "a room of {} participants, each publishing and receiving the {} others",
+            c.publishers, c.subscribers
+        )
+    } else {
+        format!(
+            "{} publisher(s), {} subscriber(s)",
+            c.publishers, c.subscribers
+        )
+    };
     let _ = writeln!(
         out,
-        "# Switchboard forwarding benchmark\n\n{} publisher(s) of {} kbit/s at {} fps, {} subscriber(s), {} s, {} cores, server {}.\n",
-        c.publishers,
+        "# Switchboard forwarding benchmark\n\n{who}; video of {} kbit/s at {} fps, {} s, {} cores, server {}.\n",
         c.bitrate / 1000,
         c.fps,
-        c.subscribers,
         c.duration_s,
         c.cores,
         if c.spawned {
