@@ -177,7 +177,7 @@ impl Fanout {
             FanoutCommand::Pause { key, paused } => {
                 if let Some(slot) = slots.iter_mut().find(|slot| slot.key == key) {
                     slot.forwarder.set_paused(paused);
-                    if slot.forwarder.waiting_for_keyframe() {
+                    if !paused && slot.forwarder.waiting_for_keyframe() {
                         self.request_keyframe().await;
                     }
                 }

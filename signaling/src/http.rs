@@ -82,21 +82,27 @@ struct WebClient;
 
 /// The router with every endpoint.
 pub fn router(state: AppState) -> Router {
+    // Any page may import the SDK (/src/*) and, while minting is open (no API key), ask for a
+    // token: docs/sdk.md. Nothing else is readable cross-origin (/api/rooms and /metrics list
+    // rooms and names), and no credentials or Authorization header ever are: an API key
+    // belongs on a backend, never in a page.
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::CONTENT_TYPE]);
+    let mint = if state.config.api_key.is_none() {
+        post(mint_token).layer(cors.clone())
+    } else {
+        post(mint_token)
+    };
     Router::new()
-        .route("/auth/token", post(mint_token))
+        .route("/auth/token", mint)
+        .route("/src/{*path}", get(web_client).layer(cors))
         .route("/ws/signal", get(signal))
         .route("/healthz", get(|| async { "ok" }))
         .route("/api/rooms", get(list_rooms))
         .route("/metrics", get(metrics))
         .fallback(get(web_client))
-        // Any page may embed the SDK: import /src/client.js and mint a token from its own origin
-        // (docs/sdk.md). No cookies are involved, so no credentials are allowed.
-        .layer(
-            CorsLayer::new()
-                .allow_origin(Any)
-                .allow_methods([Method::GET, Method::POST])
-                .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]),
-        )
         .with_state(state)
 }
 

@@ -8,6 +8,7 @@
 //! short-held mutex ([`room`]).
 
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod http;
 pub mod protocol;

@@ -25,6 +25,10 @@ use crate::protocol::{
 
 /// Chat messages a room keeps for those who join later.
 pub const CHAT_HISTORY: usize = 100;
+/// Chat messages a whole room may send in a burst, and per second after it.
+pub const ROOM_CHAT_BURST: f64 = 30.0;
+/// See [`ROOM_CHAT_BURST`].
+pub const ROOM_CHAT_PER_SECOND: f64 = 5.0;
 
 /// A switch whose participants have not all reported `ready` by then settles anyway, so that one
 /// broken client cannot keep a room on two paths forever.
@@ -124,6 +128,8 @@ struct Member {
     name: String,
     /// The secret with which a reconnecting client replaces this member.
     resume_token: String,
+    /// The token's user id: only the same user may resume this member.
+    user: String,
     outbound: Outbound,
     /// Set while the participant has SFU connections.
     negotiator: Option<mpsc::UnboundedSender<RoomCommand>>,
@@ -148,6 +154,9 @@ struct RoomState {
     mesh_blocked: bool,
     /// The latest chat messages, oldest first, at most [`CHAT_HISTORY`].
     chat: VecDeque<ChatMessage>,
+    /// What the whole room may chat: every message goes to every member, so one budget per
+    /// sender alone would let a large room fill everyone's signaling queue.
+    chat_budget: crate::budget::Budget,
     chat_sent: u64,
 }
 
@@ -176,6 +185,19 @@ pub enum RelayError {
     /// The sender named itself.
     ToSelf,
 }
+/// Who is joining.
+#[derive(Clone, Copy, Debug)]
+pub struct Joiner<'a> {
+    /// The new participant's id.
+    pub id: &'a ParticipantId,
+    /// Its display name.
+    pub name: &'a str,
+    /// The token's user id.
+    pub user: &'a str,
+    /// The `resumeToken` it presented, if any.
+    pub resume: Option<&'a str>,
+}
+
 /// Why a join was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum JoinError {
@@ -191,6 +213,15 @@ pub struct Joined {
     pub room: Arc<Room>,
     /// Its mode when the participant entered.
     pub mode: Mode,
+}
+
+/// Compares two secrets in time independent of where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 fn send(outbound: &Outbound, message: ServerMessage) {
@@ -266,6 +297,9 @@ impl Room {
     /// Records a publication that started and subscribes every other member to it.
     pub fn add_publication(&self, participant: &ParticipantId, publication: Publication) {
         let mut state = self.lock();
+        if !state.members.iter().any(|m| &m.id == participant) {
+            return; // A replaced or departed member's late event.
+        }
         let mut notify = Vec::new();
         for member in &mut state.members {
             if &member.id == participant {
@@ -346,8 +380,9 @@ impl Room {
             .unwrap_or(false)
     }
 
-    /// Sends `text` from `participant` to everyone in the room and keeps it for later joiners.
-    pub fn chat(&self, participant: &ParticipantId, text: String) {
+    /// Sends `text` from `participant` to everyone in the room and keeps it for later joiners;
+    /// false when the room's chat budget is spent.
+    pub fn chat(&self, participant: &ParticipantId, text: String) -> bool {
         let mut state = self.lock();
         let Some(name) = state
             .members
@@ -355,8 +390,11 @@ impl Room {
             .find(|m| &m.id == participant)
             .map(|m| m.name.clone())
         else {
-            return;
+            return true;
         };
+        if !state.chat_budget.take() {
+            return false;
+        }
         state.chat_sent += 1;
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -376,6 +414,7 @@ impl Room {
         for member in &state.members {
             send(&member.outbound, ServerMessage::Chat(message.clone()));
         }
+        true
     }
 
     /// Takes `id` out and tells the others.
@@ -413,6 +452,9 @@ impl Room {
             return Err(RelayError::ToSelf);
         }
         let state = self.lock();
+        if !state.members.iter().any(|m| &m.id == from) {
+            return Err(RelayError::UnknownPeer); // The sender was replaced by a resumed join.
+        }
         let target = state
             .members
             .iter()
@@ -747,12 +789,16 @@ impl RoomRegistry {
     pub fn join(
         &self,
         room_name: &str,
-        id: &ParticipantId,
-        name: &str,
-        resume: Option<&str>,
+        joiner: Joiner<'_>,
         outbound: Outbound,
         joined: impl FnOnce(&str, Mode, Vec<PeerInfo>, Vec<ChatMessage>, &str) -> ServerMessage,
     ) -> Result<Joined, JoinError> {
+        let Joiner {
+            id,
+            name,
+            user,
+            resume,
+        } = joiner;
         let mut rooms = self.lock();
         let policy = self.policy;
         let room = rooms
@@ -777,32 +823,46 @@ impl RoomRegistry {
                         switches_to_mesh: 0,
                         mesh_blocked: false,
                         chat: VecDeque::new(),
+                        chat_budget: crate::budget::Budget::new(
+                            ROOM_CHAT_BURST,
+                            ROOM_CHAT_PER_SECOND,
+                        ),
                         chat_sent: 0,
                     }),
                 })
             })
             .clone();
         let mut state = room.lock();
-        if let Some(token) = resume.filter(|t| !t.is_empty()) {
-            if let Some(index) = state.members.iter().position(|m| m.resume_token == token) {
-                // The same client, back before its old connection was noticed as gone.
-                let ghost = state.members[index].id.clone();
-                tracing::info!(participant = %ghost, "replaced by a resumed join");
-                state.members[index].outbound.disconnect();
-                room.remove_member(&mut state, &ghost);
-            }
-        }
-        let refused = if state
-            .members
-            .iter()
-            .any(|m| m.name.to_lowercase() == name.to_lowercase())
-        {
+        // The same client, back before its old connection was noticed as gone.
+        let ghost = resume.filter(|t| !t.is_empty()).and_then(|token| {
+            state
+                .members
+                .iter()
+                .find(|m| m.user == user && same_secret(&m.resume_token, token))
+                .map(|m| m.id.clone())
+        });
+        let others = || {
+            state
+                .members
+                .iter()
+                .filter(|m| Some(&m.id) != ghost.as_ref())
+        };
+        let refused = if others().any(|m| m.name.to_lowercase() == name.to_lowercase()) {
             Some(JoinError::NameTaken)
-        } else if state.members.len() >= policy.max_participants {
+        } else if others().count() >= policy.max_participants {
             Some(JoinError::RoomFull(policy.max_participants))
         } else {
             None
         };
+        if refused.is_none()
+            && let Some(ghost) = &ghost
+        {
+            tracing::info!(participant = %ghost, "replaced by a resumed join");
+            if let Some(member) = state.members.iter().find(|m| &m.id == ghost) {
+                member.outbound.disconnect();
+            }
+            room.remove_member(&mut state, ghost);
+        }
         if let Some(refused) = refused {
             if state.members.is_empty() {
                 drop(state);
@@ -834,6 +894,7 @@ impl RoomRegistry {
             id: id.clone(),
             name: name.to_owned(),
             resume_token,
+            user: user.to_owned(),
             outbound,
             negotiator: None,
             published: Vec::new(),

@@ -14,12 +14,15 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::auth::Claims;
+use crate::budget::Budget;
 use crate::http::AppState;
 use crate::protocol::{
     CandidateInit, ClientMessage, ErrorCode, MAX_CHAT_CHARS, MAX_TRACKS, Mode, ModePhase,
     PROTOCOL_VERSION, SFU_PEER, ServerMessage, TrackInfo, TransportName,
 };
-use crate::room::{JoinError, NegotiatorCommand, Outbound, RelayError, Room, run_negotiator};
+use crate::room::{
+    JoinError, Joiner, NegotiatorCommand, Outbound, RelayError, Room, run_negotiator,
+};
 
 /// Interval between server pings.
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
@@ -68,42 +71,6 @@ struct Membership {
     room: Arc<Room>,
     participant: ParticipantId,
     sfu: Option<SfuLink>,
-}
-
-/// A token bucket: `burst` messages at once, `per_second` after them.
-struct Budget {
-    burst: f64,
-    per_second: f64,
-    tokens: f64,
-    refilled: Instant,
-}
-
-impl Budget {
-    fn new(burst: f64, per_second: f64) -> Self {
-        Self {
-            burst,
-            per_second,
-            tokens: burst,
-            refilled: Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        self.take_n(1.0)
-    }
-
-    fn take_n(&mut self, n: f64) -> bool {
-        let now = Instant::now();
-        let earned = now.duration_since(self.refilled).as_secs_f64() * self.per_second;
-        self.tokens = (self.tokens + earned).min(self.burst);
-        self.refilled = now;
-        if self.tokens >= n {
-            self.tokens -= n;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 struct Session {
@@ -528,14 +495,30 @@ impl Session {
                         ),
                     ));
                 }
-                room.chat(&participant, text);
+                if !room.chat(&participant, text) {
+                    return Err((
+                        ErrorCode::RateLimited,
+                        "the room is chatting faster than it can be delivered: this message was not sent".into(),
+                    ));
+                }
                 Ok(())
             }
             ClientMessage::Pause {
                 publication_id,
                 paused,
             } => {
-                let link = self.sfu_link()?;
+                self.membership()?;
+                if !self.relay_budget.take() {
+                    return Err((
+                        ErrorCode::RateLimited,
+                        "too many messages: this pause was dropped".into(),
+                    ));
+                }
+                let Some(link) = self.membership.as_ref().and_then(|m| m.sfu.as_ref()) else {
+                    // A mesh has no server subscriptions; a pause that crossed a switch to
+                    // mesh has nothing left to do.
+                    return Ok(());
+                };
                 link.negotiator
                     .send(NegotiatorCommand::Pause(
                         publication_id.as_str().into(),
@@ -581,9 +564,12 @@ impl Session {
         let config = &self.state.config;
         let joined = self.state.rooms.join(
             &self.claims.room,
-            &participant,
-            &name,
-            resume.as_deref(),
+            Joiner {
+                id: &participant,
+                name: &name,
+                user: &self.claims.sub,
+                resume: resume.as_deref(),
+            },
             self.outbound.clone(),
             |room, mode, peers, chat, resume_token| ServerMessage::Joined {
                 participant_id: participant.to_string(),

@@ -131,6 +131,19 @@ async fn a_resumed_join_replaces_the_lost_connection_at_once() -> Result<()> {
     let refused = recv_type(&mut impostor, "error", WAIT).await?;
     ensure!(refused["code"] == "name_taken", "{refused}");
 
+    // The right token from another user resumes nothing either.
+    let mut other_user = connect(&server, "mallory", "resume").await?;
+    send(
+        &mut other_user,
+        json!({"type": "join", "name": "ann", "resume": token}),
+    )
+    .await?;
+    let refused = recv_type(&mut other_user, "error", WAIT).await?;
+    ensure!(
+        refused["code"] == "name_taken",
+        "a token is bound to its user: {refused}"
+    );
+
     // Ann's client lost its socket (not yet noticed by the server) and comes back.
     let mut again = connect(&server, "ann", "resume").await?;
     send(
@@ -163,5 +176,76 @@ async fn a_resumed_join_replaces_the_lost_connection_at_once() -> Result<()> {
         }
     }
     server.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn only_the_sdk_and_open_token_minting_are_readable_from_other_origins() -> Result<()> {
+    let server = start_mesh_server(3, 10).await?;
+    let client = reqwest::Client::new();
+    let base = format!("http://{}", server.addr);
+    let allowed = |path: &'static str| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            let res = client
+                .get(format!("{base}{path}"))
+                .header("Origin", "https://embedder.example")
+                .send()
+                .await?;
+            anyhow::Ok(res.headers().get("access-control-allow-origin").is_some())
+        }
+    };
+    ensure!(
+        allowed("/src/client.js").await?,
+        "the SDK can be imported from any page"
+    );
+    ensure!(
+        !allowed("/api/rooms").await?,
+        "room and participant names stay private"
+    );
+    ensure!(!allowed("/metrics").await?, "metrics stay private");
+    let preflight = client
+        .request(reqwest::Method::OPTIONS, format!("{base}/auth/token"))
+        .header("Origin", "https://embedder.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header("Access-Control-Request-Headers", "content-type")
+        .send()
+        .await?;
+    ensure!(
+        preflight
+            .headers()
+            .get("access-control-allow-origin")
+            .is_some(),
+        "open token minting answers a preflight"
+    );
+    server.shutdown().await?;
+
+    let keyed = signaling::Server::start(signaling::Config {
+        bind: "127.0.0.1:0".parse()?,
+        media_ip: Some("127.0.0.1".parse()?),
+        api_key: Some("secret".into()),
+        log_level: "warn".into(),
+        ..signaling::Config::default()
+    })
+    .await?;
+    let preflight = client
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("http://{}/auth/token", keyed.addr),
+        )
+        .header("Origin", "https://embedder.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header("Access-Control-Request-Headers", "authorization")
+        .send()
+        .await?;
+    ensure!(
+        preflight
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none(),
+        "with an API key, tokens are minted by a backend, never by a page"
+    );
+    keyed.shutdown().await?;
     Ok(())
 }

@@ -112,7 +112,7 @@ peopleToggle.addEventListener('click', () => togglePanel(peoplePanel, peopleTogg
 chatForm.addEventListener('submit', (ev) => {
   ev.preventDefault();
   const text = chatInput.value.trim();
-  if (!room || !text) return;
+  if (!room || room.state !== 'joined' || !text) return;
   room.sendChat(text);
   chatInput.value = '';
 });
@@ -236,9 +236,11 @@ async function join(roomName, name) {
   current.on('reconnecting', () => {
     statusLine.textContent = 'Connection lost. Reconnecting…';
     statusLine.dataset.reconnecting = '';
+    setControlsEnabled(false);
   });
   current.on('reconnected', () => {
     delete statusLine.dataset.reconnecting;
+    setControlsEnabled(true);
     showError(null);
     renderStatus();
   });
@@ -289,6 +291,7 @@ function reset() {
   qualityBadge.hidden = true;
   form.hidden = false;
   controls.hidden = true;
+  setControlsEnabled(true);
   renderStage();
   setFormEnabled(true);
 }
@@ -477,6 +480,17 @@ function showError(err) {
   errorBox.textContent = code ? `${text} (${code})` : text;
   errorBox.dataset.code = code;
   errorBox.hidden = false;
+}
+
+/**
+ * Everything but Leave waits while the connection is being restored.
+ * @param {boolean} enabled
+ */
+function setControlsEnabled(enabled) {
+  for (const button of controls.querySelectorAll('button')) {
+    if (button.id !== 'leave') /** @type {HTMLButtonElement} */ (button).disabled = !enabled;
+  }
+  chatInput.disabled = !enabled;
 }
 
 /** @param {boolean} enabled */

@@ -118,6 +118,8 @@ const SUBSCRIBE_GATHER_WAIT_MS = 500;
  * its operations is in flight never settles that operation's promise (as the WebRTC spec says).
  */
 const HANDLER_TIMEOUT_MS = 10_000;
+/** How long opening the signaling socket or fetching a token may take. */
+const SOCKET_OPEN_TIMEOUT_MS = 5000;
 /** How long the SDK keeps trying to get back into the room after losing the server. */
 const RECONNECT_WINDOW_MS = 30_000;
 /** Refusals a retry cannot fix. */
@@ -259,6 +261,8 @@ export class Room extends Emitter {
   #localSources = new Map();
   /** @type {MediaStream | null} */ #screenStream = null;
   #screenPending = false;
+  /** The device switch in progress, if any. @type {Promise<void>} */
+  #deviceSwitch = Promise.resolve();
   /** When the mode last changed: errors for messages that crossed it are expected. */
   #modeChangedAt = 0;
   /** When each track first showed decoded media. @type {WeakMap<MediaStreamTrack, number>} */
@@ -397,10 +401,25 @@ export class Room extends Emitter {
    * @param {'audioinput' | 'videoinput'} kind
    * @param {string} deviceId
    */
-  async setDevice(kind, deviceId) {
+  setDevice(kind, deviceId) {
+    // One switch at a time: two at once would both replace the same old track.
+    const next = this.#deviceSwitch.then(() => this.#switchDevice(kind, deviceId));
+    this.#deviceSwitch = next.catch(() => {});
+    return next;
+  }
+
+  /**
+   * @param {'audioinput' | 'videoinput'} kind
+   * @param {string} deviceId
+   */
+  async #switchDevice(kind, deviceId) {
     const audio = kind === 'audioinput';
     const captured = await captureMedia(audio ? deviceId : false, audio ? false : deviceId);
     const track = captured.getTracks()[0];
+    if (this.state === 'closed') {
+      track.stop(); // Left during the permission prompt: the camera must not stay lit.
+      return;
+    }
     const stream = this.localStream ?? new MediaStream();
     this.localStream = stream;
     const old = stream.getTracks().find((t) => t.kind === track.kind);
@@ -412,7 +431,10 @@ export class Room extends Emitter {
     }
     const connections = [this.publishPc, ...[...this.mesh.values()].map((l) => l.pc)];
     for (const pc of connections) {
-      for (const sender of pc?.getSenders() ?? []) if (old && sender.track === old) await sender.replaceTrack(track);
+      for (const sender of pc?.getSenders() ?? []) {
+        // A connection closing meanwhile (a mode switch) no longer needs the track.
+        if (old && sender.track === old) await sender.replaceTrack(track).catch(() => {});
+      }
     }
     if (old) {
       stream.removeTrack(old);
@@ -444,7 +466,8 @@ export class Room extends Emitter {
   #applyPauses() {
     if (!this.publishPc && !this.subscribePc) return;
     for (const sub of this.subscriptions.values()) {
-      if (sub.kind !== 'video') continue;
+      // A screen share shows on the stage whatever the tile does: only cameras pause.
+      if (sub.kind !== 'video' || sub.source !== 'camera') continue;
       const want = this.#videoPaused.has(sub.peerId);
       if (want === this.#pauseSent.has(sub.publicationId)) continue;
       if (want) this.#pauseSent.add(sub.publicationId);
@@ -462,8 +485,14 @@ export class Room extends Emitter {
 
   #startStats() {
     if (this.#statsTimer) return;
+    let sampling = false;
     this.#statsTimer = setInterval(() => {
-      this.#sampleStats().catch((err) => console.debug('switchboard: stats', err));
+      // getStats can take longer than the interval on a loaded machine: never two at once.
+      if (sampling) return;
+      sampling = true;
+      this.#sampleStats()
+        .catch((err) => console.debug('switchboard: stats', err))
+        .finally(() => (sampling = false));
     }, 500);
   }
 
@@ -567,6 +596,13 @@ export class Room extends Emitter {
     const ws = new WebSocket(url);
     this.#ws = ws;
     return new Promise((resolve, reject) => {
+      // A black-holed network would otherwise leave this pending past any deadline.
+      const timer = setTimeout(() => {
+        reject(new SwitchboardError('unreachable', `no answer from ${url.origin}/ws/signal`));
+        if (ws.readyState === WebSocket.CONNECTING) ws.close();
+      }, SOCKET_OPEN_TIMEOUT_MS);
+      ws.addEventListener('open', () => clearTimeout(timer));
+      ws.addEventListener('close', () => clearTimeout(timer));
       ws.onopen = () => resolve(undefined);
       ws.onerror = () => reject(new SwitchboardError('socket', `cannot open ${url.origin}/ws/signal`));
       ws.onclose = (ev) => {
@@ -574,7 +610,11 @@ export class Room extends Emitter {
         if (this.#ws !== ws) return;
         if (this.state === 'joined') this.#reconnect(ev.reason || `signaling socket closed (${ev.code})`);
         else if (this.state === 'connecting') this.#close(ev.reason || 'socket closed', true, ev.code);
-        // While reconnecting, the attempt fails through `reject` and the next one follows.
+        // While reconnecting, the attempt fails (here, or its join) and the next one follows.
+        else if (this.state === 'reconnecting') {
+          this.#joinWaiter?.reject(new SwitchboardError('socket', `signaling socket closed (${ev.code})`));
+          this.#joinWaiter = null;
+        }
       };
       ws.onmessage = (ev) => {
         if (this.#ws !== ws) return;
@@ -586,7 +626,8 @@ export class Room extends Emitter {
           return;
         }
         this.#queue = this.#queue
-          .then(() => withTimeout(this.#handle(msg), HANDLER_TIMEOUT_MS, `handling \`${msg?.type}\``))
+          // A message of a socket replaced since (a reconnect) is about a session that is gone.
+          .then(() => (this.#ws === ws ? withTimeout(this.#handle(msg), HANDLER_TIMEOUT_MS, `handling \`${msg?.type}\``) : undefined))
           .catch((err) => this.#fail(msg?.type ?? 'message', err));
       };
     });
@@ -635,7 +676,10 @@ export class Room extends Emitter {
       if (this.state !== 'reconnecting') return;
       try {
         const token = await fetchToken(session.base, session.name, session.room);
+        // Left meanwhile: no socket, no join (it would seat a phantom).
+        if (this.state !== 'reconnecting') return;
         await this.#openSocket(session.base, token);
+        if (this.state !== 'reconnecting') return;
         await this.#join(session.name, Math.min(session.joinTimeoutMs, Math.max(1000, deadline - Date.now())));
         this.emit('reconnected', {});
         return;
@@ -645,7 +689,9 @@ export class Room extends Emitter {
         this.#ws = null;
         ws?.close();
         if (this.state !== 'reconnecting') return;
-        if (err instanceof SwitchboardError && FATAL_CODES.includes(err.code)) break;
+        // `name_taken` is not final here: an earlier attempt that was seated may hold the name
+        // until the server notices it is gone.
+        if (err instanceof SwitchboardError && FATAL_CODES.includes(err.code) && err.code !== 'name_taken') break;
       }
     }
     this.#close(`could not reconnect: ${lastError}`, true);
@@ -799,7 +845,7 @@ export class Room extends Emitter {
     // The SDK addresses only participants it knows: an unknown one has just left, and a message
     // (a trickled candidate, say) crossed its `peer_left`. Likewise a negotiation message that
     // crossed a change of mode. Nothing for the app to act on.
-    const negotiation = ['offer', 'answer', 'ice-candidate'].includes(event.requestType);
+    const negotiation = ['offer', 'answer', 'ice-candidate', 'pause'].includes(event.requestType);
     const crossedModeChange = event.code === 'invalid_state' && Date.now() - this.#modeChangedAt < 3000;
     if (negotiation && (event.code === 'unknown_peer' || crossedModeChange)) {
       console.debug(`switchboard: ${event.message}`);
@@ -959,7 +1005,8 @@ export class Room extends Emitter {
     const wanted = new Map();
     for (const [key, { preferred, other }] of groups) {
       // A paused video decodes nothing, and is not shown anyway: it need not wait.
-      const paused = preferred?.kind === 'video' && preferred.path === 'sfu' && this.#videoPaused.has(preferred.peerId);
+      const paused =
+        preferred?.kind === 'video' && preferred.source === 'camera' && preferred.path === 'sfu' && this.#videoPaused.has(preferred.peerId);
       const preferredLive = !!preferred && (paused || this.#live.has(preferred.track));
       if (preferred && other && !preferredLive) waiting = true;
       const pick = preferred && (preferredLive || !other) ? preferred : (other ?? preferred);
@@ -1449,13 +1496,15 @@ async function fetchToken(base, userId, room) {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
       body: JSON.stringify({ userId, room }),
+      signal: AbortSignal.timeout(SOCKET_OPEN_TIMEOUT_MS),
     });
   } catch (err) {
     throw new SwitchboardError('unreachable', `cannot reach ${base.origin} (${err instanceof Error ? err.message : err})`);
   }
   const body = await res.json().catch(() => null);
   if (!res.ok || typeof body?.token !== 'string') {
-    const code = body?.error?.code ?? (res.status === 401 ? 'unauthorized' : 'bad_request');
+    // A proxy's 502/503 while the server restarts is worth retrying; a 4xx is not.
+    const code = body?.error?.code ?? (res.status === 401 ? 'unauthorized' : res.status >= 500 ? 'unreachable' : 'bad_request');
     throw new SwitchboardError(code, body?.error?.message ?? `token request failed (${res.status})`);
   }
   return body.token;
