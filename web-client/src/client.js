@@ -134,7 +134,7 @@ const LIVE_POLL_MS = 100;
 const LIVE_MIN_FRAMES = 8;
 const LIVE_MIN_AUDIO_PACKETS = 10;
 /** ...or once it has shown media for this long, however slowly it arrives. */
-const LIVE_SLOW_MS = 1500;
+const LIVE_SLOW_MS = 800;
 /** A mesh connection not connected this long after it was made cannot connect (no route). */
 const MESH_CONNECT_TIMEOUT_MS = 10_000;
 
@@ -497,7 +497,8 @@ export class Room extends Emitter {
   }
 
   async #sampleStats() {
-    if (this.state !== 'joined') return;
+    // A switch is the busiest moment of a call: the badge and speaker can wait a second.
+    if (this.state !== 'joined' || this.switching) return;
     const now = performance.now();
     // Active speaker: the loudest remote microphone over the last half second.
     let loudest = { peerId: /** @type {string | null} */ (null), level: 0 };

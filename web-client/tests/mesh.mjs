@@ -59,7 +59,7 @@ function installMeshHelper() {
       participants,
     };
   };
-  // The gap meter samples the camera track each tile shows every 50 ms. Progress is a new
+  // The gap meter samples the camera track each tile shows every 100 ms. Progress is a new
   // decoded frame on the same track, or a swap to a track that is already decoding. A gap is
   // the time between two progresses (or from the last one to the end), counted from a
   // participant's first decoded frame: waiting for a newcomer's first frame is not a stall.
@@ -96,7 +96,7 @@ function installMeshHelper() {
           }
           meter.prev[p.name] = { trackId: s.trackId, frames: s.framesDecoded };
         }
-        await new Promise((r) => setTimeout(r, 50));
+        await new Promise((r) => setTimeout(r, 100));
       }
     })();
   };
