@@ -12,14 +12,14 @@ pub struct SfuConfig {
     /// Public addresses announced in ICE instead of the local ones (NAT 1:1, e.g. a cloud VM's
     /// elastic IP). Default: empty.
     pub public_ips: Vec<String>,
+    /// UDP port of the one socket every subscribe connection shares (publish connections still
+    /// open one ephemeral port each). 0 lets the system choose. Default: 0.
+    pub udp_port: u16,
     /// Receive and send buffer of every media socket, in bytes. Default: 4 MiB, because with the
     /// kernel defaults a busy forwarder loses packets at the socket.
     pub socket_buffer_bytes: usize,
     /// Shortest interval between two keyframe requests sent to one publication. Default: 500 ms.
     pub keyframe_request_interval: Duration,
-    /// Packets a subscription may have queued toward its connection before further packets are
-    /// dropped for that subscriber alone. Default: 512.
-    pub subscription_queue_packets: usize,
     /// Highest video bitrate a publisher is asked to send, in bits per second. Default: 2.5 Mbit/s.
     pub max_video_bitrate: u64,
     /// Silence on a connection's ICE path before it counts as disconnected. Default: 3 s.
@@ -36,9 +36,9 @@ impl Default for SfuConfig {
         Self {
             media_ip: None,
             public_ips: Vec::new(),
+            udp_port: 0,
             socket_buffer_bytes: 4 * 1024 * 1024,
             keyframe_request_interval: Duration::from_millis(500),
-            subscription_queue_packets: 512,
             max_video_bitrate: 2_500_000,
             ice_disconnected_timeout: Duration::from_secs(3),
             ice_failed_timeout: Duration::from_secs(5),

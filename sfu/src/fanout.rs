@@ -1,6 +1,9 @@
 //! One task per Publication: reads its RTP, runs one Forwarder per Subscription, asks the
 //! publisher for keyframes. The task alone owns this state; everything else talks to it through
 //! [`FanoutCommand`]s, applied between packets, so the per-packet path takes no lock.
+//!
+//! Each published packet's rewritten copies go to the egress engine in one message, never one
+//! task hop per subscriber.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
+use crate::egress::{ConnId, EgressInput, Outgoing};
 use crate::feedback::KeyframeThrottle;
 use crate::forwarder::{DropReason, Forwarder, ForwarderParams, PacketCache};
 use crate::ids::MediaKind;
@@ -24,7 +28,7 @@ pub(crate) type SubscriptionKey = u64;
 pub(crate) enum FanoutCommand {
     Add {
         key: SubscriptionKey,
-        queue: mpsc::Sender<rtp::Packet>,
+        route: Route,
     },
     Configure {
         key: SubscriptionKey,
@@ -70,10 +74,17 @@ pub struct PublicationStats {
     pub nack_misses: AtomicU64,
 }
 
+/// Where one subscription's packets go: a sender of a connection in the egress engine.
+pub(crate) struct Route {
+    pub(crate) egress: mpsc::Sender<EgressInput>,
+    pub(crate) conn: ConnId,
+    pub(crate) sender: rtc::rtp_transceiver::RTCRtpSenderId,
+}
+
 struct Slot {
     key: SubscriptionKey,
     forwarder: Forwarder,
-    queue: mpsc::Sender<rtp::Packet>,
+    route: Route,
 }
 
 pub(crate) struct Fanout {
@@ -89,6 +100,8 @@ pub(crate) struct Fanout {
     /// Counted here and published to `stats` on each tick, so the packet path touches no
     /// shared cache line.
     pub(crate) pending: Counts,
+    /// Slots whose copy is in the batch being handed over (reused, so no allocation).
+    pub(crate) in_batch: Vec<usize>,
 }
 
 /// Counters not yet published to [`PublicationStats`].
@@ -153,10 +166,10 @@ impl Fanout {
 
     async fn apply(&mut self, command: FanoutCommand, slots: &mut Vec<Slot>) {
         match command {
-            FanoutCommand::Add { key, queue } => slots.push(Slot {
+            FanoutCommand::Add { key, route } => slots.push(Slot {
                 key,
                 forwarder: Forwarder::new(self.kind, &self.mime, self.clock_rate),
-                queue,
+                route,
             }),
             FanoutCommand::Configure { key, params } => {
                 if let Some(slot) = slots.iter_mut().find(|slot| slot.key == key) {
@@ -202,7 +215,21 @@ impl Fanout {
                 continue;
             };
             let mut packet = original.clone();
-            if slot.forwarder.retransmit(&mut packet, sent) && slot.queue.try_send(packet).is_ok() {
+            if !slot.forwarder.retransmit(&mut packet, sent) {
+                missed += 1;
+                continue;
+            }
+            let outgoing = Outgoing {
+                conn: slot.route.conn,
+                sender: slot.route.sender,
+                packet,
+            };
+            if slot
+                .route
+                .egress
+                .try_send(EgressInput::Forward(vec![outgoing]))
+                .is_ok()
+            {
                 sent_again += 1;
             } else {
                 missed += 1;
@@ -218,28 +245,69 @@ impl Fanout {
     /// Forwards one packet to every subscription; true when some subscriber needs a keyframe.
     fn forward(&mut self, packet: rtp::Packet, slots: &mut Vec<Slot>) -> bool {
         let now = Instant::now();
-        let mut forwarded = 0u64;
         let mut needs_keyframe = false;
-        let mut closed = false;
-        for slot in slots.iter_mut() {
+        let mut batch: Vec<Outgoing> = Vec::with_capacity(slots.len());
+        // Every slot shares one engine today; a slot of another engine gets its own message.
+        let mut egress: Option<&mpsc::Sender<EgressInput>> = None;
+        self.in_batch.clear();
+        let mut others = Vec::new();
+        for (index, slot) in slots.iter_mut().enumerate() {
             match slot.forwarder.forward(&packet, now) {
-                Ok(out) => match slot.queue.try_send(out) {
-                    Ok(()) => forwarded += 1,
-                    Err(TrySendError::Full(_)) => {
-                        // This subscriber is slower than the publisher: it alone loses the
-                        // packet, and its video restarts at the next keyframe.
-                        slot.forwarder.lost_after_forward();
-                        self.pending.dropped += 1;
-                        needs_keyframe |= self.kind == MediaKind::Video;
+                Ok(out) => {
+                    let outgoing = Outgoing {
+                        conn: slot.route.conn,
+                        sender: slot.route.sender,
+                        packet: out,
+                    };
+                    let same = egress.is_none_or(|tx| tx.same_channel(&slot.route.egress));
+                    if same {
+                        egress = Some(&slot.route.egress);
+                        batch.push(outgoing);
+                        self.in_batch.push(index);
+                    } else {
+                        others.push((index, outgoing));
                     }
-                    Err(TrySendError::Closed(_)) => closed = true,
-                },
+                }
                 Err(DropReason::WaitingForKeyframe) => needs_keyframe = true,
                 Err(DropReason::NotNegotiated | DropReason::Paused) => {}
             }
         }
+        let mut forwarded = batch.len() as u64;
+        let mut lost: Vec<usize> = Vec::new();
+        let mut closed = false;
+        if let Some(tx) = egress {
+            match tx.try_send(EgressInput::Forward(batch)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    forwarded = 0;
+                    lost.extend_from_slice(&self.in_batch);
+                }
+                Err(TrySendError::Closed(_)) => {
+                    forwarded = 0;
+                    closed = true;
+                }
+            }
+        }
+        for (index, outgoing) in others {
+            match slots[index]
+                .route
+                .egress
+                .try_send(EgressInput::Forward(vec![outgoing]))
+            {
+                Ok(()) => forwarded += 1,
+                Err(TrySendError::Full(_)) => lost.push(index),
+                Err(TrySendError::Closed(_)) => closed = true,
+            }
+        }
+        for index in lost {
+            // The engine is behind: these subscribers lose the packet, and their video
+            // restarts at the next keyframe rather than a queue growing without bound.
+            slots[index].forwarder.lost_after_forward();
+            self.pending.dropped += 1;
+            needs_keyframe |= self.kind == MediaKind::Video;
+        }
         if closed {
-            slots.retain(|slot| !slot.queue.is_closed());
+            slots.retain(|slot| !slot.route.egress.is_closed());
         }
         self.pending.received += 1;
         if forwarded > 0 {

@@ -5,13 +5,16 @@
 //! [`Sfu`], [`PublishTransport`] and [`SubscribeTransport`] and hears back through [`SfuEvent`]s.
 //!
 //! ## Tasks and ownership
-//! - Each transport is one webrtc-rs peer connection, whose driver task owns its UDP socket
-//!   (with 4 MiB buffers, see [`SfuConfig::socket_buffer_bytes`]).
+//! - Each publish transport is one webrtc-rs peer connection, whose driver task owns its UDP
+//!   socket (with 4 MiB buffers, see [`SfuConfig::socket_buffer_bytes`]).
 //! - Each [`Publication`] has one fanout task. It alone owns the publication's forwarders (one
 //!   per subscription) and counters; subscribe transports change them only through commands
 //!   applied between packets, so no lock is taken per packet.
-//! - Each subscription has one writer task fed by a bounded queue (`try_send` from the fanout):
-//!   a slow subscriber loses its own packets and restarts at a keyframe, never holding up others.
+//! - Every subscribe transport is a sans-I/O `rtc` peer connection owned by the egress engine:
+//!   one task and one UDP socket ([`SfuConfig::udp_port`]) for all of them. A fanout hands it
+//!   each published packet's copies in one bounded-queue message (`try_send`: when the engine
+//!   is behind, the packet is dropped for those subscribers, who restart at a keyframe); the
+//!   engine encrypts them and sends them with UDP GSO batches.
 //!
 //! ## Panics
 //! Nothing a peer sends can make this crate panic: malformed SDP, RTP and RTCP are errors or
@@ -21,6 +24,7 @@
 #![deny(missing_docs)]
 
 mod config;
+mod egress;
 mod fanout;
 mod feedback;
 pub mod forwarder;
@@ -37,6 +41,7 @@ use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
 use tokio::sync::mpsc;
 
 pub use config::SfuConfig;
+pub use egress::EgressStats;
 pub use fanout::PublicationStats;
 pub use feedback::KeyframeThrottle;
 pub use ids::{MediaKind, ParticipantId, PublicationId, Source};
@@ -120,10 +125,6 @@ impl std::fmt::Debug for fanout::FanoutCommand {
 pub struct LiveTasks {
     /// One per publication.
     pub fanouts: AtomicU64,
-    /// One per subscription.
-    pub writers: AtomicU64,
-    /// One per negotiated subscription.
-    pub feedback: AtomicU64,
 }
 
 /// Counts one live task of a kind for as long as it is held.
@@ -185,9 +186,30 @@ pub(crate) struct Shared {
     pub(crate) tasks: LiveTasks,
     live: Mutex<HashMap<PublicationId, Arc<PublicationStats>>>,
     retired: Mutex<SfuStats>,
+    /// Started by the first subscribe transport (it needs the Tokio runtime).
+    egress: Mutex<Option<egress::Egress>>,
 }
 
 impl Shared {
+    /// The egress engine, started on first use.
+    pub(crate) fn egress(&self) -> Result<egress::Egress, SfuError> {
+        let mut slot = self
+            .egress
+            .lock()
+            .map_err(|_| SfuError::Refused("media engine state poisoned".into()))?;
+        if let Some(egress) = slot.as_ref() {
+            return Ok(egress.clone());
+        }
+        let egress = egress::Egress::start(&self.config, self.nacks.clone()).map_err(|err| {
+            SfuError::Refused(format!(
+                "cannot open the media socket on port {}: {err}",
+                self.config.udp_port
+            ))
+        })?;
+        *slot = Some(egress.clone());
+        Ok(egress)
+    }
+
     pub(crate) fn register_publication(&self, id: &PublicationId, stats: Arc<PublicationStats>) {
         if let Ok(mut live) = self.live.lock() {
             live.insert(id.clone(), stats);
@@ -222,6 +244,7 @@ impl Sfu {
                 tasks: LiveTasks::default(),
                 live: Mutex::new(HashMap::new()),
                 retired: Mutex::new(SfuStats::default()),
+                egress: Mutex::new(None),
             }),
         }
     }
@@ -249,14 +272,33 @@ impl Sfu {
         SubscribeTransport::new(self.shared.clone(), participant, events).await
     }
 
-    /// Media-plane tasks alive now.
-    pub fn live_tasks(&self) -> (u64, u64, u64) {
-        let tasks = &self.shared.tasks;
+    /// Media-plane tasks and connections alive now: `(fanout tasks, subscribe connections)`.
+    pub fn live_tasks(&self) -> (u64, u64) {
+        let connections = self
+            .egress_stats()
+            .map_or(0, |stats| stats.connections.load(Ordering::Relaxed));
         (
-            tasks.fanouts.load(Ordering::Relaxed),
-            tasks.writers.load(Ordering::Relaxed),
-            tasks.feedback.load(Ordering::Relaxed),
+            self.shared.tasks.fanouts.load(Ordering::Relaxed),
+            connections,
         )
+    }
+
+    /// Opens the shared subscribe socket and starts the egress engine now, rather than at the
+    /// first subscribe transport; returns the socket's address. Needs a Tokio runtime.
+    pub fn start_egress(&self) -> Result<std::net::SocketAddr, SfuError> {
+        Ok(self.shared.egress()?.local_addr)
+    }
+
+    /// The egress engine's counters, once it has started.
+    pub fn egress_stats(&self) -> Option<Arc<EgressStats>> {
+        let slot = self.shared.egress.lock().ok()?;
+        slot.as_ref().map(|egress| egress.stats.clone())
+    }
+
+    /// The shared UDP address of subscribe connections, once the engine has started.
+    pub fn egress_addr(&self) -> Option<std::net::SocketAddr> {
+        let slot = self.shared.egress.lock().ok()?;
+        slot.as_ref().map(|egress| egress.local_addr)
     }
 
     /// Totals since start.

@@ -10,29 +10,26 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rtc::media_stream::MediaStreamTrack;
-use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
+use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
-    RtpCodecKind,
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
-use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
-use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
     RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState,
     RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
-    configure_rtcp_reports, register_default_interceptors,
+    register_default_interceptors,
 };
-use webrtc::rtp_transceiver::RtpSender;
 
+use crate::egress::{ConnId, Egress, EgressInput, FeedbackRoute};
 use crate::fanout::{
-    AUDIO_CACHE_PACKETS, Counts, Fanout, FanoutCommand, PublicationStats, SubscriptionKey,
+    AUDIO_CACHE_PACKETS, Counts, Fanout, FanoutCommand, PublicationStats, Route, SubscriptionKey,
     VIDEO_CACHE_PACKETS,
 };
-use crate::feedback::{FeedbackInterceptor, KeyframeThrottle};
+use crate::feedback::KeyframeThrottle;
 use crate::forwarder::{ForwarderParams, PacketCache};
 use crate::ids::{MediaKind, ParticipantId, PublicationId, Source};
 use crate::{Publication, SfuError, SfuEvent, Shared};
@@ -139,37 +136,30 @@ impl PeerConnectionEventHandler for TransportHandler {
     }
 }
 
-async fn build_connection(
-    shared: &Arc<Shared>,
-    handler: Arc<dyn PeerConnectionEventHandler>,
-    subscribe: bool,
-) -> Result<Arc<dyn PeerConnection>, SfuError> {
-    let mut engine = media_engine()?;
-    let registry = if subscribe {
-        // Reports only: NACKs are answered by the fanout from one cache per publication rather
-        // than by a responder keeping a copy of every packet per subscriber. The feedback
-        // interceptor sits application-most, so the report reader sees everything first.
-        configure_rtcp_reports(Registry::new()).with(
-            rtc::interceptor::Slot::from(14_000),
-            FeedbackInterceptor::new(shared.nacks.clone()),
-        )
-    } else {
-        // NACK generator (losses upstream are NACKed), TWCC feedback (the publisher's estimate
-        // ramps up), sender and receiver reports.
-        register_default_interceptors(Registry::new(), &mut engine)?
-    };
-    // The server is the controlling agent on subscribe connections. Waiting for a "better" pair
-    // than the first peer-reflexive or server-reflexive one (webrtc-rs waits 1 s and 0.5 s by
-    // default) only delays a server whose own candidates never change.
-    let config = &shared.config;
-    let mut settings = SettingEngineBuilder::new()
+/// ICE settings of every server connection. Waiting for a "better" pair than the first
+/// peer-reflexive or server-reflexive one (webrtc-rs waits 1 s and 0.5 s by default) only delays
+/// a server whose own candidates never change.
+pub(crate) fn ice_settings(config: &crate::SfuConfig) -> SettingEngineBuilder {
+    SettingEngineBuilder::new()
         .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
         .with_srflx_acceptance_min_wait(Some(Duration::ZERO))
         .with_ice_timeouts(
             Some(config.ice_disconnected_timeout),
             Some(config.ice_failed_timeout),
             Some(config.ice_keepalive_interval),
-        );
+        )
+}
+
+/// A publish connection on webrtc-rs (subscribe connections live in the egress engine).
+async fn build_connection(
+    shared: &Arc<Shared>,
+    handler: Arc<dyn PeerConnectionEventHandler>,
+) -> Result<Arc<dyn PeerConnection>, SfuError> {
+    let mut engine = media_engine()?;
+    // NACK generator (losses upstream are NACKed), TWCC feedback (the publisher's estimate ramps
+    // up), sender and receiver reports.
+    let registry = register_default_interceptors(Registry::new(), &mut engine)?;
+    let mut settings = ice_settings(&shared.config);
     if !shared.config.public_ips.is_empty() {
         settings =
             settings.with_nat_1to1_ips(shared.config.public_ips.clone(), RTCIceCandidateType::Host);
@@ -288,6 +278,7 @@ impl PublishShared {
                 MediaKind::Video => VIDEO_CACHE_PACKETS,
             }),
             pending: Counts::default(),
+            in_batch: Vec::new(),
         };
         self.shared.register_publication(&id, stats.clone());
         let _ = self.events.send(SfuEvent::PublicationStarted(publication));
@@ -340,7 +331,7 @@ impl PublishTransport {
             events,
             publish: Some(Arc::downgrade(&publish)),
         });
-        let pc = build_connection(&shared, handler, false).await?;
+        let pc = build_connection(&shared, handler).await?;
         Ok(Self {
             pc,
             shared: publish,
@@ -406,8 +397,7 @@ impl PublishTransport {
 struct SubscriptionState {
     key: SubscriptionKey,
     publication: Publication,
-    sender: Arc<dyn RtpSender>,
-    track: Arc<TrackLocalStaticRTP>,
+    sender: RTCRtpSenderId,
     ssrc: u32,
     /// Carried by the last offer sent.
     offered: bool,
@@ -424,16 +414,18 @@ pub struct OfferedSubscription {
     pub publication: Publication,
 }
 
-/// The connection a participant receives on. The server makes every offer on it; the caller
-/// must not call [`SubscribeTransport::create_offer`] again before the previous answer was
-/// applied.
+/// The connection a participant receives on, driven by the egress engine over the shared media
+/// socket. The server makes every offer on it; the caller must not call
+/// [`SubscribeTransport::create_offer`] again before the previous answer was applied. Dropping
+/// it closes it.
 pub struct SubscribeTransport {
-    pc: Arc<dyn PeerConnection>,
+    egress: Egress,
+    conn: ConnId,
     shared: Arc<Shared>,
     participant: ParticipantId,
-    gathered: watch::Receiver<bool>,
     subscriptions: HashMap<PublicationId, SubscriptionState>,
     span: tracing::Span,
+    closed: bool,
 }
 
 static NEXT_SUBSCRIPTION_KEY: AtomicU64 = AtomicU64::new(1);
@@ -444,23 +436,26 @@ impl SubscribeTransport {
         participant: ParticipantId,
         events: mpsc::UnboundedSender<SfuEvent>,
     ) -> Result<Self, SfuError> {
-        let (gathered_tx, gathered) = watch::channel(false);
-        let handler = Arc::new(TransportHandler {
-            participant: participant.clone(),
-            kind: TransportKind::Subscribe,
-            gathered: gathered_tx,
-            events,
-            publish: None,
-        });
-        let pc = build_connection(&shared, handler, true).await?;
+        let egress = shared.egress()?;
+        let conn = egress.next_conn_id();
+        let owner = participant.clone();
+        egress
+            .call(|reply| EgressInput::Open {
+                conn,
+                participant: owner,
+                events,
+                reply,
+            })
+            .await?;
         let span = tracing::info_span!("subscribe", participant = %participant);
         Ok(Self {
-            pc,
+            egress,
+            conn,
             shared,
             participant,
-            gathered,
             subscriptions: HashMap::new(),
             span,
+            closed: false,
         })
     }
 
@@ -492,7 +487,7 @@ impl SubscribeTransport {
             ..publication.codec.clone()
         };
         // msid = "<participant> <publication>": a browser's ontrack then names the publisher.
-        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        let track = MediaStreamTrack::new(
             publication.participant.to_string(),
             publication.id.to_string(),
             format!(
@@ -509,49 +504,68 @@ impl SubscribeTransport {
                 codec,
                 ..Default::default()
             }],
-        )));
-        let sender = self
-            .pc
-            .add_track(Arc::clone(&track) as Arc<dyn TrackLocal>)
-            .await?;
+        );
         let key = NEXT_SUBSCRIPTION_KEY.fetch_add(1, Ordering::Relaxed);
-        let (queue_tx, queue_rx) = mpsc::channel(self.shared.config.subscription_queue_packets);
+        let conn = self.conn;
+        let feedback = FeedbackRoute {
+            commands: publication.commands.clone(),
+            key,
+        };
+        let sender = self
+            .egress
+            .call(|reply| EgressInput::AddTrack {
+                conn,
+                track: Box::new(track),
+                feedback,
+                reply,
+            })
+            .await?;
         let added = publication
             .commands
             .send(FanoutCommand::Add {
                 key,
-                queue: queue_tx,
+                route: Route {
+                    egress: self.egress.input.clone(),
+                    conn,
+                    sender,
+                },
             })
             .await;
         if added.is_err() {
             // The publication ended meanwhile: leave no section behind for it.
-            self.pc.remove_track(&sender).await?;
+            self.remove_track(sender, &publication.id).await?;
             return Err(SfuError::PublicationEnded);
         }
-        let writer_track = track.clone();
-        let span =
-            tracing::debug_span!(parent: &self.span, "subscription", publication = %publication.id);
-        let shared = self.shared.clone();
-        tokio::spawn(
-            async move {
-                let _alive = crate::TaskGuard::new(&shared.tasks.writers);
-                write_loop(writer_track, queue_rx).await;
-            }
-            .instrument(span),
-        );
+        tracing::debug!(parent: &self.span, publication = %publication.id, "subscription added");
         self.subscriptions.insert(
             publication.id.clone(),
             SubscriptionState {
                 key,
                 publication: publication.clone(),
                 sender,
-                track,
                 ssrc,
                 offered: false,
                 configured: false,
             },
         );
         Ok(())
+    }
+
+    async fn remove_track(
+        &self,
+        sender: RTCRtpSenderId,
+        publication: &PublicationId,
+    ) -> Result<(), SfuError> {
+        let conn = self.conn;
+        let track_id = publication.to_string();
+        self.egress
+            .call(|reply| EgressInput::RemoveTrack {
+                conn,
+                sender,
+                track_id,
+                reply,
+            })
+            .await
     }
 
     /// Stops or resumes forwarding `publication` to this participant (its video is off screen),
@@ -581,25 +595,22 @@ impl SubscribeTransport {
             .commands
             .send(FanoutCommand::Remove { key: state.key })
             .await;
-        self.pc.remove_track(&state.sender).await?;
-        Ok(())
+        self.remove_track(state.sender, publication).await
     }
 
     /// Creates and applies the next offer; returns its SDP and what each section carries.
     pub async fn create_offer(&mut self) -> Result<(String, Vec<OfferedSubscription>), SfuError> {
-        let offer = self.pc.create_offer(None).await?;
-        let sdp = local_sdp_after_gathering(&self.pc, &mut self.gathered, offer).await?;
+        let conn = self.conn;
+        let (sdp, mids) = self
+            .egress
+            .call(|reply| EgressInput::CreateOffer { conn, reply })
+            .await?;
         let mut offered = Vec::new();
-        for transceiver in self.pc.get_transceivers().await {
-            let (Ok(Some(mid)), Ok(Some(sender))) =
-                (transceiver.mid().await, transceiver.sender().await)
-            else {
-                continue;
-            };
+        for (mid, sender) in mids {
             if let Some(state) = self
                 .subscriptions
                 .values_mut()
-                .find(|state| state.sender.id() == sender.id())
+                .find(|state| state.sender == sender)
             {
                 state.offered = true;
                 offered.push(OfferedSubscription {
@@ -613,39 +624,47 @@ impl SubscribeTransport {
 
     /// Applies the subscriber's answer and starts forwarding what it accepted.
     pub async fn apply_answer(&mut self, answer_sdp: String) -> Result<(), SfuError> {
-        let answer = RTCSessionDescription::answer(answer_sdp).map_err(SfuError::InvalidSdp)?;
-        let subscriber_extensions = extmap(&answer.sdp);
-        self.pc
-            .set_remote_description(answer)
-            .await
-            .map_err(SfuError::InvalidSdp)?;
-        let span = self.span.clone();
+        let subscriber_extensions = extmap(&answer_sdp);
         // Only subscriptions this answer negotiated: one added after the offer waits for the
         // next answer, so its keyframe is asked for when it can be delivered.
-        for state in self
+        let pending: Vec<PublicationId> = self
             .subscriptions
-            .values_mut()
-            .filter(|state| state.offered && !state.configured)
-        {
-            let Ok(parameters) = state.sender.get_parameters().await else {
+            .iter()
+            .filter(|(_, state)| state.offered && !state.configured)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let wanted: Vec<(RTCRtpSenderId, String)> = pending
+            .iter()
+            .filter_map(|id| self.subscriptions.get(id))
+            .map(|state| (state.sender, state.publication.codec.mime_type.clone()))
+            .collect();
+        let conn = self.conn;
+        let payload_types = self
+            .egress
+            .call(|reply| EgressInput::ApplyAnswer {
+                conn,
+                sdp: answer_sdp,
+                wanted,
+                reply,
+            })
+            .await
+            .map_err(|err| match err {
+                SfuError::WebRtc(err) => SfuError::InvalidSdp(err),
+                other => other,
+            })?;
+        let span = self.span.clone();
+        for (id, payload_type) in pending.iter().zip(payload_types) {
+            let Some(state) = self.subscriptions.get_mut(id) else {
                 continue;
             };
-            let mime = &state.publication.codec.mime_type;
-            let Some(codec) =
-                parameters
-                    .rtp_parameters
-                    .codecs
-                    .iter()
-                    .find(|codec: &&RTCRtpCodecParameters| {
-                        codec.rtp_codec.mime_type.eq_ignore_ascii_case(mime)
-                    })
-            else {
-                tracing::warn!(parent: &span, publication = %state.publication.id, %mime, "subscriber did not accept the publication's codec");
+            let Some(payload_type) = payload_type else {
+                let mime = &state.publication.codec.mime_type;
+                tracing::warn!(parent: &span, publication = %id, %mime, "subscriber did not accept the publication's codec");
                 continue;
             };
             let params = Box::new(ForwarderParams::new(
                 state.ssrc,
-                codec.payload_type,
+                payload_type,
                 &state.publication.publisher_extensions,
                 &subscriber_extensions,
             ));
@@ -658,23 +677,20 @@ impl SubscribeTransport {
                 })
                 .await;
             state.configured = true;
-            {
-                let track = state.track.clone();
-                let commands = state.publication.commands.clone();
-                let shared = self.shared.clone();
-                let key = state.key;
-                tokio::spawn(async move {
-                    let _alive = crate::TaskGuard::new(&shared.tasks.feedback);
-                    feedback_loop(track, commands, key).await;
-                });
-            }
         }
         Ok(())
     }
 
     /// Adds a candidate the subscriber trickled.
     pub async fn add_ice_candidate(&self, candidate: RTCIceCandidateInit) -> Result<(), SfuError> {
-        Ok(self.pc.add_ice_candidate(candidate).await?)
+        let conn = self.conn;
+        self.egress
+            .call(|reply| EgressInput::AddCandidate {
+                conn,
+                candidate,
+                reply,
+            })
+            .await
     }
 
     /// Ends every subscription and closes the connection.
@@ -686,48 +702,38 @@ impl SubscribeTransport {
                 .send(FanoutCommand::Remove { key: state.key })
                 .await;
         }
-        if let Err(err) = self.pc.close().await {
-            tracing::debug!(%err, "closing subscribe transport");
+        if !self.closed {
+            self.closed = true;
+            let _ = self
+                .egress
+                .input
+                .send(EgressInput::Close { conn: self.conn })
+                .await;
         }
+        let _ = &self.shared;
     }
 }
 
-/// Writes one subscription's packets to its connection. Awaiting here blocks only this
-/// subscriber: the fanout hands packets over with `try_send`.
-async fn write_loop(track: Arc<TrackLocalStaticRTP>, mut queue: mpsc::Receiver<rtc::rtp::Packet>) {
-    while let Some(packet) = queue.recv().await {
-        if let Err(err) = track.write_rtp(packet).await {
-            tracing::trace!(%err, "forwarded packet not written");
+impl Drop for SubscribeTransport {
+    fn drop(&mut self) {
+        // A transport dropped without `close` (its session ended abruptly) must not leave a
+        // connection in the engine or a slot in a fanout.
+        for (_, state) in self.subscriptions.drain() {
+            let _ = state
+                .publication
+                .commands
+                .try_send(FanoutCommand::Remove { key: state.key });
         }
-    }
-}
-
-/// Passes a subscriber's keyframe requests (throttled there) and NACKs (answered from the
-/// publication's cache) to the publication's fanout.
-async fn feedback_loop(
-    track: Arc<TrackLocalStaticRTP>,
-    commands: mpsc::Sender<FanoutCommand>,
-    key: SubscriptionKey,
-) {
-    while let Some(TrackLocalEvent::OnRtcpPacket(packets)) = track.poll().await {
-        let mut seqs = Vec::new();
-        let mut keyframe = false;
-        for packet in &packets {
-            if let Some(nack) = packet.as_any().downcast_ref::<TransportLayerNack>() {
-                seqs.extend(nack.nacks.iter().flat_map(|pair| pair.packet_list()));
-            } else {
-                keyframe = true;
+        if !self.closed {
+            let input = self.egress.input.clone();
+            let conn = self.conn;
+            if input.try_send(EgressInput::Close { conn }).is_err()
+                && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            {
+                runtime.spawn(async move {
+                    let _ = input.send(EgressInput::Close { conn }).await;
+                });
             }
-        }
-        let mut sent = Ok(());
-        if !seqs.is_empty() {
-            sent = commands.try_send(FanoutCommand::Nack { key, seqs });
-        }
-        if keyframe && sent.is_ok() {
-            sent = commands.try_send(FanoutCommand::KeyframeRequest);
-        }
-        if sent.is_err() && commands.is_closed() {
-            break;
         }
     }
 }

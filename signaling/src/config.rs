@@ -36,6 +36,8 @@ pub struct Config {
     pub media_ip: Option<IpAddr>,
     /// Public IP announced in ICE instead of the local one (NAT 1:1). Default: none.
     pub public_ip: Option<String>,
+    /// UDP port every subscribe connection shares. 0 lets the system choose. Default 0.
+    pub udp_port: u16,
     /// ICE servers handed to clients. Default: none.
     pub ice_servers: Vec<IceServer>,
     /// Participants a room admits. Default 100.
@@ -67,6 +69,7 @@ impl Default for Config {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             media_ip: None,
             public_ip: None,
+            udp_port: 0,
             ice_servers: Vec::new(),
             max_participants: 100,
             max_video_bitrate: 2_500_000,
@@ -101,6 +104,10 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_ip: Option<String>,
+    /// UDP port all subscribe connections share; 0 = chosen by the system [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp_port: Option<u16>,
     /// A STUN or TURN URL handed to clients (repeatable; TURN credentials go in the TOML file).
     #[arg(long = "ice-server")]
     #[serde(skip)]
@@ -176,6 +183,7 @@ impl Config {
                 .media_ip
                 .or((!bind_ip.is_unspecified()).then_some(bind_ip)),
             public_ips: self.public_ip.iter().cloned().collect(),
+            udp_port: self.udp_port,
             max_video_bitrate: self.max_video_bitrate,
             ..sfu::SfuConfig::default()
         }

@@ -271,7 +271,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         room_switches,
     );
     let relaxed = std::sync::atomic::Ordering::Relaxed;
-    let (fanouts, writers, feedback) = state.sfu.live_tasks();
+    let (fanouts, subscribe_connections) = state.sfu.live_tasks();
     for (name, help, value) in [
         (
             "sessions",
@@ -289,14 +289,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
             fanouts,
         ),
         (
-            "writer_tasks",
-            "Writer tasks alive (one per subscription)",
-            writers,
-        ),
-        (
-            "feedback_tasks",
-            "Feedback tasks alive (one per negotiated subscription)",
-            feedback,
+            "subscribe_connections",
+            "Subscribe connections open in the egress engine",
+            subscribe_connections,
         ),
     ] {
         gauge(&mut registry, name, help, value);
@@ -344,6 +339,37 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "NACK packets received from subscribers",
         stats.nacks,
     );
+    if let Some(egress) = state.sfu.egress_stats() {
+        for (name, help, value) in [
+            (
+                "egress_datagrams",
+                "Datagrams sent on the shared subscribe socket",
+                &egress.datagrams_sent,
+            ),
+            (
+                "egress_send_calls",
+                "sendmsg calls that sent them (fewer where UDP GSO batches)",
+                &egress.send_calls,
+            ),
+            (
+                "egress_send_errors",
+                "Datagrams the kernel refused on the shared subscribe socket",
+                &egress.send_errors,
+            ),
+            (
+                "egress_write_errors",
+                "Forwarded packets a subscribe connection refused (not connected yet, or closed)",
+                &egress.write_errors,
+            ),
+            (
+                "egress_unrouted_datagrams",
+                "Inbound datagrams from an address no subscribe connection knows",
+                &egress.unrouted_datagrams,
+            ),
+        ] {
+            counter(&mut registry, name, help, value.load(relaxed));
+        }
+    }
     let mut body = String::new();
     if let Err(err) = encode(&mut body, &registry) {
         return error_response(

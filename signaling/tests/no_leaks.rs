@@ -1,5 +1,5 @@
 //! Participants coming and going leave nothing behind: no server task (sessions, negotiators,
-//! fanouts, writers, feedback loops), no UDP socket, no room.
+//! fanouts, subscribe connections), no UDP socket, no room.
 //!
 //! The server's own tasks are counted by the server's task gauges. The runtime's total task
 //! count is also shown, but not asserted: the test clients and their webrtc-rs connections share
@@ -51,11 +51,10 @@ async fn joins_and_departures_leak_no_task_and_no_socket() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let state = server.state();
-        let (fanouts, writers, feedback) = state.sfu.live_tasks();
+        let (fanouts, subscribe_connections) = state.sfu.live_tasks();
         let signaling = &state.tasks;
         let server_tasks = fanouts
-            + writers
-            + feedback
+            + subscribe_connections
             + signaling.sessions.load(Ordering::Relaxed)
             + signaling.negotiators.load(Ordering::Relaxed);
         let (sockets, rooms) = (udp_sockets(), state.rooms.rooms().len());
@@ -71,7 +70,7 @@ async fn joins_and_departures_leak_no_task_and_no_socket() -> Result<()> {
             bail!(
                 "after every departure: {sockets} UDP sockets (baseline {baseline_sockets}), \
                  {tasks} tasks (baseline {baseline_tasks}), {rooms} rooms; media-plane tasks \
-                 (fanouts, writers, feedback): {:?}; signaling tasks: {:?}",
+                 (fanouts, subscribe connections): {:?}; signaling tasks: {:?}",
                 server.state().sfu.live_tasks(),
                 server.state().tasks
             );

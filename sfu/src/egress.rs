@@ -1,0 +1,977 @@
+//! The egress engine: every subscribe connection's peer connection, driven sans-I/O (the `rtc`
+//! core, no webrtc-rs driver task) by one task over one shared UDP socket.
+//!
+//! Why: forwarding through a webrtc-rs driver costs a task hop, a channel, a lock and a full
+//! driver-loop turn per packet per subscriber, then one `sendmsg` per datagram. Here a fanout
+//! hands the engine one message per published packet (all its subscriptions' rewritten copies);
+//! the engine encrypts each copy in its subscriber's connection and sends what has accumulated
+//! when its input runs dry, with one UDP GSO `sendmsg` per subscriber where the kernel offers it.
+//!
+//! One socket serves every subscribe connection. Inbound datagrams are routed by source address;
+//! the first one from an address must be a STUN request whose USERNAME names the connection's
+//! ICE ufrag (RFC 8445 7.2.2), which the engine chose itself.
+
+use std::collections::HashMap;
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use rtc::interceptor::Registry;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::RTCPeerConnection;
+use rtc::peer_connection::RTCPeerConnectionBuilder;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::configuration::interceptor_registry::configure_rtcp_reports;
+use rtc::peer_connection::configuration::media_engine::MediaEngine;
+use rtc::peer_connection::event::RTCPeerConnectionEvent;
+use rtc::peer_connection::message::RTCMessage;
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{
+    CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit,
+};
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
+use rtc::rtp;
+use rtc::rtp_transceiver::RTCRtpSenderId;
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use crate::fanout::{FanoutCommand, SubscriptionKey};
+use crate::feedback::FeedbackInterceptor;
+use crate::ids::ParticipantId;
+use crate::transport::TransportKind;
+use crate::{SfuConfig, SfuError, SfuEvent};
+
+/// Key of one subscribe connection inside the engine.
+pub(crate) type ConnId = u64;
+
+/// Messages the engine may hold before a fanout's `try_send` fails (the fanout then counts the
+/// packet as dropped for those subscribers and asks for a keyframe): about 0.2 s of a 30-stream
+/// room at full rate, never an unbounded queue.
+const INPUT_CAPACITY: usize = 8192;
+/// Input messages handled before the engine sends what they produced.
+const MAX_INPUTS_PER_FLUSH: usize = 256;
+/// Largest datagram accepted on the shared socket (one MTU with room to spare).
+const DATAGRAM_BUFFER: usize = 2048;
+/// Every connection's timers are re-read at least this often, so a timer armed by a write (a
+/// sender report's first schedule) is never missed for long.
+const HOUSEKEEPING: Duration = Duration::from_millis(20);
+/// UDP GSO payload limit per `sendmsg`.
+const MAX_GSO_BYTES: usize = 65_000;
+
+/// One forwarded packet for one subscription.
+pub(crate) struct Outgoing {
+    pub(crate) conn: ConnId,
+    pub(crate) sender: RTCRtpSenderId,
+    pub(crate) packet: rtp::Packet,
+}
+
+/// Where a subscriber's RTCP about one subscription goes.
+pub(crate) struct FeedbackRoute {
+    pub(crate) commands: mpsc::Sender<FanoutCommand>,
+    pub(crate) key: SubscriptionKey,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, SfuError>>;
+
+/// A subscribe offer's SDP and each sender's `mid`.
+pub(crate) type OfferReply = (String, Vec<(String, RTCRtpSenderId)>);
+
+pub(crate) enum EgressInput {
+    /// Packets from one fanout, usually one published packet's copies.
+    Forward(Vec<Outgoing>),
+    Open {
+        conn: ConnId,
+        participant: ParticipantId,
+        events: mpsc::UnboundedSender<SfuEvent>,
+        reply: Reply<()>,
+    },
+    AddTrack {
+        conn: ConnId,
+        track: Box<MediaStreamTrack>,
+        feedback: FeedbackRoute,
+        reply: Reply<RTCRtpSenderId>,
+    },
+    RemoveTrack {
+        conn: ConnId,
+        sender: RTCRtpSenderId,
+        track_id: String,
+        reply: Reply<()>,
+    },
+    CreateOffer {
+        conn: ConnId,
+        reply: Reply<OfferReply>,
+    },
+    /// Applies an answer; replies with the payload type negotiated for each `(sender, mime)`.
+    ApplyAnswer {
+        conn: ConnId,
+        sdp: String,
+        wanted: Vec<(RTCRtpSenderId, String)>,
+        reply: Reply<Vec<Option<u8>>>,
+    },
+    AddCandidate {
+        conn: ConnId,
+        candidate: RTCIceCandidateInit,
+        reply: Reply<()>,
+    },
+    Close {
+        conn: ConnId,
+    },
+}
+
+/// Counters of the engine, read by metrics.
+#[derive(Debug, Default)]
+pub struct EgressStats {
+    /// Datagrams sent on the shared socket.
+    pub datagrams_sent: AtomicU64,
+    /// `sendmsg` calls that sent them (fewer than datagrams where GSO batches).
+    pub send_calls: AtomicU64,
+    /// Datagrams the kernel refused (buffer full after waiting, or an error).
+    pub send_errors: AtomicU64,
+    /// Inbound datagrams from an address no connection knows, dropped.
+    pub unrouted_datagrams: AtomicU64,
+    /// Forwarded packets a subscriber's connection refused (not yet connected, closed).
+    pub write_errors: AtomicU64,
+    /// Subscribe connections open now.
+    pub connections: AtomicU64,
+}
+
+/// A handle to the running engine. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Egress {
+    pub(crate) input: mpsc::Sender<EgressInput>,
+    pub(crate) stats: Arc<EgressStats>,
+    next_conn: Arc<AtomicU64>,
+    pub(crate) local_addr: SocketAddr,
+}
+
+impl Egress {
+    /// Binds the shared socket and starts the engine task. Needs a Tokio runtime.
+    pub(crate) fn start(config: &SfuConfig, nacks: Arc<AtomicU64>) -> io::Result<Self> {
+        let ip = config
+            .media_ip
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let std_socket = std::net::UdpSocket::bind(SocketAddr::new(ip, config.udp_port))?;
+        std_socket.set_nonblocking(true)?;
+        let sock = socket2::SockRef::from(&std_socket);
+        // The kernel caps these at net.core.{r,w}mem_max; a smaller buffer still works.
+        if let Err(err) = sock.set_recv_buffer_size(config.socket_buffer_bytes) {
+            tracing::warn!(%err, "could not set the media socket receive buffer");
+        }
+        if let Err(err) = sock.set_send_buffer_size(config.socket_buffer_bytes) {
+            tracing::warn!(%err, "could not set the media socket send buffer");
+        }
+        let state = UdpSocketState::new((&std_socket).into())?;
+        let socket = tokio::net::UdpSocket::from_std(std_socket)?;
+        let local_addr = socket.local_addr()?;
+        let announced = announced_addresses(config, local_addr);
+        tracing::info!(%local_addr, ?announced, gso = state.max_gso_segments(), "subscribe media socket open");
+        let (input, inputs) = mpsc::channel(INPUT_CAPACITY);
+        let stats = Arc::new(EgressStats::default());
+        let engine = Engine {
+            config: config.clone(),
+            socket,
+            state,
+            wildcard: ip.is_unspecified(),
+            port: local_addr.port(),
+            announced,
+            inputs,
+            conns: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            by_addr: HashMap::new(),
+            pending: Vec::new(),
+            scratch: Vec::with_capacity(MAX_GSO_BYTES),
+            stats: stats.clone(),
+            nacks,
+        };
+        tokio::spawn(engine.run().instrument(tracing::info_span!("egress")));
+        Ok(Self {
+            input,
+            stats,
+            next_conn: Arc::new(AtomicU64::new(1)),
+            local_addr,
+        })
+    }
+
+    pub(crate) fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends a command and waits for its reply.
+    pub(crate) async fn call<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> EgressInput,
+    ) -> Result<T, SfuError> {
+        let (reply, answer) = oneshot::channel();
+        self.input
+            .send(make(reply))
+            .await
+            .map_err(|_| SfuError::Refused("the media engine has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| SfuError::Refused("the media engine has stopped".into()))?
+    }
+}
+
+/// The addresses put in host candidates: the public ones (NAT 1:1) when configured, else the
+/// bound address, else (wildcard) every usable interface.
+fn announced_addresses(config: &SfuConfig, local: SocketAddr) -> Vec<SocketAddr> {
+    let port = local.port();
+    let public: Vec<SocketAddr> = config
+        .public_ips
+        .iter()
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect();
+    if !public.is_empty() {
+        return public;
+    }
+    if !local.ip().is_unspecified() {
+        return vec![local];
+    }
+    let mut out = Vec::new();
+    if let Ok(interfaces) = rtc::shared::ifaces::ifaces() {
+        for interface in interfaces {
+            let Some(addr) = interface.addr else { continue };
+            let ip = addr.ip();
+            let link_local = match ip {
+                IpAddr::V4(v4) => v4.is_link_local(),
+                IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+            };
+            if ip.is_ipv4() && !ip.is_loopback() && !ip.is_unspecified() && !link_local {
+                let addr = SocketAddr::new(ip, port);
+                if !out.contains(&addr) {
+                    out.push(addr);
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(SocketAddr::new(
+            IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            port,
+        ));
+    }
+    out
+}
+
+struct Conn {
+    pc: RTCPeerConnection,
+    participant: ParticipantId,
+    events: mpsc::UnboundedSender<SfuEvent>,
+    ufrag: String,
+    /// Subscriber RTCP routes, by the local track id (the publication id).
+    feedback: HashMap<String, FeedbackRoute>,
+    /// Remote addresses routed to this connection.
+    addrs: Vec<SocketAddr>,
+    deadline: Option<Instant>,
+    failed: bool,
+    span: tracing::Span,
+}
+
+/// A datagram waiting for the next flush.
+struct Pending {
+    destination: SocketAddr,
+    src_ip: Option<IpAddr>,
+    datagram: BytesMut,
+}
+
+struct Engine {
+    config: SfuConfig,
+    socket: tokio::net::UdpSocket,
+    state: UdpSocketState,
+    wildcard: bool,
+    port: u16,
+    announced: Vec<SocketAddr>,
+    inputs: mpsc::Receiver<EgressInput>,
+    conns: HashMap<ConnId, Conn>,
+    by_ufrag: HashMap<String, ConnId>,
+    /// Remote address -> (connection, the local IP it reached us on).
+    by_addr: HashMap<SocketAddr, (ConnId, IpAddr)>,
+    pending: Vec<Pending>,
+    scratch: Vec<u8>,
+    stats: Arc<EgressStats>,
+    nacks: Arc<AtomicU64>,
+}
+
+impl Engine {
+    async fn run(mut self) {
+        let batch = quinn_udp::BATCH_SIZE.max(1);
+        let gro = self.state.gro_segments().max(1);
+        let mut buffers: Vec<Vec<u8>> = (0..batch)
+            .map(|_| vec![0u8; DATAGRAM_BUFFER * gro])
+            .collect();
+        let mut meta = vec![RecvMeta::default(); batch];
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Everything already waiting, then one flush: under load many published packets'
+            // copies leave together, GSO-batched per subscriber.
+            let mut handled = 0;
+            while handled < MAX_INPUTS_PER_FLUSH {
+                match self.inputs.try_recv() {
+                    Ok(input) => {
+                        self.handle_input(input);
+                        handled += 1;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        self.close_all();
+                        return;
+                    }
+                }
+            }
+            self.read_socket(&mut buffers, &mut meta);
+            self.flush().await;
+            if handled == MAX_INPUTS_PER_FLUSH {
+                continue;
+            }
+            let next = self
+                .conns
+                .values()
+                .filter_map(|conn| conn.deadline)
+                .min()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                biased;
+                input = self.inputs.recv() => match input {
+                    Some(input) => self.handle_input(input),
+                    None => {
+                        self.close_all();
+                        return;
+                    }
+                },
+                ready = self.socket.readable() => {
+                    if let Err(err) = ready {
+                        tracing::error!(%err, "media socket failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                _ = tokio::time::sleep_until(next.into()) => self.handle_timeouts(),
+                _ = housekeeping.tick() => {
+                    for conn in self.conns.values_mut() {
+                        conn.deadline = conn.pc.poll_timeout();
+                    }
+                    self.handle_timeouts();
+                }
+            }
+        }
+    }
+
+    fn handle_timeouts(&mut self) {
+        let now = Instant::now();
+        let due: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| conn.deadline.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(conn) = self.conns.get_mut(&id)
+                && let Err(err) = conn.pc.handle_timeout(now)
+            {
+                tracing::debug!(parent: &conn.span, %err, "timeout handling failed");
+            }
+            self.pump(id);
+        }
+    }
+
+    fn handle_input(&mut self, input: EgressInput) {
+        match input {
+            EgressInput::Forward(packets) => self.forward(packets),
+            EgressInput::Open {
+                conn,
+                participant,
+                events,
+                reply,
+            } => {
+                let result = self.open(conn, participant, events);
+                let _ = reply.send(result);
+            }
+            EgressInput::AddTrack {
+                conn,
+                track,
+                feedback,
+                reply,
+            } => {
+                let result = self.with_conn(conn, |c| {
+                    let track_id = track.track_id().to_string();
+                    let sender = c.pc.add_track(*track).map_err(SfuError::WebRtc)?;
+                    c.feedback.insert(track_id, feedback);
+                    Ok(sender)
+                });
+                let _ = reply.send(result);
+                self.pump(conn);
+            }
+            EgressInput::RemoveTrack {
+                conn,
+                sender,
+                track_id,
+                reply,
+            } => {
+                let result = self.with_conn(conn, |c| {
+                    c.feedback.remove(&track_id);
+                    c.pc.remove_track(sender).map_err(SfuError::WebRtc)
+                });
+                let _ = reply.send(result);
+                self.pump(conn);
+            }
+            EgressInput::CreateOffer { conn, reply } => {
+                let result = self.with_conn(conn, |c| {
+                    let offer = c.pc.create_offer(None).map_err(SfuError::WebRtc)?;
+                    c.pc.set_local_description(Instant::now(), offer)
+                        .map_err(SfuError::WebRtc)?;
+                    let sdp =
+                        c.pc.local_description()
+                            .map(|desc| desc.sdp)
+                            .ok_or(SfuError::NoLocalDescription)?;
+                    let ids: Vec<_> = c.pc.get_transceivers().collect();
+                    let mut mids = Vec::new();
+                    for id in ids {
+                        if let Some(transceiver) = c.pc.rtp_transceiver(id)
+                            && let (Some(mid), Some(sender)) =
+                                (transceiver.mid().clone(), transceiver.sender())
+                        {
+                            mids.push((mid, sender));
+                        }
+                    }
+                    Ok((sdp, mids))
+                });
+                let _ = reply.send(result);
+                self.pump(conn);
+            }
+            EgressInput::ApplyAnswer {
+                conn,
+                sdp,
+                wanted,
+                reply,
+            } => {
+                let result = self.with_conn(conn, |c| {
+                    let answer = RTCSessionDescription::answer(sdp).map_err(SfuError::WebRtc)?;
+                    c.pc.set_remote_description(Instant::now(), answer)
+                        .map_err(SfuError::WebRtc)?;
+                    let mut types = Vec::with_capacity(wanted.len());
+                    for (sender, mime) in wanted {
+                        let payload_type = c.pc.rtp_sender(sender).and_then(|mut sender| {
+                            sender
+                                .get_parameters()
+                                .rtp_parameters
+                                .codecs
+                                .iter()
+                                .find(|codec| codec.rtp_codec.mime_type.eq_ignore_ascii_case(&mime))
+                                .map(|codec| codec.payload_type)
+                        });
+                        types.push(payload_type);
+                    }
+                    Ok(types)
+                });
+                let _ = reply.send(result);
+                self.pump(conn);
+            }
+            EgressInput::AddCandidate {
+                conn,
+                candidate,
+                reply,
+            } => {
+                let result = self.with_conn(conn, |c| {
+                    c.pc.add_remote_candidate(candidate)
+                        .map_err(SfuError::WebRtc)
+                });
+                let _ = reply.send(result);
+                self.pump(conn);
+            }
+            EgressInput::Close { conn } => self.close(conn),
+        }
+    }
+
+    fn with_conn<T>(
+        &mut self,
+        conn: ConnId,
+        f: impl FnOnce(&mut Conn) -> Result<T, SfuError>,
+    ) -> Result<T, SfuError> {
+        match self.conns.get_mut(&conn) {
+            Some(c) => f(c),
+            None => Err(SfuError::Refused("the connection is closed".into())),
+        }
+    }
+
+    fn open(
+        &mut self,
+        id: ConnId,
+        participant: ParticipantId,
+        events: mpsc::UnboundedSender<SfuEvent>,
+    ) -> Result<(), SfuError> {
+        let ufrag = random_token(16);
+        let mut engine = MediaEngine::default();
+        engine.register_default_codecs().map_err(SfuError::WebRtc)?;
+        // Reports only: NACKs are answered by the fanout from one cache per publication. The
+        // feedback interceptor sits application-most, so the report reader sees everything first.
+        let registry = configure_rtcp_reports(Registry::new()).with(
+            rtc::interceptor::Slot::from(14_000),
+            FeedbackInterceptor::new(self.nacks.clone()),
+        );
+        let settings = crate::transport::ice_settings(&self.config)
+            .with_ice_credentials(ufrag.clone(), random_token(32))
+            .build();
+        let mut pc = RTCPeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(engine)
+            .with_setting_engine(settings)
+            .with_interceptor_registry(registry)
+            .build(Instant::now())
+            .map_err(SfuError::WebRtc)?;
+        for addr in &self.announced {
+            let candidate = CandidateHostConfig {
+                base_config: CandidateConfig {
+                    network: "udp".to_owned(),
+                    address: addr.ip().to_string(),
+                    port: addr.port(),
+                    component: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .new_candidate_host()
+            .map_err(|err| SfuError::Refused(format!("local candidate: {err}")))?;
+            let init = RTCIceCandidate::from(&candidate)
+                .to_json()
+                .map_err(SfuError::WebRtc)?;
+            pc.add_local_candidate(init).map_err(SfuError::WebRtc)?;
+        }
+        let span = tracing::info_span!("subscribe", participant = %participant);
+        self.by_ufrag.insert(ufrag.clone(), id);
+        self.conns.insert(
+            id,
+            Conn {
+                pc,
+                participant,
+                events,
+                ufrag,
+                feedback: HashMap::new(),
+                addrs: Vec::new(),
+                deadline: None,
+                failed: false,
+                span,
+            },
+        );
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.pump(id);
+        Ok(())
+    }
+
+    fn close(&mut self, id: ConnId) {
+        let Some(mut conn) = self.conns.remove(&id) else {
+            return;
+        };
+        if let Err(err) = conn.pc.close() {
+            tracing::debug!(parent: &conn.span, %err, "closing subscribe connection");
+        }
+        // Whatever closing produced (a DTLS close_notify) still goes out.
+        while let Some(write) = conn.pc.poll_write() {
+            self.queue_write(write);
+        }
+        self.by_ufrag.remove(&conn.ufrag);
+        for addr in &conn.addrs {
+            self.by_addr.remove(addr);
+        }
+        self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+        tracing::debug!(parent: &conn.span, "subscribe connection closed");
+    }
+
+    fn close_all(&mut self) {
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for id in ids {
+            self.close(id);
+        }
+    }
+
+    /// The per-packet path: each copy goes through its subscriber's connection (interceptors,
+    /// SRTP) into the pending datagrams.
+    fn forward(&mut self, packets: Vec<Outgoing>) {
+        let now = Instant::now();
+        let mut errors = 0;
+        for Outgoing {
+            conn,
+            sender,
+            packet,
+        } in packets
+        {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                errors += 1;
+                continue;
+            };
+            match c.pc.rtp_sender(sender) {
+                Some(mut sender) => {
+                    if sender.write_rtp(now, packet).is_err() {
+                        errors += 1;
+                    }
+                }
+                None => errors += 1,
+            }
+            while let Some(write) = c.pc.poll_write() {
+                push_pending(&mut self.pending, &self.by_addr, self.wildcard, write);
+            }
+        }
+        if errors > 0 {
+            self.stats.write_errors.fetch_add(errors, Ordering::Relaxed);
+        }
+    }
+
+    fn queue_write(&mut self, write: TaggedBytesMut) {
+        push_pending(&mut self.pending, &self.by_addr, self.wildcard, write);
+    }
+
+    /// Drains a connection's writes, events and inbound RTCP, and re-reads its timer.
+    fn pump(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let mut writes = Vec::new();
+        while let Some(write) = conn.pc.poll_write() {
+            writes.push(write);
+        }
+        while let Some(event) = conn.pc.poll_event() {
+            if let RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) = event {
+                tracing::debug!(parent: &conn.span, %state, "subscribe connection state");
+                if state == RTCPeerConnectionState::Failed && !conn.failed {
+                    conn.failed = true;
+                    let _ = conn.events.send(SfuEvent::TransportFailed {
+                        participant: conn.participant.clone(),
+                        kind: TransportKind::Subscribe,
+                    });
+                }
+            }
+        }
+        while let Some(message) = conn.pc.poll_read() {
+            if let RTCMessage::RtcpPacket(track_id, packets) = message.message
+                && let Some(route) = conn.feedback.get(&track_id)
+            {
+                route_feedback(route, &packets);
+            }
+        }
+        conn.deadline = conn.pc.poll_timeout();
+        for write in writes {
+            self.queue_write(write);
+        }
+    }
+
+    /// Reads every datagram waiting on the socket and hands each to its connection.
+    fn read_socket(&mut self, buffers: &mut [Vec<u8>], meta: &mut [RecvMeta]) {
+        loop {
+            let mut slices: Vec<IoSliceMut<'_>> = buffers
+                .iter_mut()
+                .map(|b| IoSliceMut::new(b.as_mut_slice()))
+                .collect();
+            let received = self.socket.try_io(tokio::io::Interest::READABLE, || {
+                self.state.recv((&self.socket).into(), &mut slices, meta)
+            });
+            let count = match received {
+                Ok(count) => count,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
+                Err(err) => {
+                    // ICMP errors for one peer surface here; the socket itself is fine.
+                    tracing::trace!(%err, "media socket receive error");
+                    continue;
+                }
+            };
+            drop(slices);
+            let now = Instant::now();
+            let mut touched: Vec<ConnId> = Vec::new();
+            for (buffer, meta) in buffers.iter().zip(meta.iter()).take(count) {
+                let stride = meta.stride.max(1);
+                for datagram in buffer[..meta.len].chunks(stride) {
+                    if let Some(id) = self.deliver(datagram, meta, now)
+                        && !touched.contains(&id)
+                    {
+                        touched.push(id);
+                    }
+                }
+            }
+            for id in touched {
+                self.pump(id);
+            }
+        }
+    }
+
+    fn deliver(&mut self, datagram: &[u8], meta: &RecvMeta, now: Instant) -> Option<ConnId> {
+        let peer = meta.addr;
+        let local_ip = meta.dst_ip.unwrap_or_else(|| self.socket_ip());
+        let id = match self.by_addr.get(&peer) {
+            Some((id, _)) => *id,
+            None => {
+                let Some(id) = stun_local_ufrag(datagram).and_then(|u| self.by_ufrag.get(u)) else {
+                    self.stats
+                        .unrouted_datagrams
+                        .fetch_add(1, Ordering::Relaxed);
+                    return None;
+                };
+                let id = *id;
+                self.by_addr.insert(peer, (id, local_ip));
+                if let Some(conn) = self.conns.get_mut(&id) {
+                    conn.addrs.push(peer);
+                }
+                id
+            }
+        };
+        let local_addr = self.local_addr_for(local_ip);
+        let conn = self.conns.get_mut(&id)?;
+        let read = conn.pc.handle_read(TaggedBytesMut {
+            now,
+            transport: TransportContext {
+                local_addr,
+                peer_addr: peer,
+                transport_protocol: TransportProtocol::UDP,
+                ecn: None,
+            },
+            message: BytesMut::from(datagram),
+        });
+        if let Err(err) = read {
+            tracing::trace!(parent: &conn.span, %err, "inbound datagram refused");
+        }
+        Some(id)
+    }
+
+    fn socket_ip(&self) -> IpAddr {
+        self.announced
+            .first()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    }
+
+    /// The local candidate address a datagram that reached `ip` belongs to, as the ICE agent
+    /// knows it (the public address under NAT 1:1).
+    fn local_addr_for(&self, ip: IpAddr) -> SocketAddr {
+        self.announced
+            .iter()
+            .find(|a| a.ip() == ip)
+            .or_else(|| self.announced.iter().find(|a| a.is_ipv4() == ip.is_ipv4()))
+            .copied()
+            .unwrap_or(SocketAddr::new(ip, self.port))
+    }
+
+    /// Sends every pending datagram: one GSO `sendmsg` per run of equal-sized datagrams to one
+    /// destination, otherwise one `sendmsg` each.
+    async fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        // Stable: each destination keeps its own order.
+        pending.sort_by_key(|p| p.destination);
+        let max_segments = self.state.max_gso_segments().max(1);
+        let (mut datagrams, mut calls, mut errors) = (0u64, 0u64, 0u64);
+        let mut i = 0;
+        while i < pending.len() {
+            let first = &pending[i];
+            let segment = first.datagram.len();
+            let mut end = i + 1;
+            let mut total = segment;
+            if max_segments > 1 && segment > 0 {
+                while end < pending.len()
+                    && end - i < max_segments
+                    && pending[end].destination == first.destination
+                    && pending[end].src_ip == first.src_ip
+                {
+                    let len = pending[end].datagram.len();
+                    if len == 0 || len > segment || total + len > MAX_GSO_BYTES {
+                        break;
+                    }
+                    total += len;
+                    end += 1;
+                    if len < segment {
+                        break; // A shorter datagram may only end a GSO run.
+                    }
+                }
+            }
+            let (contents, segment_size): (&[u8], Option<usize>) = if end - i > 1 {
+                self.scratch.clear();
+                for p in &pending[i..end] {
+                    self.scratch.extend_from_slice(&p.datagram);
+                }
+                (&self.scratch, Some(segment))
+            } else {
+                (&first.datagram, None)
+            };
+            let transmit = Transmit {
+                destination: first.destination,
+                ecn: None,
+                contents,
+                segment_size,
+                src_ip: first.src_ip,
+            };
+            calls += 1;
+            datagrams += (end - i) as u64;
+            if send_now(&self.socket, &self.state, &transmit)
+                .await
+                .is_err()
+            {
+                errors += (end - i) as u64;
+            }
+            i = end;
+        }
+        pending.clear();
+        // Keep the allocation for the next flush.
+        self.pending = pending;
+        let stats = &self.stats;
+        stats.datagrams_sent.fetch_add(datagrams, Ordering::Relaxed);
+        stats.send_calls.fetch_add(calls, Ordering::Relaxed);
+        if errors > 0 {
+            stats.send_errors.fetch_add(errors, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Queues one encrypted datagram for the next flush. On a wildcard socket it leaves from the
+/// local IP its peer reached us on, so a multi-homed host answers from the right address.
+fn push_pending(
+    pending: &mut Vec<Pending>,
+    by_addr: &HashMap<SocketAddr, (ConnId, IpAddr)>,
+    wildcard: bool,
+    write: TaggedBytesMut,
+) {
+    let destination = write.transport.peer_addr;
+    let src_ip = if wildcard {
+        by_addr.get(&destination).map(|(_, ip)| *ip)
+    } else {
+        None
+    };
+    pending.push(Pending {
+        destination,
+        src_ip,
+        datagram: write.message,
+    });
+}
+
+/// One `sendmsg`; waits (briefly) for room in the socket buffer rather than dropping at once.
+async fn send_now(
+    socket: &tokio::net::UdpSocket,
+    state: &UdpSocketState,
+    transmit: &Transmit<'_>,
+) -> io::Result<()> {
+    for _ in 0..3 {
+        match socket.try_io(tokio::io::Interest::WRITABLE, || {
+            state.send(socket.into(), transmit)
+        }) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                if tokio::time::timeout(Duration::from_millis(5), socket.writable())
+                    .await
+                    .is_err()
+                {
+                    return Err(err);
+                }
+            }
+            other => return other,
+        }
+    }
+    Err(io::ErrorKind::WouldBlock.into())
+}
+
+/// Passes a subscriber's keyframe requests and NACKs to the publication's fanout. `try_send`:
+/// feedback is advisory, and the engine never waits on a fanout.
+fn route_feedback(route: &FeedbackRoute, packets: &[Box<dyn rtc::rtcp::Packet>]) {
+    let mut seqs = Vec::new();
+    let mut keyframe = false;
+    for packet in packets {
+        let any = packet.as_any();
+        if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
+            seqs.extend(nack.nacks.iter().flat_map(|pair| pair.packet_list()));
+        } else if any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
+            keyframe = true;
+        }
+    }
+    if !seqs.is_empty() {
+        let _ = route.commands.try_send(FanoutCommand::Nack {
+            key: route.key,
+            seqs,
+        });
+    }
+    if keyframe {
+        let _ = route.commands.try_send(FanoutCommand::KeyframeRequest);
+    }
+}
+
+/// The local ufrag a STUN request names (`USERNAME` is `local:remote` as the receiver sees it),
+/// or `None` when the datagram is not a STUN message with one.
+pub(crate) fn stun_local_ufrag(datagram: &[u8]) -> Option<&str> {
+    const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
+    const USERNAME: u16 = 0x0006;
+    if datagram.len() < 20 || datagram[0] & 0xC0 != 0 || datagram[4..8] != MAGIC_COOKIE {
+        return None;
+    }
+    let length = u16::from_be_bytes([datagram[2], datagram[3]]) as usize;
+    let body = datagram.get(20..20 + length)?;
+    let mut at = 0;
+    while at + 4 <= body.len() {
+        let kind = u16::from_be_bytes([body[at], body[at + 1]]);
+        let len = u16::from_be_bytes([body[at + 2], body[at + 3]]) as usize;
+        let value = body.get(at + 4..at + 4 + len)?;
+        if kind == USERNAME {
+            let username = std::str::from_utf8(value).ok()?;
+            return username.split(':').next();
+        }
+        at += 4 + len.div_ceil(4) * 4;
+    }
+    None
+}
+
+/// ICE ufrag and password characters (RFC 8839: ice-char is ALPHA / DIGIT / "+" / "/").
+fn random_token(len: usize) -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stun_local_ufrag;
+
+    fn binding_request(username: &str) -> Vec<u8> {
+        let mut attrs = Vec::new();
+        // A PRIORITY attribute first, so the walk must skip one.
+        attrs.extend_from_slice(&[0x00, 0x24, 0x00, 0x04, 1, 2, 3, 4]);
+        attrs.extend_from_slice(&0x0006u16.to_be_bytes());
+        attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
+        attrs.extend_from_slice(username.as_bytes());
+        while attrs.len() % 4 != 0 {
+            attrs.push(0);
+        }
+        let mut msg = vec![0x00, 0x01];
+        msg.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+        msg.extend_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+        msg.extend_from_slice(&[7; 12]);
+        msg.extend_from_slice(&attrs);
+        msg
+    }
+
+    #[test]
+    fn the_local_ufrag_is_read_from_a_binding_request() {
+        assert_eq!(
+            stun_local_ufrag(&binding_request("serverUfrag:clientUfrag")),
+            Some("serverUfrag")
+        );
+    }
+
+    #[test]
+    fn non_stun_and_truncated_datagrams_name_no_ufrag() {
+        // An RTP packet (version 2) and a DTLS record are not STUN.
+        assert_eq!(stun_local_ufrag(&[0x80; 40]), None);
+        assert_eq!(stun_local_ufrag(&[22, 254, 253, 0, 0, 0, 0, 0]), None);
+        let mut truncated = binding_request("a:b");
+        truncated.truncate(26);
+        assert_eq!(stun_local_ufrag(&truncated), None);
+        let mut lying = binding_request("a:b");
+        lying[3] = 200; // Claims more attributes than there are.
+        assert_eq!(stun_local_ufrag(&lying), None);
+    }
+}
