@@ -20,12 +20,11 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
-use rtc::interceptor::Registry;
+use rtc::interceptor::{Registry, SenderReportBuilder, Slot};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
-use rtc::peer_connection::configuration::interceptor_registry::configure_rtcp_reports;
 use rtc::peer_connection::configuration::media_engine::MediaEngine;
 use rtc::peer_connection::event::RTCPeerConnectionEvent;
 use rtc::peer_connection::message::RTCMessage;
@@ -188,6 +187,7 @@ impl Egress {
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
             pending: Vec::new(),
+            queued: Vec::new(),
             scratch: Vec::with_capacity(MAX_GSO_BYTES),
             stats: stats.clone(),
             nacks,
@@ -297,6 +297,8 @@ struct Engine {
     /// Remote address -> (connection, the local IP it reached us on).
     by_addr: HashMap<SocketAddr, (ConnId, IpAddr)>,
     pending: Vec<Pending>,
+    /// Forwarded copies received and not yet written.
+    queued: Vec<Outgoing>,
     scratch: Vec<u8>,
     stats: Arc<EgressStats>,
     nacks: Arc<AtomicU64>,
@@ -313,8 +315,10 @@ impl Engine {
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // Everything already waiting, then one flush: under load many published packets'
-            // copies leave together, GSO-batched per subscriber.
+            // Everything already waiting, then the forwarded copies subscriber by subscriber,
+            // each subscriber's sent as soon as they are encrypted: under load many published
+            // packets' copies leave together, GSO-batched per subscriber, and the first
+            // subscribers need not wait for the last one's encryption.
             let mut handled = 0;
             while handled < MAX_INPUTS_PER_FLUSH {
                 match self.inputs.try_recv() {
@@ -329,6 +333,7 @@ impl Engine {
                     }
                 }
             }
+            self.forward_queued().await;
             self.read_socket(&mut buffers, &mut meta);
             self.flush().await;
             if handled == MAX_INPUTS_PER_FLUSH {
@@ -386,7 +391,7 @@ impl Engine {
 
     fn handle_input(&mut self, input: EgressInput) {
         match input {
-            EgressInput::Forward(packets) => self.forward(packets),
+            EgressInput::Forward(mut packets) => self.queued.append(&mut packets),
             EgressInput::Open {
                 conn,
                 participant,
@@ -512,12 +517,15 @@ impl Engine {
         let ufrag = random_token(16);
         let mut engine = MediaEngine::default();
         engine.register_default_codecs().map_err(SfuError::WebRtc)?;
-        // Reports only: NACKs are answered by the fanout from one cache per publication. The
-        // feedback interceptor sits application-most, so the report reader sees everything first.
-        let registry = configure_rtcp_reports(Registry::new()).with(
-            rtc::interceptor::Slot::from(14_000),
-            FeedbackInterceptor::new(self.nacks.clone()),
-        );
+        // Sender reports only (the server receives nothing here, so it has nothing to report
+        // on, and every interceptor is a copy of each packet): NACKs are answered by the fanout
+        // from one cache per publication, through the feedback interceptor.
+        let registry = Registry::new()
+            .with(Slot::SenderReport, SenderReportBuilder::new().build())
+            .with(
+                Slot::from(14_000),
+                FeedbackInterceptor::new(self.nacks.clone()),
+            );
         let settings = crate::transport::ice_settings(&self.config)
             .with_ice_credentials(ufrag.clone(), random_token(32))
             .build();
@@ -593,17 +601,27 @@ impl Engine {
         }
     }
 
-    /// The per-packet path: each copy goes through its subscriber's connection (interceptors,
-    /// SRTP) into the pending datagrams.
-    fn forward(&mut self, packets: Vec<Outgoing>) {
+    /// The per-packet path: the queued copies, grouped by subscriber (stable, so each keeps its
+    /// order), go through their subscriber's connection (interceptors, SRTP) and out.
+    async fn forward_queued(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let mut queued = std::mem::take(&mut self.queued);
+        queued.sort_by_key(|outgoing| outgoing.conn);
         let now = Instant::now();
         let mut errors = 0;
+        let mut current = None;
         for Outgoing {
             conn,
             sender,
             packet,
-        } in packets
+        } in queued.drain(..)
         {
+            if current != Some(conn) {
+                self.flush().await;
+                current = Some(conn);
+            }
             let Some(c) = self.conns.get_mut(&conn) else {
                 errors += 1;
                 continue;
@@ -620,6 +638,9 @@ impl Engine {
                 push_pending(&mut self.pending, &self.by_addr, self.wildcard, write);
             }
         }
+        self.flush().await;
+        // Keep the allocation for the next round.
+        self.queued = queued;
         if errors > 0 {
             self.stats.write_errors.fetch_add(errors, Ordering::Relaxed);
         }
