@@ -11,6 +11,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use rtc::media_stream::MediaStreamTrack;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -20,8 +22,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
@@ -482,6 +484,23 @@ async fn send_video(
         (shape.keyframe_interval.as_secs_f64() * f64::from(shape.fps)).max(1.0) as u64;
     let mut ticker = tokio::time::interval(Duration::from_secs(1) / shape.fps.max(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Like a browser's encoder, answer the server's keyframe requests (PLI/FIR) with the next
+    // frame, at most every 300 ms; otherwise every `keyframe_interval`.
+    let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let feedback = {
+        let (track, requested) = (track.clone(), requested.clone());
+        tokio::spawn(async move {
+            while let Some(TrackLocalEvent::OnRtcpPacket(packets)) = track.poll().await {
+                if packets.iter().any(|p| {
+                    let any = p.as_any();
+                    any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
+                }) {
+                    requested.store(true, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let mut last_keyframe: Option<tokio::time::Instant> = None;
     let (mut seq, mut number, mut frame) = (rand::random::<u16>() >> 1, 0u64, 0u64);
     let filler = Bytes::from(vec![0xA5u8; MAX_PAYLOAD]);
     let mut buf = BytesMut::with_capacity(MAX_PAYLOAD * 64);
@@ -490,7 +509,14 @@ async fn send_video(
             _ = ticker.tick() => {}
             _ = stop.changed() => break,
         }
-        let keyframe = frame % keyframe_every == 0;
+        let now = tokio::time::Instant::now();
+        let answer_request = requested.load(Ordering::Relaxed)
+            && last_keyframe.is_none_or(|last| now - last >= Duration::from_millis(300));
+        let keyframe = frame % keyframe_every == 0 || answer_request;
+        if keyframe {
+            requested.store(false, Ordering::Relaxed);
+            last_keyframe = Some(now);
+        }
         let timestamp =
             u32::try_from((frame * 90_000 / u64::from(shape.fps)) % (1 << 32)).unwrap_or(0);
         let packets = frame_bytes.div_ceil(MAX_PAYLOAD);
@@ -528,6 +554,7 @@ async fn send_video(
         }
         frame += 1;
     }
+    feedback.abort();
 }
 
 async fn payload_type(pc: &Arc<dyn PeerConnection>) -> Result<u8> {

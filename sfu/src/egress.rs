@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -52,12 +52,23 @@ use crate::{SfuConfig, SfuError, SfuEvent};
 /// Key of one subscribe connection inside the engine.
 pub(crate) type ConnId = u64;
 
-/// Messages the engine may hold before a fanout's `try_send` fails (the fanout then counts the
-/// packet as dropped for those subscribers and asks for a keyframe): about 0.2 s of a 30-stream
-/// room at full rate, never an unbounded queue.
+/// Messages the engine's queue holds (forwarded batches and commands).
 const INPUT_CAPACITY: usize = 8192;
-/// Input messages handled before the engine sends what they produced.
-const MAX_INPUTS_PER_FLUSH: usize = 256;
+/// How far behind the engine may fall before fanouts drop further packets (and ask for a
+/// keyframe): a server past its capacity sheds load at once instead of building a queue that
+/// every subscriber waits behind. The engine turns this into a number of waiting copies from
+/// the time it has lately taken per copy, so a starved engine admits fewer.
+const BACKLOG_BUDGET: Duration = Duration::from_millis(40);
+/// Bounds of that number of copies (the lower one is a round's worth).
+const MIN_BACKLOG_COPIES: usize = ROUND_COPIES;
+const MAX_BACKLOG_COPIES: usize = 65_536;
+/// Copies admitted before the engine has measured itself: 40 ms at 5 µs per copy.
+const INITIAL_BACKLOG_COPIES: usize = 8192;
+/// Input messages handled in one round before the engine writes and sends what they produced.
+const MAX_INPUTS_PER_ROUND: usize = 256;
+/// Forwarded copies taken in one round (about 10 ms of work): after a round the engine lets
+/// the fanouts and publish connections run, so a busy engine never starves its own sources.
+const ROUND_COPIES: usize = 2048;
 /// Largest datagram accepted on the shared socket (one MTU with room to spare).
 const DATAGRAM_BUFFER: usize = 2048;
 /// Every connection's timers are re-read at least this often, so a timer armed by a write (a
@@ -141,12 +152,164 @@ pub struct EgressStats {
     pub write_errors: AtomicU64,
     /// Subscribe connections open now.
     pub connections: AtomicU64,
+    /// Forwarded copies admitted and not yet written, as of the last round.
+    pub backlog: AtomicU64,
+    /// How many may be: what the engine can write in its 40 ms budget at its recent pace.
+    pub backlog_limit: AtomicU64,
+}
+
+/// How much of the engine's backlog a batch may fill.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// Twice the limit: losing a voice hurts more than losing a picture.
+    Audio,
+    /// The limit.
+    Video,
+    /// Half the limit: video restarting at a keyframe after a loss. A shed subscriber comes
+    /// back only when there is room for it, so at capacity the same subscribers keep being
+    /// served instead of everyone dropping and restarting in turn.
+    Restart,
+}
+
+/// Why forwarded copies were not taken.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The engine is behind by its backlog limit (or its queue is full).
+    Overloaded,
+    /// The engine has stopped.
+    Closed,
+}
+
+/// The way into the engine's queue, with the count of forwarded copies waiting in it.
+#[derive(Clone)]
+pub(crate) struct EgressSender {
+    input: mpsc::Sender<EgressInput>,
+    backlog: Arc<Backlog>,
+}
+
+/// Forwarded copies handed over and not yet written, and how many may be.
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    waiting: AtomicUsize,
+    limit: AtomicUsize,
+}
+
+impl Default for Backlog {
+    fn default() -> Self {
+        Self {
+            waiting: AtomicUsize::new(0),
+            limit: AtomicUsize::new(INITIAL_BACKLOG_COPIES),
+        }
+    }
+}
+
+impl Backlog {
+    /// Records that `copies` took `elapsed` to write and send: the limit becomes what fits in
+    /// [`BACKLOG_BUDGET`] at the recent pace (a moving average, so one slow round does not
+    /// close the door).
+    fn measured(&self, copies: usize, elapsed: Duration, pace: &mut f64) {
+        if copies == 0 {
+            return;
+        }
+        let per_copy = elapsed.as_secs_f64() / copies as f64;
+        *pace = if *pace == 0.0 {
+            per_copy
+        } else {
+            0.8 * *pace + 0.2 * per_copy
+        };
+        let limit = (BACKLOG_BUDGET.as_secs_f64() / pace.max(1e-9)).round() as usize;
+        self.limit.store(
+            limit.clamp(MIN_BACKLOG_COPIES, MAX_BACKLOG_COPIES),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+impl EgressSender {
+    pub(crate) fn new(input: mpsc::Sender<EgressInput>, backlog: Arc<Backlog>) -> Self {
+        Self { input, backlog }
+    }
+
+    /// Hands over forwarded copies unless the engine is too far behind.
+    pub(crate) fn try_forward(&self, mut packets: Vec<Outgoing>) -> Result<(), Refused> {
+        let copies = packets.len();
+        if self.try_forward_some(&mut packets, Admission::Video)? < copies {
+            return Err(Refused::Overloaded);
+        }
+        Ok(())
+    }
+
+    /// Hands over as many of `packets` as the engine's backlog has room for, from the front, and
+    /// returns how many; the rest stay in `packets`. So an overloaded engine keeps serving the
+    /// same subscribers fully instead of every subscriber losing packets (and, for video,
+    /// waiting for keyframes) in turn.
+    pub(crate) fn try_forward_some(
+        &self,
+        packets: &mut Vec<Outgoing>,
+        admission: Admission,
+    ) -> Result<usize, Refused> {
+        let waiting = &self.backlog.waiting;
+        let limit = self.backlog.limit.load(Ordering::Relaxed);
+        let limit = match admission {
+            Admission::Audio => limit * 2,
+            Admission::Video => limit,
+            Admission::Restart => limit / 2,
+        };
+        let wanted = packets.len();
+        let mut admitted = 0;
+        let _ = waiting.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+            admitted = wanted.min(limit.saturating_sub(now));
+            (admitted > 0).then_some(now + admitted)
+        });
+        if admitted == 0 {
+            return if self.input.is_closed() {
+                Err(Refused::Closed)
+            } else {
+                Ok(0)
+            };
+        }
+        let taken = if admitted < wanted {
+            let rest = packets.split_off(admitted);
+            std::mem::replace(packets, rest)
+        } else {
+            std::mem::take(packets)
+        };
+        match self.input.try_send(EgressInput::Forward(taken)) {
+            Ok(()) => Ok(admitted),
+            Err(err) => {
+                waiting.fetch_sub(admitted, Ordering::Relaxed);
+                match err {
+                    mpsc::error::TrySendError::Full(_) => Ok(0),
+                    mpsc::error::TrySendError::Closed(_) => Err(Refused::Closed),
+                }
+            }
+        }
+    }
+
+    pub(crate) fn same_engine(&self, other: &EgressSender) -> bool {
+        self.input.same_channel(&other.input)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.input.is_closed()
+    }
+
+    pub(crate) async fn send(&self, input: EgressInput) -> Result<(), SfuError> {
+        self.input
+            .send(input)
+            .await
+            .map_err(|_| SfuError::Refused("the media engine has stopped".into()))
+    }
+
+    pub(crate) fn try_send(&self, input: EgressInput) -> bool {
+        self.input.try_send(input).is_ok()
+    }
 }
 
 /// A handle to the running engine. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Egress {
-    pub(crate) input: mpsc::Sender<EgressInput>,
+    pub(crate) input: EgressSender,
     pub(crate) stats: Arc<EgressStats>,
     next_conn: Arc<AtomicU64>,
     pub(crate) local_addr: SocketAddr,
@@ -174,6 +337,7 @@ impl Egress {
         let announced = announced_addresses(config, local_addr);
         tracing::info!(%local_addr, ?announced, gso = state.max_gso_segments(), "subscribe media socket open");
         let (input, inputs) = mpsc::channel(INPUT_CAPACITY);
+        let backlog = Arc::new(Backlog::default());
         let stats = Arc::new(EgressStats::default());
         let engine = Engine {
             config: config.clone(),
@@ -188,13 +352,15 @@ impl Egress {
             by_addr: HashMap::new(),
             pending: Vec::new(),
             queued: Vec::new(),
+            backlog: backlog.clone(),
+            pace: 0.0,
             scratch: Vec::with_capacity(MAX_GSO_BYTES),
             stats: stats.clone(),
             nacks,
         };
         tokio::spawn(engine.run().instrument(tracing::info_span!("egress")));
         Ok(Self {
-            input,
+            input: EgressSender::new(input, backlog),
             stats,
             next_conn: Arc::new(AtomicU64::new(1)),
             local_addr,
@@ -211,10 +377,7 @@ impl Egress {
         make: impl FnOnce(Reply<T>) -> EgressInput,
     ) -> Result<T, SfuError> {
         let (reply, answer) = oneshot::channel();
-        self.input
-            .send(make(reply))
-            .await
-            .map_err(|_| SfuError::Refused("the media engine has stopped".into()))?;
+        self.input.send(make(reply)).await?;
         answer
             .await
             .map_err(|_| SfuError::Refused("the media engine has stopped".into()))?
@@ -299,6 +462,10 @@ struct Engine {
     pending: Vec<Pending>,
     /// Forwarded copies received and not yet written.
     queued: Vec<Outgoing>,
+    /// Copies handed over by fanouts and not yet written, and the limit on them.
+    backlog: Arc<Backlog>,
+    /// Recent seconds per written copy.
+    pace: f64,
     scratch: Vec<u8>,
     stats: Arc<EgressStats>,
     nacks: Arc<AtomicU64>,
@@ -312,15 +479,14 @@ impl Engine {
             .map(|_| vec![0u8; DATAGRAM_BUFFER * gro])
             .collect();
         let mut meta = vec![RecvMeta::default(); batch];
-        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
-        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_housekeeping = Instant::now();
         loop {
             // Everything already waiting, then the forwarded copies subscriber by subscriber,
             // each subscriber's sent as soon as they are encrypted: under load many published
             // packets' copies leave together, GSO-batched per subscriber, and the first
             // subscribers need not wait for the last one's encryption.
             let mut handled = 0;
-            while handled < MAX_INPUTS_PER_FLUSH {
+            while handled < MAX_INPUTS_PER_ROUND && self.queued.len() < ROUND_COPIES {
                 match self.inputs.try_recv() {
                     Ok(input) => {
                         self.handle_input(input);
@@ -333,10 +499,22 @@ impl Engine {
                     }
                 }
             }
+            let full_round = handled == MAX_INPUTS_PER_ROUND || self.queued.len() >= ROUND_COPIES;
             self.forward_queued().await;
             self.read_socket(&mut buffers, &mut meta);
+            // Timers run here, every round, not only when the queue is idle: a busy engine that
+            // skipped them would stop its ICE keepalives and lose every subscriber at once.
+            let now = Instant::now();
+            if now >= next_housekeeping {
+                for conn in self.conns.values_mut() {
+                    conn.deadline = conn.pc.poll_timeout();
+                }
+                next_housekeeping = now + HOUSEKEEPING;
+            }
+            self.handle_timeouts();
             self.flush().await;
-            if handled == MAX_INPUTS_PER_FLUSH {
+            if full_round {
+                tokio::task::yield_now().await;
                 continue;
             }
             let next = self
@@ -344,7 +522,8 @@ impl Engine {
                 .values()
                 .filter_map(|conn| conn.deadline)
                 .min()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+                .unwrap_or(next_housekeeping)
+                .min(next_housekeeping);
             tokio::select! {
                 biased;
                 input = self.inputs.recv() => match input {
@@ -360,13 +539,7 @@ impl Engine {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
-                _ = tokio::time::sleep_until(next.into()) => self.handle_timeouts(),
-                _ = housekeeping.tick() => {
-                    for conn in self.conns.values_mut() {
-                        conn.deadline = conn.pc.poll_timeout();
-                    }
-                    self.handle_timeouts();
-                }
+                _ = tokio::time::sleep_until(next.into()) => {}
             }
         }
     }
@@ -607,7 +780,9 @@ impl Engine {
         if self.queued.is_empty() {
             return;
         }
+        let started = Instant::now();
         let mut queued = std::mem::take(&mut self.queued);
+        let copies = queued.len();
         queued.sort_by_key(|outgoing| outgoing.conn);
         let now = Instant::now();
         let mut errors = 0;
@@ -639,6 +814,14 @@ impl Engine {
             }
         }
         self.flush().await;
+        let left = self.backlog.waiting.fetch_sub(copies, Ordering::Relaxed) - copies;
+        self.backlog
+            .measured(copies, started.elapsed(), &mut self.pace);
+        self.stats.backlog.store(left as u64, Ordering::Relaxed);
+        self.stats.backlog_limit.store(
+            self.backlog.limit.load(Ordering::Relaxed) as u64,
+            Ordering::Relaxed,
+        );
         // Keep the allocation for the next round.
         self.queued = queued;
         if errors > 0 {
@@ -955,7 +1138,42 @@ fn random_token(len: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::stun_local_ufrag;
+    use super::*;
+
+    fn copies(n: usize) -> Vec<Outgoing> {
+        (0..n)
+            .map(|_| Outgoing {
+                conn: 1,
+                sender: RTCRtpSenderId::default(),
+                packet: rtp::Packet::default(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fanouts_are_refused_once_the_engine_is_a_backlog_behind_and_admitted_once_it_catches_up() {
+        let (input, mut inputs) = mpsc::channel(INPUT_CAPACITY);
+        let backlog = Arc::new(Backlog::default());
+        let sender = EgressSender::new(input, backlog.clone());
+        let batch = 512;
+        let fit = INITIAL_BACKLOG_COPIES / batch;
+        for _ in 0..fit {
+            assert_eq!(sender.try_forward(copies(batch)), Ok(()));
+        }
+        // Nothing partial: a batch that would pass the limit is refused whole, and not counted.
+        assert_eq!(sender.try_forward(copies(batch)), Err(Refused::Overloaded));
+        assert_eq!(backlog.waiting.load(Ordering::Relaxed), fit * batch);
+        // The engine writes one batch (and says so): there is room for one more.
+        let Ok(EgressInput::Forward(taken)) = inputs.try_recv() else {
+            panic!("the first batch is not in the queue");
+        };
+        backlog.waiting.fetch_sub(taken.len(), Ordering::Relaxed);
+        assert_eq!(sender.try_forward(copies(batch)), Ok(()));
+        // An engine that has stopped refuses even when there is room.
+        backlog.waiting.store(0, Ordering::Relaxed);
+        drop(inputs);
+        assert_eq!(sender.try_forward(copies(1)), Err(Refused::Closed));
+    }
 
     fn binding_request(username: &str) -> Vec<u8> {
         let mut attrs = Vec::new();
@@ -973,6 +1191,61 @@ mod tests {
         msg.extend_from_slice(&[7; 12]);
         msg.extend_from_slice(&attrs);
         msg
+    }
+
+    #[test]
+    fn an_engine_with_room_for_some_copies_takes_those_and_leaves_the_rest() {
+        let (input, mut inputs) = mpsc::channel(INPUT_CAPACITY);
+        let backlog = Arc::new(Backlog::default());
+        backlog
+            .waiting
+            .store(INITIAL_BACKLOG_COPIES - 100, Ordering::Relaxed);
+        let sender = EgressSender::new(input, backlog.clone());
+        let mut batch = copies(300);
+        let admitted = sender.try_forward_some(&mut batch, Admission::Video);
+        assert_eq!(admitted, Ok(100));
+        assert_eq!(batch.len(), 200, "the refused copies are handed back");
+        assert!(matches!(inputs.try_recv(), Ok(EgressInput::Forward(taken)) if taken.len() == 100));
+        assert_eq!(
+            backlog.waiting.load(Ordering::Relaxed),
+            INITIAL_BACKLOG_COPIES
+        );
+        // Full: nothing is taken, nothing is lost from the batch, and it is not an error.
+        assert_eq!(sender.try_forward_some(&mut batch, Admission::Video), Ok(0));
+        assert_eq!(batch.len(), 200);
+        // Video restarting after a loss needs half the backlog free; audio may use twice it.
+        assert_eq!(
+            sender.try_forward_some(&mut batch, Admission::Restart),
+            Ok(0)
+        );
+        assert_eq!(
+            sender.try_forward_some(&mut batch, Admission::Audio),
+            Ok(200)
+        );
+    }
+
+    #[test]
+    fn a_slower_engine_admits_fewer_copies() {
+        let backlog = Backlog::default();
+        let mut pace = 0.0;
+        // 5 µs per copy: 40 ms is 8000 copies.
+        backlog.measured(2000, Duration::from_millis(10), &mut pace);
+        assert_eq!(backlog.limit.load(Ordering::Relaxed), 8000);
+        // Starved to a fifth of the pace, it converges on a fifth of the copies.
+        for _ in 0..40 {
+            backlog.measured(2000, Duration::from_millis(50), &mut pace);
+        }
+        let limit = backlog.limit.load(Ordering::Relaxed);
+        assert!(
+            (1600..=1700).contains(&limit) || limit == MIN_BACKLOG_COPIES,
+            "{limit}"
+        );
+        // Never below one round, never above the cap.
+        backlog.measured(10, Duration::from_secs(10), &mut pace);
+        assert_eq!(backlog.limit.load(Ordering::Relaxed), MIN_BACKLOG_COPIES);
+        let mut fast = 0.0;
+        backlog.measured(1_000_000, Duration::from_millis(1), &mut fast);
+        assert_eq!(backlog.limit.load(Ordering::Relaxed), MAX_BACKLOG_COPIES);
     }
 
     #[test]

@@ -13,10 +13,9 @@ use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication
 use rtc::rtp;
 use rtc::shared::marshal::MarshalSize;
 use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
-use crate::egress::{ConnId, EgressInput, Outgoing};
+use crate::egress::{Admission, ConnId, EgressSender, Outgoing, Refused};
 use crate::feedback::KeyframeThrottle;
 use crate::forwarder::{DropReason, Forwarder, ForwarderParams, PacketCache};
 use crate::ids::MediaKind;
@@ -76,7 +75,7 @@ pub struct PublicationStats {
 
 /// Where one subscription's packets go: a sender of a connection in the egress engine.
 pub(crate) struct Route {
-    pub(crate) egress: mpsc::Sender<EgressInput>,
+    pub(crate) egress: EgressSender,
     pub(crate) conn: ConnId,
     pub(crate) sender: rtc::rtp_transceiver::RTCRtpSenderId,
 }
@@ -224,12 +223,7 @@ impl Fanout {
                 sender: slot.route.sender,
                 packet,
             };
-            if slot
-                .route
-                .egress
-                .try_send(EgressInput::Forward(vec![outgoing]))
-                .is_ok()
-            {
+            if slot.route.egress.try_forward(vec![outgoing]).is_ok() {
                 sent_again += 1;
             } else {
                 missed += 1;
@@ -248,10 +242,12 @@ impl Fanout {
         let mut needs_keyframe = false;
         let mut batch: Vec<Outgoing> = Vec::with_capacity(slots.len());
         // Every slot shares one engine today; a slot of another engine gets its own message.
-        let mut egress: Option<&mpsc::Sender<EgressInput>> = None;
+        let mut egress: Option<&EgressSender> = None;
         self.in_batch.clear();
         let mut others = Vec::new();
+        let (mut restarts, mut restart_slots) = (Vec::new(), Vec::new());
         for (index, slot) in slots.iter_mut().enumerate() {
+            let restarting = slot.forwarder.waiting_for_keyframe();
             match slot.forwarder.forward(&packet, now) {
                 Ok(out) => {
                     let outgoing = Outgoing {
@@ -259,8 +255,12 @@ impl Fanout {
                         sender: slot.route.sender,
                         packet: out,
                     };
-                    let same = egress.is_none_or(|tx| tx.same_channel(&slot.route.egress));
-                    if same {
+                    let same = egress.is_none_or(|tx| tx.same_engine(&slot.route.egress));
+                    if same && restarting {
+                        egress = Some(&slot.route.egress);
+                        restarts.push(outgoing);
+                        restart_slots.push(index);
+                    } else if same {
                         egress = Some(&slot.route.egress);
                         batch.push(outgoing);
                         self.in_batch.push(index);
@@ -272,31 +272,37 @@ impl Fanout {
                 Err(DropReason::NotNegotiated | DropReason::Paused) => {}
             }
         }
-        let mut forwarded = batch.len() as u64;
+        let mut forwarded = 0;
         let mut lost: Vec<usize> = Vec::new();
         let mut closed = false;
         if let Some(tx) = egress {
-            match tx.try_send(EgressInput::Forward(batch)) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => {
-                    forwarded = 0;
-                    lost.extend_from_slice(&self.in_batch);
+            // Slots keep their order, so under overload the same subscriptions keep being
+            // served fully and the rest wait for keyframes, rather than everyone in turn.
+            let admission = match self.kind {
+                MediaKind::Audio => Admission::Audio,
+                MediaKind::Video => Admission::Video,
+            };
+            for (batch, indexes, admission) in [
+                (&mut batch, &self.in_batch, admission),
+                (&mut restarts, &restart_slots, Admission::Restart),
+            ] {
+                if batch.is_empty() {
+                    continue;
                 }
-                Err(TrySendError::Closed(_)) => {
-                    forwarded = 0;
-                    closed = true;
+                match tx.try_forward_some(batch, admission) {
+                    Ok(admitted) => {
+                        forwarded += admitted as u64;
+                        lost.extend_from_slice(&indexes[admitted..]);
+                    }
+                    Err(_) => closed = true,
                 }
             }
         }
         for (index, outgoing) in others {
-            match slots[index]
-                .route
-                .egress
-                .try_send(EgressInput::Forward(vec![outgoing]))
-            {
+            match slots[index].route.egress.try_forward(vec![outgoing]) {
                 Ok(()) => forwarded += 1,
-                Err(TrySendError::Full(_)) => lost.push(index),
-                Err(TrySendError::Closed(_)) => closed = true,
+                Err(Refused::Overloaded) => lost.push(index),
+                Err(Refused::Closed) => closed = true,
             }
         }
         for index in lost {

@@ -727,7 +727,7 @@ impl Drop for SubscribeTransport {
         if !self.closed {
             let input = self.egress.input.clone();
             let conn = self.conn;
-            if input.try_send(EgressInput::Close { conn }).is_err()
+            if !input.try_send(EgressInput::Close { conn })
                 && let Ok(runtime) = tokio::runtime::Handle::try_current()
             {
                 runtime.spawn(async move {

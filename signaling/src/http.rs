@@ -369,6 +369,18 @@ async fn metrics(State(state): State<AppState>) -> Response {
         ] {
             counter(&mut registry, name, help, value.load(relaxed));
         }
+        gauge(
+            &mut registry,
+            "egress_backlog",
+            "Forwarded copies waiting in the egress engine after its last round",
+            egress.backlog.load(relaxed),
+        );
+        gauge(
+            &mut registry,
+            "egress_backlog_limit",
+            "Forwarded copies the egress engine admits at most (40 ms at its recent pace)",
+            egress.backlog_limit.load(relaxed),
+        );
     }
     let mut body = String::new();
     if let Err(err) = encode(&mut body, &registry) {
