@@ -25,18 +25,24 @@ enum Scenario {
     /// `--participants` N, each publishing one video and receiving all the others, for T
     /// seconds: a 7-20 person call.
     LargeRoom,
+    /// P publishers and S subscribers receiving, then `--storm` N more subscribers join at
+    /// once: their join times and failures, and what the S lost meanwhile.
+    JoinStorm,
 }
 
 /// Measures a Switchboard server with synthetic participants speaking the real protocol.
 #[derive(Debug, Parser)]
 #[command(name = "switchboard-bench", version, about)]
 struct Cli {
-    /// `fixed`, `ramp` or `large-room`.
+    /// `fixed`, `ramp`, `large-room` or `join-storm`.
     #[arg(long, value_enum, default_value_t = Scenario::Fixed)]
     scenario: Scenario,
     /// Large room: participants, each publishing and subscribing.
     #[arg(long, default_value_t = 10)]
     participants: u16,
+    /// Join storm: participants joining at once.
+    #[arg(long, default_value_t = 100)]
+    storm: u32,
     /// Ramp: subscribers added per step.
     #[arg(long, default_value_t = 50)]
     step: u32,
@@ -210,6 +216,16 @@ async fn main() -> Result<()> {
         println!("written to {}", cli.out.display());
         return Ok(());
     }
+    if cli.scenario == Scenario::JoinStorm {
+        let result = storm(&cli, &base, server_pid.as_deref()).await;
+        drop(spawned);
+        let report = result?;
+        std::fs::create_dir_all(&cli.out)?;
+        report::write_storm(&report, &cli.out)?;
+        println!("{}", report::storm_markdown(&report));
+        println!("written to {}", cli.out.display());
+        return Ok(());
+    }
     let result = run(&cli, &base, server_pid.as_deref()).await;
     drop(spawned);
     let report = result?;
@@ -231,6 +247,34 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// Starts `--publishers` publishers into `tally`, each sending until `stop`.
+fn spawn_publishers(
+    cli: &Cli,
+    base: &str,
+    tally: &std::sync::Arc<Tally>,
+    stop: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<Result<()>>> {
+    let shape = VideoShape {
+        bitrate: cli.bitrate,
+        fps: cli.fps,
+        keyframe_interval: Duration::from_secs(2),
+    };
+    (0..cli.publishers)
+        .map(|index| {
+            let (tx, _rx) = oneshot::channel();
+            tokio::spawn(client::publisher(
+                base.to_owned(),
+                cli.room.clone(),
+                index,
+                shape,
+                tally.clone(),
+                tx,
+                stop.clone(),
+            ))
+        })
+        .collect()
+}
+
 /// Loss above this ends a ramp.
 const RAMP_MAX_LOSS_PERCENT: f64 = 1.0;
 /// p99 latency above this ends a ramp.
@@ -239,24 +283,7 @@ const RAMP_MAX_P99_MS: f64 = 50.0;
 async fn ramp(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::RampReport> {
     let tally = Tally::new();
     let (stop_tx, stop) = watch::channel(false);
-    let shape = VideoShape {
-        bitrate: cli.bitrate,
-        fps: cli.fps,
-        keyframe_interval: Duration::from_secs(2),
-    };
-    let mut tasks = Vec::new();
-    for index in 0..cli.publishers {
-        let (tx, _rx) = oneshot::channel();
-        tasks.push(tokio::spawn(client::publisher(
-            base.to_owned(),
-            cli.room.clone(),
-            index,
-            shape,
-            tally.clone(),
-            tx,
-            stop.clone(),
-        )));
-    }
+    let mut tasks = spawn_publishers(cli, base, &tally, &stop);
     let own_pid = std::process::id().to_string();
     let bar = if cli.quiet {
         ProgressBar::hidden()
@@ -365,6 +392,159 @@ async fn ramp(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report:
         largest_held,
         ended_because,
         steps,
+    })
+}
+
+/// What the incumbents received over a window that started at `sent0`/`received0`.
+struct Window {
+    started: Instant,
+    sent0: u64,
+    received0: u64,
+    server0: Option<f64>,
+    own0: Option<f64>,
+}
+
+impl Window {
+    fn open(publishers: &Tally, incumbents: &Tally, server_pid: Option<&str>) -> Self {
+        incumbents.latency.take();
+        Self {
+            started: Instant::now(),
+            sent0: publishers.sent.load(Ordering::Relaxed),
+            received0: incumbents.received.load(Ordering::Relaxed),
+            server0: server_pid.and_then(cpu_seconds),
+            own0: cpu_seconds(&std::process::id().to_string()),
+        }
+    }
+
+    /// Closes the window; what was sent in it gets 300 ms more to arrive.
+    async fn close(
+        self,
+        publishers: &Tally,
+        incumbents: &Tally,
+        count: u32,
+        server_pid: Option<&str>,
+    ) -> report::StormWindow {
+        let sent = publishers.sent.load(Ordering::Relaxed) - self.sent0;
+        let seconds = self.started.elapsed().as_secs_f64();
+        let server1 = server_pid.and_then(cpu_seconds);
+        let own1 = cpu_seconds(&std::process::id().to_string());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let received = incumbents.received.load(Ordering::Relaxed) - self.received0;
+        let latency = incumbents.latency.take();
+        let expected = sent * u64::from(count);
+        report::StormWindow {
+            seconds,
+            loss_percent: if expected > 0 {
+                expected.saturating_sub(received) as f64 * 100.0 / expected as f64
+            } else {
+                0.0
+            },
+            latency_p50_ms: client::quantile_ms(&latency, 0.50),
+            latency_p99_ms: client::quantile_ms(&latency, 0.99),
+            server_cpu_percent: match (server1, self.server0) {
+                (Some(b), Some(a)) => Some((b - a) / seconds * 100.0),
+                _ => None,
+            },
+            generator_cpu_percent: match (own1, self.own0) {
+                (Some(b), Some(a)) => Some((b - a) / seconds * 100.0),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// Waits (at most 30 s) until `tally` has `tracks` live subscriptions.
+async fn wait_live(tally: &Tally, tracks: u64) -> bool {
+    let started = Instant::now();
+    while tally.live_tracks.load(Ordering::Relaxed) < tracks {
+        if started.elapsed() > Duration::from_secs(30) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+async fn storm(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::StormReport> {
+    // Publishers count what they send, incumbents and newcomers what they receive, apart.
+    let (publishing, incumbents, newcomers) = (Tally::new(), Tally::new(), Tally::new());
+    let (stop_tx, stop) = watch::channel(false);
+    let mut tasks = spawn_publishers(cli, base, &publishing, &stop);
+    for index in 0..cli.subscribers {
+        let (tx, _rx) = oneshot::channel();
+        tasks.push(tokio::spawn(client::subscriber(
+            base.to_owned(),
+            cli.room.clone(),
+            index,
+            incumbents.clone(),
+            tx,
+            stop.clone(),
+        )));
+    }
+    let publishers = u64::from(cli.publishers);
+    if !wait_live(&incumbents, publishers * u64::from(cli.subscribers)).await {
+        bail!("the incumbents did not all receive within 30 s");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let window = Window::open(&publishing, &incumbents, server_pid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = window
+        .close(&publishing, &incumbents, cli.subscribers, server_pid)
+        .await;
+
+    let window = Window::open(&publishing, &incumbents, server_pid);
+    let started = Instant::now();
+    let mut joins = Vec::new();
+    for index in 0..cli.storm {
+        let (tx, rx) = oneshot::channel();
+        joins.push(rx);
+        tasks.push(tokio::spawn(client::subscriber(
+            base.to_owned(),
+            cli.room.clone(),
+            cli.subscribers + index,
+            newcomers.clone(),
+            tx,
+            stop.clone(),
+        )));
+    }
+    let mut join_ms = Vec::new();
+    let mut failed = 0;
+    for rx in joins {
+        match tokio::time::timeout(Duration::from_secs(30), rx).await {
+            Ok(Ok(took)) => join_ms.push(took.as_secs_f64() * 1000.0),
+            _ => failed += 1,
+        }
+    }
+    let all_receiving = wait_live(&newcomers, publishers * u64::from(cli.storm))
+        .await
+        .then(|| started.elapsed().as_secs_f64());
+    // A second more, so the window covers the newcomers' first keyframes too.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = window
+        .close(&publishing, &incumbents, cli.subscribers, server_pid)
+        .await;
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    join_ms.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        join_ms
+            .get(((join_ms.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+    };
+    Ok(report::StormReport {
+        publishers: cli.publishers,
+        incumbents: cli.subscribers,
+        storm: cli.storm,
+        joined: join_ms.len(),
+        failed,
+        join_p50_ms: pick(0.50),
+        join_p99_ms: pick(0.99),
+        join_max_ms: join_ms.last().copied(),
+        all_receiving_after_s: all_receiving,
+        before,
+        during,
     })
 }
 

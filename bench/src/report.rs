@@ -393,3 +393,79 @@ pub fn write_all(report: &Report, dir: &Path) -> Result<()> {
     )?;
     Ok(())
 }
+
+/// Incumbents' media over one window of a join storm.
+#[derive(Debug, Serialize)]
+pub struct StormWindow {
+    pub seconds: f64,
+    pub loss_percent: f64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub server_cpu_percent: Option<f64>,
+    pub generator_cpu_percent: Option<f64>,
+}
+
+/// A join storm: many participants join a room at once while others receive media in it.
+#[derive(Debug, Serialize)]
+pub struct StormReport {
+    pub publishers: u16,
+    pub incumbents: u32,
+    pub storm: u32,
+    pub joined: usize,
+    pub failed: usize,
+    pub join_p50_ms: Option<f64>,
+    pub join_p99_ms: Option<f64>,
+    pub join_max_ms: Option<f64>,
+    /// From the storm's start until every newcomer received every publisher.
+    pub all_receiving_after_s: Option<f64>,
+    pub before: StormWindow,
+    pub during: StormWindow,
+}
+
+/// A Markdown summary of a join storm.
+pub fn storm_markdown(report: &StormReport) -> String {
+    let mut out = format!(
+        "# Switchboard join storm\n\n{} publisher(s), {} subscribers already receiving, then {} joining at once.\n\n| measure | value |\n|---|---|\n",
+        report.publishers, report.incumbents, report.storm
+    );
+    let _ = writeln!(
+        out,
+        "| joined / failed | {} / {} |",
+        report.joined, report.failed
+    );
+    let _ = writeln!(
+        out,
+        "| join time p50 / p99 / max | {} / {} / {} |",
+        opt(report.join_p50_ms, " ms"),
+        opt(report.join_p99_ms, " ms"),
+        opt(report.join_max_ms, " ms")
+    );
+    let _ = writeln!(
+        out,
+        "| every newcomer receiving after | {} |",
+        opt(report.all_receiving_after_s, " s")
+    );
+    for (name, w) in [("before", &report.before), ("during", &report.during)] {
+        let _ = writeln!(
+            out,
+            "| incumbents {name} the storm ({:.1} s): loss, p50 / p99; server CPU, generator CPU | {:.3} %, {} / {}; {}, {} |",
+            w.seconds,
+            w.loss_percent,
+            opt(w.latency_p50_ms, " ms"),
+            opt(w.latency_p99_ms, " ms"),
+            opt(w.server_cpu_percent, " %"),
+            opt(w.generator_cpu_percent, " %"),
+        );
+    }
+    out
+}
+
+/// Writes storm.json and storm.md.
+pub fn write_storm(report: &StormReport, dir: &Path) -> Result<()> {
+    std::fs::write(
+        dir.join("storm.json"),
+        serde_json::to_string_pretty(report)?,
+    )?;
+    std::fs::write(dir.join("storm.md"), storm_markdown(report))?;
+    Ok(())
+}

@@ -69,6 +69,11 @@ const MAX_INPUTS_PER_ROUND: usize = 256;
 /// Forwarded copies taken in one round (about 10 ms of work): after a round the engine lets
 /// the fanouts and publish connections run, so a busy engine never starves its own sources.
 const ROUND_COPIES: usize = 2048;
+/// Commands (offers, answers, opening and closing connections) handled in one round: each
+/// costs up to a millisecond of SDP work, and a storm of joins must not stall forwarding.
+const MAX_COMMANDS_PER_ROUND: usize = 4;
+/// Receive calls (each up to `quinn_udp::BATCH_SIZE` datagrams) in one round.
+const MAX_READS_PER_ROUND: usize = 4;
 /// Largest datagram accepted on the shared socket (one MTU with room to spare).
 const DATAGRAM_BUFFER: usize = 2048;
 /// Every connection's timers are re-read at least this often, so a timer armed by a write (a
@@ -98,8 +103,11 @@ pub(crate) type OfferReply = (String, Vec<(String, RTCRtpSenderId)>);
 pub(crate) enum EgressInput {
     /// Packets from one fanout, usually one published packet's copies.
     Forward(Vec<Outgoing>),
+    /// A connection built by the caller (certificate and all), so the engine does no such work.
     Open {
         conn: ConnId,
+        pc: Box<RTCPeerConnection>,
+        ufrag: String,
         participant: ParticipantId,
         events: mpsc::UnboundedSender<SfuEvent>,
         reply: Reply<()>,
@@ -313,6 +321,9 @@ pub(crate) struct Egress {
     pub(crate) stats: Arc<EgressStats>,
     next_conn: Arc<AtomicU64>,
     pub(crate) local_addr: SocketAddr,
+    announced: Arc<Vec<SocketAddr>>,
+    config: Arc<SfuConfig>,
+    nacks: Arc<AtomicU64>,
 }
 
 impl Egress {
@@ -335,12 +346,12 @@ impl Egress {
         let socket = tokio::net::UdpSocket::from_std(std_socket)?;
         let local_addr = socket.local_addr()?;
         let announced = announced_addresses(config, local_addr);
+        let announced_for_builder = announced.clone();
         tracing::info!(%local_addr, ?announced, gso = state.max_gso_segments(), "subscribe media socket open");
         let (input, inputs) = mpsc::channel(INPUT_CAPACITY);
         let backlog = Arc::new(Backlog::default());
         let stats = Arc::new(EgressStats::default());
         let engine = Engine {
-            config: config.clone(),
             socket,
             state,
             wildcard: ip.is_unspecified(),
@@ -356,7 +367,6 @@ impl Egress {
             pace: 0.0,
             scratch: Vec::with_capacity(MAX_GSO_BYTES),
             stats: stats.clone(),
-            nacks,
         };
         tokio::spawn(engine.run().instrument(tracing::info_span!("egress")));
         Ok(Self {
@@ -364,7 +374,57 @@ impl Egress {
             stats,
             next_conn: Arc::new(AtomicU64::new(1)),
             local_addr,
+            announced: Arc::new(announced_for_builder),
+            config: Arc::new(config.clone()),
+            nacks,
         })
+    }
+
+    /// Builds a subscribe connection for this engine: its ICE ufrag (returned too, for routing),
+    /// its certificate and a host candidate on the shared socket for every announced address.
+    /// Runs in the caller's task, so key generation never holds up forwarding.
+    pub(crate) fn build_connection(&self) -> Result<(RTCPeerConnection, String), SfuError> {
+        let ufrag = random_token(16);
+        let mut engine = MediaEngine::default();
+        engine.register_default_codecs().map_err(SfuError::WebRtc)?;
+        // Sender reports only (the server receives nothing here, so it has nothing to report
+        // on, and every interceptor is a copy of each packet): NACKs are answered by the fanout
+        // from one cache per publication, through the feedback interceptor.
+        let registry = Registry::new()
+            .with(Slot::SenderReport, SenderReportBuilder::new().build())
+            .with(
+                Slot::from(14_000),
+                FeedbackInterceptor::new(self.nacks.clone()),
+            );
+        let settings = crate::transport::ice_settings(&self.config)
+            .with_ice_credentials(ufrag.clone(), random_token(32))
+            .build();
+        let mut pc = RTCPeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(engine)
+            .with_setting_engine(settings)
+            .with_interceptor_registry(registry)
+            .build(Instant::now())
+            .map_err(SfuError::WebRtc)?;
+        for addr in self.announced.iter() {
+            let candidate = CandidateHostConfig {
+                base_config: CandidateConfig {
+                    network: "udp".to_owned(),
+                    address: addr.ip().to_string(),
+                    port: addr.port(),
+                    component: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .new_candidate_host()
+            .map_err(|err| SfuError::Refused(format!("local candidate: {err}")))?;
+            let init = RTCIceCandidate::from(&candidate)
+                .to_json()
+                .map_err(SfuError::WebRtc)?;
+            pc.add_local_candidate(init).map_err(SfuError::WebRtc)?;
+        }
+        Ok((pc, ufrag))
     }
 
     pub(crate) fn next_conn_id(&self) -> ConnId {
@@ -448,7 +508,6 @@ struct Pending {
 }
 
 struct Engine {
-    config: SfuConfig,
     socket: tokio::net::UdpSocket,
     state: UdpSocketState,
     wildcard: bool,
@@ -468,7 +527,6 @@ struct Engine {
     pace: f64,
     scratch: Vec<u8>,
     stats: Arc<EgressStats>,
-    nacks: Arc<AtomicU64>,
 }
 
 impl Engine {
@@ -485,10 +543,16 @@ impl Engine {
             // each subscriber's sent as soon as they are encrypted: under load many published
             // packets' copies leave together, GSO-batched per subscriber, and the first
             // subscribers need not wait for the last one's encryption.
-            let mut handled = 0;
-            while handled < MAX_INPUTS_PER_ROUND && self.queued.len() < ROUND_COPIES {
+            let (mut handled, mut commands) = (0, 0);
+            while handled < MAX_INPUTS_PER_ROUND
+                && commands < MAX_COMMANDS_PER_ROUND
+                && self.queued.len() < ROUND_COPIES
+            {
                 match self.inputs.try_recv() {
                     Ok(input) => {
+                        if !matches!(input, EgressInput::Forward(_)) {
+                            commands += 1;
+                        }
                         self.handle_input(input);
                         handled += 1;
                     }
@@ -499,9 +563,12 @@ impl Engine {
                     }
                 }
             }
-            let full_round = handled == MAX_INPUTS_PER_ROUND || self.queued.len() >= ROUND_COPIES;
+            let full_round = handled == MAX_INPUTS_PER_ROUND
+                || commands == MAX_COMMANDS_PER_ROUND
+                || self.queued.len() >= ROUND_COPIES;
             self.forward_queued().await;
-            self.read_socket(&mut buffers, &mut meta);
+            let more_to_read = self.read_socket(&mut buffers, &mut meta);
+            let full_round = full_round || more_to_read;
             // Timers run here, every round, not only when the queue is idle: a busy engine that
             // skipped them would stop its ICE keepalives and lose every subscriber at once.
             let now = Instant::now();
@@ -567,12 +634,14 @@ impl Engine {
             EgressInput::Forward(mut packets) => self.queued.append(&mut packets),
             EgressInput::Open {
                 conn,
+                pc,
+                ufrag,
                 participant,
                 events,
                 reply,
             } => {
-                let result = self.open(conn, participant, events);
-                let _ = reply.send(result);
+                self.open(conn, *pc, ufrag, participant, events);
+                let _ = reply.send(Ok(()));
             }
             EgressInput::AddTrack {
                 conn,
@@ -684,49 +753,11 @@ impl Engine {
     fn open(
         &mut self,
         id: ConnId,
+        pc: RTCPeerConnection,
+        ufrag: String,
         participant: ParticipantId,
         events: mpsc::UnboundedSender<SfuEvent>,
-    ) -> Result<(), SfuError> {
-        let ufrag = random_token(16);
-        let mut engine = MediaEngine::default();
-        engine.register_default_codecs().map_err(SfuError::WebRtc)?;
-        // Sender reports only (the server receives nothing here, so it has nothing to report
-        // on, and every interceptor is a copy of each packet): NACKs are answered by the fanout
-        // from one cache per publication, through the feedback interceptor.
-        let registry = Registry::new()
-            .with(Slot::SenderReport, SenderReportBuilder::new().build())
-            .with(
-                Slot::from(14_000),
-                FeedbackInterceptor::new(self.nacks.clone()),
-            );
-        let settings = crate::transport::ice_settings(&self.config)
-            .with_ice_credentials(ufrag.clone(), random_token(32))
-            .build();
-        let mut pc = RTCPeerConnectionBuilder::new()
-            .with_configuration(RTCConfigurationBuilder::new().build())
-            .with_media_engine(engine)
-            .with_setting_engine(settings)
-            .with_interceptor_registry(registry)
-            .build(Instant::now())
-            .map_err(SfuError::WebRtc)?;
-        for addr in &self.announced {
-            let candidate = CandidateHostConfig {
-                base_config: CandidateConfig {
-                    network: "udp".to_owned(),
-                    address: addr.ip().to_string(),
-                    port: addr.port(),
-                    component: 1,
-                    ..Default::default()
-                },
-                ..Default::default()
-            }
-            .new_candidate_host()
-            .map_err(|err| SfuError::Refused(format!("local candidate: {err}")))?;
-            let init = RTCIceCandidate::from(&candidate)
-                .to_json()
-                .map_err(SfuError::WebRtc)?;
-            pc.add_local_candidate(init).map_err(SfuError::WebRtc)?;
-        }
+    ) {
         let span = tracing::info_span!("subscribe", participant = %participant);
         self.by_ufrag.insert(ufrag.clone(), id);
         self.conns.insert(
@@ -745,7 +776,6 @@ impl Engine {
         );
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.pump(id);
-        Ok(())
     }
 
     fn close(&mut self, id: ConnId) {
@@ -867,9 +897,12 @@ impl Engine {
         }
     }
 
-    /// Reads every datagram waiting on the socket and hands each to its connection.
-    fn read_socket(&mut self, buffers: &mut [Vec<u8>], meta: &mut [RecvMeta]) {
-        loop {
+    /// Reads the datagrams waiting on the socket (at most [`MAX_READS_PER_ROUND`] batches) and
+    /// hands each to its connection; true when it stopped at that bound with more waiting. The
+    /// bound keeps a burst of joins (DTLS handshakes cost milliseconds each) from holding up
+    /// forwarding for everyone already connected.
+    fn read_socket(&mut self, buffers: &mut [Vec<u8>], meta: &mut [RecvMeta]) -> bool {
+        for _ in 0..MAX_READS_PER_ROUND {
             let mut slices: Vec<IoSliceMut<'_>> = buffers
                 .iter_mut()
                 .map(|b| IoSliceMut::new(b.as_mut_slice()))
@@ -879,7 +912,7 @@ impl Engine {
             });
             let count = match received {
                 Ok(count) => count,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(err) => {
                     // ICMP errors for one peer surface here; the socket itself is fine.
                     tracing::trace!(%err, "media socket receive error");
@@ -903,6 +936,7 @@ impl Engine {
                 self.pump(id);
             }
         }
+        true
     }
 
     fn deliver(&mut self, datagram: &[u8], meta: &RecvMeta, now: Instant) -> Option<ConnId> {

@@ -439,9 +439,12 @@ impl SubscribeTransport {
         let egress = shared.egress()?;
         let conn = egress.next_conn_id();
         let owner = participant.clone();
+        let (pc, ufrag) = egress.build_connection()?;
         egress
             .call(|reply| EgressInput::Open {
                 conn,
+                pc: Box::new(pc),
+                ufrag,
                 participant: owner,
                 events,
                 reply,
