@@ -254,7 +254,12 @@ pub async fn loopback_peer_connection(
 ) -> Result<Arc<dyn PeerConnection>> {
     let mut engine = MediaEngine::default();
     engine.register_default_codecs()?;
-    let registry = register_default_interceptors(Registry::new(), &mut engine)?;
+    // Keyframe requests reach the application only through an interceptor that marks them:
+    // publishers answer them with a keyframe, as a browser's encoder does.
+    let registry = register_default_interceptors(Registry::new(), &mut engine)?.with(
+        rtc::interceptor::Slot::from(14_000),
+        sfu::FeedbackInterceptor::new(Arc::default()),
+    );
     let mut builder = PeerConnectionBuilder::new();
     if let Some(runtime) = runtime {
         builder = builder.with_runtime(runtime);

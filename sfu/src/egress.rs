@@ -52,8 +52,11 @@ use crate::{SfuConfig, SfuError, SfuEvent};
 /// Key of one subscribe connection inside the engine.
 pub(crate) type ConnId = u64;
 
-/// Messages the engine's queue holds (forwarded batches and commands).
-const INPUT_CAPACITY: usize = 8192;
+/// Forwarded batches the engine's media queue holds (one per published packet).
+const MEDIA_QUEUE: usize = 8192;
+/// Commands its control queue holds. A separate queue, so media never waits behind a storm of
+/// joins' offers and answers.
+const CONTROL_QUEUE: usize = 1024;
 /// How far behind the engine may fall before fanouts drop further packets (and ask for a
 /// keyframe): a server past its capacity sheds load at once instead of building a queue that
 /// every subscriber waits behind. The engine turns this into a number of waiting copies from
@@ -64,7 +67,7 @@ const MIN_BACKLOG_COPIES: usize = ROUND_COPIES;
 const MAX_BACKLOG_COPIES: usize = 65_536;
 /// Copies admitted before the engine has measured itself: 40 ms at 5 µs per copy.
 const INITIAL_BACKLOG_COPIES: usize = 8192;
-/// Input messages handled in one round before the engine writes and sends what they produced.
+/// Forwarded batches taken in one round before the engine writes and sends them.
 const MAX_INPUTS_PER_ROUND: usize = 256;
 /// Forwarded copies taken in one round (about 10 ms of work): after a round the engine lets
 /// the fanouts and publish connections run, so a busy engine never starves its own sources.
@@ -100,9 +103,8 @@ type Reply<T> = oneshot::Sender<Result<T, SfuError>>;
 /// A subscribe offer's SDP and each sender's `mid`.
 pub(crate) type OfferReply = (String, Vec<(String, RTCRtpSenderId)>);
 
+/// Commands to the engine (forwarded packets travel on their own queue).
 pub(crate) enum EgressInput {
-    /// Packets from one fanout, usually one published packet's copies.
-    Forward(Vec<Outgoing>),
     /// A connection built by the caller (certificate and all), so the engine does no such work.
     Open {
         conn: ConnId,
@@ -173,10 +175,6 @@ pub(crate) enum Admission {
     Audio,
     /// The limit.
     Video,
-    /// Half the limit: video restarting at a keyframe after a loss. A shed subscriber comes
-    /// back only when there is room for it, so at capacity the same subscribers keep being
-    /// served instead of everyone dropping and restarting in turn.
-    Restart,
 }
 
 /// Why forwarded copies were not taken.
@@ -191,7 +189,8 @@ pub(crate) enum Refused {
 /// The way into the engine's queue, with the count of forwarded copies waiting in it.
 #[derive(Clone)]
 pub(crate) struct EgressSender {
-    input: mpsc::Sender<EgressInput>,
+    media: mpsc::Sender<Vec<Outgoing>>,
+    control: mpsc::Sender<EgressInput>,
     backlog: Arc<Backlog>,
 }
 
@@ -234,8 +233,16 @@ impl Backlog {
 }
 
 impl EgressSender {
-    pub(crate) fn new(input: mpsc::Sender<EgressInput>, backlog: Arc<Backlog>) -> Self {
-        Self { input, backlog }
+    pub(crate) fn new(
+        media: mpsc::Sender<Vec<Outgoing>>,
+        control: mpsc::Sender<EgressInput>,
+        backlog: Arc<Backlog>,
+    ) -> Self {
+        Self {
+            media,
+            control,
+            backlog,
+        }
     }
 
     /// Hands over forwarded copies unless the engine is too far behind.
@@ -261,7 +268,6 @@ impl EgressSender {
         let limit = match admission {
             Admission::Audio => limit * 2,
             Admission::Video => limit,
-            Admission::Restart => limit / 2,
         };
         let wanted = packets.len();
         let mut admitted = 0;
@@ -270,7 +276,7 @@ impl EgressSender {
             (admitted > 0).then_some(now + admitted)
         });
         if admitted == 0 {
-            return if self.input.is_closed() {
+            return if self.media.is_closed() {
                 Err(Refused::Closed)
             } else {
                 Ok(0)
@@ -282,7 +288,7 @@ impl EgressSender {
         } else {
             std::mem::take(packets)
         };
-        match self.input.try_send(EgressInput::Forward(taken)) {
+        match self.media.try_send(taken) {
             Ok(()) => Ok(admitted),
             Err(err) => {
                 waiting.fetch_sub(admitted, Ordering::Relaxed);
@@ -295,22 +301,22 @@ impl EgressSender {
     }
 
     pub(crate) fn same_engine(&self, other: &EgressSender) -> bool {
-        self.input.same_channel(&other.input)
+        self.media.same_channel(&other.media)
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.input.is_closed()
+        self.media.is_closed()
     }
 
     pub(crate) async fn send(&self, input: EgressInput) -> Result<(), SfuError> {
-        self.input
+        self.control
             .send(input)
             .await
             .map_err(|_| SfuError::Refused("the media engine has stopped".into()))
     }
 
     pub(crate) fn try_send(&self, input: EgressInput) -> bool {
-        self.input.try_send(input).is_ok()
+        self.control.try_send(input).is_ok()
     }
 }
 
@@ -348,7 +354,8 @@ impl Egress {
         let announced = announced_addresses(config, local_addr);
         let announced_for_builder = announced.clone();
         tracing::info!(%local_addr, ?announced, gso = state.max_gso_segments(), "subscribe media socket open");
-        let (input, inputs) = mpsc::channel(INPUT_CAPACITY);
+        let (media, media_queue) = mpsc::channel(MEDIA_QUEUE);
+        let (control, inputs) = mpsc::channel(CONTROL_QUEUE);
         let backlog = Arc::new(Backlog::default());
         let stats = Arc::new(EgressStats::default());
         let engine = Engine {
@@ -358,6 +365,7 @@ impl Egress {
             port: local_addr.port(),
             announced,
             inputs,
+            media: media_queue,
             conns: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
@@ -370,7 +378,7 @@ impl Egress {
         };
         tokio::spawn(engine.run().instrument(tracing::info_span!("egress")));
         Ok(Self {
-            input: EgressSender::new(input, backlog),
+            input: EgressSender::new(media, control, backlog),
             stats,
             next_conn: Arc::new(AtomicU64::new(1)),
             local_addr,
@@ -514,6 +522,7 @@ struct Engine {
     port: u16,
     announced: Vec<SocketAddr>,
     inputs: mpsc::Receiver<EgressInput>,
+    media: mpsc::Receiver<Vec<Outgoing>>,
     conns: HashMap<ConnId, Conn>,
     by_ufrag: HashMap<String, ConnId>,
     /// Remote address -> (connection, the local IP it reached us on).
@@ -543,18 +552,22 @@ impl Engine {
             // each subscriber's sent as soon as they are encrypted: under load many published
             // packets' copies leave together, GSO-batched per subscriber, and the first
             // subscribers need not wait for the last one's encryption.
-            let (mut handled, mut commands) = (0, 0);
-            while handled < MAX_INPUTS_PER_ROUND
-                && commands < MAX_COMMANDS_PER_ROUND
-                && self.queued.len() < ROUND_COPIES
-            {
+            let mut batches = 0;
+            while batches < MAX_INPUTS_PER_ROUND && self.queued.len() < ROUND_COPIES {
+                match self.media.try_recv() {
+                    Ok(mut packets) => {
+                        self.queued.append(&mut packets);
+                        batches += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut commands = 0;
+            while commands < MAX_COMMANDS_PER_ROUND {
                 match self.inputs.try_recv() {
                     Ok(input) => {
-                        if !matches!(input, EgressInput::Forward(_)) {
-                            commands += 1;
-                        }
                         self.handle_input(input);
-                        handled += 1;
+                        commands += 1;
                     }
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => {
@@ -563,7 +576,7 @@ impl Engine {
                     }
                 }
             }
-            let full_round = handled == MAX_INPUTS_PER_ROUND
+            let full_round = batches == MAX_INPUTS_PER_ROUND
                 || commands == MAX_COMMANDS_PER_ROUND
                 || self.queued.len() >= ROUND_COPIES;
             self.forward_queued().await;
@@ -593,6 +606,11 @@ impl Engine {
                 .min(next_housekeeping);
             tokio::select! {
                 biased;
+                packets = self.media.recv() => {
+                    if let Some(mut packets) = packets {
+                        self.queued.append(&mut packets);
+                    }
+                }
                 input = self.inputs.recv() => match input {
                     Some(input) => self.handle_input(input),
                     None => {
@@ -631,7 +649,6 @@ impl Engine {
 
     fn handle_input(&mut self, input: EgressInput) {
         match input {
-            EgressInput::Forward(mut packets) => self.queued.append(&mut packets),
             EgressInput::Open {
                 conn,
                 pc,
@@ -1186,9 +1203,10 @@ mod tests {
 
     #[test]
     fn fanouts_are_refused_once_the_engine_is_a_backlog_behind_and_admitted_once_it_catches_up() {
-        let (input, mut inputs) = mpsc::channel(INPUT_CAPACITY);
+        let (media, mut queue) = mpsc::channel(MEDIA_QUEUE);
+        let (control, _commands) = mpsc::channel(CONTROL_QUEUE);
         let backlog = Arc::new(Backlog::default());
-        let sender = EgressSender::new(input, backlog.clone());
+        let sender = EgressSender::new(media, control, backlog.clone());
         let batch = 512;
         let fit = INITIAL_BACKLOG_COPIES / batch;
         for _ in 0..fit {
@@ -1198,14 +1216,14 @@ mod tests {
         assert_eq!(sender.try_forward(copies(batch)), Err(Refused::Overloaded));
         assert_eq!(backlog.waiting.load(Ordering::Relaxed), fit * batch);
         // The engine writes one batch (and says so): there is room for one more.
-        let Ok(EgressInput::Forward(taken)) = inputs.try_recv() else {
+        let Ok(taken) = queue.try_recv() else {
             panic!("the first batch is not in the queue");
         };
         backlog.waiting.fetch_sub(taken.len(), Ordering::Relaxed);
         assert_eq!(sender.try_forward(copies(batch)), Ok(()));
         // An engine that has stopped refuses even when there is room.
         backlog.waiting.store(0, Ordering::Relaxed);
-        drop(inputs);
+        drop(queue);
         assert_eq!(sender.try_forward(copies(1)), Err(Refused::Closed));
     }
 
@@ -1229,17 +1247,18 @@ mod tests {
 
     #[test]
     fn an_engine_with_room_for_some_copies_takes_those_and_leaves_the_rest() {
-        let (input, mut inputs) = mpsc::channel(INPUT_CAPACITY);
+        let (media, mut queue) = mpsc::channel(MEDIA_QUEUE);
+        let (control, _commands) = mpsc::channel(CONTROL_QUEUE);
         let backlog = Arc::new(Backlog::default());
         backlog
             .waiting
             .store(INITIAL_BACKLOG_COPIES - 100, Ordering::Relaxed);
-        let sender = EgressSender::new(input, backlog.clone());
+        let sender = EgressSender::new(media, control, backlog.clone());
         let mut batch = copies(300);
         let admitted = sender.try_forward_some(&mut batch, Admission::Video);
         assert_eq!(admitted, Ok(100));
         assert_eq!(batch.len(), 200, "the refused copies are handed back");
-        assert!(matches!(inputs.try_recv(), Ok(EgressInput::Forward(taken)) if taken.len() == 100));
+        assert!(matches!(queue.try_recv(), Ok(taken) if taken.len() == 100));
         assert_eq!(
             backlog.waiting.load(Ordering::Relaxed),
             INITIAL_BACKLOG_COPIES
@@ -1247,11 +1266,7 @@ mod tests {
         // Full: nothing is taken, nothing is lost from the batch, and it is not an error.
         assert_eq!(sender.try_forward_some(&mut batch, Admission::Video), Ok(0));
         assert_eq!(batch.len(), 200);
-        // Video restarting after a loss needs half the backlog free; audio may use twice it.
-        assert_eq!(
-            sender.try_forward_some(&mut batch, Admission::Restart),
-            Ok(0)
-        );
+        // Audio may use twice the backlog.
         assert_eq!(
             sender.try_forward_some(&mut batch, Admission::Audio),
             Ok(200)

@@ -245,9 +245,7 @@ impl Fanout {
         let mut egress: Option<&EgressSender> = None;
         self.in_batch.clear();
         let mut others = Vec::new();
-        let (mut restarts, mut restart_slots) = (Vec::new(), Vec::new());
         for (index, slot) in slots.iter_mut().enumerate() {
-            let restarting = slot.forwarder.waiting_for_keyframe();
             match slot.forwarder.forward(&packet, now) {
                 Ok(out) => {
                     let outgoing = Outgoing {
@@ -256,11 +254,7 @@ impl Fanout {
                         packet: out,
                     };
                     let same = egress.is_none_or(|tx| tx.same_engine(&slot.route.egress));
-                    if same && restarting {
-                        egress = Some(&slot.route.egress);
-                        restarts.push(outgoing);
-                        restart_slots.push(index);
-                    } else if same {
+                    if same {
                         egress = Some(&slot.route.egress);
                         batch.push(outgoing);
                         self.in_batch.push(index);
@@ -282,20 +276,12 @@ impl Fanout {
                 MediaKind::Audio => Admission::Audio,
                 MediaKind::Video => Admission::Video,
             };
-            for (batch, indexes, admission) in [
-                (&mut batch, &self.in_batch, admission),
-                (&mut restarts, &restart_slots, Admission::Restart),
-            ] {
-                if batch.is_empty() {
-                    continue;
+            match tx.try_forward_some(&mut batch, admission) {
+                Ok(admitted) => {
+                    forwarded = admitted as u64;
+                    lost.extend_from_slice(&self.in_batch[admitted..]);
                 }
-                match tx.try_forward_some(batch, admission) {
-                    Ok(admitted) => {
-                        forwarded += admitted as u64;
-                        lost.extend_from_slice(&indexes[admitted..]);
-                    }
-                    Err(_) => closed = true,
-                }
+                Err(_) => closed = true,
             }
         }
         for (index, outgoing) in others {

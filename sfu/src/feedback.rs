@@ -16,14 +16,15 @@ use rtc::shared::error::Error;
 /// read) unless an interceptor marks it for the application. This one, placed last, marks PLI
 /// and FIR (the fanout asks the publisher for a keyframe) and NACKs (the fanout answers them from
 /// the publication's packet cache), and counts NACKs for the metrics.
-pub(crate) struct FeedbackInterceptor {
+pub struct FeedbackInterceptor {
     read_queue: VecDeque<TaggedPacket>,
     write_queue: VecDeque<TaggedPacket>,
     nacks: Arc<AtomicU64>,
 }
 
 impl FeedbackInterceptor {
-    pub(crate) fn new(nacks: Arc<AtomicU64>) -> Self {
+    /// Counts NACK packets into `nacks`.
+    pub fn new(nacks: Arc<AtomicU64>) -> Self {
         Self {
             read_queue: VecDeque::new(),
             write_queue: VecDeque::new(),

@@ -43,7 +43,7 @@ use tokio::sync::mpsc;
 pub use config::SfuConfig;
 pub use egress::EgressStats;
 pub use fanout::PublicationStats;
-pub use feedback::KeyframeThrottle;
+pub use feedback::{FeedbackInterceptor, KeyframeThrottle};
 pub use ids::{MediaKind, ParticipantId, PublicationId, Source};
 pub use transport::{
     MAX_PUBLISH_SECTIONS, OfferedSubscription, PublishTransport, SubscribeTransport, TransportKind,
