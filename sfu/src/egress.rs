@@ -171,10 +171,11 @@ pub struct EgressStats {
 /// How much of the engine's backlog a batch may fill.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Admission {
-    /// Twice the limit: losing a voice hurts more than losing a picture.
-    Audio,
-    /// The limit.
-    Video,
+    /// Twice the limit: audio (losing a voice hurts more than losing a picture), and the rest of
+    /// a video frame whose first packet was admitted, so overload sheds whole frames.
+    Priority,
+    /// The limit: the first packet of a video frame.
+    Normal,
 }
 
 /// Why forwarded copies were not taken.
@@ -248,7 +249,7 @@ impl EgressSender {
     /// Hands over forwarded copies unless the engine is too far behind.
     pub(crate) fn try_forward(&self, mut packets: Vec<Outgoing>) -> Result<(), Refused> {
         let copies = packets.len();
-        if self.try_forward_some(&mut packets, Admission::Video)? < copies {
+        if self.try_forward_some(&mut packets, Admission::Normal)? < copies {
             return Err(Refused::Overloaded);
         }
         Ok(())
@@ -266,8 +267,8 @@ impl EgressSender {
         let waiting = &self.backlog.waiting;
         let limit = self.backlog.limit.load(Ordering::Relaxed);
         let limit = match admission {
-            Admission::Audio => limit * 2,
-            Admission::Video => limit,
+            Admission::Priority => limit * 2,
+            Admission::Normal => limit,
         };
         let wanted = packets.len();
         let mut admitted = 0;
@@ -1255,7 +1256,7 @@ mod tests {
             .store(INITIAL_BACKLOG_COPIES - 100, Ordering::Relaxed);
         let sender = EgressSender::new(media, control, backlog.clone());
         let mut batch = copies(300);
-        let admitted = sender.try_forward_some(&mut batch, Admission::Video);
+        let admitted = sender.try_forward_some(&mut batch, Admission::Normal);
         assert_eq!(admitted, Ok(100));
         assert_eq!(batch.len(), 200, "the refused copies are handed back");
         assert!(matches!(queue.try_recv(), Ok(taken) if taken.len() == 100));
@@ -1264,11 +1265,14 @@ mod tests {
             INITIAL_BACKLOG_COPIES
         );
         // Full: nothing is taken, nothing is lost from the batch, and it is not an error.
-        assert_eq!(sender.try_forward_some(&mut batch, Admission::Video), Ok(0));
-        assert_eq!(batch.len(), 200);
-        // Audio may use twice the backlog.
         assert_eq!(
-            sender.try_forward_some(&mut batch, Admission::Audio),
+            sender.try_forward_some(&mut batch, Admission::Normal),
+            Ok(0)
+        );
+        assert_eq!(batch.len(), 200);
+        // Audio and the rest of a started frame may use twice the backlog.
+        assert_eq!(
+            sender.try_forward_some(&mut batch, Admission::Priority),
             Ok(200)
         );
     }

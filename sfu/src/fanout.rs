@@ -101,6 +101,8 @@ pub(crate) struct Fanout {
     pub(crate) pending: Counts,
     /// Slots whose copy is in the batch being handed over (reused, so no allocation).
     pub(crate) in_batch: Vec<usize>,
+    /// RTP timestamp of the last packet forwarded: the frame in progress.
+    pub(crate) frame_timestamp: Option<u32>,
 }
 
 /// Counters not yet published to [`PublicationStats`].
@@ -272,9 +274,13 @@ impl Fanout {
         if let Some(tx) = egress {
             // Slots keep their order, so under overload the same subscriptions keep being
             // served fully and the rest wait for keyframes, rather than everyone in turn.
+            // The rest of a video frame whose first packet went out goes out too (a frame cut
+            // short costs a keyframe wait); new frames are admitted only within the limit.
+            let continues_frame = self.frame_timestamp == Some(packet.header.timestamp);
             let admission = match self.kind {
-                MediaKind::Audio => Admission::Audio,
-                MediaKind::Video => Admission::Video,
+                MediaKind::Audio => Admission::Priority,
+                MediaKind::Video if continues_frame => Admission::Priority,
+                MediaKind::Video => Admission::Normal,
             };
             match tx.try_forward_some(&mut batch, admission) {
                 Ok(admitted) => {
@@ -301,6 +307,7 @@ impl Fanout {
         if closed {
             slots.retain(|slot| !slot.route.egress.is_closed());
         }
+        self.frame_timestamp = Some(packet.header.timestamp);
         self.pending.received += 1;
         if forwarded > 0 {
             let size = (packet.header.marshal_size() + packet.payload.len()) as u64;

@@ -279,6 +279,7 @@ impl PublishShared {
             }),
             pending: Counts::default(),
             in_batch: Vec::new(),
+            frame_timestamp: None,
         };
         self.shared.register_publication(&id, stats.clone());
         let _ = self.events.send(SfuEvent::PublicationStarted(publication));
