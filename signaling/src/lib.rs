@@ -42,8 +42,7 @@ impl Server {
         let state = AppState::new(config, shutdown_rx.clone());
         // The shared media socket opens now, so a taken UDP port stops the start with a clear
         // error rather than failing every later join.
-        let media = state.sfu.start_egress().map_err(std::io::Error::other)?;
-        tracing::info!(%media, "subscribe media on one UDP socket");
+        state.sfu.start_egress().map_err(std::io::Error::other)?;
         let app = http::router(state.clone());
         let mut stop = shutdown_rx;
         let task = tokio::spawn(async move {
