@@ -209,30 +209,17 @@ async fn main() -> Result<()> {
     if cli.scenario == Scenario::Ramp {
         let result = ramp(&cli, &base, server_pid.as_deref()).await;
         drop(spawned);
-        let report = result?;
-        std::fs::create_dir_all(&cli.out)?;
-        report::write_ramp(&report, &cli.out)?;
-        println!("{}", report::ramp_markdown(&report));
-        println!("written to {}", cli.out.display());
-        return Ok(());
+        return publish(&cli, &result?, report::write_ramp, report::ramp_markdown);
     }
     if cli.scenario == Scenario::JoinStorm {
         let result = storm(&cli, &base, server_pid.as_deref()).await;
         drop(spawned);
-        let report = result?;
-        std::fs::create_dir_all(&cli.out)?;
-        report::write_storm(&report, &cli.out)?;
-        println!("{}", report::storm_markdown(&report));
-        println!("written to {}", cli.out.display());
-        return Ok(());
+        return publish(&cli, &result?, report::write_storm, report::storm_markdown);
     }
     let result = run(&cli, &base, server_pid.as_deref()).await;
     drop(spawned);
     let report = result?;
-    std::fs::create_dir_all(&cli.out)?;
-    report::write_all(&report, &cli.out)?;
-    println!("{}", report::markdown(&report));
-    println!("written to {}", cli.out.display());
+    publish(&cli, &report, report::write_all, report::markdown)?;
     if cli.smoke {
         if report.totals.lost_packets > 0 || report.totals.received_packets == 0 {
             bail!(
@@ -244,6 +231,20 @@ async fn main() -> Result<()> {
         report::verify_files(&cli.out)?;
         println!("smoke run: no loss, report files well-formed");
     }
+    Ok(())
+}
+
+/// Writes a report's files to `--out` and prints its Markdown summary.
+fn publish<R>(
+    cli: &Cli,
+    report: &R,
+    write: fn(&R, &std::path::Path) -> Result<()>,
+    markdown: fn(&R) -> String,
+) -> Result<()> {
+    std::fs::create_dir_all(&cli.out)?;
+    write(report, &cli.out)?;
+    println!("{}", markdown(report));
+    println!("written to {}", cli.out.display());
     Ok(())
 }
 

@@ -422,7 +422,6 @@ pub struct OfferedSubscription {
 pub struct SubscribeTransport {
     egress: Egress,
     conn: ConnId,
-    shared: Arc<Shared>,
     participant: ParticipantId,
     subscriptions: HashMap<PublicationId, SubscriptionState>,
     span: tracing::Span,
@@ -455,7 +454,6 @@ impl SubscribeTransport {
         Ok(Self {
             egress,
             conn,
-            shared,
             participant,
             subscriptions: HashMap::new(),
             span,
@@ -714,7 +712,6 @@ impl SubscribeTransport {
                 .send(EgressInput::Close { conn: self.conn })
                 .await;
         }
-        let _ = &self.shared;
     }
 }
 
