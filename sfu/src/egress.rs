@@ -506,6 +506,12 @@ struct Conn {
     addrs: Vec<SocketAddr>,
     deadline: Option<Instant>,
     failed: bool,
+    /// DTLS is up: before that, and once the connection is lost, forwarded media cannot be
+    /// protected and is dropped here rather than run through the pipeline to fail there.
+    connected: bool,
+    /// The client's first answer has been applied: until then the connection has no remote ICE
+    /// credentials, and the client's early connectivity checks (it retransmits them) are dropped.
+    answered: bool,
     span: tracing::Span,
 }
 
@@ -723,6 +729,7 @@ impl Engine {
                     let answer = RTCSessionDescription::answer(sdp).map_err(SfuError::WebRtc)?;
                     c.pc.set_remote_description(Instant::now(), answer)
                         .map_err(SfuError::WebRtc)?;
+                    c.answered = true;
                     let mut types = Vec::with_capacity(wanted.len());
                     for (sender, mime) in wanted {
                         let payload_type = c.pc.rtp_sender(sender).and_then(|mut sender| {
@@ -789,6 +796,8 @@ impl Engine {
                 addrs: Vec::new(),
                 deadline: None,
                 failed: false,
+                connected: false,
+                answered: false,
                 span,
             },
         );
@@ -845,7 +854,7 @@ impl Engine {
                 self.flush().await;
                 current = Some(conn);
             }
-            let Some(c) = self.conns.get_mut(&conn) else {
+            let Some(c) = self.conns.get_mut(&conn).filter(|c| c.connected) else {
                 errors += 1;
                 continue;
             };
@@ -893,6 +902,14 @@ impl Engine {
         while let Some(event) = conn.pc.poll_event() {
             if let RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) = event {
                 tracing::debug!(parent: &conn.span, %state, "subscribe connection state");
+                match state {
+                    RTCPeerConnectionState::Connected => conn.connected = true,
+                    // Disconnected may pass (ICE keeps checking): keep sending meanwhile.
+                    RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
+                        conn.connected = false
+                    }
+                    _ => {}
+                }
                 if state == RTCPeerConnectionState::Failed && !conn.failed {
                     conn.failed = true;
                     let _ = conn.events.send(SfuEvent::TransportFailed {
@@ -979,6 +996,10 @@ impl Engine {
         };
         let local_addr = self.local_addr_for(local_ip);
         let conn = self.conns.get_mut(&id)?;
+        if !conn.answered {
+            tracing::trace!(parent: &conn.span, %peer, "datagram before the answer dropped");
+            return Some(id);
+        }
         let read = conn.pc.handle_read(TaggedBytesMut {
             now,
             transport: TransportContext {
