@@ -137,6 +137,13 @@ const LIVE_MIN_AUDIO_PACKETS = 10;
 const LIVE_SLOW_MS = 800;
 /** A mesh connection not connected this long after it was made cannot connect (no route). */
 const MESH_CONNECT_TIMEOUT_MS = 10_000;
+/**
+ * While a switch brings up the new path, the old path's camera is sent at half the width and
+ * height and at most this frame rate: every page then encodes and decodes both paths at once,
+ * and on a busy machine the full-size old path starves the new one (and itself) into a freeze.
+ */
+const SWITCH_OLD_PATH_SCALE = 2;
+const SWITCH_OLD_PATH_FPS = 15;
 
 /** An error carrying a protocol error code (`name_taken`, `unauthorized`, ...). */
 export class SwitchboardError extends Error {
@@ -287,6 +294,10 @@ export class Room extends Emitter {
   #pauseSent = new Set();
   /** Chat messages already announced, by `id@at`. @type {Set<string>} */
   #chatSeen = new Set();
+  /** Camera senders lightened for a switch, with the encoding settings to restore. @type {Map<RTCRtpSender, {scaleResolutionDownBy?: number, maxFramerate?: number}>} */
+  #lightened = new Map();
+  /** The latest encoding change queued per sender. @type {WeakMap<RTCRtpSender, Promise<void>>} */
+  #encodingUpdates = new WeakMap();
 
   /**
    * @param {string} serverUrl
@@ -717,6 +728,7 @@ export class Room extends Emitter {
     this.switching = false;
     this.#readySent = false;
     this.#remoteMuted.clear();
+    this.#lightened.clear();
   }
 
   /**
@@ -949,6 +961,11 @@ export class Room extends Emitter {
       this.#readySent = false;
       // Make: bring up the new path beside the old one.
       this.#modeChangedAt = Date.now();
+      // The path being left only has to bridge the switch: lighten it. A switch overtaken by
+      // one back gets its path restored.
+      const meshPcs = [...this.mesh.values()].map((l) => l.pc);
+      this.#lightenCamera(mode === 'sfu' ? meshPcs : [this.publishPc]);
+      this.#restoreCamera(mode === 'sfu' ? [this.publishPc] : meshPcs);
       if (mode === 'sfu') this.#startSfu();
       else {
         for (const peerId of this.participants.keys()) {
@@ -971,9 +988,83 @@ export class Room extends Emitter {
       // Break: the old path's connections go.
       if (mode === 'sfu') for (const peerId of [...this.mesh.keys()]) this.#closeMeshLink(peerId);
       else this.#closeSfu();
+      this.#lightened.clear();
       this.emit('modeChanged', { mode, phase: 'settled' });
       this.#reconcile();
     }
+  }
+
+  /**
+   * Sends the camera on `pcs` at a fraction of its size and frame rate (see SWITCH_OLD_PATH_SCALE).
+   * @param {(RTCPeerConnection | null)[]} pcs
+   */
+  #lightenCamera(pcs) {
+    for (const sender of this.#cameraSenders(pcs)) {
+      if (this.#lightened.has(sender)) continue;
+      /** @type {{scaleResolutionDownBy?: number, maxFramerate?: number}} */
+      const saved = {};
+      this.#lightened.set(sender, saved);
+      this.#updateEncoding(sender, (encoding) => {
+        saved.scaleResolutionDownBy = encoding.scaleResolutionDownBy;
+        saved.maxFramerate = encoding.maxFramerate;
+        encoding.scaleResolutionDownBy = Math.max(encoding.scaleResolutionDownBy ?? 1, SWITCH_OLD_PATH_SCALE);
+        encoding.maxFramerate = Math.min(encoding.maxFramerate ?? Infinity, SWITCH_OLD_PATH_FPS);
+      });
+    }
+  }
+
+  /**
+   * Undoes #lightenCamera on `pcs`.
+   * @param {(RTCPeerConnection | null)[]} pcs
+   */
+  #restoreCamera(pcs) {
+    for (const sender of this.#cameraSenders(pcs)) {
+      const saved = this.#lightened.get(sender);
+      if (!saved) continue;
+      this.#lightened.delete(sender);
+      this.#updateEncoding(sender, (encoding) => {
+        encoding.scaleResolutionDownBy = saved.scaleResolutionDownBy ?? 1;
+        if (saved.maxFramerate === undefined) delete encoding.maxFramerate;
+        else encoding.maxFramerate = saved.maxFramerate;
+      });
+    }
+  }
+
+  /**
+   * Changes a sender's first encoding. One change at a time per sender: each setParameters must
+   * follow its own getParameters, and a restore must not overtake the lightening it undoes.
+   * @param {RTCRtpSender} sender
+   * @param {(encoding: RTCRtpEncodingParameters) => void} change
+   */
+  #updateEncoding(sender, change) {
+    const previous = this.#encodingUpdates.get(sender) ?? Promise.resolve();
+    const next = previous
+      .then(async () => {
+        const params = sender.getParameters();
+        const encoding = params.encodings?.[0];
+        // Not negotiated yet: nothing is encoded for it.
+        if (!encoding) return;
+        change(encoding);
+        await sender.setParameters(params);
+      })
+      // A connection closing meanwhile (the switch settling) needs no change.
+      .catch((err) => console.debug('switchboard: sender encoding', err));
+    this.#encodingUpdates.set(sender, next);
+  }
+
+  /**
+   * @param {(RTCPeerConnection | null)[]} pcs
+   * @returns {RTCRtpSender[]}  the senders of the local camera on `pcs`
+   */
+  #cameraSenders(pcs) {
+    const out = [];
+    for (const pc of pcs) {
+      if (!pc || pc.signalingState === 'closed') continue;
+      for (const sender of pc.getSenders()) {
+        if (sender.track?.kind === 'video' && sender.track !== this.screenTrack) out.push(sender);
+      }
+    }
+    return out;
   }
 
   /** Tells the server, once per switch, when everything shown comes through the new path. */
