@@ -356,6 +356,13 @@ pub struct SubscriptionInfo {
     pub track_id: String,
 }
 
+/// Which of a participant's successive sets of SFU connections a server `offer` or `answer`
+/// belongs to. A session that closes its SFU connections (the room settled in mesh) and opens new
+/// ones (the room switched back) drops, on the way out, a message for the old set that was still
+/// being computed: applied to the new connections it would break them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SfuLinkId(pub u64);
+
 /// Messages to a client.
 #[derive(Clone, Debug, Serialize)]
 #[serde(
@@ -414,6 +421,9 @@ pub enum ServerMessage {
         /// What each of the peer's sending tracks is (relayed only).
         #[serde(skip_serializing_if = "Option::is_none")]
         tracks: Option<Vec<TrackInfo>>,
+        /// Not sent: the SFU link it belongs to (see [`SfuLinkId`]).
+        #[serde(skip)]
+        link: Option<SfuLinkId>,
     },
     /// An answer: to the publish offer (from `sfu`), or a peer's mesh answer, relayed.
     Answer {
@@ -427,6 +437,9 @@ pub enum ServerMessage {
         /// What each of the peer's sending tracks is (relayed only).
         #[serde(skip_serializing_if = "Option::is_none")]
         tracks: Option<Vec<TrackInfo>>,
+        /// Not sent: the SFU link it belongs to (see [`SfuLinkId`]).
+        #[serde(skip)]
+        link: Option<SfuLinkId>,
     },
     /// A peer's trickled mesh candidate, relayed.
     #[serde(rename = "ice-candidate")]

@@ -19,7 +19,7 @@ use sfu::{RTCIceCandidateInit, SfuError};
 use tokio::sync::{Notify, mpsc};
 
 use crate::protocol::{
-    ChatMessage, ErrorCode, Mode, ModePhase, PeerInfo, ServerMessage, SubscriptionInfo,
+    ChatMessage, ErrorCode, Mode, ModePhase, PeerInfo, ServerMessage, SfuLinkId, SubscriptionInfo,
     TransportName,
 };
 
@@ -556,9 +556,15 @@ impl Room {
     }
 
     /// A participant's mesh connection cannot connect: the room switches to SFU and stays there.
+    /// Only while the room is a mesh (or switching to one): a mesh link left over from before a
+    /// switch to SFU (an offer its peer dropped on switching) says nothing about the network.
     pub fn mesh_failed(&self, participant: &ParticipantId, peer: Option<&str>) {
         let mut state = self.lock();
         if !state.members.iter().any(|m| &m.id == participant) || state.mesh_blocked {
+            return;
+        }
+        if state.mode != Mode::Mesh {
+            tracing::debug!(room = %self.name, %participant, peer, "mesh_failed outside mesh mode ignored");
             return;
         }
         tracing::warn!(room = %self.name, %participant, peer, "a mesh connection failed: the room uses the SFU from now on");
@@ -567,9 +573,7 @@ impl Room {
             state.hold_pending = false;
             state.hold_generation += 1;
         }
-        if state.mode == Mode::Mesh {
-            self.begin_switch(&mut state, Mode::Sfu, None);
-        }
+        self.begin_switch(&mut state, Mode::Sfu, None);
     }
 
     /// After the room grew: switches to SFU when it outgrew mesh, and cancels a pending return
@@ -937,8 +941,10 @@ impl RoomRegistry {
 
 /// Owns one participant's subscribe transport and serialises its offers: one offer at a time,
 /// changes that arrive while an answer is awaited go into the next offer. Ends when the
-/// participant's socket task drops its command sender, and closes the transport.
+/// participant's socket task drops its command sender, and closes the transport. Its offers
+/// carry `link`, so that one still being made when the transport closed is never sent.
 pub async fn run_negotiator(
+    link: SfuLinkId,
     mut transport: SubscribeTransport,
     mut commands: mpsc::Receiver<NegotiatorCommand>,
     mut room_commands: mpsc::UnboundedReceiver<RoomCommand>,
@@ -973,6 +979,7 @@ pub async fn run_negotiator(
                         sdp,
                         subscriptions: Some(subscriptions),
                         tracks: None,
+                        link: Some(link),
                     };
                     // Not sent means the participant is being disconnected.
                     if outbound.send(offer) {
@@ -984,6 +991,8 @@ pub async fn run_negotiator(
             }
         }
         tokio::select! {
+            // Commands first: once they are closed (the SFU connections closed), no new offer.
+            biased;
             command = commands.recv() => match command {
                 Some(NegotiatorCommand::Answer(sdp)) => {
                     if !awaiting_answer {

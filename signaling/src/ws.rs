@@ -18,7 +18,7 @@ use crate::budget::Budget;
 use crate::http::AppState;
 use crate::protocol::{
     CandidateInit, ClientMessage, ErrorCode, MAX_CHAT_CHARS, MAX_TRACKS, Mode, ModePhase,
-    PROTOCOL_VERSION, SFU_PEER, ServerMessage, TrackInfo, TransportName,
+    PROTOCOL_VERSION, SFU_PEER, ServerMessage, SfuLinkId, TrackInfo, TransportName,
 };
 use crate::room::{
     JoinError, Joiner, NegotiatorCommand, Outbound, RelayError, Room, run_negotiator,
@@ -49,6 +49,7 @@ const CHAT_PER_SECOND: f64 = 1.0;
 
 /// A participant's connections to the server (SFU mode, and during a switch).
 struct SfuLink {
+    id: SfuLinkId,
     publish: PublishTransport,
     negotiator: mpsc::Sender<NegotiatorCommand>,
 }
@@ -86,9 +87,25 @@ struct Session {
     chat_budget: Budget,
     /// Set when the session must end once the current reply is out.
     ending: bool,
+    /// How many SFU links this session has opened: the next one's id.
+    sfu_links_opened: u64,
 }
 
 type Refusal = (ErrorCode, String);
+
+/// True for a server `offer` or `answer` made for SFU connections other than `current` (relayed
+/// messages belong to no link).
+fn made_for_another_sfu_link(message: &ServerMessage, current: Option<SfuLinkId>) -> bool {
+    match message {
+        ServerMessage::Offer {
+            link: Some(link), ..
+        }
+        | ServerMessage::Answer {
+            link: Some(link), ..
+        } => current != Some(*link),
+        _ => false,
+    }
+}
 
 async fn next_sfu_event(events: &mut Option<mpsc::UnboundedReceiver<SfuEvent>>) -> SfuEvent {
     match events {
@@ -127,6 +144,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
         relay_budget: Budget::new(RELAY_BURST, RELAY_PER_SECOND),
         relay_bytes: Budget::new(RELAY_BYTES_BURST, RELAY_BYTES_PER_SECOND),
         ending: false,
+        sfu_links_opened: 0,
         chat_budget: Budget::new(CHAT_BURST, CHAT_PER_SECOND),
     };
     let mut liveness = tokio::time::interval(LIVENESS_CHECK);
@@ -155,6 +173,10 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
                 }
             },
             Some(message) = outbound_rx.recv() => {
+                if session.is_for_a_closed_sfu_link(&message) {
+                    tracing::debug!("a message for closed SFU connections dropped");
+                    continue;
+                }
                 if let ServerMessage::Mode { mode, phase } = &message {
                     // Applied before the client hears of it: its next message may rely on it.
                     if let Err((code, text)) = session.apply_mode(*mode, *phase).await {
@@ -358,6 +380,7 @@ impl Session {
                             sdp,
                             subscriptions: None,
                             tracks: Some(tracks),
+                            link: None,
                         },
                     );
                 }
@@ -370,6 +393,7 @@ impl Session {
                             .into(),
                     ));
                 }
+                let link_id = link.id;
                 let answer = link
                     .publish
                     .answer(sdp, sources)
@@ -380,6 +404,7 @@ impl Session {
                     transport: Some(TransportName::Publish),
                     sdp: answer,
                     tracks: None,
+                    link: Some(link_id),
                 });
                 Ok(())
             }
@@ -397,6 +422,7 @@ impl Session {
                         ServerMessage::Answer {
                             peer_id: me,
                             transport: None,
+                            link: None,
                             sdp,
                             tracks: Some(tracks),
                         },
@@ -675,12 +701,15 @@ impl Session {
         let Some(membership) = &mut self.membership else {
             return;
         };
+        let id = SfuLinkId(self.sfu_links_opened);
+        self.sfu_links_opened += 1;
         let (negotiator, negotiator_rx) = mpsc::channel(64);
         let (room_commands, room_commands_rx) = mpsc::unbounded_channel();
         let initial = membership
             .room
             .attach_sfu(&membership.participant, room_commands);
         let negotiator_task = run_negotiator(
+            id,
             transports.subscribe,
             negotiator_rx,
             room_commands_rx,
@@ -698,9 +727,22 @@ impl Session {
         );
         self.sfu_events = Some(transports.events);
         membership.sfu = Some(SfuLink {
+            id,
             publish: transports.publish,
             negotiator,
         });
+    }
+
+    /// A server `offer` or `answer` made for SFU connections this session has closed since (a
+    /// negotiator still finishing an offer when the room settled in mesh): never sent, as the
+    /// client may already have new connections it would be applied to.
+    fn is_for_a_closed_sfu_link(&self, message: &ServerMessage) -> bool {
+        let current = self
+            .membership
+            .as_ref()
+            .and_then(|m| m.sfu.as_ref())
+            .map(|l| l.id);
+        made_for_another_sfu_link(message, current)
     }
 
     /// Closes the participant's SFU transports and takes its publications out of the room.
@@ -780,5 +822,62 @@ impl Session {
             link.publish.close().await;
         }
         tracing::info!("left");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subscribe_offer(link: Option<SfuLinkId>) -> ServerMessage {
+        ServerMessage::Offer {
+            peer_id: SFU_PEER.to_owned(),
+            transport: Some(TransportName::Subscribe),
+            sdp: String::new(),
+            subscriptions: Some(Vec::new()),
+            tracks: None,
+            link,
+        }
+    }
+
+    fn publish_answer(link: Option<SfuLinkId>) -> ServerMessage {
+        ServerMessage::Answer {
+            peer_id: SFU_PEER.to_owned(),
+            transport: Some(TransportName::Publish),
+            sdp: String::new(),
+            tracks: None,
+            link,
+        }
+    }
+
+    #[test]
+    fn offers_and_answers_of_closed_sfu_connections_are_not_sent() {
+        let (old, new) = (SfuLinkId(0), SfuLinkId(1));
+        for made in [subscribe_offer(Some(old)), publish_answer(Some(old))] {
+            assert!(
+                made_for_another_sfu_link(&made, Some(new)),
+                "{made:?} after a reopen"
+            );
+            assert!(
+                made_for_another_sfu_link(&made, None),
+                "{made:?} once closed"
+            );
+            assert!(
+                !made_for_another_sfu_link(&made, Some(old)),
+                "{made:?} while open"
+            );
+        }
+        // Relayed mesh messages belong to no SFU connection.
+        for relayed in [subscribe_offer(None), publish_answer(None)] {
+            assert!(!made_for_another_sfu_link(&relayed, None));
+            assert!(!made_for_another_sfu_link(&relayed, Some(new)));
+        }
+    }
+
+    #[test]
+    fn the_link_id_never_reaches_the_wire() -> serde_json::Result<()> {
+        let text = serde_json::to_string(&subscribe_offer(Some(SfuLinkId(7))))?;
+        assert!(!text.contains("link"), "{text}");
+        Ok(())
     }
 }

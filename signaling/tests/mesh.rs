@@ -471,6 +471,40 @@ async fn a_failed_mesh_moves_the_room_to_sfu_for_good() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_mesh_link_given_up_while_the_room_is_in_sfu_blocks_nothing() -> Result<()> {
+    let server = start_mesh_server(2, 1).await?;
+    let (mut ann, _) = join(&server, "late", "ann").await?;
+    let (mut bob, _) = join(&server, "late", "bob").await?;
+    let (cat, _) = join(&server, "late", "cat").await?;
+    // During the switch to SFU, then once settled: a mesh link left over from before the switch
+    // times out on ann's side. Neither report may pin the room to SFU.
+    expect_mode(&mut ann, "sfu", "switching", WAIT).await?;
+    send(
+        &mut ann.ws,
+        json!({"type": "mesh_failed", "peerId": bob.id}),
+    )
+    .await?;
+    for peer in [&mut ann, &mut bob] {
+        send(&mut peer.ws, json!({"type": "ready", "mode": "sfu"})).await?;
+    }
+    expect_mode(&mut ann, "sfu", "settled", WAIT).await?;
+    send(
+        &mut ann.ws,
+        json!({"type": "mesh_failed", "peerId": bob.id}),
+    )
+    .await?;
+    let room = room_json(&server, "late").await?;
+    ensure!(room["meshBlocked"] == false, "{room}");
+    let bob_alive = keep_alive(bob.ws);
+    drop(cat);
+    // The hold (1 s) passes and the room returns to mesh as usual.
+    expect_mode_patiently(&mut ann, "mesh", "switching", Duration::from_secs(5)).await?;
+    bob_alive.abort();
+    server.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_switch_to_mesh_nobody_confirms_goes_back_to_sfu() -> Result<()> {
     let server = start_mesh_server(2, 1).await?;
     let (mut ann, _) = join(&server, "unreachable", "ann").await?;

@@ -1349,6 +1349,9 @@ export class Room extends Emitter {
     let restarted = false;
     const giveUp = () => {
       if (this.mesh.get(peerId) !== link || pc.connectionState === 'connected' || link.failed) return;
+      // A link left over while the room moves to the SFU (its offer dropped by the peer on
+      // switching) says nothing about the network.
+      if (this.mode !== 'mesh') return;
       // Tell the server: the room moves to the SFU, which every participant can reach.
       link.failed = true;
       this.#send({ type: 'mesh_failed', peerId });
