@@ -175,6 +175,10 @@ pub enum ClientMessage {
     Ready {
         /// The mode being switched to.
         mode: Mode,
+        /// The `switch` number of the `mode` message this answers. Optional; with it, a `ready`
+        /// that crossed a newer switch to the same mode is not taken for that one.
+        #[serde(default)]
+        switch: Option<u64>,
     },
     /// A published track was muted or unmuted.
     Mute {
@@ -455,6 +459,8 @@ pub enum ServerMessage {
         mode: Mode,
         /// `switching` or `settled`.
         phase: ModePhase,
+        /// Numbers the room's switches: `settled` carries its switch's number.
+        switch: u64,
     },
     /// A chat message, to everyone in the room (its sender too).
     Chat(ChatMessage),

@@ -468,11 +468,11 @@ impl Room {
     }
 
     /// Records that `participant` receives everyone through `mode`; settles the switch when it
-    /// was the last one awaited. A report for another mode (a switch since replaced) is stale
-    /// and ignored.
-    pub fn ready(&self, participant: &ParticipantId, mode: Mode) {
+    /// was the last one awaited. A report for another mode or, when it names one, another switch
+    /// (a switch since replaced) is stale and ignored.
+    pub fn ready(&self, participant: &ParticipantId, mode: Mode, switch: Option<u64>) {
         let mut state = self.lock();
-        if state.mode != mode {
+        if state.mode != mode || switch.is_some_and(|n| n != state.switch_generation) {
             return;
         }
         if let Some(switch) = &mut state.switch {
@@ -502,6 +502,7 @@ impl Room {
         let message = ServerMessage::Mode {
             mode: to,
             phase: ModePhase::Switching,
+            switch: state.switch_generation,
         };
         for member in &state.members {
             send(&member.outbound, message.clone());
@@ -549,6 +550,7 @@ impl Room {
         let message = ServerMessage::Mode {
             mode: state.mode,
             phase: ModePhase::Settled,
+            switch: state.switch_generation,
         };
         for member in &state.members {
             send(&member.outbound, message.clone());

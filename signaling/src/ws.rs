@@ -177,7 +177,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
                     tracing::debug!("a message for closed SFU connections dropped");
                     continue;
                 }
-                if let ServerMessage::Mode { mode, phase } = &message {
+                if let ServerMessage::Mode { mode, phase, .. } = &message {
                     // Applied before the client hears of it: its next message may rely on it.
                     if let Err((code, text)) = session.apply_mode(*mode, *phase).await {
                         let _ = send_json(&mut sink, &ServerMessage::error(code, text, None)).await;
@@ -480,9 +480,9 @@ impl Session {
                         .map_err(|_| (ErrorCode::Internal, "subscribe connection is gone".into())),
                 }
             }
-            ClientMessage::Ready { mode } => {
+            ClientMessage::Ready { mode, switch } => {
                 let membership = self.membership()?;
-                membership.room.ready(&membership.participant, mode);
+                membership.room.ready(&membership.participant, mode, switch);
                 Ok(())
             }
             ClientMessage::Mute { track_id, muted } => {

@@ -505,6 +505,42 @@ async fn a_mesh_link_given_up_while_the_room_is_in_sfu_blocks_nothing() -> Resul
 }
 
 #[tokio::test]
+async fn a_ready_that_names_another_switch_is_not_counted() -> Result<()> {
+    let server = start_mesh_server(1, 10).await?;
+    let (mut ann, _) = join(&server, "numbered", "ann").await?;
+    let (_bob, joined) = join(&server, "numbered", "bob").await?;
+    ensure!(joined["mode"] == "sfu", "{joined}");
+    let switching = recv_type(&mut ann.ws, "mode", WAIT).await?;
+    ensure!(switching["phase"] == "switching", "{switching}");
+    let number = switching["switch"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("`mode` without a switch number: {switching}"))?;
+    // A `ready` left over from an earlier switch to the same mode: not this switch's.
+    send(
+        &mut ann.ws,
+        json!({"type": "ready", "mode": "sfu", "switch": number - 1}),
+    )
+    .await?;
+    let seen = drain(&mut ann.ws, Duration::from_millis(500)).await;
+    ensure!(
+        !seen.iter().any(|m| m["type"] == "mode"),
+        "settled on a stale ready: {seen:?}"
+    );
+    send(
+        &mut ann.ws,
+        json!({"type": "ready", "mode": "sfu", "switch": number}),
+    )
+    .await?;
+    let settled = recv_type(&mut ann.ws, "mode", WAIT).await?;
+    ensure!(
+        settled["phase"] == "settled" && settled["switch"] == number,
+        "{settled}"
+    );
+    server.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_switch_to_mesh_nobody_confirms_goes_back_to_sfu() -> Result<()> {
     let server = start_mesh_server(2, 1).await?;
     let (mut ann, _) = join(&server, "unreachable", "ann").await?;

@@ -262,6 +262,8 @@ export class Room extends Emitter {
   /** Mute states by `peerId|trackId`. @type {Map<string, boolean>} */
   #remoteMuted = new Map();
   #readySent = false;
+  /** The number of the switch under way, echoed in `ready`. @type {number | undefined} */
+  #switchNumber = undefined;
   /** @type {ReturnType<typeof setTimeout> | null} */
   #livePoll = null;
   /** Sources of local tracks by track id. @type {Map<string, Source>} */
@@ -959,6 +961,7 @@ export class Room extends Emitter {
       this.mode = mode;
       this.switching = true;
       this.#readySent = false;
+      this.#switchNumber = typeof msg.switch === 'number' ? msg.switch : undefined;
       // Make: bring up the new path beside the old one.
       this.#modeChangedAt = Date.now();
       // The path being left only has to bridge the switch: lighten it. A switch overtaken by
@@ -1072,7 +1075,7 @@ export class Room extends Emitter {
     if (!this.switching || this.#readySent || this.state !== 'joined') return;
     for (const remote of this.#active.values()) if (remote.path !== this.mode) return;
     this.#readySent = true;
-    this.#send({ type: 'ready', mode: this.mode });
+    this.#send({ type: 'ready', mode: this.mode, switch: this.#switchNumber });
   }
 
   /**
