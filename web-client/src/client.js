@@ -537,10 +537,16 @@ export class Room extends Emitter {
       this.emit('activeSpeaker', { peerId: speaking });
     }
     if (speaking) this.#speakerSince = now;
-    if (++this.#statsTicks % 4 === 0) this.emit('connectionQuality', await this.#quality());
+    if (++this.#statsTicks % 4 === 0) {
+      const quality = await this.#quality();
+      if (quality) this.emit('connectionQuality', quality);
+    }
   }
 
-  /** @returns {Promise<ConnectionQuality>} */
+  /**
+   * @returns {Promise<ConnectionQuality | null>}  null when every stream is new (just after a
+   *   switch): one sample has no rate yet, and zeros would show a working call as idle
+   */
   async #quality() {
     let rtt = /** @type {number | null} */ (null);
     let lost = 0;
@@ -548,6 +554,8 @@ export class Room extends Emitter {
     let sentBytes = 0;
     let receivedBytes = 0;
     let seconds = 0;
+    let fresh = 0;
+    let measured = 0;
     const pcs = [this.publishPc, this.subscribePc, ...[...this.mesh.values()].map((l) => l.pc)];
     for (const pc of pcs) {
       if (!pc || pc.connectionState === 'closed') continue;
@@ -562,7 +570,11 @@ export class Room extends Emitter {
         }
         if (s.type !== 'inbound-rtp' && s.type !== 'outbound-rtp') continue;
         previous.set(key, s);
-        if (!before) continue;
+        if (!before) {
+          fresh++;
+          continue;
+        }
+        measured++;
         seconds = Math.max(seconds, (s.timestamp - before.timestamp) / 1000);
         if (s.type === 'inbound-rtp') {
           lost += Math.max(0, (s.packetsLost ?? 0) - (before.packetsLost ?? 0));
@@ -573,6 +585,7 @@ export class Room extends Emitter {
         }
       }
     }
+    if (fresh > 0 && measured === 0) return null;
     const lossPercent = received + lost > 0 ? (100 * lost) / (received + lost) : 0;
     const kbps = (/** @type {number} */ bytes) => (seconds > 0 ? Math.round((bytes * 8) / seconds / 1000) : 0);
     const quality = lossPercent > 5 || (rtt ?? 0) > 400 ? 'poor' : lossPercent > 1 || (rtt ?? 0) > 150 ? 'fair' : 'good';
