@@ -37,7 +37,7 @@ use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp;
-use rtc::rtp_transceiver::RTCRtpSenderId;
+use rtc::rtp_transceiver::{RTCRtpSenderId, RTCRtpTransceiverDirection};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tokio::sync::{mpsc, oneshot};
@@ -676,6 +676,16 @@ impl Engine {
                 let result = self.with_conn(conn, |c| {
                     let track_id = track.track_id().to_string();
                     let sender = c.pc.add_track(*track).map_err(SfuError::WebRtc)?;
+                    // `add_track` makes the section `sendrecv` (W3C addTrack); the server only
+                    // sends on it, and says so. A removed one then goes `inactive`.
+                    let ids: Vec<_> = c.pc.get_transceivers().collect();
+                    for id in ids {
+                        if let Some(mut transceiver) = c.pc.rtp_transceiver(id)
+                            && transceiver.sender() == Some(sender)
+                        {
+                            transceiver.set_direction(RTCRtpTransceiverDirection::Sendonly);
+                        }
+                    }
                     c.feedback.insert(track_id, feedback);
                     Ok(sender)
                 });

@@ -47,6 +47,9 @@ pub(crate) enum FanoutCommand {
         key: SubscriptionKey,
         paused: bool,
     },
+    /// The publisher stopped sending on this media section (a re-offer made it inactive): the
+    /// publication ends, as when its track ends.
+    End,
 }
 
 /// Packets a video publication keeps for retransmission: several seconds at camera rates.
@@ -124,8 +127,8 @@ impl Fanout {
             tokio::select! {
                 biased;
                 command = self.commands.recv() => match command {
+                    Some(FanoutCommand::End) | None => break,
                     Some(command) => self.apply(command, &mut slots).await,
-                    None => break,
                 },
                 event = self.track.poll() => match event {
                     Some(TrackRemoteEvent::OnRtpPacket(packet)) => {
@@ -196,6 +199,8 @@ impl Fanout {
                     }
                 }
             }
+            // Ends the run loop before it gets here.
+            FanoutCommand::End => {}
         }
     }
 

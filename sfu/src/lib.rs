@@ -46,7 +46,8 @@ pub use fanout::PublicationStats;
 pub use feedback::{FeedbackInterceptor, KeyframeThrottle};
 pub use ids::{MediaKind, ParticipantId, PublicationId, Source};
 pub use transport::{
-    MAX_PUBLISH_SECTIONS, OfferedSubscription, PublishTransport, SubscribeTransport, TransportKind,
+    DeclaredTrack, MAX_PUBLISH_SECTIONS, OfferedSubscription, PublishTransport, SubscribeTransport,
+    TransportKind,
 };
 pub use webrtc::peer_connection::RTCIceCandidateInit;
 
@@ -103,7 +104,8 @@ pub struct Publication {
     pub kind: MediaKind,
     /// Microphone, camera or screen.
     pub source: Source,
-    /// The track id of the publisher's `a=msid` line.
+    /// The publisher's name for the track (the `trackId` it declared for this media section;
+    /// without one, the track id of its msid), which its `mute` messages carry.
     pub track_id: String,
     /// The codec the publisher sends.
     pub codec: RTCRtpCodec,

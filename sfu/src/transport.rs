@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use rtc::media_stream::MediaStreamTrack;
@@ -213,13 +213,88 @@ pub(crate) struct PublishShared {
     shared: Arc<Shared>,
     participant: ParticipantId,
     events: mpsc::UnboundedSender<SfuEvent>,
-    /// Track id (from `a=msid`) -> what the publisher says it is.
-    sources: Mutex<HashMap<String, Source>>,
+    /// What the publisher says each track of its latest offer is.
+    declared: Mutex<Vec<DeclaredTrack>>,
     extensions: Mutex<Vec<(String, u16)>>,
+    /// The connection itself, to find a track's media section (set once it is built; weak, as
+    /// the connection's handler holds this).
+    pc: OnceLock<Weak<dyn PeerConnection>>,
+    /// Running publications by the `mid` of their section, to end them when a re-offer stops
+    /// that section.
+    running: Mutex<Vec<(String, PublicationId, mpsc::Sender<FanoutCommand>)>>,
     span: tracing::Span,
 }
 
+/// What a publisher says one of the tracks it sends is. The `mid` (its media section) is what
+/// every WebRTC stack knows for sure; the msid track id differs from the browser's
+/// `MediaStreamTrack.id` in Firefox, and some stacks put it only on `a=ssrc` lines.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeclaredTrack {
+    /// The publisher's name for the track: `mute` messages carry it.
+    pub track_id: String,
+    /// Microphone, camera or screen.
+    pub source: Source,
+    /// The media section that carries it, when the publisher said.
+    pub mid: Option<String>,
+}
+
+/// The `mid`s of an offer's sections on which its sender sends nothing: rejected (port 0),
+/// `a=inactive` or `a=recvonly`.
+pub(crate) fn sections_not_sending(sdp: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current: Option<(bool, Option<String>)> = None;
+    let mut finish = |section: Option<(bool, Option<String>)>| {
+        if let Some((true, Some(mid))) = section {
+            out.push(mid);
+        }
+    };
+    for line in sdp.lines().map(str::trim_end) {
+        if let Some(media) = line.strip_prefix("m=") {
+            finish(current.take());
+            let rejected = media.split_whitespace().nth(1) == Some("0");
+            current = Some((rejected, None));
+        } else if let Some((stopped, mid)) = current.as_mut() {
+            if let Some(value) = line.strip_prefix("a=mid:") {
+                *mid = Some(value.to_owned());
+            } else if line == "a=inactive" || line == "a=recvonly" {
+                *stopped = true;
+            }
+        }
+    }
+    finish(current.take());
+    out
+}
+
+/// The declaration for a track received on section `mid` whose SDP names it `msid_track_id`:
+/// by `mid` first, then by msid track id (for publishers that name no section).
+pub(crate) fn find_declared<'a>(
+    declared: &'a [DeclaredTrack],
+    mid: Option<&str>,
+    msid_track_id: &str,
+) -> Option<&'a DeclaredTrack> {
+    mid.and_then(|mid| declared.iter().find(|d| d.mid.as_deref() == Some(mid)))
+        .or_else(|| {
+            declared
+                .iter()
+                .find(|d| !msid_track_id.is_empty() && d.track_id == msid_track_id)
+        })
+}
+
 impl PublishShared {
+    /// The `mid` of the media section `track` arrives on.
+    async fn mid_of(&self, track: &Arc<dyn TrackRemote>) -> Option<String> {
+        let pc = self.pc.get()?.upgrade()?;
+        for transceiver in pc.get_transceivers().await {
+            let Ok(Some(receiver)) = transceiver.receiver().await else {
+                continue;
+            };
+            if Arc::ptr_eq(receiver.track(), track) {
+                return transceiver.mid().await.ok().flatten();
+            }
+        }
+        None
+    }
+
     async fn start_publication(self: Arc<Self>, track: Arc<dyn TrackRemote>) {
         let Some(media_ssrc) = track.ssrcs().await.first().copied() else {
             tracing::warn!(parent: &self.span, "publisher track has no SSRC");
@@ -229,20 +304,26 @@ impl PublishShared {
             tracing::warn!(parent: &self.span, "publisher track has no codec");
             return;
         };
-        let track_id = track.track_id().await;
+        let msid_track_id = track.track_id().await;
         let kind = match track.kind().await {
             RtpCodecKind::Audio => MediaKind::Audio,
             _ => MediaKind::Video,
         };
-        let declared = self
-            .sources
-            .lock()
-            .ok()
-            .and_then(|sources| sources.get(&track_id).copied());
-        let source = declared.unwrap_or(match kind {
-            MediaKind::Audio => Source::Microphone,
-            MediaKind::Video => Source::Camera,
-        });
+        let mid = self.mid_of(&track).await;
+        let declared =
+            self.declared.lock().ok().and_then(|declared| {
+                find_declared(&declared, mid.as_deref(), &msid_track_id).cloned()
+            });
+        let (source, track_id) = match declared {
+            Some(declared) => (declared.source, declared.track_id),
+            None => (
+                match kind {
+                    MediaKind::Audio => Source::Microphone,
+                    MediaKind::Video => Source::Camera,
+                },
+                msid_track_id,
+            ),
+        };
         let publisher_extensions = self
             .extensions
             .lock()
@@ -262,7 +343,7 @@ impl PublishShared {
             commands: commands_tx,
             stats: stats.clone(),
         };
-        let span = tracing::info_span!(parent: &self.span, "fanout", publication = %id, kind = kind.as_str(), source = source.as_str(), codec = %codec.mime_type);
+        let span = tracing::info_span!(parent: &self.span, "fanout", publication = %id, kind = kind.as_str(), source = source.as_str(), mid = mid.as_deref().unwrap_or(""), codec = %codec.mime_type);
         tracing::info!(parent: &span, "publication started");
         let fanout = Fanout {
             track,
@@ -282,12 +363,18 @@ impl PublishShared {
             frame_timestamp: None,
         };
         self.shared.register_publication(&id, stats.clone());
+        if let (Some(mid), Ok(mut running)) = (mid, self.running.lock()) {
+            running.push((mid, id.clone(), publication.commands.clone()));
+        }
         let _ = self.events.send(SfuEvent::PublicationStarted(publication));
         let this = self.clone();
         tokio::spawn(
             async move {
                 let _alive = crate::TaskGuard::new(&this.shared.tasks.fanouts);
                 fanout.run().await;
+                if let Ok(mut running) = this.running.lock() {
+                    running.retain(|(_, publication, _)| publication != &id);
+                }
                 this.shared.retire_publication(&id, &stats);
                 tracing::info!("publication ended");
                 let _ = this.events.send(SfuEvent::PublicationEnded {
@@ -320,8 +407,10 @@ impl PublishTransport {
             shared: shared.clone(),
             participant: participant.clone(),
             events: events.clone(),
-            sources: Mutex::new(HashMap::new()),
+            declared: Mutex::new(Vec::new()),
             extensions: Mutex::new(Vec::new()),
+            pc: OnceLock::new(),
+            running: Mutex::new(Vec::new()),
             span,
         });
         let (gathered_tx, gathered) = watch::channel(false);
@@ -333,6 +422,7 @@ impl PublishTransport {
             publish: Some(Arc::downgrade(&publish)),
         });
         let pc = build_connection(&shared, handler).await?;
+        let _ = publish.pc.set(Arc::downgrade(&pc));
         Ok(Self {
             pc,
             shared: publish,
@@ -340,12 +430,13 @@ impl PublishTransport {
         })
     }
 
-    /// Applies the publisher's (re-)offer and returns the answer. `sources` names what each
-    /// track id is; a track not named is a microphone if audio and a camera if video.
+    /// Applies the publisher's (re-)offer and returns the answer. `declared` says what each
+    /// track is (matched by `mid`, else by msid track id); a track not named is a microphone if
+    /// audio and a camera if video.
     pub async fn answer(
         &self,
         offer_sdp: String,
-        sources: HashMap<String, Source>,
+        declared: Vec<DeclaredTrack>,
     ) -> Result<String, SfuError> {
         let sections = offer_sdp.lines().filter(|l| l.starts_with("m=")).count();
         if sections > MAX_PUBLISH_SECTIONS {
@@ -359,13 +450,14 @@ impl PublishTransport {
             ));
         }
         let offer = RTCSessionDescription::offer(offer_sdp).map_err(SfuError::InvalidSdp)?;
-        if let Ok(mut known) = self.shared.sources.lock() {
+        if let Ok(mut known) = self.shared.declared.lock() {
             // Replaced, not extended: what the publisher no longer sends is forgotten.
-            *known = sources;
+            *known = declared;
         }
         if let Ok(mut extensions) = self.shared.extensions.lock() {
             *extensions = extmap(&offer.sdp);
         }
+        self.end_stopped_sections(&offer.sdp).await;
         self.pc
             .set_remote_description(offer)
             .await
@@ -377,6 +469,29 @@ impl PublishTransport {
             &sdp,
             self.shared.shared.config.max_video_bitrate,
         ))
+    }
+
+    /// Ends the publications whose sections the publisher's re-offer no longer sends on. A
+    /// stack that keeps the section's `a=ssrc` lines (Firefox, with port 0 and `a=inactive`)
+    /// never ends the track in webrtc-rs; the publication must end all the same.
+    async fn end_stopped_sections(&self, offer_sdp: &str) {
+        let stopped = sections_not_sending(offer_sdp);
+        let ending: Vec<mpsc::Sender<FanoutCommand>> = match self.shared.running.lock() {
+            Ok(mut running) => {
+                let (ending, kept) = std::mem::take(&mut *running)
+                    .into_iter()
+                    .partition(|(mid, _, _)| stopped.contains(mid));
+                *running = kept;
+                ending
+                    .into_iter()
+                    .map(|(_, _, commands)| commands)
+                    .collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for commands in ending {
+            let _ = commands.send(FanoutCommand::End).await;
+        }
     }
 
     /// Adds a candidate the publisher trickled.
@@ -741,7 +856,58 @@ impl Drop for SubscribeTransport {
 
 #[cfg(test)]
 mod tests {
-    use super::{extmap, with_video_bandwidth};
+    use super::{DeclaredTrack, extmap, find_declared, sections_not_sending, with_video_bandwidth};
+    use crate::ids::Source;
+
+    fn declared(track_id: &str, source: Source, mid: Option<&str>) -> DeclaredTrack {
+        DeclaredTrack {
+            track_id: track_id.into(),
+            source,
+            mid: mid.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn sections_a_reoffer_stopped_are_found_whatever_their_ssrc_lines_say() {
+        // Firefox after removeTrack of a screen share: port 0, inactive, ssrc lines kept.
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 109\r\na=sendrecv\r\na=mid:0\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 120\r\na=sendonly\r\na=mid:1\r\n\
+                   m=video 0 UDP/TLS/RTP/SAVPF 120\r\na=inactive\r\na=mid:2\r\na=ssrc:31 cname:x\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 120\r\na=mid:3\r\na=recvonly\r\n\
+                   m=video 0 UDP/TLS/RTP/SAVPF 120\r\na=mid:4\r\n\
+                   m=audio 9 UDP/TLS/RTP/SAVPF 109\r\na=mid:5\r\n";
+        assert_eq!(sections_not_sending(sdp), ["2", "3", "4"]);
+    }
+
+    #[test]
+    fn a_declared_track_is_found_by_mid_before_msid() {
+        let list = [
+            declared("cam-js", Source::Camera, Some("1")),
+            declared("{ff-screen}", Source::Screen, Some("2")),
+        ];
+        // Firefox: the msid track id is not the declared one; the mid finds it.
+        let found = find_declared(&list, Some("2"), "{other}").map(|d| d.source);
+        assert_eq!(found, Some(Source::Screen));
+        // A mid outranks an msid that happens to name another entry.
+        let found = find_declared(&list, Some("1"), "{ff-screen}").map(|d| d.source);
+        assert_eq!(found, Some(Source::Camera));
+    }
+
+    #[test]
+    fn without_a_matching_mid_the_msid_track_id_decides() {
+        let list = [declared("screen", Source::Screen, None)];
+        assert_eq!(
+            find_declared(&list, Some("3"), "screen").map(|d| d.source),
+            Some(Source::Screen)
+        );
+        assert_eq!(
+            find_declared(&list, None, "screen").map(|d| d.source),
+            Some(Source::Screen)
+        );
+        assert!(find_declared(&list, Some("3"), "camera").is_none());
+        // A stack that writes no msid at all names no track by it.
+        assert!(find_declared(&[declared("", Source::Screen, None)], None, "").is_none());
+    }
 
     #[test]
     fn video_sections_get_a_bandwidth_cap_and_audio_does_not() {

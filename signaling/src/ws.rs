@@ -1,14 +1,14 @@
 //! One task per signaling socket: decodes frames, drives the participant's transports, relays
 //! room events, and cleans up on every way out.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use sfu::{
-    ParticipantId, PublishTransport, RTCIceCandidateInit, SfuEvent, Source, SubscribeTransport,
+    DeclaredTrack, ParticipantId, PublishTransport, RTCIceCandidateInit, SfuEvent, Source,
+    SubscribeTransport,
 };
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -253,23 +253,28 @@ fn candidate_init(candidate: CandidateInit) -> RTCIceCandidateInit {
     }
 }
 
-/// Checks the `tracks` of a description; the sources by track id.
-fn parse_tracks(tracks: &[TrackInfo]) -> Result<HashMap<String, Source>, Refusal> {
+/// Checks the `tracks` of a description.
+fn parse_tracks(tracks: &[TrackInfo]) -> Result<Vec<DeclaredTrack>, Refusal> {
     if tracks.len() > MAX_TRACKS {
         return Err((
             ErrorCode::BadRequest,
             format!("at most {MAX_TRACKS} tracks per description"),
         ));
     }
-    let mut sources = HashMap::new();
-    for track in tracks {
-        let source = Source::parse(&track.source).ok_or((
-            ErrorCode::BadRequest,
-            format!("unknown source `{}`", track.source),
-        ))?;
-        sources.insert(track.track_id.clone(), source);
-    }
-    Ok(sources)
+    tracks
+        .iter()
+        .map(|track| {
+            let source = Source::parse(&track.source).ok_or((
+                ErrorCode::BadRequest,
+                format!("unknown source `{}`", track.source),
+            ))?;
+            Ok(DeclaredTrack {
+                track_id: track.track_id.clone(),
+                source,
+                mid: track.mid.clone(),
+            })
+        })
+        .collect()
 }
 
 fn valid_name(name: &str) -> bool {
@@ -369,7 +374,7 @@ impl Session {
                 sdp,
                 tracks,
             } => {
-                let sources = parse_tracks(&tracks)?;
+                let declared = parse_tracks(&tracks)?;
                 if peer_id != SFU_PEER {
                     let me = self.membership()?.participant.to_string();
                     return self.relay(
@@ -396,7 +401,7 @@ impl Session {
                 let link_id = link.id;
                 let answer = link
                     .publish
-                    .answer(sdp, sources)
+                    .answer(sdp, declared)
                     .await
                     .map_err(|err| (ErrorCode::InvalidSdp, err.to_string()))?;
                 self.reply(ServerMessage::Answer {

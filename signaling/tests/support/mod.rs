@@ -446,7 +446,8 @@ impl TestClient {
         pc.add_track(video.clone() as Arc<dyn TrackLocal>).await?;
         let offer = pc.create_offer(None).await?;
         let sdp = local_sdp(&pc, &mut gathered, offer).await?;
-        self.negotiate_publish(&pc, sdp, false).await?;
+        self.negotiate_publish(&pc, sdp, camera_and_microphone())
+            .await?;
         self.audio = Some(audio);
         self.video = Some(video);
         self.publish_pc = Some(pc);
@@ -468,8 +469,43 @@ impl TestClient {
             .await
             .ok_or_else(|| anyhow!("no local description"))?
             .sdp;
-        self.negotiate_publish(&pc, sdp, true).await?;
+        let mut tracks = camera_and_microphone();
+        tracks.push(json!({"trackId": "screen", "source": "screen"}));
+        self.negotiate_publish(&pc, sdp, tracks).await?;
         self.screen = Some(screen);
+        Ok(())
+    }
+
+    /// Publishes a microphone, a camera and a screen in one offer described as another stack
+    /// would: `munge` rewrites the offer's SDP before it is sent (the client's own description
+    /// stays as made), and `declare(local track id, mid)` gives each entry of `tracks`.
+    pub async fn publish_described(
+        &mut self,
+        munge: impl Fn(&str) -> String,
+        declare: impl Fn(&str, &str) -> Value,
+    ) -> Result<()> {
+        let (pc, mut gathered) = peer_connection(None).await?;
+        let audio = local_track("mic", RtpCodecKind::Audio, opus());
+        let video = local_track("cam", RtpCodecKind::Video, vp8());
+        let screen = local_track("screen", RtpCodecKind::Video, vp8());
+        for track in [&audio, &video, &screen] {
+            pc.add_track(track.clone() as Arc<dyn TrackLocal>).await?;
+        }
+        let offer = pc.create_offer(None).await?;
+        let sdp = local_sdp(&pc, &mut gathered, offer).await?;
+        let mut tracks = Vec::new();
+        for transceiver in pc.get_transceivers().await {
+            let (Some(mid), Some(sender)) = (transceiver.mid().await?, transceiver.sender().await?)
+            else {
+                continue;
+            };
+            tracks.push(declare(&sender.track().track_id().await, &mid));
+        }
+        self.negotiate_publish(&pc, munge(&sdp), tracks).await?;
+        self.audio = Some(audio);
+        self.video = Some(video);
+        self.screen = Some(screen);
+        self.publish_pc = Some(pc);
         Ok(())
     }
 
@@ -478,15 +514,8 @@ impl TestClient {
         &mut self,
         pc: &Arc<dyn PeerConnection>,
         sdp: String,
-        with_screen: bool,
+        tracks: Vec<Value>,
     ) -> Result<()> {
-        let mut tracks = vec![
-            json!({"trackId": "mic", "source": "microphone"}),
-            json!({"trackId": "cam", "source": "camera"}),
-        ];
-        if with_screen {
-            tracks.push(json!({"trackId": "screen", "source": "screen"}));
-        }
         self.outgoing.send(json!({
             "type": "offer", "peerId": "sfu", "transport": "publish", "sdp": sdp, "tracks": tracks
         }))?;
@@ -592,6 +621,14 @@ impl TestClient {
         }
         let _ = self.subscribe_pc.close().await;
     }
+}
+
+/// The `tracks` of [`TestClient::publish`]: named by msid track id, as webrtc-rs writes it.
+fn camera_and_microphone() -> Vec<Value> {
+    vec![
+        json!({"trackId": "mic", "source": "microphone"}),
+        json!({"trackId": "cam", "source": "camera"}),
+    ]
 }
 
 fn local_track(id: &str, kind: RtpCodecKind, codec: RTCRtpCodec) -> Arc<TrackLocalStaticRTP> {
