@@ -102,10 +102,33 @@ shareButton.addEventListener('click', async () => {
     else await room.startScreenShare();
   } catch (err) {
     // Closing the browser's picker is a choice, not an error.
-    if (!(err instanceof DOMException && err.name === 'NotAllowedError')) showError(/** @type {any} */ (err));
+    if (!(err instanceof DOMException && err.name === 'NotAllowedError')) showError(shareError(err));
   }
   renderControls();
 });
+
+/**
+ * Why a screen share could not start, in words: browsers' own messages ("The object can not
+ * be found here.") tell a person nothing.
+ * @param {any} err
+ * @returns {{code?: string, message: string}}
+ */
+function shareError(err) {
+  // The SDK's own errors carry a string code; a DOMException's `code` is a legacy number.
+  if (typeof err?.code === 'string') return err;
+  switch (err?.name) {
+    case 'NotFoundError':
+      return { message: 'There is no screen or window this browser can share.' };
+    case 'NotReadableError':
+    case 'AbortError':
+      return { message: 'The screen could not be captured: another program may be using it. Try again.' };
+    case 'NotSupportedError':
+    case 'TypeError':
+      return { message: 'This browser cannot share a screen.' };
+    default:
+      return { message: 'The screen could not be shared.' };
+  }
+}
 $('leave').addEventListener('click', () => room?.leave());
 chatToggle.addEventListener('click', () => togglePanel(chatPanel, chatToggle));
 peopleToggle.addEventListener('click', () => togglePanel(peoplePanel, peopleToggle));

@@ -9,7 +9,7 @@ import { createServer } from 'node:http';
 import { connect as tcpConnect, createServer as createTcpServer } from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { check, launchBrowser, openPage, outDir, restartServer, run, sleep, startServer, step } from './harness.mjs';
+import { check, fakeScreenPicker, launchBrowser, openPage, outDir, restartServer, run, sleep, startServer, step } from './harness.mjs';
 
 const ROOM = 'Standup';
 const TOTAL_TIMEOUT_MS = 150_000;
@@ -17,25 +17,6 @@ const TOTAL_TIMEOUT_MS = 150_000;
 const TRICKY = '<img src=x onerror="window.__pwned=1"> & "quotes" – ünïcödé';
 
 /** @typedef {import('playwright-core').Page} Page */
-
-/** Installed into pages: the browser's screen picker answers with a moving canvas. */
-function fakeScreenPicker() {
-  navigator.mediaDevices.getDisplayMedia = async () => {
-    const canvas = document.createElement('canvas');
-    canvas.width = 640;
-    canvas.height = 360;
-    const ctx = /** @type {CanvasRenderingContext2D} */ (canvas.getContext('2d'));
-    let n = 0;
-    setInterval(() => {
-      ctx.fillStyle = `hsl(${(n += 5) % 360}, 70%, 45%)`;
-      ctx.fillRect(0, 0, 640, 360);
-      ctx.fillStyle = '#fff';
-      ctx.font = '40px sans-serif';
-      ctx.fillText(`Shared screen, frame ${n / 5}`, 40, 190);
-    }, 66);
-    return canvas.captureStream(15);
-  };
-}
 
 /**
  * Joins through the form the page shows.

@@ -1,5 +1,6 @@
-// Shared by the end-to-end tests: the real server binary, real Chromium, and a tally of checks.
-// Environment: SWITCHBOARD_BIN (server binary), CHROMIUM (browser binary), HEADED=1 to watch,
+// Shared by the end-to-end tests: the real server binary, real Chromium (Playwright) and Firefox
+// ESR (Puppeteer over WebDriver BiDi), and a tally of checks.
+// Environment: SWITCHBOARD_BIN (server binary), CHROMIUM and FIREFOX (browser binaries), HEADED=1 to watch,
 // CLIENT_FROM_DISK=1 to serve web-client/ from this checkout instead of the copy embedded in a
 // release binary (so client changes can be tried without rebuilding the server).
 import { spawn } from 'node:child_process';
@@ -8,6 +9,7 @@ import { createServer } from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
+import puppeteer from 'puppeteer-core';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const webClient = path.resolve(here, '..');
@@ -17,6 +19,17 @@ const serverBin = path.resolve(
   process.env.SWITCHBOARD_BIN ?? path.join(repoRoot, 'target/release/switchboard'),
 );
 const chromiumBin = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const firefoxBin = process.env.FIREFOX ?? '/usr/bin/firefox-esr';
+
+// Fake camera and microphone without asking, and host candidates on loopback in the clear.
+const FIREFOX_PREFS = {
+  'media.navigator.streams.fake': true,
+  'media.navigator.permission.disabled': true,
+  'media.peerconnection.ice.loopback': true,
+  'media.peerconnection.ice.obfuscate_host_addresses': false,
+  'media.autoplay.default': 0,
+  'media.autoplay.blocking_policy': 0,
+};
 
 const CHROMIUM_ARGS = [
   '--no-sandbox',
@@ -40,6 +53,8 @@ let failed = 0;
 let server = null;
 /** @type {import('playwright-core').Browser | null} */
 let browser = null;
+/** @type {import('puppeteer-core').Browser | null} */
+let firefox = null;
 const serverLogTail = /** @type {string[]} */ ([]);
 /** @type {import('node:fs').WriteStream | null} */
 let serverLog = null;
@@ -150,7 +165,7 @@ export async function restartServer() {
 }
 
 /** Stops the server with SIGTERM; returns its exit code, or null when it had to be killed. */
-async function stopServer() {
+export async function stopServer() {
   const child = server;
   /** @type {number | null} */
   let code = child?.exitCode ?? null;
@@ -201,8 +216,47 @@ async function serveClientFromDisk(context, base) {
 }
 
 async function stopBrowser() {
-  if (!browser) return;
-  await Promise.race([browser.close().catch(() => {}), sleep(5000)]);
+  const all = [browser, firefox].filter((b) => b !== null);
+  await Promise.race([Promise.all(all.map((b) => b.close().catch(() => {}))), sleep(5000)]);
+}
+
+/** Starts Firefox ESR (WebDriver BiDi) with fake media and loopback ICE. */
+export async function launchFirefox() {
+  firefox = await puppeteer.launch({
+    browser: 'firefox',
+    executablePath: firefoxBin,
+    headless: process.env.HEADED !== '1',
+    protocolTimeout: 60_000,
+    timeout: 30_000,
+    extraPrefsFirefox: FIREFOX_PREFS,
+  });
+  return firefox;
+}
+
+/**
+ * Opens `url` in Firefox in a fresh browser context, logging the console to
+ * tests/out/console-<name>.log. The web client comes from the server (CLIENT_FROM_DISK does
+ * not apply here).
+ * @param {string} name
+ * @param {string} url
+ * @param {() => void} [initScript]  runs in the page before its scripts
+ * @returns {Promise<import('puppeteer-core').Page>}
+ */
+export async function openFirefoxPage(name, url, initScript) {
+  if (!firefox) throw new Error('launchFirefox() first');
+  const context = await firefox.createBrowserContext();
+  const page = await context.newPage();
+  await page.setViewport({ width: 1000, height: 760 });
+  if (initScript) await page.evaluateOnNewDocument(initScript);
+  const consoleLog = createWriteStream(path.join(outDir, `console-${name}.log`));
+  page.on('console', (msg) => {
+    consoleLog.write(`[${msg.type()}] ${msg.text()}\n`);
+    if (msg.type() === 'error') console.log(`  [${name} console] ${msg.text()}`);
+  });
+  page.on('pageerror', (err) => console.log(`  [${name} page error] ${err instanceof Error ? err.message : err}`));
+  page.on('close', () => consoleLog.end());
+  await page.goto(url, { timeout: 15_000 });
+  return page;
 }
 
 /** Starts Chromium with the flags that work in the loopback-only namespace. */
@@ -247,6 +301,28 @@ export async function openPage(name, base, url, initScript) {
   page.on('close', () => consoleLog.end());
   await page.goto(url, { timeout: 15_000 });
   return page;
+}
+
+/**
+ * Installed into pages: the browser's screen picker answers with a moving canvas (headless
+ * browsers with fake media have no screen to share).
+ */
+export function fakeScreenPicker() {
+  navigator.mediaDevices.getDisplayMedia = async () => {
+    const canvas = document.createElement('canvas');
+    canvas.width = 640;
+    canvas.height = 360;
+    const ctx = /** @type {CanvasRenderingContext2D} */ (canvas.getContext('2d'));
+    let n = 0;
+    setInterval(() => {
+      ctx.fillStyle = `hsl(${(n += 5) % 360}, 70%, 45%)`;
+      ctx.fillRect(0, 0, 640, 360);
+      ctx.fillStyle = '#fff';
+      ctx.font = '40px sans-serif';
+      ctx.fillText(`Shared screen, frame ${n / 5}`, 40, 190);
+    }, 66);
+    return canvas.captureStream(15);
+  };
 }
 
 /** @type {ReturnType<typeof setTimeout> | undefined} */

@@ -1,0 +1,228 @@
+// End-to-end test with Firefox ESR beside Chromium, running the meeting app: an SFU room
+// (--mesh-max 0) and a mesh room, each page decoding the other; a Firefox screen share shown on
+// the Chromium page's stage; Firefox mute and camera-off shown on the Chromium page (and the
+// other way round); a screen share the browser refuses explained in words.
+// Firefox's SDP names its tracks by ids of its own (`a=msid` is not `MediaStreamTrack.id`), so
+// this is where a server that matched tracks by msid alone shows a screen share as a camera.
+// Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/firefox.mjs
+// Environment: see harness.mjs.
+import path from 'node:path';
+import {
+  check,
+  fakeScreenPicker,
+  launchBrowser,
+  launchFirefox,
+  openFirefoxPage,
+  openPage,
+  outDir,
+  run,
+  sleep,
+  startServer,
+  step,
+  stopServer,
+} from './harness.mjs';
+
+const TOTAL_TIMEOUT_MS = 170_000;
+
+/** @typedef {import('playwright-core').Page | import('puppeteer-core').Page} AnyPage */
+
+/**
+ * True once `predicate(arg)` holds in the page, false after `timeoutMs`. (Playwright's and
+ * Puppeteer's waitForFunction take their arguments in different orders; evaluate is alike.)
+ * @template T
+ * @param {AnyPage} page
+ * @param {(arg: T) => boolean | Promise<boolean>} predicate
+ * @param {T} arg
+ */
+async function until(page, predicate, arg, timeoutMs = 20_000) {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    // @ts-ignore  the two libraries' evaluate signatures differ only in their types
+    if (await page.evaluate(predicate, arg).catch(() => false)) return true;
+    await sleep(250);
+  }
+  return false;
+}
+
+/**
+ * In the page: the width and frames decoded so far of the video shown in the remote tile
+ * labelled `name` (or on the stage, for `null`), from its receiver's stats (headless Firefox
+ * paints no frames, so the element's own counters stand still).
+ * @param {string | null} name
+ */
+async function videoOf(name) {
+  const video =
+    name === null
+      ? /** @type {HTMLVideoElement | null} */ (document.getElementById('stage-video'))
+      : [...document.querySelectorAll('.tile.remote')]
+          .find((t) => t.querySelector('.label')?.textContent === name)
+          ?.querySelector('video');
+  const track = /** @type {MediaStream | null} */ (video?.srcObject ?? null)?.getVideoTracks()[0];
+  if (!video || !track) return { width: 0, frames: 0, trackId: '' };
+  const room = /** @type {any} */ (window).__switchboard;
+  const pcs = [room.subscribePc, ...[...room.mesh.values()].map((/** @type {any} */ l) => l.pc)];
+  let frames = 0;
+  for (const pc of pcs) {
+    const receiver = pc?.getReceivers().find((/** @type {RTCRtpReceiver} */ r) => r.track === track);
+    if (!receiver) continue;
+    for (const s of (await receiver.getStats()).values()) {
+      if (s.type === 'inbound-rtp' && s.kind === 'video') frames += s.framesDecoded ?? 0;
+    }
+  }
+  return { width: video.videoWidth, frames, trackId: track.id };
+}
+
+/**
+ * Checks that `viewer` decodes `name`'s video (or the stage): a picture, and frames that keep
+ * coming.
+ * @param {AnyPage} viewer
+ * @param {string} viewerName
+ * @param {string | null} name
+ * @param {string} what
+ */
+async function checkDecodes(viewer, viewerName, name, what) {
+  const shown = await until(viewer, async (n) => {
+    const v = await /** @type {any} */ (window).__videoOf(n);
+    return v.width > 0 && v.frames > 0;
+  }, name);
+  // @ts-ignore
+  const before = await viewer.evaluate((n) => window.__videoOf(n), name);
+  await sleep(1500);
+  // @ts-ignore
+  const after = await viewer.evaluate((n) => window.__videoOf(n), name);
+  const growing = after.frames > before.frames + 5;
+  check(`${viewerName} decodes ${what}`, shown && growing, `${after.width} px wide, ${after.frames - before.frames} frames in 1.5 s`);
+}
+
+/**
+ * The data attributes of the remote tile labelled `name`.
+ * @param {string} name
+ */
+function tileData(name) {
+  const tile = [...document.querySelectorAll('.tile.remote')].find((t) => t.querySelector('.label')?.textContent === name);
+  return tile ? { ...(/** @type {HTMLElement} */ (tile).dataset) } : null;
+}
+
+/**
+ * Mutes the microphone and turns the camera off on `page`; checks the other page shows both,
+ * then turns them back on and checks that shows too.
+ * @param {AnyPage} page
+ * @param {string} name
+ * @param {AnyPage} other
+ * @param {string} otherName
+ */
+async function checkMuteShown(page, name, other, otherName) {
+  await page.click('#mic');
+  await page.click('#camera');
+  const shown = await until(other, (n) => {
+    const t = /** @type {any} */ (window).__tileData(n);
+    return !!t && 'micMuted' in t && 'noVideo' in t;
+  }, name, 10_000);
+  check(`${otherName} sees ${name}'s microphone muted and camera off`, shown, JSON.stringify(await other.evaluate(tileData, name)));
+  await page.click('#mic');
+  await page.click('#camera');
+  const back = await until(other, (n) => {
+    const t = /** @type {any} */ (window).__tileData(n);
+    return !!t && !('micMuted' in t) && !('noVideo' in t);
+  }, name, 10_000);
+  check(`${otherName} sees ${name} unmute and turn the camera back on`, back);
+}
+
+/** Installed into every page: the helpers above, callable from evaluate. */
+function installHelpers() {
+  /** @type {any} */ (window).__videoOf = videoOf;
+  /** @type {any} */ (window).__tileData = tileData;
+}
+
+// Installed as source, so the helpers exist in the page's own realm.
+const helpersScript = new Function(
+  `${videoOf.toString()}\n${tileData.toString()}\n(${installHelpers.toString()})();`,
+);
+
+/**
+ * Waits until the page has joined in `mode`.
+ * @param {AnyPage} page
+ * @param {string} name
+ * @param {'mesh' | 'sfu'} mode
+ */
+async function joined(page, name, mode) {
+  const ok = await until(page, (m) => {
+    const room = /** @type {any} */ (window).__switchboard;
+    return room?.state === 'joined' && room.mode === m;
+  }, mode);
+  check(`${name} joins a ${mode} room`, ok);
+  return ok;
+}
+
+async function main() {
+  await launchBrowser();
+  await launchFirefox();
+
+  // --- an SFU room: Fay (Firefox) and Cid (Chromium) -------------------------------------------
+  const base = await startServer('server-firefox-sfu.log', ['--mesh-max', '0']);
+  check('server starts (every room an SFU room)', true, base);
+  const fay = await openFirefoxPage('fay', `${base}/?room=ffsfu&name=Fay&autojoin=1`, fakeScreenPicker);
+  await fay.evaluate(helpersScript);
+  const cid = await openPage('cid', base, `${base}/?room=ffsfu&name=Cid&autojoin=1`, helpersScript);
+  if ((await joined(fay, 'Fay (Firefox)', 'sfu')) && (await joined(cid, 'Cid (Chromium)', 'sfu'))) {
+    await step('SFU: each decodes the other', async () => {
+      await checkDecodes(cid, 'Cid (Chromium)', 'Fay', "Fay's Firefox camera through the server");
+      await checkDecodes(fay, 'Fay (Firefox)', 'Cid', "Cid's Chromium camera through the server");
+    });
+    await step('SFU: a Firefox screen share is shown on stage', async () => {
+      await fay.click('#share');
+      const onStage = await until(cid, () => {
+        const stage = document.getElementById('stage');
+        return !!stage && !stage.hidden && document.getElementById('stage-label')?.textContent === "Fay's screen";
+      }, null);
+      const label = await cid.evaluate(() => document.getElementById('stage-label')?.textContent ?? '');
+      check("Cid sees Fay's Firefox screen share on stage, as a screen", onStage, label);
+      // A share taken for a second camera would replace Fay's camera in her tile.
+      // @ts-ignore
+      const tile = await cid.evaluate(() => window.__videoOf('Fay'));
+      // @ts-ignore
+      const staged = await cid.evaluate(() => window.__videoOf(null));
+      check("Fay's tile still shows her camera, not the share", tile.width > 0 && tile.trackId !== staged.trackId, `${tile.trackId} / ${staged.trackId}`);
+      await checkDecodes(cid, 'Cid (Chromium)', null, "Fay's screen share on stage");
+      await cid.screenshot({ path: path.join(outDir, 'firefox-share-on-chromium.png') });
+      // Firefox keeps the stopped section's `a=ssrc` lines (port 0, inactive): the server must
+      // still end the publication.
+      await fay.click('#share');
+      const gone = await until(cid, () => !!document.getElementById('stage')?.hidden, null, 10_000);
+      check("when Fay stops sharing, Cid's stage goes away", gone);
+    });
+    await step('SFU: Firefox mute shows', () => checkMuteShown(fay, 'Fay', cid, 'Cid'));
+    await step('SFU: Chromium mute shows in Firefox', () => checkMuteShown(cid, 'Cid', fay, 'Fay'));
+    await fay.screenshot({ path: path.join(outDir, 'firefox-sfu.png') });
+  }
+  await fay.close();
+  await cid.close();
+  check('the SFU room\'s server exits 0 on SIGTERM', (await stopServer()) === 0);
+
+  // --- a mesh room: Fey (Firefox, no screen to share) and Cal (Chromium) ------------------------
+  const meshBase = await startServer('server-firefox-mesh.log', []);
+  const fey = await openFirefoxPage('fey', `${meshBase}/?room=ffmesh&name=Fey&autojoin=1`);
+  await fey.evaluate(helpersScript);
+  const cal = await openPage('cal', meshBase, `${meshBase}/?room=ffmesh&name=Cal&autojoin=1`, helpersScript);
+  if ((await joined(fey, 'Fey (Firefox)', 'mesh')) && (await joined(cal, 'Cal (Chromium)', 'mesh'))) {
+    await step('mesh: each decodes the other', async () => {
+      await checkDecodes(cal, 'Cal (Chromium)', 'Fey', "Fey's Firefox camera peer to peer");
+      await checkDecodes(fey, 'Fey (Firefox)', 'Cal', "Cal's Chromium camera peer to peer");
+    });
+    await step('mesh: Firefox mute shows', () => checkMuteShown(fey, 'Fey', cal, 'Cal'));
+    await step('a refused screen share is explained in words', async () => {
+      // Headless Firefox with fake media has no screen to offer: getDisplayMedia fails.
+      await fey.click('#share');
+      const shown = await until(fey, () => !document.getElementById('error')?.hidden, null, 10_000);
+      const text = await fey.evaluate(() => document.getElementById('error')?.textContent ?? '');
+      check(
+        'the app says why the screen cannot be shared, not the browser\'s raw message',
+        shown && /screen/i.test(text) && !/object can not be found|\(\d+\)/i.test(text),
+        text,
+      );
+      await fey.screenshot({ path: path.join(outDir, 'firefox-share-refused.png') });
+    });
+  }
+}
+
+run(main, TOTAL_TIMEOUT_MS);
