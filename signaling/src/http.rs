@@ -1,8 +1,6 @@
 //! The HTTP surface: tokens, the signaling socket, health, room listing, metrics, web client.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -12,65 +10,12 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use rust_embed::RustEmbed;
 use serde::Deserialize;
-use tokio::sync::watch;
 use tower_http::cors::{Any, CorsLayer};
 
-use crate::auth::TokenAuthority;
-use crate::config::Config;
 use crate::protocol::{ErrorCode, MAX_MESSAGE_BYTES};
-use crate::room::{RoomPolicy, RoomRegistry, SWITCH_TIMEOUT};
-
-/// Shared by every handler; cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    /// Every room.
-    pub rooms: Arc<RoomRegistry>,
-    /// The media plane.
-    pub sfu: sfu::Sfu,
-    /// Mints and checks tokens.
-    pub auth: TokenAuthority,
-    /// The configuration in force.
-    pub config: Arc<Config>,
-    /// Turns true when the server is shutting down.
-    pub shutdown: watch::Receiver<bool>,
-    /// Signaling tasks alive now.
-    pub tasks: Arc<LiveTasks>,
-}
-
-/// Signaling tasks alive now, by kind: what a leak would show first.
-#[derive(Debug, Default)]
-pub struct LiveTasks {
-    /// One per signaling socket.
-    pub sessions: std::sync::atomic::AtomicU64,
-    /// One per joined participant.
-    pub negotiators: std::sync::atomic::AtomicU64,
-}
-
-impl AppState {
-    /// State for `config`, with a media plane built from it.
-    pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> Self {
-        Self {
-            rooms: Arc::new(RoomRegistry::new(RoomPolicy {
-                max_participants: config.max_participants,
-                mesh_max: config.mesh_max,
-                mesh_hold: Duration::from_secs(config.mesh_hold_secs),
-                switch_timeout: SWITCH_TIMEOUT,
-            })),
-            sfu: sfu::Sfu::new(config.sfu_config()),
-            auth: TokenAuthority::new(config.jwt_secret.as_deref(), config.token_ttl_secs),
-            config: Arc::new(config),
-            shutdown,
-            tasks: Arc::default(),
-        }
-    }
-}
+use crate::state::AppState;
 
 #[derive(RustEmbed)]
 #[folder = "../web-client/"]
@@ -203,201 +148,21 @@ async fn list_rooms(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let mut registry = Registry::with_prefix("switchboard");
-    let rooms = state.rooms.rooms();
-    let snapshots: Vec<_> = rooms.iter().map(|r| r.snapshot()).collect();
-    let gauge = |registry: &mut Registry, name: &str, help: &str, value: u64| {
-        let metric: Gauge = Gauge::default();
-        metric.set(i64::try_from(value).unwrap_or(i64::MAX));
-        registry.register(name, help, metric);
-    };
-    let counter = |registry: &mut Registry, name: &str, help: &str, value: u64| {
-        let metric: Counter = Counter::default();
-        metric.inc_by(value);
-        registry.register(name, help, metric);
-    };
-    gauge(
-        &mut registry,
-        "rooms",
-        "Rooms open now",
-        snapshots.len() as u64,
-    );
-    gauge(
-        &mut registry,
-        "participants",
-        "Participants in all rooms now",
-        snapshots.iter().map(|r| r.participants.len() as u64).sum(),
-    );
-    let by_mode: Family<Vec<(String, String)>, Gauge> = Family::default();
-    let room_participants: Family<Vec<(String, String)>, Gauge> = Family::default();
-    let room_switches: Family<Vec<(String, String)>, Counter> = Family::default();
-    for mode in ["mesh", "sfu"] {
-        by_mode
-            .get_or_create(&vec![("mode".into(), mode.into())])
-            .set(0);
-    }
-    for room in &snapshots {
-        by_mode
-            .get_or_create(&vec![("mode".into(), room.mode.into())])
-            .inc();
-        let count = i64::try_from(room.participants.len()).unwrap_or(i64::MAX);
-        room_participants
-            .get_or_create(&vec![
-                ("room".into(), room.name.clone()),
-                ("mode".into(), room.mode.into()),
-            ])
-            .set(count);
-        for (to, value) in [
-            ("sfu", room.switches_to_sfu),
-            ("mesh", room.switches_to_mesh),
-        ] {
-            room_switches
-                .get_or_create(&vec![
-                    ("room".into(), room.name.clone()),
-                    ("to".into(), to.into()),
-                ])
-                .inc_by(value);
-        }
-    }
-    registry.register("rooms_by_mode", "Rooms open now, by mode", by_mode);
-    registry.register(
-        "room_participants",
-        "Participants in each room now, labelled with the room's mode",
-        room_participants,
-    );
-    registry.register(
-        "room_mode_switches",
-        "Mode switches of each open room so far, by the mode switched to",
-        room_switches,
-    );
-    let relaxed = std::sync::atomic::Ordering::Relaxed;
-    let (fanouts, subscribe_connections) = state.sfu.live_tasks();
-    for (name, help, value) in [
-        (
-            "sessions",
-            "Signaling sockets served now",
-            state.tasks.sessions.load(relaxed),
-        ),
-        (
-            "negotiators",
-            "Subscribe negotiator tasks alive",
-            state.tasks.negotiators.load(relaxed),
-        ),
-        (
-            "fanout_tasks",
-            "Fanout tasks alive (one per publication)",
-            fanouts,
-        ),
-        (
-            "subscribe_connections",
-            "Subscribe connections open in the egress engine",
-            subscribe_connections,
-        ),
-    ] {
-        gauge(&mut registry, name, help, value);
-    }
-    let stats = state.sfu.stats();
-    gauge(
-        &mut registry,
-        "publications",
-        "Publications live now",
-        stats.publications,
-    );
-    counter(
-        &mut registry,
-        "received_packets",
-        "RTP packets received from publishers",
-        stats.received_packets,
-    );
-    counter(
-        &mut registry,
-        "forwarded_packets",
-        "RTP packets forwarded to subscribers",
-        stats.forwarded_packets,
-    );
-    counter(
-        &mut registry,
-        "forwarded_bytes",
-        "Bytes forwarded to subscribers",
-        stats.forwarded_bytes,
-    );
-    counter(
-        &mut registry,
-        "dropped_packets",
-        "Packets dropped for slow subscribers",
-        stats.dropped_packets,
-    );
-    counter(
-        &mut registry,
-        "keyframe_requests",
-        "Keyframe requests (PLI) sent to publishers",
-        stats.keyframe_requests,
-    );
-    counter(
-        &mut registry,
-        "nacks",
-        "NACK packets received from subscribers",
-        stats.nacks,
-    );
-    if let Some(egress) = state.sfu.egress_stats() {
-        for (name, help, value) in [
-            (
-                "egress_datagrams",
-                "Datagrams sent on the shared subscribe socket",
-                &egress.datagrams_sent,
-            ),
-            (
-                "egress_send_calls",
-                "sendmsg calls that sent them (fewer where UDP GSO batches)",
-                &egress.send_calls,
-            ),
-            (
-                "egress_send_errors",
-                "Datagrams the kernel refused on the shared subscribe socket",
-                &egress.send_errors,
-            ),
-            (
-                "egress_write_errors",
-                "Forwarded packets a subscribe connection refused (not connected yet, or closed)",
-                &egress.write_errors,
-            ),
-            (
-                "egress_unrouted_datagrams",
-                "Inbound datagrams from an address no subscribe connection knows",
-                &egress.unrouted_datagrams,
-            ),
-        ] {
-            counter(&mut registry, name, help, value.load(relaxed));
-        }
-        gauge(
-            &mut registry,
-            "egress_backlog",
-            "Forwarded copies waiting in the egress engine after its last round",
-            egress.backlog.load(relaxed),
-        );
-        gauge(
-            &mut registry,
-            "egress_backlog_limit",
-            "Forwarded copies the egress engine admits at most (40 ms at its recent pace)",
-            egress.backlog_limit.load(relaxed),
-        );
-    }
-    let mut body = String::new();
-    if let Err(err) = encode(&mut body, &registry) {
-        return error_response(
+    match crate::metrics::render(&state) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(err) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Internal,
             err.to_string(),
-        );
+        ),
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
 }
 
 async fn web_client(uri: Uri) -> Response {

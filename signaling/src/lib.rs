@@ -10,9 +10,12 @@
 pub mod auth;
 pub mod budget;
 pub mod config;
+pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod protocol;
 pub mod room;
+pub mod state;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -22,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::Config;
-pub use http::AppState;
+pub use state::{AppState, LiveTasks};
 
 /// A running server: its address and the way to stop it.
 pub struct Server {

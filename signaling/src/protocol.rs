@@ -82,6 +82,17 @@ pub enum ModePhase {
 /// Most tracks a description may describe.
 pub const MAX_TRACKS: usize = 16;
 
+/// Messages a participant may have relayed to others (and `mute` broadcasts) in a burst, and
+/// per second after it: enough for several renegotiations with trickled candidates, too few to
+/// flood a room.
+pub const RELAY_BURST: f64 = 100.0;
+/// See [`RELAY_BURST`].
+pub const RELAY_PER_SECOND: f64 = 20.0;
+/// Chat messages a participant may send in a burst, and per second after it.
+pub const CHAT_BURST: f64 = 10.0;
+/// See [`CHAT_BURST`].
+pub const CHAT_PER_SECOND: f64 = 1.0;
+
 /// A track the client sends, named by the track id of its `a=msid` line.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -360,13 +371,6 @@ pub struct SubscriptionInfo {
     pub track_id: String,
 }
 
-/// Which of a participant's successive sets of SFU connections a server `offer` or `answer`
-/// belongs to. A session that closes its SFU connections (the room settled in mesh) and opens new
-/// ones (the room switched back) drops, on the way out, a message for the old set that was still
-/// being computed: applied to the new connections it would break them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SfuLinkId(pub u64);
-
 /// Messages to a client.
 #[derive(Clone, Debug, Serialize)]
 #[serde(
@@ -425,9 +429,6 @@ pub enum ServerMessage {
         /// What each of the peer's sending tracks is (relayed only).
         #[serde(skip_serializing_if = "Option::is_none")]
         tracks: Option<Vec<TrackInfo>>,
-        /// Not sent: the SFU link it belongs to (see [`SfuLinkId`]).
-        #[serde(skip)]
-        link: Option<SfuLinkId>,
     },
     /// An answer: to the publish offer (from `sfu`), or a peer's mesh answer, relayed.
     Answer {
@@ -441,9 +442,6 @@ pub enum ServerMessage {
         /// What each of the peer's sending tracks is (relayed only).
         #[serde(skip_serializing_if = "Option::is_none")]
         tracks: Option<Vec<TrackInfo>>,
-        /// Not sent: the SFU link it belongs to (see [`SfuLinkId`]).
-        #[serde(skip)]
-        link: Option<SfuLinkId>,
     },
     /// A peer's trickled mesh candidate, relayed.
     #[serde(rename = "ice-candidate")]

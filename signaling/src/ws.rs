@@ -15,14 +15,17 @@ use tracing::Instrument;
 
 use crate::auth::Claims;
 use crate::budget::Budget;
-use crate::http::AppState;
+use crate::error::SignalError;
 use crate::protocol::{
-    CandidateInit, ClientMessage, ErrorCode, MAX_CHAT_CHARS, MAX_TRACKS, Mode, ModePhase,
-    PROTOCOL_VERSION, SFU_PEER, ServerMessage, SfuLinkId, TrackInfo, TransportName,
+    CHAT_BURST, CHAT_PER_SECOND, CandidateInit, ClientMessage, ErrorCode, MAX_CHAT_CHARS,
+    MAX_TRACKS, Mode, ModePhase, PROTOCOL_VERSION, RELAY_BURST, RELAY_PER_SECOND, SFU_PEER,
+    ServerMessage, TrackInfo, TransportName,
 };
 use crate::room::{
-    JoinError, Joiner, NegotiatorCommand, Outbound, RelayError, Room, run_negotiator,
+    JoinError, Joiner, NegotiatorCommand, Outbound, RelayError, Room, SfuLinkId, ToSession,
+    run_negotiator,
 };
+use crate::state::AppState;
 
 /// Interval between server pings.
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
@@ -32,20 +35,12 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(7);
 /// How often silence is checked.
 const LIVENESS_CHECK: Duration = Duration::from_millis(500);
 const OUTBOUND_QUEUE: usize = 1024;
-/// Messages a participant may have relayed to others (and `mute` broadcasts) in a burst, and
-/// per second after it: enough for several renegotiations with trickled candidates, too few to
-/// flood a room.
-const RELAY_BURST: f64 = 100.0;
-const RELAY_PER_SECOND: f64 = 20.0;
 /// Bytes of SDP and candidates a participant may have relayed in a burst, and per second after
 /// it: a message count alone would let 64 KiB messages fill another participant's queue.
 const RELAY_BYTES_BURST: f64 = 512.0 * 1024.0;
 const RELAY_BYTES_PER_SECOND: f64 = 128.0 * 1024.0;
 /// What a relayed message costs beyond its SDP.
 const RELAY_MESSAGE_BYTES: usize = 256;
-/// Chat messages a participant may send in a burst, and per second after it.
-const CHAT_BURST: f64 = 10.0;
-const CHAT_PER_SECOND: f64 = 1.0;
 
 /// A participant's connections to the server (SFU mode, and during a switch).
 struct SfuLink {
@@ -91,19 +86,21 @@ struct Session {
     sfu_links_opened: u64,
 }
 
-type Refusal = (ErrorCode, String);
-
-/// True for a server `offer` or `answer` made for SFU connections other than `current` (relayed
-/// messages belong to no link).
-fn made_for_another_sfu_link(message: &ServerMessage, current: Option<SfuLinkId>) -> bool {
-    match message {
-        ServerMessage::Offer {
-            link: Some(link), ..
-        }
-        | ServerMessage::Answer {
-            link: Some(link), ..
-        } => current != Some(*link),
-        _ => false,
+/// What a queued entry sends to the client, given the participant's current SFU connections:
+/// an offer or answer made for others (since closed) is dropped.
+fn to_client(entry: ToSession, current: Option<SfuLinkId>) -> Option<ServerMessage> {
+    match entry {
+        ToSession::Send(message) => Some(message),
+        ToSession::Mode {
+            mode,
+            phase,
+            switch,
+        } => Some(ServerMessage::Mode {
+            mode,
+            phase,
+            switch,
+        }),
+        ToSession::Sfu { link, message } => (current == Some(link)).then_some(message),
     }
 }
 
@@ -172,18 +169,18 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
                     break;
                 }
             },
-            Some(message) = outbound_rx.recv() => {
-                if session.is_for_a_closed_sfu_link(&message) {
-                    tracing::debug!("a message for closed SFU connections dropped");
-                    continue;
-                }
-                if let ServerMessage::Mode { mode, phase, .. } = &message {
+            Some(entry) = outbound_rx.recv() => {
+                if let ToSession::Mode { mode, phase, .. } = &entry {
                     // Applied before the client hears of it: its next message may rely on it.
-                    if let Err((code, text)) = session.apply_mode(*mode, *phase).await {
-                        let _ = send_json(&mut sink, &ServerMessage::error(code, text, None)).await;
+                    if let Err(err) = session.apply_mode(*mode, *phase).await {
+                        let _ = send_json(&mut sink, &ServerMessage::error(err.code(), err.to_string(), None)).await;
                         break;
                     }
                 }
+                let Some(message) = to_client(entry, session.current_sfu_link()) else {
+                    tracing::debug!("a message for closed SFU connections dropped");
+                    continue;
+                };
                 if send_json(&mut sink, &message).await.is_err() {
                     break;
                 }
@@ -216,7 +213,10 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
     }
     session.leave().await;
     // Whatever was queued before leaving (e.g. an error reply) still goes out.
-    while let Ok(message) = outbound_rx.try_recv() {
+    while let Ok(entry) = outbound_rx.try_recv() {
+        let Some(message) = to_client(entry, None) else {
+            continue;
+        };
         if send_json(&mut sink, &message).await.is_err() {
             break;
         }
@@ -254,20 +254,15 @@ fn candidate_init(candidate: CandidateInit) -> RTCIceCandidateInit {
 }
 
 /// Checks the `tracks` of a description.
-fn parse_tracks(tracks: &[TrackInfo]) -> Result<Vec<DeclaredTrack>, Refusal> {
+fn parse_tracks(tracks: &[TrackInfo]) -> Result<Vec<DeclaredTrack>, SignalError> {
     if tracks.len() > MAX_TRACKS {
-        return Err((
-            ErrorCode::BadRequest,
-            format!("at most {MAX_TRACKS} tracks per description"),
-        ));
+        return Err(SignalError::TooManyTracks);
     }
     tracks
         .iter()
         .map(|track| {
-            let source = Source::parse(&track.source).ok_or((
-                ErrorCode::BadRequest,
-                format!("unknown source `{}`", track.source),
-            ))?;
+            let source = Source::parse(&track.source)
+                .ok_or_else(|| SignalError::UnknownSource(track.source.clone()))?;
             Ok(DeclaredTrack {
                 track_id: track.track_id.clone(),
                 source,
@@ -301,9 +296,10 @@ impl Session {
             }
         };
         let kind = message.type_name();
-        if let Err((code, text)) = self.handle(message).await {
-            tracing::debug!(?code, %text, kind, "refused a message");
-            self.reply(ServerMessage::error(code, text, Some(kind)));
+        if let Err(err) = self.handle(message).await {
+            let code = err.code();
+            tracing::debug!(?code, %err, kind, "refused a message");
+            self.reply(ServerMessage::error(code, err.to_string(), Some(kind)));
             return if self.ending {
                 Flow::Leave
             } else {
@@ -317,55 +313,41 @@ impl Session {
         }
     }
 
-    fn membership(&self) -> Result<&Membership, Refusal> {
-        self.membership
-            .as_ref()
-            .ok_or((ErrorCode::InvalidState, "send `join` first".to_owned()))
+    fn membership(&self) -> Result<&Membership, SignalError> {
+        self.membership.as_ref().ok_or(SignalError::NotJoined)
     }
 
     /// The participant's SFU connections, when `peer_id` is the server.
-    fn sfu_link(&self) -> Result<&SfuLink, Refusal> {
-        self.membership()?.sfu.as_ref().ok_or((
-            ErrorCode::InvalidState,
-            "the room is in mesh mode: address participants by their peerId, not `sfu`".into(),
-        ))
+    fn sfu_link(&self) -> Result<&SfuLink, SignalError> {
+        self.membership()?.sfu.as_ref().ok_or(SignalError::MeshMode)
     }
 
-    /// Hands `message` to participant `to`, within the relay budgets.
-    fn relay(&mut self, to: &str, message: ServerMessage) -> Result<(), Refusal> {
+    /// Hands the message `make` builds (from the sender's id) to participant `to`, within the
+    /// relay budgets.
+    fn relay(
+        &mut self,
+        to: &str,
+        make: impl FnOnce(String) -> ServerMessage,
+    ) -> Result<(), SignalError> {
         let membership = self.membership()?;
         let (room, from) = (membership.room.clone(), membership.participant.clone());
+        let message = make(from.to_string());
         let bytes = RELAY_MESSAGE_BYTES
             + match &message {
                 ServerMessage::Offer { sdp, .. } | ServerMessage::Answer { sdp, .. } => sdp.len(),
                 _ => 0,
             };
         if !self.relay_budget.take() || !self.relay_bytes.take_n(bytes as f64) {
-            return Err((
-                ErrorCode::RateLimited,
-                format!(
-                    "more than {RELAY_BURST} messages to other participants in a burst \
-                     ({RELAY_PER_SECOND} per second after it): this one was dropped"
-                ),
-            ));
+            return Err(SignalError::RelayRateLimited);
         }
         room.relay(&from, to, message).map_err(|err| match err {
-            RelayError::SfuMode => (
-                ErrorCode::InvalidState,
-                format!("the room is in sfu mode: address `{SFU_PEER}`, not `{to}`"),
-            ),
-            RelayError::UnknownPeer => (
-                ErrorCode::UnknownPeer,
-                format!("no participant `{to}` in this room"),
-            ),
-            RelayError::ToSelf => (
-                ErrorCode::InvalidState,
-                "a message addressed to yourself".into(),
-            ),
+            RelayError::SfuMode => SignalError::SfuMode(to.to_owned()),
+            RelayError::UnknownPeer => SignalError::UnknownPeer(to.to_owned()),
+            RelayError::ToSelf => SignalError::ToSelf,
         })
     }
 
-    async fn handle(&mut self, message: ClientMessage) -> Result<(), Refusal> {
+    async fn handle(&mut self, message: ClientMessage) -> Result<(), SignalError> {
         match message {
             ClientMessage::Join { name, resume } => self.join(name, resume).await,
             ClientMessage::Offer {
@@ -376,40 +358,33 @@ impl Session {
             } => {
                 let declared = parse_tracks(&tracks)?;
                 if peer_id != SFU_PEER {
-                    let me = self.membership()?.participant.to_string();
-                    return self.relay(
-                        &peer_id,
-                        ServerMessage::Offer {
-                            peer_id: me,
-                            transport: None,
-                            sdp,
-                            subscriptions: None,
-                            tracks: Some(tracks),
-                            link: None,
-                        },
-                    );
+                    return self.relay(&peer_id, |me| ServerMessage::Offer {
+                        peer_id: me,
+                        transport: None,
+                        sdp,
+                        subscriptions: None,
+                        tracks: Some(tracks),
+                    });
                 }
                 let link = self.sfu_link()?;
                 if transport != Some(TransportName::Publish) {
-                    return Err((
-                        ErrorCode::InvalidState,
-                        "offers to `sfu` are for the publish connection (`transport: \"publish\"`); \
-                         the server makes every offer on the subscribe connection"
-                            .into(),
-                    ));
+                    return Err(SignalError::OfferNotForPublish);
                 }
                 let link_id = link.id;
                 let answer = link
                     .publish
                     .answer(sdp, declared)
                     .await
-                    .map_err(|err| (ErrorCode::InvalidSdp, err.to_string()))?;
-                self.reply(ServerMessage::Answer {
-                    peer_id: SFU_PEER.to_owned(),
-                    transport: Some(TransportName::Publish),
-                    sdp: answer,
-                    tracks: None,
-                    link: Some(link_id),
+                    .map_err(|err| SignalError::InvalidSdp(err.to_string()))?;
+                // The room may settle in mesh while the answer is made: then it is not sent.
+                self.outbound.queue(ToSession::Sfu {
+                    link: link_id,
+                    message: ServerMessage::Answer {
+                        peer_id: SFU_PEER.to_owned(),
+                        transport: Some(TransportName::Publish),
+                        sdp: answer,
+                        tracks: None,
+                    },
                 });
                 Ok(())
             }
@@ -421,30 +396,21 @@ impl Session {
             } => {
                 parse_tracks(&tracks)?;
                 if peer_id != SFU_PEER {
-                    let me = self.membership()?.participant.to_string();
-                    return self.relay(
-                        &peer_id,
-                        ServerMessage::Answer {
-                            peer_id: me,
-                            transport: None,
-                            link: None,
-                            sdp,
-                            tracks: Some(tracks),
-                        },
-                    );
+                    return self.relay(&peer_id, |me| ServerMessage::Answer {
+                        peer_id: me,
+                        transport: None,
+                        sdp,
+                        tracks: Some(tracks),
+                    });
                 }
                 let link = self.sfu_link()?;
                 if transport != Some(TransportName::Subscribe) {
-                    return Err((
-                        ErrorCode::InvalidState,
-                        "answers to `sfu` are for the subscribe connection (`transport: \"subscribe\"`)"
-                            .into(),
-                    ));
+                    return Err(SignalError::AnswerNotForSubscribe);
                 }
                 link.negotiator
                     .send(NegotiatorCommand::Answer(sdp))
                     .await
-                    .map_err(|_| (ErrorCode::Internal, "subscribe connection is gone".into()))
+                    .map_err(|_| SignalError::SubscribeGone)
             }
             ClientMessage::IceCandidate {
                 peer_id,
@@ -452,20 +418,13 @@ impl Session {
                 candidate,
             } => {
                 if peer_id != SFU_PEER {
-                    let me = self.membership()?.participant.to_string();
-                    return self.relay(
-                        &peer_id,
-                        ServerMessage::IceCandidate {
-                            peer_id: me,
-                            candidate,
-                        },
-                    );
+                    return self.relay(&peer_id, |me| ServerMessage::IceCandidate {
+                        peer_id: me,
+                        candidate,
+                    });
                 }
                 let link = self.sfu_link()?;
-                let transport = transport.ok_or((
-                    ErrorCode::BadRequest,
-                    "a candidate for `sfu` names its `transport`".to_owned(),
-                ))?;
+                let transport = transport.ok_or(SignalError::CandidateWithoutTransport)?;
                 let Some(candidate) = candidate.filter(|c| !c.candidate.is_empty()) else {
                     return Ok(()); // End of candidates: nothing to do for an ICE-lite-like server.
                 };
@@ -475,14 +434,12 @@ impl Session {
                         .publish
                         .add_ice_candidate(candidate)
                         .await
-                        .map_err(|err| {
-                            (ErrorCode::BadRequest, format!("candidate refused: {err}"))
-                        }),
+                        .map_err(|err| SignalError::CandidateRefused(err.to_string())),
                     TransportName::Subscribe => link
                         .negotiator
                         .send(NegotiatorCommand::Candidate(candidate))
                         .await
-                        .map_err(|_| (ErrorCode::Internal, "subscribe connection is gone".into())),
+                        .map_err(|_| SignalError::SubscribeGone),
                 }
             }
             ClientMessage::Ready { mode, switch } => {
@@ -493,10 +450,7 @@ impl Session {
             ClientMessage::Mute { track_id, muted } => {
                 self.membership()?;
                 if !self.relay_budget.take() {
-                    return Err((
-                        ErrorCode::RateLimited,
-                        "too many messages for other participants: this one was dropped".into(),
-                    ));
+                    return Err(SignalError::ControlRateLimited("mute"));
                 }
                 let membership = self.membership()?;
                 membership
@@ -508,29 +462,14 @@ impl Session {
                 let membership = self.membership()?;
                 let length = text.chars().count();
                 if text.trim().is_empty() || length > MAX_CHAT_CHARS {
-                    return Err((
-                        ErrorCode::BadRequest,
-                        format!(
-                            "a chat message is 1 to {MAX_CHAT_CHARS} characters, not only spaces \
-                             ({length} sent)"
-                        ),
-                    ));
+                    return Err(SignalError::BadChat(length));
                 }
                 let (room, participant) = (membership.room.clone(), membership.participant.clone());
                 if !self.chat_budget.take() {
-                    return Err((
-                        ErrorCode::RateLimited,
-                        format!(
-                            "more than {CHAT_BURST} chat messages in a burst ({CHAT_PER_SECOND} \
-                             per second after it): this one was not sent"
-                        ),
-                    ));
+                    return Err(SignalError::ChatRateLimited);
                 }
                 if !room.chat(&participant, text) {
-                    return Err((
-                        ErrorCode::RateLimited,
-                        "the room is chatting faster than it can be delivered: this message was not sent".into(),
-                    ));
+                    return Err(SignalError::RoomChatRateLimited);
                 }
                 Ok(())
             }
@@ -540,10 +479,7 @@ impl Session {
             } => {
                 self.membership()?;
                 if !self.relay_budget.take() {
-                    return Err((
-                        ErrorCode::RateLimited,
-                        "too many messages: this pause was dropped".into(),
-                    ));
+                    return Err(SignalError::ControlRateLimited("pause"));
                 }
                 let Some(link) = self.membership.as_ref().and_then(|m| m.sfu.as_ref()) else {
                     // A mesh has no server subscriptions; a pause that crossed a switch to
@@ -556,7 +492,7 @@ impl Session {
                         paused,
                     ))
                     .await
-                    .map_err(|_| (ErrorCode::Internal, "subscribe connection is gone".into()))
+                    .map_err(|_| SignalError::SubscribeGone)
             }
             ClientMessage::MeshFailed { peer_id } => {
                 let membership = self.membership()?;
@@ -573,16 +509,13 @@ impl Session {
         &mut self,
         name: Option<String>,
         resume: Option<String>,
-    ) -> Result<(), (ErrorCode, String)> {
+    ) -> Result<(), SignalError> {
         if self.membership.is_some() {
-            return Err((ErrorCode::InvalidState, "already joined".into()));
+            return Err(SignalError::AlreadyJoined);
         }
         let name = name.unwrap_or_else(|| self.claims.sub.clone());
         if !valid_name(&name) {
-            return Err((
-                ErrorCode::BadRequest,
-                "a name is 1 to 64 characters, not only spaces".into(),
-            ));
+            return Err(SignalError::BadName);
         }
         let name = name.trim().to_owned();
         let participant = ParticipantId::random();
@@ -622,14 +555,8 @@ impl Session {
                     transports.close().await;
                 }
                 return Err(match err {
-                    JoinError::NameTaken => (
-                        ErrorCode::NameTaken,
-                        format!("the name `{name}` is taken in this room"),
-                    ),
-                    JoinError::RoomFull(limit) => (
-                        ErrorCode::RoomFull,
-                        format!("the room is full ({limit} participants)"),
-                    ),
+                    JoinError::NameTaken => SignalError::NameTaken(name),
+                    JoinError::RoomFull(limit) => SignalError::RoomFull(limit),
                 });
             }
         };
@@ -659,17 +586,14 @@ impl Session {
     async fn open_transports(
         &self,
         participant: &ParticipantId,
-    ) -> Result<OpenTransports, Refusal> {
+    ) -> Result<OpenTransports, SignalError> {
         let sfu = &self.state.sfu;
-        let internal =
-            |err: sfu::SfuError| (ErrorCode::Internal, format!("media transport: {err}"));
         // Unbounded: media-plane events per participant are bounded by its publications, and the
         // webrtc-rs driver that sends them must never wait on this socket.
         let (events_tx, events) = mpsc::unbounded_channel();
         let publish = sfu
             .publish_transport(participant.clone(), events_tx.clone())
-            .await
-            .map_err(internal)?;
+            .await?;
         let subscribe = match sfu
             .subscribe_transport(participant.clone(), events_tx)
             .await
@@ -677,7 +601,7 @@ impl Session {
             Ok(subscribe) => subscribe,
             Err(err) => {
                 publish.close().await;
-                return Err(internal(err));
+                return Err(err.into());
             }
         };
         Ok(OpenTransports {
@@ -688,7 +612,7 @@ impl Session {
     }
 
     /// Opens and attaches SFU transports, unless the participant has them.
-    async fn start_sfu(&mut self) -> Result<(), Refusal> {
+    async fn start_sfu(&mut self) -> Result<(), SignalError> {
         let Some(membership) = &self.membership else {
             return Ok(());
         };
@@ -738,16 +662,15 @@ impl Session {
         });
     }
 
-    /// A server `offer` or `answer` made for SFU connections this session has closed since (a
-    /// negotiator still finishing an offer when the room settled in mesh): never sent, as the
-    /// client may already have new connections it would be applied to.
-    fn is_for_a_closed_sfu_link(&self, message: &ServerMessage) -> bool {
-        let current = self
-            .membership
+    /// The participant's SFU connections now. A server `offer` or `answer` made for others, that
+    /// this session has closed since (a negotiator still finishing an offer when the room
+    /// settled in mesh), is never sent: the client may already have new connections it would be
+    /// applied to.
+    fn current_sfu_link(&self) -> Option<SfuLinkId> {
+        self.membership
             .as_ref()
             .and_then(|m| m.sfu.as_ref())
-            .map(|l| l.id);
-        made_for_another_sfu_link(message, current)
+            .map(|l| l.id)
     }
 
     /// Closes the participant's SFU transports and takes its publications out of the room.
@@ -768,12 +691,12 @@ impl Session {
     /// Follows the room's mode: SFU transports come up when a switch to SFU starts, and go once
     /// the room has settled in mesh. A participant whose transports cannot open cannot stay in
     /// an SFU room: the error ends its session.
-    async fn apply_mode(&mut self, mode: Mode, phase: ModePhase) -> Result<(), Refusal> {
+    async fn apply_mode(&mut self, mode: Mode, phase: ModePhase) -> Result<(), SignalError> {
         match (mode, phase) {
             (Mode::Sfu, _) => {
-                if let Err((code, err)) = self.start_sfu().await {
+                if let Err(err) = self.start_sfu().await {
                     tracing::error!(%err, "cannot open SFU transports for a switch");
-                    return Err((code, err));
+                    return Err(err);
                 }
             }
             (Mode::Mesh, ModePhase::Settled) => self.stop_sfu().await,
@@ -834,55 +757,63 @@ impl Session {
 mod tests {
     use super::*;
 
-    fn subscribe_offer(link: Option<SfuLinkId>) -> ServerMessage {
+    fn subscribe_offer() -> ServerMessage {
         ServerMessage::Offer {
             peer_id: SFU_PEER.to_owned(),
             transport: Some(TransportName::Subscribe),
             sdp: String::new(),
             subscriptions: Some(Vec::new()),
             tracks: None,
-            link,
         }
     }
 
-    fn publish_answer(link: Option<SfuLinkId>) -> ServerMessage {
+    fn publish_answer() -> ServerMessage {
         ServerMessage::Answer {
             peer_id: SFU_PEER.to_owned(),
             transport: Some(TransportName::Publish),
             sdp: String::new(),
             tracks: None,
-            link,
         }
     }
 
     #[test]
     fn offers_and_answers_of_closed_sfu_connections_are_not_sent() {
         let (old, new) = (SfuLinkId(0), SfuLinkId(1));
-        for made in [subscribe_offer(Some(old)), publish_answer(Some(old))] {
+        for message in [subscribe_offer(), publish_answer()] {
+            let made = || ToSession::Sfu {
+                link: old,
+                message: message.clone(),
+            };
             assert!(
-                made_for_another_sfu_link(&made, Some(new)),
-                "{made:?} after a reopen"
+                to_client(made(), Some(new)).is_none(),
+                "{message:?} after a reopen"
             );
+            assert!(to_client(made(), None).is_none(), "{message:?} once closed");
             assert!(
-                made_for_another_sfu_link(&made, None),
-                "{made:?} once closed"
-            );
-            assert!(
-                !made_for_another_sfu_link(&made, Some(old)),
-                "{made:?} while open"
+                to_client(made(), Some(old)).is_some(),
+                "{message:?} while open"
             );
         }
         // Relayed mesh messages belong to no SFU connection.
-        for relayed in [subscribe_offer(None), publish_answer(None)] {
-            assert!(!made_for_another_sfu_link(&relayed, None));
-            assert!(!made_for_another_sfu_link(&relayed, Some(new)));
+        for relayed in [subscribe_offer(), publish_answer()] {
+            assert!(to_client(ToSession::Send(relayed.clone()), None).is_some());
+            assert!(to_client(ToSession::Send(relayed), Some(new)).is_some());
         }
     }
 
     #[test]
-    fn the_link_id_never_reaches_the_wire() -> serde_json::Result<()> {
-        let text = serde_json::to_string(&subscribe_offer(Some(SfuLinkId(7))))?;
-        assert!(!text.contains("link"), "{text}");
-        Ok(())
+    fn a_mode_change_reaches_the_client_as_the_mode_message() {
+        let entry = ToSession::Mode {
+            mode: Mode::Sfu,
+            phase: ModePhase::Switching,
+            switch: 3,
+        };
+        let message = to_client(entry, None).map(|m| serde_json::to_value(&m).ok());
+        assert_eq!(
+            message.flatten(),
+            Some(
+                serde_json::json!({"type": "mode", "mode": "sfu", "phase": "switching", "switch": 3})
+            )
+        );
     }
 }

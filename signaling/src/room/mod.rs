@@ -2,26 +2,31 @@
 //! Rooms make decisions and send messages; they never touch packets. The registry lock is taken
 //! only on join and leave.
 //!
-//! The Mode policy: a room of at most `mesh_max` participants is a mesh (the server only relays
-//! signaling), a larger one uses the SFU. A change is announced as `mode`/`switching`; every
-//! participant who was in the room then brings up the new connections while the old ones keep
-//! playing and reports `ready` once it receives everyone through them; then `mode`/`settled` tells
-//! everyone to close the old connections (make before break). Going back to mesh waits until the
-//! room has stayed small for the hold time, so a quick leave and rejoin switches nothing.
+//! The Mode policy ([`mode::ModeSwitch`], a pure state machine): a room of at most `mesh_max`
+//! participants is a mesh (the server only relays signaling), a larger one uses the SFU. A change
+//! is announced as `mode`/`switching`; every participant who was in the room then brings up the
+//! new connections while the old ones keep playing and reports `ready` once it receives everyone
+//! through them; then `mode`/`settled` tells everyone to close the old connections (make before
+//! break). Going back to mesh waits until the room has stayed small for the hold time, so a quick
+//! leave and rejoin switches nothing. Each room has one timer task, which wakes the machine at its
+//! next deadline and ends with the room.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+pub mod mode;
+mod negotiator;
+mod snapshot;
+
+pub use negotiator::{NegotiatorCommand, run_negotiator};
+pub use snapshot::{ParticipantSnapshot, PublicationSnapshot, RoomSnapshot};
+
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use sfu::{ParticipantId, Publication, PublicationId, SubscribeTransport};
-use sfu::{RTCIceCandidateInit, SfuError};
-use tokio::sync::{Notify, mpsc};
+use sfu::{ParticipantId, Publication, PublicationId};
+use tokio::sync::{Notify, mpsc, watch};
 
-use crate::protocol::{
-    ChatMessage, ErrorCode, Mode, ModePhase, PeerInfo, ServerMessage, SfuLinkId, SubscriptionInfo,
-    TransportName,
-};
+use self::mode::{ModeChange, ModePolicy, ModeSwitch};
+use crate::protocol::{ChatMessage, Mode, ModePhase, PeerInfo, ServerMessage};
 
 /// Chat messages a room keeps for those who join later.
 pub const CHAT_HISTORY: usize = 100;
@@ -47,18 +52,51 @@ pub struct RoomPolicy {
     pub switch_timeout: Duration,
 }
 
+/// Which of a participant's successive sets of SFU connections a server `offer` or `answer`
+/// belongs to. A session that closes its SFU connections (the room settled in mesh) and opens new
+/// ones (the room switched back) drops, on the way out, a message for the old set that was still
+/// being computed: applied to the new connections it would break them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SfuLinkId(pub u64);
+
+/// What a room, a negotiator or the session itself asks of one participant's socket task. The
+/// wire types stay exactly the protocol; what only the server needs to know rides here.
+#[derive(Clone, Debug)]
+pub enum ToSession {
+    /// Send this message.
+    Send(ServerMessage),
+    /// The room's mode changes: open or close the participant's SFU connections, then tell the
+    /// client (its next message may rely on them).
+    Mode {
+        /// The mode switched to or settled in.
+        mode: Mode,
+        /// Switching or settled.
+        phase: ModePhase,
+        /// The switch's number.
+        switch: u64,
+    },
+    /// A server `offer` or `answer` made for SFU connections `link`: sent only while they are
+    /// the participant's current ones.
+    Sfu {
+        /// The connections it was made for.
+        link: SfuLinkId,
+        /// The offer or answer.
+        message: ServerMessage,
+    },
+}
+
 /// Messages queued toward one participant's socket. A participant whose queue overflows is
 /// stuck (its socket is not being drained): it is kicked rather than silently missing messages,
 /// which would break the protocol's ordering guarantees.
 #[derive(Clone, Debug)]
 pub struct Outbound {
-    tx: mpsc::Sender<ServerMessage>,
+    tx: mpsc::Sender<ToSession>,
     kick: Arc<Notify>,
 }
 
 impl Outbound {
-    /// A queue of `capacity` messages and its receiving end.
-    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<ServerMessage>) {
+    /// A queue of `capacity` entries and its receiving end.
+    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<ToSession>) {
         let (tx, rx) = mpsc::channel(capacity);
         (
             Self {
@@ -69,9 +107,14 @@ impl Outbound {
         )
     }
 
-    /// Queues `message`; false (and the participant kicked) when the queue is full.
+    /// Queues `message` for the client; false (and the participant kicked) when the queue is full.
     pub fn send(&self, message: ServerMessage) -> bool {
-        match self.tx.try_send(message) {
+        self.queue(ToSession::Send(message))
+    }
+
+    /// Queues an entry; false (and the participant kicked) when the queue is full.
+    pub fn queue(&self, entry: ToSession) -> bool {
+        match self.tx.try_send(entry) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!("a participant's signaling queue is full: disconnecting it");
@@ -107,17 +150,6 @@ pub enum RoomCommand {
     Unsubscribe(PublicationId),
 }
 
-/// What the participant's own socket asks of its subscribe transport.
-#[derive(Debug)]
-pub enum NegotiatorCommand {
-    /// The participant's answer to the outstanding offer.
-    Answer(String),
-    /// A candidate the participant trickled for its subscribe connection.
-    Candidate(RTCIceCandidateInit),
-    /// Stop or resume forwarding one publication to the participant.
-    Pause(PublicationId, bool),
-}
-
 struct Published {
     publication: Publication,
     track_id: String,
@@ -140,18 +172,7 @@ struct Member {
 
 struct RoomState {
     members: Vec<Member>,
-    mode: Mode,
-    /// Present while a switch to `mode` waits for `ready` reports.
-    switch: Option<Switch>,
-    /// Bumped by every switch, so that a stale timeout settles nothing.
-    switch_generation: u64,
-    /// Bumped whenever a pending return to mesh is cancelled or scheduled.
-    hold_generation: u64,
-    hold_pending: bool,
-    switches_to_sfu: u64,
-    switches_to_mesh: u64,
-    /// Set when a mesh could not connect: the room stays in SFU mode for as long as it exists.
-    mesh_blocked: bool,
+    mode: ModeSwitch,
     /// The latest chat messages, oldest first, at most [`CHAT_HISTORY`].
     chat: VecDeque<ChatMessage>,
     /// What the whole room may chat: every message goes to every member, so one budget per
@@ -160,19 +181,13 @@ struct RoomState {
     chat_sent: u64,
 }
 
-/// A switch in progress.
-struct Switch {
-    /// Participants who were in the room when it began and have not reported `ready`.
-    waiting: HashSet<ParticipantId>,
-}
-
 /// One named group of participants.
 pub struct Room {
     name: String,
-    policy: RoomPolicy,
-    /// For the timers the room starts; they must not keep it alive.
-    this: Weak<Room>,
     state: Mutex<RoomState>,
+    /// The mode machine's next deadline, for the room's timer task (which ends when this
+    /// sender is dropped with the room).
+    deadline: watch::Sender<Option<Instant>>,
 }
 
 /// Why a message could not be relayed to another participant.
@@ -215,6 +230,29 @@ pub struct Joined {
     pub mode: Mode,
 }
 
+/// Wakes the room's mode machine at each deadline it names; ends when the room is dropped.
+async fn run_timer(room: Weak<Room>, mut deadlines: watch::Receiver<Option<Instant>>) {
+    loop {
+        let next = *deadlines.borrow_and_update();
+        let changed = match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => {
+                        let Some(room) = room.upgrade() else { return };
+                        room.tick(Instant::now());
+                        continue;
+                    }
+                    changed = deadlines.changed() => changed,
+                }
+            }
+            None => deadlines.changed().await,
+        };
+        if changed.is_err() {
+            return; // The room is gone.
+        }
+    }
+}
+
 /// Compares two secrets in time independent of where they differ.
 fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len()
@@ -237,6 +275,28 @@ impl Member {
 }
 
 impl Room {
+    /// A new, empty room, with its timer task.
+    fn new(name: &str, policy: RoomPolicy) -> Arc<Self> {
+        let (deadline, deadlines) = watch::channel(None);
+        let room = Arc::new(Room {
+            name: name.to_owned(),
+            state: Mutex::new(RoomState {
+                members: Vec::new(),
+                mode: ModeSwitch::new(ModePolicy {
+                    mesh_max: policy.mesh_max,
+                    mesh_hold: policy.mesh_hold,
+                    switch_timeout: policy.switch_timeout,
+                }),
+                chat: VecDeque::new(),
+                chat_budget: crate::budget::Budget::new(ROOM_CHAT_BURST, ROOM_CHAT_PER_SECOND),
+                chat_sent: 0,
+            }),
+            deadline,
+        });
+        tokio::spawn(run_timer(Arc::downgrade(&room), deadlines));
+        room
+    }
+
     fn lock(&self) -> MutexGuard<'_, RoomState> {
         // A panic while holding this lock is a bug; the state is still consistent enough to use.
         self.state
@@ -251,7 +311,53 @@ impl Room {
 
     /// The room's mode now (the one it is switching to during a switch).
     pub fn mode(&self) -> Mode {
-        self.lock().mode
+        self.lock().mode.mode()
+    }
+
+    /// Everyone in the room, for the mode machine.
+    fn member_ids(state: &RoomState) -> Vec<ParticipantId> {
+        state.members.iter().map(|m| m.id.clone()).collect()
+    }
+
+    /// Tells every member about each change of mode, and sets the timer to the machine's next
+    /// deadline.
+    fn announce(&self, state: &RoomState, changes: Vec<ModeChange>) {
+        for change in changes {
+            let (mode, phase, switch) = match change {
+                ModeChange::Switching { mode, switch } => {
+                    tracing::info!(room = %self.name, mode = mode.as_str(), participants = state.members.len(), "mode switching");
+                    (mode, ModePhase::Switching, switch)
+                }
+                ModeChange::Settled { mode, switch } => {
+                    tracing::info!(room = %self.name, mode = mode.as_str(), "mode settled");
+                    (mode, ModePhase::Settled, switch)
+                }
+            };
+            for member in &state.members {
+                member.outbound.queue(ToSession::Mode {
+                    mode,
+                    phase,
+                    switch,
+                });
+            }
+        }
+        let next = state.mode.next_deadline();
+        self.deadline.send_if_modified(|deadline| {
+            let changed = *deadline != next;
+            *deadline = next;
+            changed
+        });
+    }
+
+    /// The room's timer reached a deadline of the mode machine.
+    fn tick(&self, now: Instant) {
+        let mut state = self.lock();
+        if state.mode.switch_overdue(now) {
+            tracing::warn!(room = %self.name, mode = state.mode.mode().as_str(), "mode switch timed out waiting for `ready`");
+        }
+        let members = Self::member_ids(&state);
+        let changes = state.mode.tick(&members, now);
+        self.announce(&state, changes);
     }
 
     /// Registers the participant's SFU connections; returns what the others publish now, which
@@ -432,7 +538,9 @@ impl Room {
                 other.command(RoomCommand::Unsubscribe(published.publication.id.clone()));
             }
         }
-        self.shrank(state);
+        let members = Self::member_ids(state);
+        let changes = state.mode.left(&members, Instant::now());
+        self.announce(state, changes);
     }
 
     /// True when `peer` is a member of this room.
@@ -460,7 +568,7 @@ impl Room {
             .iter()
             .find(|m| m.id.as_str() == to)
             .ok_or(RelayError::UnknownPeer)?;
-        if state.mode == Mode::Sfu && state.switch.is_none() {
+        if state.mode.mode() == Mode::Sfu && !state.mode.switching() {
             return Err(RelayError::SfuMode);
         }
         send(&target.outbound, message);
@@ -472,89 +580,9 @@ impl Room {
     /// (a switch since replaced) is stale and ignored.
     pub fn ready(&self, participant: &ParticipantId, mode: Mode, switch: Option<u64>) {
         let mut state = self.lock();
-        if state.mode != mode || switch.is_some_and(|n| n != state.switch_generation) {
-            return;
-        }
-        if let Some(switch) = &mut state.switch {
-            switch.waiting.remove(participant);
-        }
-        self.settle_if_done(&mut state);
-    }
-
-    /// Starts a switch to `to`; `newcomer` (whose join caused it) has no old connections and is
-    /// not waited for.
-    fn begin_switch(&self, state: &mut RoomState, to: Mode, newcomer: Option<&ParticipantId>) {
-        state.mode = to;
-        state.switch_generation += 1;
-        match to {
-            Mode::Sfu => state.switches_to_sfu += 1,
-            Mode::Mesh => state.switches_to_mesh += 1,
-        }
-        state.switch = Some(Switch {
-            waiting: state
-                .members
-                .iter()
-                .map(|m| m.id.clone())
-                .filter(|id| Some(id) != newcomer)
-                .collect(),
-        });
-        tracing::info!(room = %self.name, mode = to.as_str(), participants = state.members.len(), "mode switching");
-        let message = ServerMessage::Mode {
-            mode: to,
-            phase: ModePhase::Switching,
-            switch: state.switch_generation,
-        };
-        for member in &state.members {
-            send(&member.outbound, message.clone());
-        }
-        let generation = state.switch_generation;
-        let room = self.this.clone();
-        let timeout = self.policy.switch_timeout;
-        tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            if let Some(room) = room.upgrade() {
-                let mut state = room.lock();
-                if state.switch_generation == generation && state.switch.is_some() {
-                    tracing::warn!(room = %room.name, mode = state.mode.as_str(), "mode switch timed out waiting for `ready`");
-                    if state.mode == Mode::Mesh {
-                        // The mesh did not come up (peers without a route to each other): the
-                        // SFU connections still work, so go back to them and stay there.
-                        state.mesh_blocked = true;
-                        room.begin_switch(&mut state, Mode::Sfu, None);
-                    } else {
-                        room.settle(&mut state);
-                    }
-                }
-            }
-        });
-        self.settle_if_done(state);
-    }
-
-    fn settle_if_done(&self, state: &mut RoomState) {
-        let done = match &state.switch {
-            Some(switch) => {
-                // Someone alone has no connections to move.
-                state.members.len() <= 1
-                    || !state.members.iter().any(|m| switch.waiting.contains(&m.id))
-            }
-            None => false,
-        };
-        if done {
-            self.settle(state);
-        }
-    }
-
-    fn settle(&self, state: &mut RoomState) {
-        state.switch = None;
-        tracing::info!(room = %self.name, mode = state.mode.as_str(), "mode settled");
-        let message = ServerMessage::Mode {
-            mode: state.mode,
-            phase: ModePhase::Settled,
-            switch: state.switch_generation,
-        };
-        for member in &state.members {
-            send(&member.outbound, message.clone());
-        }
+        let members = Self::member_ids(&state);
+        let changes = state.mode.ready(&members, participant, mode, switch);
+        self.announce(&state, changes);
     }
 
     /// A participant's mesh connection cannot connect: the room switches to SFU and stays there.
@@ -562,188 +590,22 @@ impl Room {
     /// switch to SFU (an offer its peer dropped on switching) says nothing about the network.
     pub fn mesh_failed(&self, participant: &ParticipantId, peer: Option<&str>) {
         let mut state = self.lock();
-        if !state.members.iter().any(|m| &m.id == participant) || state.mesh_blocked {
+        if !state.members.iter().any(|m| &m.id == participant) {
             return;
         }
-        if state.mode != Mode::Mesh {
-            tracing::debug!(room = %self.name, %participant, peer, "mesh_failed outside mesh mode ignored");
-            return;
-        }
-        tracing::warn!(room = %self.name, %participant, peer, "a mesh connection failed: the room uses the SFU from now on");
-        state.mesh_blocked = true;
-        if state.hold_pending {
-            state.hold_pending = false;
-            state.hold_generation += 1;
-        }
-        self.begin_switch(&mut state, Mode::Sfu, None);
-    }
-
-    /// After the room grew: switches to SFU when it outgrew mesh, and cancels a pending return
-    /// to mesh.
-    fn grew(&self, state: &mut RoomState, newcomer: &ParticipantId) {
-        let mesh_max = self.policy.mesh_max;
-        if mesh_max == 0 || state.members.len() <= mesh_max {
-            return;
-        }
-        if state.hold_pending {
-            state.hold_pending = false;
-            state.hold_generation += 1;
-        }
-        if state.mode == Mode::Mesh {
-            self.begin_switch(state, Mode::Sfu, Some(newcomer));
-        }
-    }
-
-    /// After the room shrank: settles a switch that waited only for those who left, and starts
-    /// the hold time of a return to mesh.
-    fn shrank(&self, state: &mut RoomState) {
-        self.settle_if_done(state);
-        let count = state.members.len();
-        let mesh_max = self.policy.mesh_max;
-        if state.mode != Mode::Sfu
-            || mesh_max == 0
-            || state.mesh_blocked
-            || count == 0
-            || count > mesh_max
-            || state.hold_pending
-        {
-            return;
-        }
-        state.hold_pending = true;
-        state.hold_generation += 1;
-        let generation = state.hold_generation;
-        let room = self.this.clone();
-        let hold = self.policy.mesh_hold;
-        tokio::spawn(async move {
-            tokio::time::sleep(hold).await;
-            let Some(room) = room.upgrade() else {
-                return;
-            };
-            let mut state = room.lock();
-            if state.hold_generation != generation || !state.hold_pending {
-                return;
+        let members = Self::member_ids(&state);
+        match state.mode.mesh_failed(&members, Instant::now()) {
+            None => {
+                tracing::debug!(room = %self.name, %participant, peer, "mesh_failed outside mesh mode ignored");
             }
-            state.hold_pending = false;
-            let count = state.members.len();
-            if state.mode == Mode::Sfu
-                && !state.mesh_blocked
-                && count > 0
-                && count <= room.policy.mesh_max
-            {
-                room.begin_switch(&mut state, Mode::Mesh, None);
+            Some(changes) => {
+                if !changes.is_empty() {
+                    tracing::warn!(room = %self.name, %participant, peer, "a mesh connection failed: the room uses the SFU from now on");
+                }
+                self.announce(&state, changes);
             }
-        });
-    }
-
-    /// A snapshot for `/api/rooms`.
-    pub fn snapshot(&self) -> RoomSnapshot {
-        let state = self.lock();
-        let participants: Vec<ParticipantSnapshot> = state
-            .members
-            .iter()
-            .map(|member| ParticipantSnapshot {
-                participant_id: member.id.to_string(),
-                name: member.name.clone(),
-                publications: member
-                    .published
-                    .iter()
-                    .map(|p| {
-                        let stats = &p.publication.stats;
-                        PublicationSnapshot {
-                            publication_id: p.publication.id.to_string(),
-                            kind: p.publication.kind.as_str(),
-                            source: p.publication.source.as_str(),
-                            codec: p.publication.codec.mime_type.clone(),
-                            muted: member.muted.get(&p.track_id).copied().unwrap_or(false),
-                            received_packets: stats.received_packets.load(RELAXED),
-                            forwarded_packets: stats.forwarded_packets.load(RELAXED),
-                            forwarded_bytes: stats.forwarded_bytes.load(RELAXED),
-                            dropped_packets: stats.dropped_packets.load(RELAXED),
-                        }
-                    })
-                    .collect(),
-            })
-            .collect();
-        let (forwarded_packets, forwarded_bytes) = participants
-            .iter()
-            .flat_map(|p| &p.publications)
-            .fold((0, 0), |(packets, bytes), p| {
-                (packets + p.forwarded_packets, bytes + p.forwarded_bytes)
-            });
-        RoomSnapshot {
-            name: self.name.clone(),
-            mode: state.mode.as_str(),
-            switching: state.switch.is_some(),
-            mesh_blocked: state.mesh_blocked,
-            switches_to_sfu: state.switches_to_sfu,
-            switches_to_mesh: state.switches_to_mesh,
-            participants,
-            forwarded_packets,
-            forwarded_bytes,
         }
     }
-}
-
-const RELAXED: std::sync::atomic::Ordering = std::sync::atomic::Ordering::Relaxed;
-
-/// A room as `/api/rooms` shows it.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RoomSnapshot {
-    /// Its name.
-    pub name: String,
-    /// `mesh` or `sfu` (the mode it is switching to, during a switch).
-    pub mode: &'static str,
-    /// A switch waits for participants' `ready`.
-    pub switching: bool,
-    /// A mesh failed here: the room stays in SFU mode.
-    pub mesh_blocked: bool,
-    /// Switches from mesh to SFU so far.
-    pub switches_to_sfu: u64,
-    /// Switches from SFU to mesh so far.
-    pub switches_to_mesh: u64,
-    /// Who is in.
-    pub participants: Vec<ParticipantSnapshot>,
-    /// Packets forwarded for the room's live publications.
-    pub forwarded_packets: u64,
-    /// Bytes forwarded for the room's live publications.
-    pub forwarded_bytes: u64,
-}
-
-/// A participant as `/api/rooms` shows it.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ParticipantSnapshot {
-    /// Its id.
-    pub participant_id: String,
-    /// Its display name.
-    pub name: String,
-    /// What it publishes.
-    pub publications: Vec<PublicationSnapshot>,
-}
-
-/// A publication as `/api/rooms` shows it.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PublicationSnapshot {
-    /// Its id.
-    pub publication_id: String,
-    /// `audio` or `video`.
-    pub kind: &'static str,
-    /// `microphone`, `camera` or `screen`.
-    pub source: &'static str,
-    /// MIME type of its codec.
-    pub codec: String,
-    /// Muted by its publisher.
-    pub muted: bool,
-    /// Packets received from the publisher.
-    pub received_packets: u64,
-    /// Packets handed to subscribers.
-    pub forwarded_packets: u64,
-    /// Bytes handed to subscribers.
-    pub forwarded_bytes: u64,
-    /// Packets dropped for slow subscribers.
-    pub dropped_packets: u64,
 }
 
 /// Every room, by case-folded name.
@@ -772,11 +634,7 @@ impl RoomRegistry {
         match rooms.get(&room_name.to_lowercase()) {
             Some(room) => {
                 let state = room.lock();
-                if state.mode == Mode::Sfu || state.members.len() >= mesh_max {
-                    Mode::Sfu
-                } else {
-                    Mode::Mesh
-                }
+                state.mode.mode_for_newcomer(state.members.len())
             }
             None => Mode::Mesh,
         }
@@ -809,34 +667,7 @@ impl RoomRegistry {
         let policy = self.policy;
         let room = rooms
             .entry(room_name.to_lowercase())
-            .or_insert_with(|| {
-                Arc::new_cyclic(|this| Room {
-                    name: room_name.to_owned(),
-                    policy,
-                    this: this.clone(),
-                    state: Mutex::new(RoomState {
-                        members: Vec::new(),
-                        mode: if policy.mesh_max == 0 {
-                            Mode::Sfu
-                        } else {
-                            Mode::Mesh
-                        },
-                        switch: None,
-                        switch_generation: 0,
-                        hold_generation: 0,
-                        hold_pending: false,
-                        switches_to_sfu: 0,
-                        switches_to_mesh: 0,
-                        mesh_blocked: false,
-                        chat: VecDeque::new(),
-                        chat_budget: crate::budget::Budget::new(
-                            ROOM_CHAT_BURST,
-                            ROOM_CHAT_PER_SECOND,
-                        ),
-                        chat_sent: 0,
-                    }),
-                })
-            })
+            .or_insert_with(|| Room::new(room_name, policy))
             .clone();
         let mut state = room.lock();
         // The same client, back before its old connection was noticed as gone.
@@ -884,12 +715,7 @@ impl RoomRegistry {
                 name: m.name.clone(),
             })
             .collect();
-        let mesh_max = policy.mesh_max;
-        let mode = if state.mode == Mode::Mesh && mesh_max > 0 && state.members.len() >= mesh_max {
-            Mode::Sfu // This join makes the room outgrow mesh.
-        } else {
-            state.mode
-        };
+        let mode = state.mode.mode_for_newcomer(state.members.len());
         let chat = state.chat.iter().cloned().collect();
         let resume_token = format!("{:032x}", rand::random::<u128>());
         send(
@@ -908,8 +734,10 @@ impl RoomRegistry {
         });
         // A switch is announced before the newcomer, so that nobody opens a mesh connection to
         // a participant of an SFU room.
-        room.grew(&mut state, id);
-        debug_assert_eq!(state.mode, mode);
+        let members = Room::member_ids(&state);
+        let changes = state.mode.joined(&members, id, Instant::now());
+        room.announce(&state, changes);
+        debug_assert_eq!(state.mode.mode(), mode);
         let announcement = ServerMessage::PeerJoined {
             peer_id: id.to_string(),
             name: name.to_owned(),
@@ -938,134 +766,5 @@ impl RoomRegistry {
     /// Every room, for `/api/rooms` and `/metrics`.
     pub fn rooms(&self) -> Vec<Arc<Room>> {
         self.lock().values().cloned().collect()
-    }
-}
-
-/// Owns one participant's subscribe transport and serialises its offers: one offer at a time,
-/// changes that arrive while an answer is awaited go into the next offer. Ends when the
-/// participant's socket task drops its command sender, and closes the transport. Its offers
-/// carry `link`, so that one still being made when the transport closed is never sent.
-pub async fn run_negotiator(
-    link: SfuLinkId,
-    mut transport: SubscribeTransport,
-    mut commands: mpsc::Receiver<NegotiatorCommand>,
-    mut room_commands: mpsc::UnboundedReceiver<RoomCommand>,
-    initial: Vec<Publication>,
-    outbound: Outbound,
-    room: Arc<Room>,
-) {
-    let mut awaiting_answer = false;
-    let mut dirty = false;
-    for publication in initial {
-        dirty |= subscribe(&mut transport, &publication).await;
-    }
-    loop {
-        if dirty && !awaiting_answer {
-            match transport.create_offer().await {
-                Ok((sdp, offered)) => {
-                    let subscriptions = offered
-                        .into_iter()
-                        .map(|o| SubscriptionInfo {
-                            muted: room.is_muted(&o.publication),
-                            track_id: o.publication.track_id.clone(),
-                            mid: o.mid,
-                            publication_id: o.publication.id.to_string(),
-                            peer_id: o.publication.participant.to_string(),
-                            kind: o.publication.kind.as_str(),
-                            source: o.publication.source.as_str(),
-                        })
-                        .collect();
-                    let offer = ServerMessage::Offer {
-                        peer_id: crate::protocol::SFU_PEER.to_owned(),
-                        transport: Some(TransportName::Subscribe),
-                        sdp,
-                        subscriptions: Some(subscriptions),
-                        tracks: None,
-                        link: Some(link),
-                    };
-                    // Not sent means the participant is being disconnected.
-                    if outbound.send(offer) {
-                        awaiting_answer = true;
-                        dirty = false;
-                    }
-                }
-                Err(err) => tracing::error!(%err, "subscribe offer failed"),
-            }
-        }
-        tokio::select! {
-            // Commands first: once they are closed (the SFU connections closed), no new offer.
-            biased;
-            command = commands.recv() => match command {
-                Some(NegotiatorCommand::Answer(sdp)) => {
-                    if !awaiting_answer {
-                        send(
-                            &outbound,
-                            ServerMessage::error(
-                                ErrorCode::InvalidState,
-                                "no subscribe offer is waiting for an answer",
-                                Some("answer"),
-                            ),
-                        );
-                        continue;
-                    }
-                    match transport.apply_answer(sdp).await {
-                        Ok(()) => awaiting_answer = false,
-                        Err(err) => send(
-                            &outbound,
-                            ServerMessage::error(ErrorCode::InvalidSdp, err.to_string(), Some("answer")),
-                        ),
-                    }
-                }
-                Some(NegotiatorCommand::Pause(publication, paused)) => {
-                    // A publication that just ended has nothing left to pause: nothing to say.
-                    transport.set_paused(&publication, paused).await;
-                }
-                Some(NegotiatorCommand::Candidate(candidate)) => {
-                    if let Err(err) = transport.add_ice_candidate(candidate).await {
-                        send(
-                            &outbound,
-                            ServerMessage::error(
-                                ErrorCode::BadRequest,
-                                format!("candidate refused: {err}"),
-                                Some("ice-candidate"),
-                            ),
-                        );
-                    }
-                }
-                None => break,
-            },
-            Some(first) = room_commands.recv() => {
-                // Fold everything already queued into the next offer.
-                let mut next = Some(first);
-                while let Some(command) = next.take().or_else(|| room_commands.try_recv().ok()) {
-                    match command {
-                        RoomCommand::Subscribe(publication) => {
-                            dirty |= subscribe(&mut transport, &publication).await;
-                        }
-                        RoomCommand::Unsubscribe(publication) => {
-                            if transport.is_subscribed(&publication) {
-                                if let Err(err) = transport.unsubscribe(&publication).await {
-                                    tracing::warn!(%err, %publication, "unsubscribe failed");
-                                }
-                                dirty = true;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    transport.close().await;
-}
-
-/// Subscribes to `publication`; true when the transport changed.
-async fn subscribe(transport: &mut SubscribeTransport, publication: &Publication) -> bool {
-    match transport.subscribe(publication).await {
-        Ok(()) => true,
-        Err(SfuError::PublicationEnded) => false,
-        Err(err) => {
-            tracing::warn!(%err, publication = %publication.id, "subscribe failed");
-            false
-        }
     }
 }

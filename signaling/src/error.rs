@@ -1,0 +1,158 @@
+//! Why the server refused something a client sent over the signaling socket: one variant per
+//! mistake, each mapped to its wire [`ErrorCode`] here and nowhere else. The text is for humans;
+//! the code is the contract (docs/protocol.md, section 6).
+
+use crate::protocol::{
+    CHAT_BURST, CHAT_PER_SECOND, ErrorCode, MAX_CHAT_CHARS, MAX_TRACKS, RELAY_BURST,
+    RELAY_PER_SECOND, SFU_PEER,
+};
+
+/// A refused client message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignalError {
+    /// Anything but `join` or `leave` before `join`.
+    #[error("send `join` first")]
+    NotJoined,
+    /// A second `join`.
+    #[error("already joined")]
+    AlreadyJoined,
+    /// A display name that is empty, only spaces or too long.
+    #[error("a name is 1 to 64 characters, not only spaces")]
+    BadName,
+    /// A description naming too many tracks.
+    #[error("at most {MAX_TRACKS} tracks per description")]
+    TooManyTracks,
+    /// A track whose source is not `microphone`, `camera` or `screen`.
+    #[error("unknown source `{0}`")]
+    UnknownSource(String),
+    /// A chat message that is empty, only spaces or too long.
+    #[error("a chat message is 1 to {MAX_CHAT_CHARS} characters, not only spaces ({0} sent)")]
+    BadChat(usize),
+    /// A candidate for `sfu` that does not say which connection it is for.
+    #[error("a candidate for `sfu` names its `transport`")]
+    CandidateWithoutTransport,
+    /// A candidate the connection would not take.
+    #[error("candidate refused: {0}")]
+    CandidateRefused(String),
+    /// `peerId: "sfu"` while the participant has no SFU connections (a settled mesh).
+    #[error("the room is in mesh mode: address participants by their peerId, not `sfu`")]
+    MeshMode,
+    /// A participant id in a settled SFU room.
+    #[error("the room is in sfu mode: address `{SFU_PEER}`, not `{0}`")]
+    SfuMode(String),
+    /// A message addressed to its own sender.
+    #[error("a message addressed to yourself")]
+    ToSelf,
+    /// A `peerId` that names nobody in the room.
+    #[error("no participant `{0}` in this room")]
+    UnknownPeer(String),
+    /// An offer to `sfu` that is not for the publish connection.
+    #[error(
+        "offers to `sfu` are for the publish connection (`transport: \"publish\"`); the server \
+         makes every offer on the subscribe connection"
+    )]
+    OfferNotForPublish,
+    /// An answer to `sfu` that is not for the subscribe connection.
+    #[error("answers to `sfu` are for the subscribe connection (`transport: \"subscribe\"`)")]
+    AnswerNotForSubscribe,
+    /// An SDP that could not be parsed or applied, or asks for what the server does not do.
+    #[error("{0}")]
+    InvalidSdp(String),
+    /// More relayed messages (or bytes) than the budget allows.
+    #[error(
+        "more than {RELAY_BURST} messages to other participants in a burst ({RELAY_PER_SECOND} \
+         per second after it): this one was dropped"
+    )]
+    RelayRateLimited,
+    /// More `mute` or `pause` messages than the relay budget allows.
+    #[error("too many messages for other participants: this {0} was dropped")]
+    ControlRateLimited(&'static str),
+    /// More chat from this participant than its budget allows.
+    #[error(
+        "more than {CHAT_BURST} chat messages in a burst ({CHAT_PER_SECOND} per second after it): \
+         this one was not sent"
+    )]
+    ChatRateLimited,
+    /// More chat from the whole room than it can deliver.
+    #[error("the room is chatting faster than it can be delivered: this message was not sent")]
+    RoomChatRateLimited,
+    /// Another participant in the room has this name.
+    #[error("the name `{0}` is taken in this room")]
+    NameTaken(String),
+    /// The room is at its participant limit.
+    #[error("the room is full ({0} participants)")]
+    RoomFull(usize),
+    /// The participant's subscribe negotiator has ended (its connections are closing).
+    #[error("subscribe connection is gone")]
+    SubscribeGone,
+    /// The media plane could not open a connection.
+    #[error("media transport: {0}")]
+    MediaTransport(#[from] sfu::SfuError),
+}
+
+impl SignalError {
+    /// The wire code of this refusal.
+    pub fn code(&self) -> ErrorCode {
+        use SignalError::*;
+        match self {
+            NotJoined
+            | AlreadyJoined
+            | MeshMode
+            | SfuMode(_)
+            | ToSelf
+            | OfferNotForPublish
+            | AnswerNotForSubscribe => ErrorCode::InvalidState,
+            BadName
+            | TooManyTracks
+            | UnknownSource(_)
+            | BadChat(_)
+            | CandidateWithoutTransport
+            | CandidateRefused(_) => ErrorCode::BadRequest,
+            UnknownPeer(_) => ErrorCode::UnknownPeer,
+            InvalidSdp(_) => ErrorCode::InvalidSdp,
+            RelayRateLimited | ControlRateLimited(_) | ChatRateLimited | RoomChatRateLimited => {
+                ErrorCode::RateLimited
+            }
+            NameTaken(_) => ErrorCode::NameTaken,
+            RoomFull(_) => ErrorCode::RoomFull,
+            SubscribeGone | MediaTransport(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_maps_to_the_code_the_protocol_documents() {
+        let rows = [
+            (SignalError::NotJoined, "invalid_state"),
+            (SignalError::SfuMode("p-1".into()), "invalid_state"),
+            (SignalError::UnknownPeer("p-9".into()), "unknown_peer"),
+            (SignalError::BadChat(1001), "bad_request"),
+            (SignalError::RelayRateLimited, "rate_limited"),
+            (SignalError::InvalidSdp("no media".into()), "invalid_sdp"),
+            (SignalError::NameTaken("Ann".into()), "name_taken"),
+            (SignalError::RoomFull(100), "room_full"),
+            (SignalError::SubscribeGone, "internal"),
+        ];
+        for (error, code) in rows {
+            let wire = serde_json::to_value(error.code()).unwrap_or_default();
+            assert_eq!(wire, code, "{error}");
+        }
+    }
+
+    #[test]
+    fn the_text_says_what_to_do_instead() {
+        assert_eq!(
+            SignalError::SfuMode("p-2".into()).to_string(),
+            "the room is in sfu mode: address `sfu`, not `p-2`"
+        );
+        assert_eq!(
+            SignalError::ControlRateLimited("pause").to_string(),
+            "too many messages for other participants: this pause was dropped"
+        );
+    }
+}

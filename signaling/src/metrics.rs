@@ -1,0 +1,233 @@
+//! `/metrics`: every figure as a row of a table (kind, name, help, value), read from the rooms,
+//! the signaling tasks and the media plane at scrape time, and encoded with prometheus-client.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::room::RoomSnapshot;
+use crate::state::AppState;
+
+/// Whether a figure can go down (a gauge) or only up (a counter).
+#[derive(Clone, Copy)]
+enum Kind {
+    Gauge,
+    Counter,
+}
+
+/// One unlabelled figure.
+type Row = (Kind, &'static str, &'static str, u64);
+
+/// The text exposition of every figure, prefixed `switchboard_`.
+pub fn render(state: &AppState) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::with_prefix("switchboard");
+    let rooms: Vec<RoomSnapshot> = state.rooms.rooms().iter().map(|r| r.snapshot()).collect();
+    register_rows(&mut registry, &signaling_rows(state, &rooms));
+    register_rows(&mut registry, &media_rows(state));
+    register_room_families(&mut registry, &rooms);
+    let mut body = String::new();
+    encode(&mut body, &registry)?;
+    Ok(body)
+}
+
+fn register_rows(registry: &mut Registry, rows: &[Row]) {
+    for &(kind, name, help, value) in rows {
+        match kind {
+            Kind::Gauge => {
+                let metric: Gauge = Gauge::default();
+                metric.set(i64::try_from(value).unwrap_or(i64::MAX));
+                registry.register(name, help, metric);
+            }
+            Kind::Counter => {
+                let metric: Counter = Counter::default();
+                metric.inc_by(value);
+                registry.register(name, help, metric);
+            }
+        }
+    }
+}
+
+fn signaling_rows(state: &AppState, rooms: &[RoomSnapshot]) -> Vec<Row> {
+    let participants = rooms.iter().map(|r| r.participants.len() as u64).sum();
+    vec![
+        (Kind::Gauge, "rooms", "Rooms open now", rooms.len() as u64),
+        (
+            Kind::Gauge,
+            "participants",
+            "Participants in all rooms now",
+            participants,
+        ),
+        (
+            Kind::Gauge,
+            "sessions",
+            "Signaling sockets served now",
+            state.tasks.sessions.load(Relaxed),
+        ),
+        (
+            Kind::Gauge,
+            "negotiators",
+            "Subscribe negotiator tasks alive",
+            state.tasks.negotiators.load(Relaxed),
+        ),
+    ]
+}
+
+fn media_rows(state: &AppState) -> Vec<Row> {
+    let (fanouts, subscribe_connections) = state.sfu.live_tasks();
+    let stats = state.sfu.stats();
+    let mut rows = vec![
+        (
+            Kind::Gauge,
+            "fanout_tasks",
+            "Fanout tasks alive (one per publication)",
+            fanouts,
+        ),
+        (
+            Kind::Gauge,
+            "subscribe_connections",
+            "Subscribe connections open in the egress engine",
+            subscribe_connections,
+        ),
+        (
+            Kind::Gauge,
+            "publications",
+            "Publications live now",
+            stats.publications,
+        ),
+        (
+            Kind::Counter,
+            "received_packets",
+            "RTP packets received from publishers",
+            stats.received_packets,
+        ),
+        (
+            Kind::Counter,
+            "forwarded_packets",
+            "RTP packets forwarded to subscribers",
+            stats.forwarded_packets,
+        ),
+        (
+            Kind::Counter,
+            "forwarded_bytes",
+            "Bytes forwarded to subscribers",
+            stats.forwarded_bytes,
+        ),
+        (
+            Kind::Counter,
+            "dropped_packets",
+            "Packets dropped for slow subscribers",
+            stats.dropped_packets,
+        ),
+        (
+            Kind::Counter,
+            "keyframe_requests",
+            "Keyframe requests (PLI) sent to publishers",
+            stats.keyframe_requests,
+        ),
+        (
+            Kind::Counter,
+            "nacks",
+            "NACK packets received from subscribers",
+            stats.nacks,
+        ),
+    ];
+    if let Some(egress) = state.sfu.egress_stats() {
+        rows.extend([
+            (
+                Kind::Counter,
+                "egress_datagrams",
+                "Datagrams sent on the shared subscribe socket",
+                egress.datagrams_sent.load(Relaxed),
+            ),
+            (
+                Kind::Counter,
+                "egress_send_calls",
+                "sendmsg calls that sent them (fewer where UDP GSO batches)",
+                egress.send_calls.load(Relaxed),
+            ),
+            (
+                Kind::Counter,
+                "egress_send_errors",
+                "Datagrams the kernel refused on the shared subscribe socket",
+                egress.send_errors.load(Relaxed),
+            ),
+            (
+                Kind::Counter,
+                "egress_write_errors",
+                "Forwarded packets a subscribe connection refused (not connected yet, or closed)",
+                egress.write_errors.load(Relaxed),
+            ),
+            (
+                Kind::Counter,
+                "egress_unrouted_datagrams",
+                "Inbound datagrams from an address no subscribe connection knows",
+                egress.unrouted_datagrams.load(Relaxed),
+            ),
+            (
+                Kind::Gauge,
+                "egress_backlog",
+                "Forwarded copies waiting in the egress engine after its last round",
+                egress.backlog.load(Relaxed),
+            ),
+            (
+                Kind::Gauge,
+                "egress_backlog_limit",
+                "Forwarded copies the egress engine admits at most (40 ms at its recent pace)",
+                egress.backlog_limit.load(Relaxed),
+            ),
+        ]);
+    }
+    rows
+}
+
+type Labels = Vec<(String, String)>;
+
+/// Figures labelled by room and mode.
+fn register_room_families(registry: &mut Registry, rooms: &[RoomSnapshot]) {
+    let by_mode: Family<Labels, Gauge> = Family::default();
+    let room_participants: Family<Labels, Gauge> = Family::default();
+    let room_switches: Family<Labels, Counter> = Family::default();
+    for mode in ["mesh", "sfu"] {
+        by_mode
+            .get_or_create(&vec![("mode".into(), mode.into())])
+            .set(0);
+    }
+    for room in rooms {
+        by_mode
+            .get_or_create(&vec![("mode".into(), room.mode.into())])
+            .inc();
+        let count = i64::try_from(room.participants.len()).unwrap_or(i64::MAX);
+        room_participants
+            .get_or_create(&vec![
+                ("room".into(), room.name.clone()),
+                ("mode".into(), room.mode.into()),
+            ])
+            .set(count);
+        for (to, value) in [
+            ("sfu", room.switches_to_sfu),
+            ("mesh", room.switches_to_mesh),
+        ] {
+            room_switches
+                .get_or_create(&vec![
+                    ("room".into(), room.name.clone()),
+                    ("to".into(), to.into()),
+                ])
+                .inc_by(value);
+        }
+    }
+    registry.register("rooms_by_mode", "Rooms open now, by mode", by_mode);
+    registry.register(
+        "room_participants",
+        "Participants in each room now, labelled with the room's mode",
+        room_participants,
+    );
+    registry.register(
+        "room_mode_switches",
+        "Mode switches of each open room so far, by the mode switched to",
+        room_switches,
+    );
+}
