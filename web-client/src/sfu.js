@@ -1,0 +1,268 @@
+// Switchboard SDK: the SFU path. Two connections to the server: publish (we offer, with our
+// tracks) and subscribe (the server offers, we answer); the subscribe offer's sections as
+// remote tracks; ICE candidates held until their description has gone out; video pauses.
+
+/** @typedef {import('./client.js').Subscription} Subscription */
+/** @typedef {import('./client.js').RemoteTrack} RemoteTrack */
+/** @typedef {import('./client.js').TrackInfo} TrackInfo */
+/** @typedef {import('./client.js').Transport} Transport */
+/** @typedef {import('./devices.js').LocalMedia} LocalMedia */
+
+/** How long the first subscribe answer waits for local candidates before trickling the rest. */
+const SUBSCRIBE_GATHER_WAIT_MS = 500;
+
+/**
+ * What the SFU path needs of the room.
+ * @typedef {object} SfuContext
+ * @property {(msg: object) => void} send
+ * @property {() => RTCIceServer[]} iceServers
+ * @property {() => boolean} joined
+ * @property {LocalMedia} media
+ * @property {Map<string, boolean>} remoteMuted  mute states by `peerId|trackId`
+ * @property {() => void} changed  the remote tracks may have changed
+ * @property {(context: string, err: unknown) => void} fail
+ * @property {(event: {code: string, message: string}) => void} error  for the app
+ */
+
+export class SfuPath {
+  /** @type {RTCPeerConnection | null} */ publishPc = null;
+  /** @type {RTCPeerConnection | null} */ subscribePc = null;
+  /** @type {Map<string, Subscription>} the latest subscribe offer's sections, by mid */
+  subscriptions = new Map();
+  /** Local candidates are held until the description they belong to has been sent. */
+  #candidateGate = {
+    publish: { open: false, held: /** @type {any[]} */ ([]) },
+    subscribe: { open: false, held: /** @type {any[]} */ ([]) },
+  };
+  /** A publish re-offer is due once the outstanding one is answered. */
+  #publishPending = false;
+  /** Stream ids seen in `track` events, by mid: a fallback when an offer omits a section. */
+  #streamIdByMid = new Map();
+  /** Publications the server was asked to pause. @type {Set<string>} */
+  #pauseSent = new Set();
+  /** @type {SfuContext} */ #ctx;
+
+  /** @param {SfuContext} ctx */
+  constructor(ctx) {
+    this.#ctx = ctx;
+  }
+
+  /** True while the connections to the server are open. */
+  get open() {
+    return !!(this.publishPc || this.subscribePc);
+  }
+
+  /** Opens the publish connection (the server offers the subscribe one). */
+  start() {
+    if (this.publishPc) return;
+    const pc = new RTCPeerConnection({ iceServers: this.#ctx.iceServers() });
+    this.publishPc = pc;
+    this.#watch(pc, 'publish');
+    const { stream, screenTrack, screenStream } = this.#ctx.media;
+    for (const track of stream?.getTracks() ?? []) {
+      pc.addTransceiver(track, { direction: 'sendonly', streams: [/** @type {MediaStream} */ (stream)] });
+    }
+    if (screenTrack && screenStream) {
+      pc.addTransceiver(screenTrack, { direction: 'sendonly', streams: [screenStream] });
+    }
+    pc.onnegotiationneeded = () => this.offerPublish().catch((err) => this.#ctx.fail('publish', err));
+  }
+
+  /** Offers the publish connection now, or once the outstanding offer is answered. */
+  async offerPublish() {
+    const pc = this.publishPc;
+    if (!pc || pc.signalingState === 'closed') return;
+    if (pc.signalingState !== 'stable') {
+      this.#publishPending = true;
+      return;
+    }
+    this.#publishPending = false;
+    if (pc.getTransceivers().every((t) => !t.sender.track && t.mid == null)) return;
+    await pc.setLocalDescription(await pc.createOffer());
+    if (!this.#ctx.joined() || this.publishPc !== pc) return;
+    this.#sendDescription(pc, 'publish', { type: 'offer', tracks: this.#ctx.media.trackInfo(pc) });
+  }
+
+  /** @param {string} sdp  the server's answer to our publish offer */
+  async onPublishAnswer(sdp) {
+    if (!this.publishPc) return;
+    await this.publishPc.setRemoteDescription({ type: 'answer', sdp });
+    if (this.#publishPending) await this.offerPublish();
+  }
+
+  /** The server refused our publish offer: roll it back so later changes can be offered. */
+  rollbackPublishOffer() {
+    if (this.publishPc?.signalingState === 'have-local-offer') {
+      this.publishPc.setLocalDescription({ type: 'rollback' }).catch(() => {});
+    }
+  }
+
+  /** @param {any} msg  a trickled candidate from `sfu` */
+  async onCandidate(msg) {
+    const pc = msg.transport === 'publish' ? this.publishPc : this.subscribePc;
+    if (pc && msg.candidate?.candidate) await pc.addIceCandidate(msg.candidate);
+  }
+
+  close() {
+    this.publishPc?.close();
+    this.subscribePc?.close();
+    this.publishPc = null;
+    this.subscribePc = null;
+    this.subscriptions = new Map();
+    this.#pauseSent.clear();
+    this.#streamIdByMid.clear();
+    this.#publishPending = false;
+    for (const gate of Object.values(this.#candidateGate)) {
+      gate.open = false;
+      gate.held.length = 0;
+    }
+  }
+
+  #ensureSubscribePc() {
+    if (this.subscribePc) return this.subscribePc;
+    const pc = new RTCPeerConnection({ iceServers: this.#ctx.iceServers() });
+    this.subscribePc = pc;
+    this.#watch(pc, 'subscribe');
+    pc.ontrack = (ev) => {
+      const mid = ev.transceiver.mid;
+      if (mid != null && ev.streams[0]) this.#streamIdByMid.set(mid, ev.streams[0].id);
+    };
+    return pc;
+  }
+
+  /**
+   * @param {any} msg  the server's subscribe offer
+   * @param {Set<string>} videoPaused  participants whose video the app does not show
+   */
+  async onSubscribeOffer(msg, videoPaused) {
+    const pc = this.#ensureSubscribePc();
+    this.subscriptions = new Map(
+      (msg.subscriptions ?? []).map((/** @type {Subscription} */ s) => [String(s.mid), s]),
+    );
+    for (const sub of this.subscriptions.values()) {
+      if (sub.trackId) this.#ctx.remoteMuted.set(`${sub.peerId}|${sub.trackId}`, !!sub.muted);
+    }
+    await pc.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
+    const answer = await pc.createAnswer();
+    await pc.setLocalDescription(answer);
+    // The server is the controlling ICE agent here. A client candidate it first learns from
+    // a connectivity check (peer-reflexive) is nominated only after a wait of about a second,
+    // so the first answer carries the host candidates instead of trickling them.
+    await iceGatheringComplete(pc, SUBSCRIBE_GATHER_WAIT_MS);
+    if (!this.#ctx.joined() || this.subscribePc !== pc) return;
+    this.#sendDescription(pc, 'subscribe', { type: 'answer' });
+    this.applyPauses(videoPaused);
+    this.#ctx.changed();
+  }
+
+  /**
+   * Tells the server which video subscriptions to pause, as far as that changed.
+   * @param {Set<string>} videoPaused  participants whose video the app does not show
+   */
+  applyPauses(videoPaused) {
+    if (!this.open) return;
+    for (const sub of this.subscriptions.values()) {
+      // A screen share shows on the stage whatever the tile does: only cameras pause.
+      if (sub.kind !== 'video' || sub.source !== 'camera') continue;
+      const want = videoPaused.has(sub.peerId);
+      if (want === this.#pauseSent.has(sub.publicationId)) continue;
+      if (want) this.#pauseSent.add(sub.publicationId);
+      else this.#pauseSent.delete(sub.publicationId);
+      this.#ctx.send({ type: 'pause', publicationId: sub.publicationId, paused: want });
+    }
+  }
+
+  /**
+   * The subscribe connection's receiving sections, as remote tracks.
+   * Sections are identified by mid; a reused section (new publicationId on an old mid)
+   * is a different track.
+   * @returns {RemoteTrack[]}
+   */
+  tracks() {
+    const pc = this.subscribePc;
+    if (!pc || pc.connectionState === 'closed') return [];
+    /** @type {RemoteTrack[]} */
+    const out = [];
+    for (const transceiver of pc.getTransceivers()) {
+      const mid = transceiver.mid;
+      const direction = transceiver.currentDirection;
+      if (mid == null || (direction !== 'recvonly' && direction !== 'sendrecv')) continue;
+      const track = transceiver.receiver.track;
+      const sub = this.subscriptions.get(mid);
+      const peerId = sub?.peerId ?? this.#streamIdByMid.get(mid);
+      if (!peerId) continue;
+      out.push({
+        peerId,
+        publicationId: sub?.publicationId ?? `${peerId}/${track.id}`,
+        mid,
+        track,
+        kind: sub?.kind ?? /** @type {'audio' | 'video'} */ (track.kind),
+        source: sub?.source ?? (track.kind === 'audio' ? 'microphone' : 'camera'),
+        muted: sub?.trackId ? (this.#ctx.remoteMuted.get(`${peerId}|${sub.trackId}`) ?? !!sub.muted) : !!sub?.muted,
+        trackId: sub?.trackId,
+        receiver: transceiver.receiver,
+        path: 'sfu',
+      });
+    }
+    return out;
+  }
+
+  /**
+   * @param {RTCPeerConnection} pc
+   * @param {Transport} transport
+   */
+  #watch(pc, transport) {
+    pc.onicecandidate = (ev) => {
+      const candidate = ev.candidate
+        ? {
+            candidate: ev.candidate.candidate,
+            sdpMid: ev.candidate.sdpMid,
+            sdpMLineIndex: ev.candidate.sdpMLineIndex,
+          }
+        : null;
+      const msg = { type: 'ice-candidate', peerId: 'sfu', transport, candidate };
+      const gate = this.#candidateGate[transport];
+      if (gate.open) this.#ctx.send(msg);
+      else gate.held.push(msg);
+    };
+    pc.onconnectionstatechange = () => {
+      if (pc.connectionState === 'failed' && this.#ctx.joined()) {
+        this.#ctx.error({ code: 'connection_failed', message: `${transport} connection failed` });
+      }
+    };
+  }
+
+  /**
+   * Sends the local description of `pc` and lets its candidates flow from then on.
+   * @param {RTCPeerConnection} pc
+   * @param {Transport} transport
+   * @param {{type: 'offer' | 'answer', tracks?: TrackInfo[]}} msg
+   */
+  #sendDescription(pc, transport, msg) {
+    this.#ctx.send({ ...msg, peerId: 'sfu', transport, sdp: pc.localDescription?.sdp });
+    const gate = this.#candidateGate[transport];
+    if (gate.open) return;
+    gate.open = true;
+    // Candidates gathered so far are already in the description; only end-of-candidates is news.
+    for (const held of gate.held.splice(0)) if (held.candidate === null) this.#ctx.send(held);
+  }
+}
+
+/**
+ * Resolves when `pc` has gathered its candidates, or after `maxWaitMs`.
+ * @param {RTCPeerConnection} pc
+ * @param {number} maxWaitMs
+ */
+function iceGatheringComplete(pc, maxWaitMs) {
+  if (pc.iceGatheringState === 'complete') return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      pc.removeEventListener('icegatheringstatechange', onChange);
+      resolve(undefined);
+    };
+    const onChange = () => pc.iceGatheringState === 'complete' && done();
+    const timer = setTimeout(done, maxWaitMs);
+    pc.addEventListener('icegatheringstatechange', onChange);
+  });
+}
