@@ -313,7 +313,7 @@ impl EgressSender {
         self.control
             .send(input)
             .await
-            .map_err(|_| SfuError::Refused("the media engine has stopped".into()))
+            .map_err(|_| SfuError::EngineStopped)
     }
 
     pub(crate) fn try_send(&self, input: EgressInput) -> bool {
@@ -427,7 +427,7 @@ impl Egress {
                 ..Default::default()
             }
             .new_candidate_host()
-            .map_err(|err| SfuError::Refused(format!("local candidate: {err}")))?;
+            .map_err(|err| SfuError::LocalCandidate(err.to_string()))?;
             let init = RTCIceCandidate::from(&candidate)
                 .to_json()
                 .map_err(SfuError::WebRtc)?;
@@ -447,9 +447,7 @@ impl Egress {
     ) -> Result<T, SfuError> {
         let (reply, answer) = oneshot::channel();
         self.input.send(make(reply)).await?;
-        answer
-            .await
-            .map_err(|_| SfuError::Refused("the media engine has stopped".into()))?
+        answer.await.map_err(|_| SfuError::EngineStopped)?
     }
 }
 
@@ -781,7 +779,7 @@ impl Engine {
     ) -> Result<T, SfuError> {
         match self.conns.get_mut(&conn) {
             Some(c) => f(c),
-            None => Err(SfuError::Refused("the connection is closed".into())),
+            None => Err(SfuError::ConnectionClosed),
         }
     }
 

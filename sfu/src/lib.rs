@@ -58,9 +58,33 @@ pub enum SfuError {
     /// The SDP could not be parsed or applied.
     #[error("invalid SDP: {0}")]
     InvalidSdp(#[source] webrtc::error::Error),
-    /// The request is valid SDP but asks for something the server does not do.
-    #[error("{0}")]
-    Refused(String),
+    /// A publish offer with more media sections than [`MAX_PUBLISH_SECTIONS`].
+    #[error("at most {max} media sections per publish connection, not {got}", max = MAX_PUBLISH_SECTIONS)]
+    TooManySections {
+        /// How many the offer has.
+        got: usize,
+    },
+    /// A publish offer asking for simulcast, which the server does not take yet.
+    #[error("simulcast is not supported yet: publish one encoding per track")]
+    Simulcast,
+    /// The egress engine could not open its UDP socket.
+    #[error("cannot open the media socket on port {port}: {source}")]
+    MediaSocket {
+        /// The configured port (0: any).
+        port: u16,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The egress engine has stopped (the server is shutting down).
+    #[error("the media engine has stopped")]
+    EngineStopped,
+    /// A subscribe connection that the engine no longer has.
+    #[error("the connection is closed")]
+    ConnectionClosed,
+    /// A local candidate for the shared media socket could not be made.
+    #[error("local candidate: {0}")]
+    LocalCandidate(String),
     /// The publication ended while it was being subscribed to.
     #[error("the publication has ended")]
     PublicationEnded,
@@ -195,18 +219,19 @@ pub(crate) struct Shared {
 impl Shared {
     /// The egress engine, started on first use.
     pub(crate) fn egress(&self) -> Result<egress::Egress, SfuError> {
+        // A panic while holding this lock is a bug; the slot itself is still sound.
         let mut slot = self
             .egress
             .lock()
-            .map_err(|_| SfuError::Refused("media engine state poisoned".into()))?;
+            .unwrap_or_else(|poison| poison.into_inner());
         if let Some(egress) = slot.as_ref() {
             return Ok(egress.clone());
         }
-        let egress = egress::Egress::start(&self.config, self.nacks.clone()).map_err(|err| {
-            SfuError::Refused(format!(
-                "cannot open the media socket on port {}: {err}",
-                self.config.udp_port
-            ))
+        let egress = egress::Egress::start(&self.config, self.nacks.clone()).map_err(|source| {
+            SfuError::MediaSocket {
+                port: self.config.udp_port,
+                source,
+            }
         })?;
         *slot = Some(egress.clone());
         Ok(egress)

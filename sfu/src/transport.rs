@@ -440,14 +440,10 @@ impl PublishTransport {
     ) -> Result<String, SfuError> {
         let sections = offer_sdp.lines().filter(|l| l.starts_with("m=")).count();
         if sections > MAX_PUBLISH_SECTIONS {
-            return Err(SfuError::Refused(format!(
-                "at most {MAX_PUBLISH_SECTIONS} media sections per publish connection, not {sections}"
-            )));
+            return Err(SfuError::TooManySections { got: sections });
         }
         if offer_sdp.contains("a=simulcast:") {
-            return Err(SfuError::Refused(
-                "simulcast is not supported yet: publish one encoding per track".into(),
-            ));
+            return Err(SfuError::Simulcast);
         }
         let offer = RTCSessionDescription::offer(offer_sdp).map_err(SfuError::InvalidSdp)?;
         if let Ok(mut known) = self.shared.declared.lock() {
