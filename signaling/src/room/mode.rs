@@ -330,6 +330,21 @@ mod tests {
         (room, all)
     }
 
+    /// A mesh of three that a fourth made switch to SFU at `t0`, still switching.
+    fn switching_up(t0: Instant) -> (ModeSwitch, Vec<ParticipantId>) {
+        let (mut room, _) = mesh_of(3, t0);
+        let all = ids(4);
+        room.joined(&all, &all[3], t0);
+        (room, all)
+    }
+
+    /// [`switching_up`], settled by its timeout.
+    fn settled_sfu_of_four(t0: Instant) -> (ModeSwitch, Vec<ParticipantId>) {
+        let (mut room, all) = switching_up(t0);
+        room.tick(&all, t0 + TIMEOUT);
+        (room, all)
+    }
+
     #[test]
     fn a_room_is_a_mesh_up_to_mesh_max_and_always_sfu_with_mesh_max_zero() {
         let t0 = Instant::now();
@@ -373,9 +388,7 @@ mod tests {
     #[test]
     fn a_ready_for_another_mode_or_a_replaced_switch_counts_for_nothing() {
         let t0 = Instant::now();
-        let (mut room, _) = mesh_of(3, t0);
-        let all = ids(4);
-        room.joined(&all, &all[3], t0);
+        let (mut room, all) = switching_up(t0);
         assert!(room.ready(&all, &all[0], Mode::Mesh, None).is_empty());
         assert!(room.ready(&all, &all[1], Mode::Sfu, Some(7)).is_empty());
         // The two were not counted: the switch still waits for three.
@@ -386,9 +399,7 @@ mod tests {
     #[test]
     fn a_switch_to_sfu_still_waiting_at_its_deadline_settles_anyway() {
         let t0 = Instant::now();
-        let (mut room, _) = mesh_of(3, t0);
-        let all = ids(4);
-        room.joined(&all, &all[3], t0);
+        let (mut room, all) = switching_up(t0);
         assert!(
             room.tick(&all, t0 + TIMEOUT - Duration::from_millis(1))
                 .is_empty()
@@ -400,9 +411,7 @@ mod tests {
     #[test]
     fn a_switch_waiting_only_for_those_who_left_settles_when_they_leave() {
         let t0 = Instant::now();
-        let (mut room, _) = mesh_of(3, t0);
-        let all = ids(4);
-        room.joined(&all, &all[3], t0);
+        let (mut room, all) = switching_up(t0);
         room.ready(&all, &all[0], Mode::Sfu, Some(1));
         room.ready(&all, &all[1], Mode::Sfu, Some(1));
         let remaining = [all[0].clone(), all[1].clone(), all[3].clone()];
@@ -413,10 +422,7 @@ mod tests {
     #[test]
     fn a_small_sfu_room_returns_to_mesh_after_the_hold_time_and_waits_for_everyone() {
         let t0 = Instant::now();
-        let (mut room, _) = mesh_of(3, t0);
-        let all = ids(4);
-        room.joined(&all, &all[3], t0);
-        room.tick(&all, t0 + TIMEOUT);
+        let (mut room, all) = settled_sfu_of_four(t0);
         let t1 = t0 + Duration::from_secs(20);
         let three = &all[..3];
         assert!(room.left(three, t1).is_empty());
@@ -438,10 +444,7 @@ mod tests {
     #[test]
     fn a_join_during_the_hold_time_cancels_the_return_to_mesh() {
         let t0 = Instant::now();
-        let (mut room, _) = mesh_of(3, t0);
-        let all = ids(4);
-        room.joined(&all, &all[3], t0);
-        room.tick(&all, t0 + TIMEOUT);
+        let (mut room, all) = settled_sfu_of_four(t0);
         let t1 = t0 + Duration::from_secs(20);
         room.left(&all[..3], t1);
         // Someone leaves and rejoins (as a new participant id) within the hold time.
@@ -460,10 +463,7 @@ mod tests {
     #[test]
     fn a_switch_to_mesh_that_times_out_returns_to_sfu_for_good() {
         let t0 = Instant::now();
-        let (mut room, _) = mesh_of(3, t0);
-        let all = ids(4);
-        room.joined(&all, &all[3], t0);
-        room.tick(&all, t0 + TIMEOUT);
+        let (mut room, all) = settled_sfu_of_four(t0);
         let three = &all[..3];
         let t1 = t0 + Duration::from_secs(20);
         room.left(three, t1);
@@ -503,10 +503,7 @@ mod tests {
     #[test]
     fn someone_alone_has_nothing_to_wait_for() {
         let t0 = Instant::now();
-        let (mut room, _) = mesh_of(3, t0);
-        let all = ids(4);
-        room.joined(&all, &all[3], t0);
-        room.tick(&all, t0 + TIMEOUT);
+        let (mut room, all) = settled_sfu_of_four(t0);
         let t1 = t0 + Duration::from_secs(30);
         let one = &all[..1];
         room.left(one, t1);

@@ -138,7 +138,7 @@ struct Handler {
 }
 
 /// One RTP packet a subscriber received.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Received {
     /// The msid stream id: the publisher's participant id.
     pub stream_id: String,
@@ -147,6 +147,19 @@ pub struct Received {
     pub kind: RtpCodecKind,
     pub payload: Bytes,
     pub at: Instant,
+    /// The track it arrived on (to send feedback on, as a receiver does).
+    pub track: Arc<dyn TrackRemote>,
+}
+
+impl std::fmt::Debug for Received {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Received")
+            .field("stream_id", &self.stream_id)
+            .field("publication_id", &self.publication_id)
+            .field("kind", &self.kind)
+            .field("payload", &self.payload.len())
+            .finish()
+    }
 }
 
 #[async_trait::async_trait]
@@ -173,6 +186,7 @@ impl PeerConnectionEventHandler for Handler {
                         kind,
                         payload: packet.payload.clone(),
                         at: Instant::now(),
+                        track: track.clone(),
                     });
                 }
             }
