@@ -50,6 +50,9 @@ pub struct Config {
     /// Seconds a room in SFU mode must stay at `mesh_max` or fewer before it returns to mesh.
     /// Default 10.
     pub mesh_hold_secs: u64,
+    /// Seconds a signaling socket may stay open without joining a room; then it is closed
+    /// (close code 1008). Default 10.
+    pub join_timeout_secs: u64,
     /// Secret that signs tokens. Default: random at each start (tokens die with the process).
     pub jwt_secret: Option<String>,
     /// When set, `POST /auth/token` requires `Authorization: Bearer <api_key>`. Default: none.
@@ -75,6 +78,7 @@ impl Default for Config {
             max_video_bitrate: 2_500_000,
             mesh_max: 3,
             mesh_hold_secs: 10,
+            join_timeout_secs: 10,
             jwt_secret: None,
             api_key: None,
             token_ttl_secs: 86_400,
@@ -128,6 +132,10 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mesh_hold_secs: Option<u64>,
+    /// Seconds a signaling socket may stay open without joining [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join_timeout_secs: Option<u64>,
     /// API key required to mint tokens.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

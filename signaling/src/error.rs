@@ -3,8 +3,8 @@
 //! the code is the contract (docs/protocol.md, section 6).
 
 use crate::protocol::{
-    CHAT_BURST, CHAT_PER_SECOND, ErrorCode, MAX_CHAT_CHARS, MAX_TRACKS, RELAY_BURST,
-    RELAY_PER_SECOND, SFU_PEER,
+    CHAT_BURST, CHAT_PER_SECOND, ErrorCode, MAX_CHAT_CHARS, MAX_TRACK_ID_BYTES, MAX_TRACKS,
+    RELAY_BURST, RELAY_PER_SECOND, SFU_PEER,
 };
 
 /// A refused client message.
@@ -23,6 +23,12 @@ pub enum SignalError {
     /// A description naming too many tracks.
     #[error("at most {MAX_TRACKS} tracks per description")]
     TooManyTracks,
+    /// A `trackId` or `mid` longer than [`MAX_TRACK_ID_BYTES`].
+    #[error("a trackId or mid is at most {MAX_TRACK_ID_BYTES} bytes ({0} sent)")]
+    TrackIdTooLong(usize),
+    /// No `join` within the join deadline.
+    #[error("no `join` within {0} s: closing")]
+    JoinTimeout(u64),
     /// A track whose source is not `microphone`, `camera` or `screen`.
     #[error("unknown source `{0}`")]
     UnknownSource(String),
@@ -98,6 +104,7 @@ impl SignalError {
         match self {
             NotJoined
             | AlreadyJoined
+            | JoinTimeout(_)
             | MeshMode
             | SfuMode(_)
             | ToSelf
@@ -105,6 +112,7 @@ impl SignalError {
             | AnswerNotForSubscribe => ErrorCode::InvalidState,
             BadName
             | TooManyTracks
+            | TrackIdTooLong(_)
             | UnknownSource(_)
             | BadChat(_)
             | CandidateWithoutTransport

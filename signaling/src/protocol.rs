@@ -81,6 +81,8 @@ pub enum ModePhase {
 
 /// Most tracks a description may describe.
 pub const MAX_TRACKS: usize = 16;
+/// Longest `trackId` (and `mid`) a client may send, in bytes: browsers' ids are 36 to 38.
+pub const MAX_TRACK_ID_BYTES: usize = 256;
 
 /// Messages a participant may have relayed to others (and `mute` broadcasts) in a burst, and
 /// per second after it: enough for several renegotiations with trickled candidates, too few to

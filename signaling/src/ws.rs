@@ -18,8 +18,8 @@ use crate::budget::Budget;
 use crate::error::SignalError;
 use crate::protocol::{
     CHAT_BURST, CHAT_PER_SECOND, CandidateInit, ClientMessage, ErrorCode, MAX_CHAT_CHARS,
-    MAX_TRACKS, Mode, ModePhase, PROTOCOL_VERSION, RELAY_BURST, RELAY_PER_SECOND, SFU_PEER,
-    ServerMessage, TrackInfo, TransportName,
+    MAX_TRACK_ID_BYTES, MAX_TRACKS, Mode, ModePhase, PROTOCOL_VERSION, RELAY_BURST,
+    RELAY_PER_SECOND, SFU_PEER, ServerMessage, TrackInfo, TransportName,
 };
 use crate::room::{
     JoinError, Joiner, NegotiatorCommand, Outbound, RelayError, Room, SfuLinkId, ToSession,
@@ -145,6 +145,8 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
         chat_budget: Budget::new(CHAT_BURST, CHAT_PER_SECOND),
     };
     let mut liveness = tokio::time::interval(LIVENESS_CHECK);
+    let opened = Instant::now();
+    let join_timeout = Duration::from_secs(session.state.config.join_timeout_secs);
     let mut last_heard = Instant::now();
     let mut last_ping = Instant::now();
     let mut close: Option<CloseFrame> = None;
@@ -192,6 +194,14 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
                 }
             }
             _ = liveness.tick() => {
+                if session.membership.is_none() && opened.elapsed() > join_timeout {
+                    // A socket that never joins only holds memory and a descriptor.
+                    let err = SignalError::JoinTimeout(join_timeout.as_secs());
+                    tracing::debug!("no join before the deadline");
+                    let _ = send_json(&mut sink, &ServerMessage::error(err.code(), err.to_string(), None)).await;
+                    close = Some(CloseFrame { code: 1008, reason: Utf8Bytes::from_static("no join") });
+                    break;
+                }
                 if last_heard.elapsed() > PEER_TIMEOUT {
                     tracing::info!("client silent for too long");
                     break;
@@ -261,6 +271,10 @@ fn parse_tracks(tracks: &[TrackInfo]) -> Result<Vec<DeclaredTrack>, SignalError>
     tracks
         .iter()
         .map(|track| {
+            check_track_id(&track.track_id)?;
+            if let Some(mid) = &track.mid {
+                check_track_id(mid)?;
+            }
             let source = Source::parse(&track.source)
                 .ok_or_else(|| SignalError::UnknownSource(track.source.clone()))?;
             Ok(DeclaredTrack {
@@ -270,6 +284,14 @@ fn parse_tracks(tracks: &[TrackInfo]) -> Result<Vec<DeclaredTrack>, SignalError>
             })
         })
         .collect()
+}
+
+/// Refuses a `trackId` (or `mid`) longer than any stack makes: each is relayed or broadcast.
+fn check_track_id(id: &str) -> Result<(), SignalError> {
+    if id.len() > MAX_TRACK_ID_BYTES {
+        return Err(SignalError::TrackIdTooLong(id.len()));
+    }
+    Ok(())
 }
 
 fn valid_name(name: &str) -> bool {
@@ -332,11 +354,8 @@ impl Session {
         let membership = self.membership()?;
         let (room, from) = (membership.room.clone(), membership.participant.clone());
         let message = make(from.to_string());
-        let bytes = RELAY_MESSAGE_BYTES
-            + match &message {
-                ServerMessage::Offer { sdp, .. } | ServerMessage::Answer { sdp, .. } => sdp.len(),
-                _ => 0,
-            };
+        // Everything relayed counts (SDP, `tracks`, candidates), as it will be sent.
+        let bytes = RELAY_MESSAGE_BYTES + serde_json::to_vec(&message).map_or(0, |v| v.len());
         if !self.relay_budget.take() || !self.relay_bytes.take_n(bytes as f64) {
             return Err(SignalError::RelayRateLimited);
         }
@@ -448,8 +467,11 @@ impl Session {
                 Ok(())
             }
             ClientMessage::Mute { track_id, muted } => {
-                self.membership()?;
-                if !self.relay_budget.take() {
+                check_track_id(&track_id)?;
+                let recipients = self.membership()?.room.member_count().saturating_sub(1);
+                // Sent to every other member: its bytes count once per recipient.
+                let bytes = (RELAY_MESSAGE_BYTES + track_id.len()) * recipients;
+                if !self.relay_budget.take() || !self.relay_bytes.take_n(bytes as f64) {
                     return Err(SignalError::ControlRateLimited("mute"));
                 }
                 let membership = self.membership()?;

@@ -543,6 +543,11 @@ impl Room {
         self.announce(state, changes);
     }
 
+    /// How many participants are in the room now.
+    pub fn member_count(&self) -> usize {
+        self.lock().members.len()
+    }
+
     /// True when `peer` is a member of this room.
     pub fn has_member(&self, peer: &str) -> bool {
         self.lock().members.iter().any(|m| m.id.as_str() == peer)
