@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
+use rtc::ice::mdns::MulticastDnsMode;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -141,6 +142,9 @@ impl PeerConnectionEventHandler for TransportHandler {
 /// a server whose own candidates never change.
 pub(crate) fn ice_settings(config: &crate::SfuConfig) -> SettingEngineBuilder {
     SettingEngineBuilder::new()
+        // The server announces IP addresses and resolves none: an mDNS socket per connection
+        // would cost a file descriptor and answer nobody.
+        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
         .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
         .with_srflx_acceptance_min_wait(Some(Duration::ZERO))
         .with_ice_timeouts(

@@ -18,6 +18,12 @@ async fn main() -> anyhow::Result<()> {
         LogFormat::Json => subscriber.json().init(),
         LogFormat::Text => subscriber.init(),
     }
+    // Every socket and media connection is a file descriptor; the usual soft limit of 1024
+    // would turn joins away at a few hundred participants while the hard limit allows more.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open files"),
+        Err(err) => tracing::warn!(%err, "cannot raise the open-file limit"),
+    }
     let server = signaling::Server::start(config.clone())
         .await
         .with_context(|| format!("listening on {}", config.bind))?;
