@@ -457,11 +457,12 @@ impl PublishTransport {
         if let Ok(mut extensions) = self.shared.extensions.lock() {
             *extensions = extmap(&offer.sdp);
         }
-        self.end_stopped_sections(&offer.sdp).await;
+        let stopped = sections_not_sending(&offer.sdp);
         self.pc
             .set_remote_description(offer)
             .await
             .map_err(SfuError::InvalidSdp)?;
+        self.end_publications_on(&stopped).await;
         let answer = self.pc.create_answer(None).await?;
         let mut gathered = self.gathered.clone();
         let sdp = local_sdp_after_gathering(&self.pc, &mut gathered, answer).await?;
@@ -471,11 +472,11 @@ impl PublishTransport {
         ))
     }
 
-    /// Ends the publications whose sections the publisher's re-offer no longer sends on. A
-    /// stack that keeps the section's `a=ssrc` lines (Firefox, with port 0 and `a=inactive`)
-    /// never ends the track in webrtc-rs; the publication must end all the same.
-    async fn end_stopped_sections(&self, offer_sdp: &str) {
-        let stopped = sections_not_sending(offer_sdp);
+    /// Ends the publications on sections `stopped` (which an applied re-offer no longer sends
+    /// on). A stack that keeps the section's `a=ssrc` lines (Firefox, with port 0 and
+    /// `a=inactive`) never ends the track in webrtc-rs; the publication must end all the same.
+    /// (Such a section is stopped for good; a new share comes on a new section.)
+    async fn end_publications_on(&self, stopped: &[String]) {
         let ending: Vec<mpsc::Sender<FanoutCommand>> = match self.shared.running.lock() {
             Ok(mut running) => {
                 let (ending, kept) = std::mem::take(&mut *running)
