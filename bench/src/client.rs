@@ -254,6 +254,14 @@ pub async fn loopback_peer_connection(
 ) -> Result<Arc<dyn PeerConnection>> {
     let mut engine = MediaEngine::default();
     engine.register_default_codecs()?;
+    // Audio levels, as browsers send them (the server tells who speaks from them).
+    engine.register_header_extension(
+        rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability {
+            uri: sfu::AUDIO_LEVEL_URI.to_owned(),
+        },
+        RtpCodecKind::Audio,
+        None,
+    )?;
     // Keyframe requests reach the application only through an interceptor that marks them:
     // publishers answer them with a keyframe, as a browser's encoder does.
     let registry = register_default_interceptors(Registry::new(), &mut engine)?.with(

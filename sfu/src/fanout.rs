@@ -6,7 +6,7 @@
 //! task hop per subscriber.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
@@ -74,6 +74,10 @@ pub struct PublicationStats {
     pub retransmitted_packets: AtomicU64,
     /// NACKed packets no longer in the cache.
     pub nack_misses: AtomicU64,
+    /// How loud a microphone was over the last 100 ms, from the publisher's audio-level header
+    /// extension (RFC 6464): 127 minus the mean level in -dBov, so 0 is silence (or no level)
+    /// and 127 the loudest.
+    pub loudness: AtomicU32,
 }
 
 /// Where one subscription's packets go: a sender of a connection in the egress engine.
@@ -106,6 +110,8 @@ pub(crate) struct Fanout {
     pub(crate) in_batch: Vec<usize>,
     /// RTP timestamp of the last packet forwarded: the frame in progress.
     pub(crate) frame_timestamp: Option<u32>,
+    /// The publisher's id for the audio-level extension (RFC 6464), when it sends one.
+    pub(crate) audio_level_id: Option<u8>,
 }
 
 /// Counters not yet published to [`PublicationStats`].
@@ -115,6 +121,9 @@ pub(crate) struct Counts {
     forwarded: u64,
     bytes: u64,
     dropped: u64,
+    /// Sum and number of audio levels (-dBov) read since the last tick.
+    level_sum: u32,
+    levels: u32,
 }
 
 impl Fanout {
@@ -132,6 +141,9 @@ impl Fanout {
                 },
                 event = self.track.poll() => match event {
                     Some(TrackRemoteEvent::OnRtpPacket(packet)) => {
+                        if let Some(id) = self.audio_level_id {
+                            self.read_level(&packet, id);
+                        }
                         if self.forward(packet, &mut slots) {
                             self.request_keyframe().await;
                         }
@@ -166,6 +178,24 @@ impl Fanout {
         stats
             .dropped_packets
             .fetch_add(counts.dropped, Ordering::Relaxed);
+        if self.audio_level_id.is_some() {
+            let loudness = match counts.levels {
+                0 => 0,
+                n => 127 - (counts.level_sum / n).min(127),
+            };
+            stats.loudness.store(loudness, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds the packet's audio level (RFC 6464: one byte, voice-activity bit then the level in
+    /// -dBov, 0 the loudest) to this tick's mean.
+    fn read_level(&mut self, packet: &rtp::Packet, id: u8) {
+        if let Some(value) = packet.header.get_extension(id)
+            && let Some(&byte) = value.first()
+        {
+            self.pending.level_sum += u32::from(byte & 0x7f);
+            self.pending.levels += 1;
+        }
     }
 
     async fn apply(&mut self, command: FanoutCommand, slots: &mut Vec<Slot>) {

@@ -46,8 +46,8 @@ pub use fanout::PublicationStats;
 pub use feedback::{FeedbackInterceptor, KeyframeThrottle};
 pub use ids::{MediaKind, ParticipantId, PublicationId, Source};
 pub use transport::{
-    DeclaredTrack, MAX_PUBLISH_SECTIONS, OfferedSubscription, PublishTransport, SubscribeTransport,
-    TransportKind,
+    AUDIO_LEVEL_URI, DeclaredTrack, MAX_PUBLISH_SECTIONS, OfferedSubscription, PublishTransport,
+    SubscribeTransport, TransportKind,
 };
 pub use webrtc::peer_connection::RTCIceCandidateInit;
 

@@ -13,7 +13,8 @@ use rtc::ice::mdns::MulticastDnsMode;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability,
+    RtpCodecKind,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
@@ -97,9 +98,20 @@ pub(crate) fn with_video_bandwidth(sdp: &str, bits_per_second: u64) -> String {
     out
 }
 
+/// The audio-level header extension (RFC 6464): how loud each audio packet is, so the server
+/// can tell who speaks without decoding.
+pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
+
 fn media_engine() -> Result<MediaEngine, SfuError> {
     let mut engine = MediaEngine::default();
     engine.register_default_codecs()?;
+    engine.register_header_extension(
+        RTCRtpHeaderExtensionCapability {
+            uri: AUDIO_LEVEL_URI.to_owned(),
+        },
+        RtpCodecKind::Audio,
+        None,
+    )?;
     Ok(engine)
 }
 
@@ -365,6 +377,14 @@ impl PublishShared {
             pending: Counts::default(),
             in_batch: Vec::new(),
             frame_timestamp: None,
+            audio_level_id: match kind {
+                MediaKind::Audio => publication
+                    .publisher_extensions
+                    .iter()
+                    .find(|(uri, _)| uri == AUDIO_LEVEL_URI)
+                    .and_then(|(_, id)| u8::try_from(*id).ok()),
+                MediaKind::Video => None,
+            },
         };
         self.shared.register_publication(&id, stats.clone());
         if let (Some(mid), Ok(mut running)) = (mid, self.running.lock()) {

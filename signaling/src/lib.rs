@@ -36,6 +36,23 @@ pub struct Server {
     state: AppState,
 }
 
+/// Every few hundred milliseconds, each room works out who speaks; ends with the server.
+async fn announce_speakers(state: AppState) {
+    let mut tick = tokio::time::interval(room::SPEAKERS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                for room in state.rooms.rooms() {
+                    room.update_speakers();
+                }
+            }
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
 impl Server {
     /// Binds `config.bind` and serves until [`Server::shutdown`].
     pub async fn start(config: Config) -> std::io::Result<Self> {
@@ -47,6 +64,7 @@ impl Server {
         // error rather than failing every later join.
         state.sfu.start_egress().map_err(std::io::Error::other)?;
         let app = http::router(state.clone());
+        tokio::spawn(announce_speakers(state.clone()));
         let mut stop = shutdown_rx;
         let task = tokio::spawn(async move {
             axum::serve(listener, app)

@@ -373,6 +373,16 @@ pub struct SubscriptionInfo {
     pub track_id: String,
 }
 
+/// One entry of `speakers`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpeakerInfo {
+    /// The participant.
+    pub peer_id: String,
+    /// How loud, from 0 (the speaking threshold) to 1 (the loudest).
+    pub level: f32,
+}
+
 /// Messages to a client.
 #[derive(Clone, Debug, Serialize)]
 #[serde(
@@ -478,6 +488,11 @@ pub enum ServerMessage {
         source: Option<&'static str>,
         /// Muted or not.
         muted: bool,
+    },
+    /// Who is speaking now, loudest first (SFU publications only).
+    Speakers {
+        /// Participants whose microphone is above the speaking level.
+        speakers: Vec<SpeakerInfo>,
     },
     /// Something was refused.
     Error {

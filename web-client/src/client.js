@@ -75,6 +75,10 @@
  * @property {number} receiveKbps
  * @property {'good' | 'fair' | 'poor'} quality
  *
+ * @typedef {object} Speaker  One entry of `room.speakers`.
+ * @property {string} peerId
+ * @property {number} level  0 (just speaking) to 1 (the loudest)
+ *
  * @typedef {object} ChatMessage
  * @property {number} id  its number in the room, from 1
  * @property {string} peerId  the sender (your own participantId for your messages)
@@ -100,6 +104,8 @@
  *  - modeChanged         ({mode, phase})   'mesh' | 'sfu', 'switching' | 'settled'
  *  - chatMessage         (ChatMessage)   also your own, once the server has it
  *  - activeSpeaker       ({peerId: string | null})   the remote participant speaking loudest
+ *                                 (as the server hears it in SFU mode; the browser, in a mesh)
+ *  - speakers            (Speaker[])   who speaks now, loudest first (SFU mode)
  *  - connectionQuality   (ConnectionQuality)   every two seconds
  *  - localStream         (MediaStream)   local media captured, before joining
  *  - error               (ErrorEvent)
@@ -124,6 +130,8 @@ export const PROTOCOL_VERSION = 1;
 
 /** How long the SDK keeps trying to get back into the room after losing the server. */
 const RECONNECT_WINDOW_MS = 30_000;
+/** The active speaker stays highlighted through pauses this short. */
+const SPEAKER_HOLD_MS = 1500;
 
 /** Minimal event emitter; listeners that throw do not break the SDK. */
 class Emitter {
@@ -191,6 +199,8 @@ export class Room extends Emitter {
   state = 'new';
   /** The room's chat so far (the server keeps the latest 100 for those who join later). @type {ChatMessage[]} */
   chat = [];
+  /** Who speaks now, loudest first, as the server hears it (SFU). @type {Speaker[]} */
+  speakers = [];
 
   /** @type {{resolve: (msg: any) => void, reject: (err: Error) => void} | null} */
   #joinWaiter = null;
@@ -204,6 +214,10 @@ export class Room extends Emitter {
   #videoPaused = new Set();
   /** Chat messages already announced, by `id@at`. @type {Set<string>} */
   #chatSeen = new Set();
+  /** The active speaker last announced. @type {string | null} */
+  #speaker = null;
+  /** Pending announcement that nobody speaks (a pause between words is not silence). @type {ReturnType<typeof setTimeout> | null} */
+  #silenceTimer = null;
 
   // The parts, each with one job; the room wires them together and speaks for them.
   #media = new LocalMedia();
@@ -253,7 +267,12 @@ export class Room extends Emitter {
     remoteTracks: () => this.#switcher.shown(),
     connections: () => [this.#sfu.publishPc, this.#sfu.subscribePc, ...this.#mesh.connections()],
     busy: () => this.state !== 'joined' || this.#switcher.switching,
-    onSpeaker: (peerId) => this.emit('activeSpeaker', { peerId }),
+    // In a mesh nobody but the browser hears the others: the loudest decoded microphone.
+    onSpeaker: (peerId) => {
+      if (this.mode !== 'mesh') return;
+      this.#speaker = peerId;
+      this.emit('activeSpeaker', { peerId });
+    },
     onQuality: (quality) => this.emit('connectionQuality', quality),
   });
 
@@ -514,6 +533,7 @@ export class Room extends Emitter {
     this.#mesh.closeAll();
     for (const peerId of [...this.participants.keys()]) this.#removeParticipant(peerId);
     this.#remoteMuted.clear();
+    this.speakers = [];
   }
 
   /**
@@ -529,6 +549,7 @@ export class Room extends Emitter {
     this.#joinWaiter = null;
     this.#switcher.reset();
     this.#stats.stop();
+    if (this.#silenceTimer) clearTimeout(this.#silenceTimer);
     this.#socket.drop(1000);
     this.#sfu.close();
     this.#mesh.closeAll();
@@ -583,6 +604,8 @@ export class Room extends Emitter {
         return this.#onRemoteMute(msg);
       case 'chat':
         return this.#onChat(msg);
+      case 'speakers':
+        return this.#onSpeakers(msg);
       default:
         // Unknown message types are ignored, as unknown fields are (forward compatibility).
         return;
@@ -692,6 +715,29 @@ export class Room extends Emitter {
     this.chat.push(message);
     if (this.chat.length > 500) this.chat.splice(0, this.chat.length - 500);
     this.emit('chatMessage', message);
+  }
+
+  /** @param {any} msg  the server's `speakers`, loudest first */
+  #onSpeakers(msg) {
+    this.speakers = (Array.isArray(msg.speakers) ? msg.speakers : [])
+      .filter((/** @type {any} */ s) => this.participants.has(s?.peerId))
+      .map((/** @type {any} */ s) => ({ peerId: String(s.peerId), level: Number(s.level) || 0 }));
+    this.emit('speakers', this.speakers);
+    if (this.mode !== 'sfu') return;
+    const loudest = this.speakers[0]?.peerId ?? null;
+    if (loudest) {
+      if (this.#silenceTimer) clearTimeout(this.#silenceTimer);
+      this.#silenceTimer = null;
+      if (loudest === this.#speaker) return;
+      this.#speaker = loudest;
+      this.emit('activeSpeaker', { peerId: loudest });
+    } else if (this.#speaker !== null && !this.#silenceTimer) {
+      this.#silenceTimer = setTimeout(() => {
+        this.#silenceTimer = null;
+        this.#speaker = null;
+        this.emit('activeSpeaker', { peerId: null });
+      }, SPEAKER_HOLD_MS);
+    }
   }
 
   /** @param {any} msg */

@@ -169,6 +169,15 @@ async function main() {
       await checkDecodes(cid, 'Cid (Chromium)', 'Fay', "Fay's Firefox camera through the server");
       await checkDecodes(fay, 'Fay (Firefox)', 'Cid', "Cid's Chromium camera through the server");
     });
+    await step('SFU: the server hears Firefox speak', async () => {
+      // Firefox's fake microphone is a steady tone; the server reads its audio-level extension.
+      const heard = await until(cid, () => {
+        const room = /** @type {any} */ (window).__switchboard;
+        const fay = [...room.participants.values()].find((p) => p.name === 'Fay');
+        return !!fay && room.speakers.some((/** @type {any} */ s) => s.peerId === fay.peerId);
+      }, null, 10_000);
+      check("Cid is told Fay (Firefox) speaks, from the server's speakers", heard);
+    });
     await step('SFU: a Firefox screen share is shown on stage', async () => {
       await fay.click('#share');
       const onStage = await until(cid, () => {

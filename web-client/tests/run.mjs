@@ -281,6 +281,47 @@ async function main() {
     ),
   );
 
+  // The server hears who speaks (the audio-level header extension of every microphone): every
+  // fake microphone beeps now and then, so over a few seconds each page hears each of the other
+  // three; one that mutes is heard no more.
+  await step('the server names who speaks', async () => {
+    const listen = () =>
+      Promise.all(
+        pages.map((p) =>
+          p.evaluate(() => {
+            const w = /** @type {any} */ (window);
+            w.__heard = new Set();
+            w.__unlisten?.();
+            w.__unlisten = w.__switchboard.on('speakers', (/** @type {{peerId: string}[]} */ list) => {
+              for (const s of list) w.__heard.add(s.peerId);
+            });
+          }),
+        ),
+      );
+    const heard = () => Promise.all(pages.map((p) => p.evaluate(() => [.../** @type {any} */ (window).__heard])));
+    await listen();
+    const deadline = Date.now() + 10_000;
+    let lists = await heard();
+    while (!lists.every((l) => l.length === PAGES - 1) && Date.now() < deadline) {
+      await sleep(250);
+      lists = await heard();
+    }
+    check(`every page is told each of its ${PAGES - 1} beeping peers speaks`, lists.every((l) => l.length === PAGES - 1), `heard: ${lists.map((l) => l.length).join(', ')}`);
+    await pages[0].click('#mic');
+    const muted = await pages[0].evaluate(() => /** @type {any} */ (window).__switchboard.participantId);
+    await sleep(1000);
+    await listen();
+    await sleep(4000);
+    lists = await heard();
+    const others = lists.slice(1);
+    check(
+      `${names[0]} mutes and is heard no more, while the others still are`,
+      others.every((l) => !l.includes(muted) && l.length === PAGES - 2),
+      `heard after the mute: ${others.map((l) => l.length).join(', ')}`,
+    );
+    await pages[0].click('#mic');
+  });
+
   // Large rooms: a tile scrolled out of view stops receiving video, and resumes when seen.
   await step('off-screen tiles pause their video', async () => {
     const page = pages[0];

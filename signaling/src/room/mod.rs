@@ -26,7 +26,7 @@ use sfu::{ParticipantId, Publication, PublicationId};
 use tokio::sync::{Notify, mpsc, watch};
 
 use self::mode::{ModeChange, ModePolicy, ModeSwitch};
-use crate::protocol::{ChatMessage, Mode, ModePhase, PeerInfo, ServerMessage};
+use crate::protocol::{ChatMessage, Mode, ModePhase, PeerInfo, ServerMessage, SpeakerInfo};
 
 /// Chat messages a room keeps for those who join later.
 pub const CHAT_HISTORY: usize = 100;
@@ -34,6 +34,12 @@ pub const CHAT_HISTORY: usize = 100;
 pub const ROOM_CHAT_BURST: f64 = 30.0;
 /// See [`ROOM_CHAT_BURST`].
 pub const ROOM_CHAT_PER_SECOND: f64 = 5.0;
+
+/// A microphone this loud or louder speaks: 127 minus 50 -dBov (speech is about -20 to -40
+/// dBov, a quiet room about -60).
+pub const SPEAKING_LOUDNESS: u32 = 127 - 50;
+/// How often rooms work out who is speaking.
+pub const SPEAKERS_INTERVAL: Duration = Duration::from_millis(300);
 
 /// A switch whose participants have not all reported `ready` by then settles anyway, so that one
 /// broken client cannot keep a room on two paths forever.
@@ -173,6 +179,8 @@ struct Member {
 struct RoomState {
     members: Vec<Member>,
     mode: ModeSwitch,
+    /// The last `speakers` list sent, in order.
+    speakers: Vec<ParticipantId>,
     /// The latest chat messages, oldest first, at most [`CHAT_HISTORY`].
     chat: VecDeque<ChatMessage>,
     /// What the whole room may chat: every message goes to every member, so one budget per
@@ -282,6 +290,7 @@ impl Room {
             name: name.to_owned(),
             state: Mutex::new(RoomState {
                 members: Vec::new(),
+                speakers: Vec::new(),
                 mode: ModeSwitch::new(ModePolicy {
                     mesh_max: policy.mesh_max,
                     mesh_hold: policy.mesh_hold,
@@ -541,6 +550,52 @@ impl Room {
         let members = Self::member_ids(state);
         let changes = state.mode.left(&members, Instant::now());
         self.announce(state, changes);
+    }
+
+    /// Works out who is speaking from the microphones' loudness and tells everyone when the
+    /// list (who, in which order) changed since the last time.
+    pub fn update_speakers(&self) {
+        let mut state = self.lock();
+        let mut speaking: Vec<(ParticipantId, u32)> = state
+            .members
+            .iter()
+            .flat_map(|member| {
+                member
+                    .published
+                    .iter()
+                    .filter(|p| p.publication.source == sfu::Source::Microphone)
+                    .filter(|p| !member.muted.get(&p.track_id).copied().unwrap_or(false))
+                    .map(|p| {
+                        (
+                            member.id.clone(),
+                            p.publication
+                                .stats
+                                .loudness
+                                .load(std::sync::atomic::Ordering::Relaxed),
+                        )
+                    })
+            })
+            .filter(|(_, loudness)| *loudness >= SPEAKING_LOUDNESS)
+            .collect();
+        speaking.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        speaking.dedup_by(|a, b| a.0 == b.0);
+        let order: Vec<ParticipantId> = speaking.iter().map(|(id, _)| id.clone()).collect();
+        if order == state.speakers {
+            return;
+        }
+        state.speakers = order;
+        let message = ServerMessage::Speakers {
+            speakers: speaking
+                .into_iter()
+                .map(|(id, loudness)| SpeakerInfo {
+                    peer_id: id.to_string(),
+                    level: (loudness - SPEAKING_LOUDNESS) as f32 / (127 - SPEAKING_LOUDNESS) as f32,
+                })
+                .collect(),
+        };
+        for member in &state.members {
+            send(&member.outbound, message.clone());
+        }
     }
 
     /// How many participants are in the room now.

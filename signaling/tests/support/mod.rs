@@ -569,6 +569,55 @@ impl TestClient {
         Ok(())
     }
 
+    /// Sends one audio packet whose audio-level extension (RFC 6464) says `level` -dBov
+    /// (0 the loudest, 127 silence).
+    pub async fn send_audio_level(&self, level: u8) -> Result<()> {
+        let pc = self
+            .publish_pc
+            .as_ref()
+            .ok_or_else(|| anyhow!("not publishing"))?;
+        let sdp = pc
+            .local_description()
+            .await
+            .ok_or_else(|| anyhow!("no local description"))?
+            .sdp;
+        let id = sdp
+            .lines()
+            .filter_map(|l| l.trim_end().strip_prefix("a=extmap:"))
+            .find(|l| l.ends_with(sfu::AUDIO_LEVEL_URI))
+            .and_then(|l| l.split([' ', '/']).next())
+            .and_then(|id| id.parse::<u8>().ok())
+            .ok_or_else(|| anyhow!("no audio-level extension negotiated"))?;
+        let (audio_pt, _) = self.payload_types().await?;
+        let audio = self
+            .audio
+            .clone()
+            .ok_or_else(|| anyhow!("not publishing"))?;
+        let ssrc = audio
+            .ssrcs()
+            .await
+            .first()
+            .copied()
+            .ok_or_else(|| anyhow!("no ssrc"))?;
+        let seq = self
+            .audio_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut header = rtp::Header {
+            version: 2,
+            payload_type: audio_pt,
+            sequence_number: seq,
+            timestamp: u32::from(seq) * 960,
+            ssrc,
+            ..Default::default()
+        };
+        header.set_extension(id, Bytes::from(vec![0x80 | level]))?;
+        let packet = rtp::Packet {
+            header,
+            payload: Bytes::from_static(b"\xF8x"),
+        };
+        Ok(audio.write_rtp(packet).await?)
+    }
+
     /// The payload types the publish connection negotiated: (Opus, VP8).
     pub async fn payload_types(&self) -> Result<(u8, u8)> {
         let pc = self
