@@ -89,6 +89,9 @@ pub enum SignalError {
     /// The room is at its participant limit.
     #[error("the room is full ({0} participants)")]
     RoomFull(usize),
+    /// A media connection of the participant to the server failed (ICE or DTLS): it leaves.
+    #[error("your media connection to the server failed: leaving the room")]
+    MediaFailed,
     /// The participant's subscribe negotiator has ended (its connections are closing).
     #[error("subscribe connection is gone")]
     SubscribeGone,
@@ -124,7 +127,7 @@ impl SignalError {
             }
             NameTaken(_) => ErrorCode::NameTaken,
             RoomFull(_) => ErrorCode::RoomFull,
-            SubscribeGone | MediaTransport(_) => ErrorCode::Internal,
+            SubscribeGone | MediaTransport(_) | MediaFailed => ErrorCode::Internal,
         }
     }
 }

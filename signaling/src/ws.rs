@@ -84,6 +84,8 @@ struct Session {
     ending: bool,
     /// How many SFU links this session has opened: the next one's id.
     sfu_links_opened: u64,
+    /// The close code and reason when the session itself decides to end.
+    close: Option<(u16, &'static str)>,
 }
 
 /// What a queued entry sends to the client, given the participant's current SFU connections:
@@ -142,6 +144,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
         relay_bytes: Budget::new(RELAY_BYTES_BURST, RELAY_BYTES_PER_SECOND),
         ending: false,
         sfu_links_opened: 0,
+        close: None,
         chat_budget: Budget::new(CHAT_BURST, CHAT_PER_SECOND),
     };
     let mut liveness = tokio::time::interval(LIVENESS_CHECK);
@@ -187,7 +190,11 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
                     break;
                 }
             }
-            _ = kick.kicked() => break,
+            why = kick.kicked() => {
+                let (code, reason) = why.close();
+                close = Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) });
+                break;
+            }
             event = next_sfu_event(&mut session.sfu_events) => {
                 if let Flow::Leave = session.handle_sfu_event(event) {
                     break;
@@ -220,6 +227,14 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
                 break;
             }
         }
+    }
+    if close.is_none()
+        && let Some((code, reason)) = session.close
+    {
+        close = Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        });
     }
     session.leave().await;
     // Whatever was queued before leaving (e.g. an error reply) still goes out.
@@ -752,6 +767,10 @@ impl Session {
             }
             SfuEvent::TransportFailed { kind, .. } => {
                 tracing::info!(?kind, "media connection failed");
+                // Said before the close, which says it too.
+                let err = SignalError::MediaFailed;
+                self.reply(ServerMessage::error(err.code(), err.to_string(), None));
+                self.close = Some((1011, "media connection failed"));
                 Flow::Leave
             }
         }

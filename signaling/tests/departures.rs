@@ -121,7 +121,15 @@ async fn a_participant_whose_media_path_dies_is_removed_within_ten_seconds() -> 
     }
     let took = cut_at.elapsed();
     ensure!(took < Duration::from_secs(10), "removed after {took:?}");
-    // Its socket is closed by the server once it is out of the room.
+    // It is told why, then its socket is closed by the server.
+    let told = viewer.wait_for("error", Duration::from_secs(3)).await?;
+    ensure!(
+        told["code"] == "internal"
+            && told["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("media connection")),
+        "{told}"
+    );
     let closed = viewer.wait_for("never-sent", Duration::from_secs(3)).await;
     ensure!(
         closed.is_err_and(|e| e.to_string().contains("closed")),

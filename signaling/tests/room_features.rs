@@ -161,17 +161,18 @@ async fn a_resumed_join_replaces_the_lost_connection_at_once() -> Result<()> {
     ensure!(left["peerId"] == old_id, "{left}");
     let arrived = recv_type(&mut bob, "peer_joined", WAIT).await?;
     ensure!(arrived["peerId"] == joined["participantId"], "{arrived}");
-    // The old socket is closed by the server.
+    // The old socket is closed by the server, saying why.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         ensure!(
             std::time::Instant::now() < deadline,
             "the old socket stays open"
         );
-        if recv(&mut ann, Duration::from_millis(200))
-            .await
-            .is_err_and(|e| e.to_string().contains("closed"))
+        if let Err(err) = recv(&mut ann, Duration::from_millis(200)).await
+            && err.to_string().contains("closed")
         {
+            let err = err.to_string();
+            ensure!(err.contains("replaced by a resumed session"), "{err}");
             break;
         }
     }

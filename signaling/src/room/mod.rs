@@ -98,6 +98,27 @@ pub enum ToSession {
 pub struct Outbound {
     tx: mpsc::Sender<ToSession>,
     kick: Arc<Notify>,
+    /// Why the session is being ended, for its close frame (the first reason given wins).
+    kick_reason: Arc<Mutex<Option<Kick>>>,
+}
+
+/// Why a participant's session is ended from outside it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kick {
+    /// It does not read its socket: its queue of server messages is full.
+    NotReading,
+    /// A resumed join of the same client took its place.
+    Replaced,
+}
+
+impl Kick {
+    /// The WebSocket close code (RFC 6455) and reason.
+    pub fn close(self) -> (u16, &'static str) {
+        match self {
+            Kick::NotReading => (1008, "not reading: too many messages queued"),
+            Kick::Replaced => (1000, "replaced by a resumed session"),
+        }
+    }
 }
 
 impl Outbound {
@@ -108,6 +129,7 @@ impl Outbound {
             Self {
                 tx,
                 kick: Arc::new(Notify::new()),
+                kick_reason: Arc::default(),
             },
             rx,
         )
@@ -124,7 +146,7 @@ impl Outbound {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!("a participant's signaling queue is full: disconnecting it");
-                self.kick.notify_one();
+                self.end(Kick::NotReading);
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -133,12 +155,24 @@ impl Outbound {
 
     /// Asks the participant's session to end (it was replaced by a resumed one).
     pub fn disconnect(&self) {
+        self.end(Kick::Replaced);
+    }
+
+    fn end(&self, why: Kick) {
+        if let Ok(mut reason) = self.kick_reason.lock() {
+            reason.get_or_insert(why);
+        }
         self.kick.notify_one();
     }
 
-    /// Completes when the participant must be disconnected.
-    pub async fn kicked(&self) {
-        self.kick.notified().await
+    /// Completes when the participant must be disconnected, with the reason.
+    pub async fn kicked(&self) -> Kick {
+        self.kick.notified().await;
+        self.kick_reason
+            .lock()
+            .ok()
+            .and_then(|reason| *reason)
+            .unwrap_or(Kick::NotReading)
     }
 }
 
