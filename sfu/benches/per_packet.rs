@@ -118,7 +118,7 @@ fn forwarder_rewrite(c: &mut Criterion) {
     let mut i = 0usize;
     let mut next = || {
         i = (i + 1) % packets.len();
-        black_box(forwarder.forward(&packets[i], now).ok());
+        black_box(forwarder.forward(&packets[i], 0, now).ok());
     };
     println!(
         "forwarder/rewrite: {:.2} allocations per packet",
@@ -127,6 +127,46 @@ fn forwarder_rewrite(c: &mut Criterion) {
     let mut group = c.benchmark_group("forwarder");
     group.throughput(Throughput::Elements(1));
     group.bench_function("rewrite", |b| b.iter(&mut next));
+    group.finish();
+}
+
+/// `video_packet` with a full VP8 descriptor (15-bit picture id, TL0PICIDX, TID), as a
+/// simulcast layer sends it.
+fn layer_packet(ssrc: u32, seq: u16, picture_id: u16) -> rtp::Packet {
+    let mut packet = video_packet(seq);
+    let mut payload = packet.payload.to_vec();
+    let [high, low] = (picture_id & 0x7fff).to_be_bytes();
+    payload[..7].copy_from_slice(&[0x90, 0xe0, 0x80 | high, low, 1, 0, 0]);
+    packet.payload = Bytes::from(payload);
+    packet.header.ssrc = ssrc;
+    packet
+}
+
+/// A subscription that switched simulcast layers: every packet's picture id is rewritten, so
+/// its payload is copied.
+fn forwarder_switched(c: &mut Criterion) {
+    let mut forwarder = forwarder(42);
+    forwarder.set_layered(true);
+    let now = Instant::now();
+    forwarder.set_target(0);
+    let _ = forwarder.forward(&layer_packet(1, 1, 100), 0, now);
+    forwarder.set_target(1);
+    let _ = forwarder.forward(&layer_packet(2, 1, 9000), 1, now);
+    let packets: Vec<rtp::Packet> = (0..1024)
+        .map(|seq| layer_packet(2, seq + 2, 9000 + seq / 6))
+        .collect();
+    let mut i = 0usize;
+    let mut next = || {
+        i = (i + 1) % packets.len();
+        black_box(forwarder.forward(&packets[i], 1, now).ok());
+    };
+    println!(
+        "forwarder/rewrite_switched: {:.2} allocations per packet",
+        allocations_per_call(&mut next)
+    );
+    let mut group = c.benchmark_group("forwarder");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("rewrite_switched", |b| b.iter(&mut next));
     group.finish();
 }
 
@@ -171,7 +211,7 @@ fn fanout_walk(c: &mut Criterion) {
         let mut walk = || {
             i = (i + 1) % packets.len();
             for (forwarder, tx, _) in slots.iter_mut() {
-                if let Ok(out) = forwarder.forward(&packets[i], now) {
+                if let Ok(out) = forwarder.forward(&packets[i], 0, now) {
                     let _ = tx.try_send(out);
                 }
             }
@@ -196,5 +236,11 @@ fn fanout_walk(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, forwarder_rewrite, packet_cache, fanout_walk);
+criterion_group!(
+    benches,
+    forwarder_rewrite,
+    forwarder_switched,
+    packet_cache,
+    fanout_walk
+);
 criterion_main!(benches);

@@ -15,10 +15,14 @@ use rtc::shared::marshal::MarshalSize;
 use tokio::sync::mpsc;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
+use crate::SfuEvent;
 use crate::egress::{Admission, ConnId, EgressSender, Outgoing, Refused};
 use crate::feedback::KeyframeThrottle;
 use crate::forwarder::{DropReason, Forwarder, ForwarderParams, PacketCache};
-use crate::ids::MediaKind;
+use crate::ids::{MediaKind, ParticipantId, PublicationId};
+use crate::keyframe::VideoCodec;
+use crate::layers::Layers;
+use crate::vp8::Vp8Descriptor;
 
 /// Key of one subscription inside its fanout.
 pub(crate) type SubscriptionKey = u64;
@@ -47,6 +51,11 @@ pub(crate) enum FanoutCommand {
         key: SubscriptionKey,
         paused: bool,
     },
+    /// The size one subscriber shows this video at (device pixels); `None` for no limit.
+    View {
+        key: SubscriptionKey,
+        size: Option<(u16, u16)>,
+    },
     /// The publisher stopped sending on this media section (a re-offer made it inactive): the
     /// publication ends, as when its track ends.
     End,
@@ -74,6 +83,8 @@ pub struct PublicationStats {
     pub retransmitted_packets: AtomicU64,
     /// NACKed packets no longer in the cache.
     pub nack_misses: AtomicU64,
+    /// Times a subscription moved to another simulcast layer.
+    pub layer_switches: AtomicU64,
     /// How loud a microphone was over the last 100 ms, from the publisher's audio-level header
     /// extension (RFC 6464): 127 minus the mean level in -dBov, so 0 is silence (or no level)
     /// and 127 the loudest.
@@ -91,18 +102,79 @@ struct Slot {
     key: SubscriptionKey,
     forwarder: Forwarder,
     route: Route,
+    /// The size the subscriber shows this video at.
+    view: Option<(u16, u16)>,
+    /// The layer last forwarded, to count switches.
+    counted_layer: Option<u8>,
+}
+
+/// A layer nobody needs any more is turned off at the publisher only after this long, so a tile
+/// that shrinks and grows back does not make the publisher's encoder flap.
+pub(crate) const DYNACAST_OFF_AFTER: Duration = Duration::from_secs(2);
+
+/// Which of a simulcast publication's layers its publisher is asked to send (dynacast): every
+/// layer up to the highest one some subscriber needs.
+#[derive(Debug)]
+pub(crate) struct Dynacast {
+    /// Highest layer the publisher was last told to send (all, at first).
+    announced: u8,
+    /// Since when fewer layers have been needed.
+    lower_since: Option<Instant>,
+}
+
+impl Dynacast {
+    pub(crate) fn new(layers: &Layers) -> Self {
+        Self {
+            announced: (layers.count() - 1) as u8,
+            lower_since: None,
+        }
+    }
+
+    /// The highest layer to announce now, when it changes: more at once, fewer after
+    /// [`DYNACAST_OFF_AFTER`].
+    fn update(&mut self, needed: u8, now: Instant) -> Option<u8> {
+        if needed >= self.announced {
+            self.lower_since = None;
+            if needed == self.announced {
+                return None;
+            }
+        } else {
+            let since = *self.lower_since.get_or_insert(now);
+            if now.saturating_duration_since(since) < DYNACAST_OFF_AFTER {
+                return None;
+            }
+            self.lower_since = None;
+        }
+        self.announced = needed;
+        Some(needed)
+    }
+}
+
+/// Who a fanout reports to: the publisher's session, for dynacast.
+pub(crate) struct FanoutOwner {
+    pub(crate) participant: ParticipantId,
+    pub(crate) publication: PublicationId,
+    pub(crate) track_id: String,
+    pub(crate) events: mpsc::UnboundedSender<SfuEvent>,
 }
 
 pub(crate) struct Fanout {
     pub(crate) track: Arc<dyn TrackRemote>,
-    pub(crate) media_ssrc: u32,
     pub(crate) kind: MediaKind,
     pub(crate) mime: String,
     pub(crate) clock_rate: u32,
     pub(crate) commands: mpsc::Receiver<FanoutCommand>,
-    pub(crate) throttle: KeyframeThrottle,
+    /// One per layer.
+    pub(crate) throttles: Vec<KeyframeThrottle>,
     pub(crate) stats: Arc<PublicationStats>,
-    pub(crate) cache: PacketCache,
+    /// One per layer: each layer numbers its packets on its own.
+    pub(crate) caches: Vec<PacketCache>,
+    pub(crate) layers: Layers,
+    /// The publisher's id for the `rtp-stream-id` extension, to place a simulcast packet whose
+    /// stream has not been announced.
+    pub(crate) rid_extension_id: Option<u8>,
+    pub(crate) dynacast: Dynacast,
+    pub(crate) owner: FanoutOwner,
     /// Counted here and published to `stats` on each tick, so the packet path touches no
     /// shared cache line.
     pub(crate) pending: Counts,
@@ -121,9 +193,16 @@ pub(crate) struct Counts {
     forwarded: u64,
     bytes: u64,
     dropped: u64,
+    /// Layer switches.
+    switches: u64,
     /// Sum and number of audio levels (-dBov) read since the last tick.
     level_sum: u32,
     levels: u32,
+}
+
+/// The keyframe-request bit of `layer`.
+fn keyframe_mask(layer: Option<u8>) -> u8 {
+    layer.map_or(0, |layer| 1u8 << layer.min(7))
 }
 
 impl Fanout {
@@ -144,17 +223,22 @@ impl Fanout {
                         if let Some(id) = self.audio_level_id {
                             self.read_level(&packet, id);
                         }
-                        if self.forward(packet, &mut slots) {
-                            self.request_keyframe().await;
-                        }
+                        let Some(layer) = self.layer_of(&packet) else {
+                            continue;
+                        };
+                        let wanted = self.forward(packet, layer, &mut slots);
+                        self.request_keyframes(wanted).await;
+                    }
+                    Some(TrackRemoteEvent::OnOpen(init)) => {
+                        self.layers.open(init.ssrc, init.rid.as_deref());
                     }
                     Some(TrackRemoteEvent::OnEnded) | None => break,
                     Some(_) => {}
                 },
                 _ = tick.tick() => {
                     self.publish_counts();
-                    if self.kind == MediaKind::Video && self.throttle.poll(Instant::now()) {
-                        self.send_pli().await;
+                    if self.kind == MediaKind::Video {
+                        self.tick_layers(&mut slots).await;
                     }
                 }
             }
@@ -178,6 +262,9 @@ impl Fanout {
         stats
             .dropped_packets
             .fetch_add(counts.dropped, Ordering::Relaxed);
+        stats
+            .layer_switches
+            .fetch_add(counts.switches, Ordering::Relaxed);
         if self.audio_level_id.is_some() {
             let loudness = match counts.levels {
                 0 => 0,
@@ -200,53 +287,84 @@ impl Fanout {
 
     async fn apply(&mut self, command: FanoutCommand, slots: &mut Vec<Slot>) {
         match command {
-            FanoutCommand::Add { key, route } => slots.push(Slot {
-                key,
-                forwarder: Forwarder::new(self.kind, &self.mime, self.clock_rate),
-                route,
-            }),
+            FanoutCommand::Add { key, route } => {
+                let mut forwarder = Forwarder::new(self.kind, &self.mime, self.clock_rate);
+                forwarder.set_layered(!self.layers.is_single());
+                let wanted = self.layers.for_view(None);
+                forwarder.set_target(self.layers.live_target(wanted, Instant::now()));
+                slots.push(Slot {
+                    key,
+                    forwarder,
+                    route,
+                    view: None,
+                    counted_layer: None,
+                });
+            }
             FanoutCommand::Configure { key, params } => {
                 if let Some(slot) = slots.iter_mut().find(|slot| slot.key == key) {
                     slot.forwarder.configure(*params);
                     // A new subscriber must see a picture within a second: ask right away.
-                    if slot.forwarder.waiting_for_keyframe() {
-                        self.request_keyframe().await;
-                    }
+                    let wanted = keyframe_mask(slot.forwarder.wanted_keyframe());
+                    self.request_keyframes(wanted).await;
                 }
             }
             FanoutCommand::Remove { key } => slots.retain(|slot| slot.key != key),
-            FanoutCommand::KeyframeRequest => self.request_keyframe().await,
+            FanoutCommand::KeyframeRequest => {
+                // A subscriber lost a picture: the layers being forwarded must start again.
+                let mut wanted = 0;
+                for slot in slots.iter() {
+                    wanted |= keyframe_mask(slot.forwarder.current());
+                }
+                self.request_keyframes(wanted.max(1)).await;
+            }
             FanoutCommand::Nack { key, seqs } => {
-                if self.retransmit(key, &seqs, slots) {
-                    self.request_keyframe().await;
+                if let Some(layer) = self.retransmit(key, &seqs, slots) {
+                    self.request_keyframes(keyframe_mask(Some(layer))).await;
                 }
             }
             FanoutCommand::Pause { key, paused } => {
                 if let Some(slot) = slots.iter_mut().find(|slot| slot.key == key) {
                     slot.forwarder.set_paused(paused);
-                    if !paused && slot.forwarder.waiting_for_keyframe() {
-                        self.request_keyframe().await;
+                    if !paused {
+                        let wanted = keyframe_mask(slot.forwarder.wanted_keyframe());
+                        self.request_keyframes(wanted).await;
                     }
                 }
+            }
+            FanoutCommand::View { key, size } => {
+                let now = Instant::now();
+                if let Some(slot) = slots.iter_mut().find(|slot| slot.key == key) {
+                    slot.view = size;
+                    let wanted = self.layers.for_view(size);
+                    slot.forwarder
+                        .set_target(self.layers.live_target(wanted, now));
+                    let wanted = keyframe_mask(slot.forwarder.wanted_keyframe());
+                    self.request_keyframes(wanted).await;
+                }
+                // A larger view is served at once: the publisher may need to resume a layer.
+                self.update_dynacast(slots, now);
             }
             // Ends the run loop before it gets here.
             FanoutCommand::End => {}
         }
     }
 
-    /// Answers a NACK from the publication's cache; true when some packet was gone, so the
-    /// subscriber can only recover with a keyframe.
-    fn retransmit(&mut self, key: SubscriptionKey, seqs: &[u16], slots: &mut [Slot]) -> bool {
-        let Some(slot) = slots.iter_mut().find(|slot| slot.key == key) else {
-            return false;
-        };
+    /// Answers a NACK from the publication's cache; the layer being forwarded when some packet
+    /// was gone, so the subscriber can only recover with a keyframe of it.
+    fn retransmit(&mut self, key: SubscriptionKey, seqs: &[u16], slots: &mut [Slot]) -> Option<u8> {
+        let slot = slots.iter_mut().find(|slot| slot.key == key)?;
         let (mut sent_again, mut missed) = (0u64, 0u64);
         for &seq in seqs {
             let Some(sent) = slot.forwarder.sent(seq) else {
                 missed += 1;
                 continue;
             };
-            let Some(original) = self.cache.get(sent.source_ssrc, sent.source_seq) else {
+            let cache = self
+                .layers
+                .index_of(sent.source_ssrc)
+                .and_then(|layer| self.caches.get(usize::from(layer)));
+            let Some(original) = cache.and_then(|c| c.get(sent.source_ssrc, sent.source_seq))
+            else {
                 missed += 1;
                 continue;
             };
@@ -270,21 +388,105 @@ impl Fanout {
             .retransmitted_packets
             .fetch_add(sent_again, Ordering::Relaxed);
         self.stats.nack_misses.fetch_add(missed, Ordering::Relaxed);
-        missed > 0
+        if missed > 0 {
+            Some(slot.forwarder.current().unwrap_or(0))
+        } else {
+            None
+        }
     }
 
-    /// Forwards one packet to every subscription; true when some subscriber needs a keyframe.
-    fn forward(&mut self, packet: rtp::Packet, slots: &mut Vec<Slot>) -> bool {
+    /// The layer a packet belongs to: by its SSRC, or for a simulcast stream not yet announced,
+    /// by its `rtp-stream-id`. `None` drops it.
+    #[inline]
+    fn layer_of(&mut self, packet: &rtp::Packet) -> Option<u8> {
+        if let Some(layer) = self.layers.index_of(packet.header.ssrc) {
+            return Some(layer);
+        }
+        let rid = packet.header.get_extension(self.rid_extension_id?)?;
+        let rid = std::str::from_utf8(&rid).ok()?;
+        self.layers.open(packet.header.ssrc, Some(rid));
+        self.layers.index_of(packet.header.ssrc)
+    }
+
+    /// Every 100 ms: moves each subscription to the layer its view needs among those flowing,
+    /// repeats keyframe requests still unanswered, and tells the publisher which layers are
+    /// needed.
+    async fn tick_layers(&mut self, slots: &mut [Slot]) {
         let now = Instant::now();
-        let mut needs_keyframe = false;
+        let mut wanted = 0u8;
+        for slot in slots.iter_mut() {
+            if !self.layers.is_single() {
+                let layer = self.layers.for_view(slot.view);
+                slot.forwarder
+                    .set_target(self.layers.live_target(layer, now));
+            }
+            wanted |= keyframe_mask(slot.forwarder.wanted_keyframe());
+        }
+        // Requests asked for but throttled go out once their interval has passed.
+        for layer in 0..self.throttles.len() {
+            if self.throttles[layer].poll(now) {
+                self.send_pli(layer as u8).await;
+            }
+        }
+        self.request_keyframes(wanted).await;
+        self.update_dynacast(slots, now);
+    }
+
+    /// Tells the publisher of a simulcast publication which layers someone needs.
+    fn update_dynacast(&mut self, slots: &[Slot], now: Instant) {
+        if self.layers.is_single() {
+            return;
+        }
+        let needed = slots
+            .iter()
+            .filter(|slot| !slot.forwarder.is_paused())
+            .map(|slot| self.layers.for_view(slot.view))
+            .max()
+            .unwrap_or(0);
+        let Some(top) = self.dynacast.update(needed, now) else {
+            return;
+        };
+        let active: Vec<String> = (0..=top)
+            .filter_map(|layer| self.layers.rid(layer).map(str::to_owned))
+            .collect();
+        tracing::debug!(?active, "layers needed");
+        let _ = self.owner.events.send(SfuEvent::LayersWanted {
+            participant: self.owner.participant.clone(),
+            publication: self.owner.publication.clone(),
+            track_id: self.owner.track_id.clone(),
+            active,
+        });
+    }
+
+    /// Forwards one packet of spatial `layer` to every subscription; returns the layers some
+    /// subscriber needs a keyframe of (bit `1 << layer`).
+    fn forward(&mut self, packet: rtp::Packet, layer: u8, slots: &mut Vec<Slot>) -> u8 {
+        let now = Instant::now();
+        let mut needs_keyframe = 0u8;
+        if !self.layers.is_single() {
+            self.layers.saw_packet(layer, now);
+            if self.kind == MediaKind::Video
+                && VideoCodec::from_mime(&self.mime) == VideoCodec::Vp8
+                && let Some(descriptor) = Vp8Descriptor::parse(&packet.payload)
+                && let Some(size) = descriptor.keyframe_size(&packet.payload)
+            {
+                self.layers.saw_size(layer, size);
+            }
+        }
         let mut batch: Vec<Outgoing> = Vec::with_capacity(slots.len());
         // Every slot shares one engine today; a slot of another engine gets its own message.
         let mut egress: Option<&EgressSender> = None;
         self.in_batch.clear();
         let mut others = Vec::new();
         for (index, slot) in slots.iter_mut().enumerate() {
-            match slot.forwarder.forward(&packet, now) {
+            match slot.forwarder.forward(&packet, layer, now) {
                 Ok(out) => {
+                    if slot.counted_layer != Some(layer) {
+                        if slot.counted_layer.is_some() {
+                            self.pending.switches += 1;
+                        }
+                        slot.counted_layer = Some(layer);
+                    }
                     let outgoing = Outgoing {
                         conn: slot.route.conn,
                         sender: slot.route.sender,
@@ -299,8 +501,15 @@ impl Fanout {
                         others.push((index, outgoing));
                     }
                 }
-                Err(DropReason::WaitingForKeyframe) => needs_keyframe = true,
-                Err(DropReason::NotNegotiated | DropReason::Paused) => {}
+                Err(DropReason::WaitingForKeyframe) => {
+                    needs_keyframe |= keyframe_mask(slot.forwarder.wanted_keyframe());
+                }
+                Err(
+                    DropReason::NotNegotiated
+                    | DropReason::Paused
+                    | DropReason::OtherLayer
+                    | DropReason::TemporalLayer,
+                ) => {}
             }
         }
         let mut forwarded = 0;
@@ -337,7 +546,7 @@ impl Fanout {
             // restarts at the next keyframe rather than a queue growing without bound.
             slots[index].forwarder.lost_after_forward();
             self.pending.dropped += 1;
-            needs_keyframe |= self.kind == MediaKind::Video;
+            needs_keyframe |= keyframe_mask(slots[index].forwarder.wanted_keyframe());
         }
         if closed {
             slots.retain(|slot| !slot.route.egress.is_closed());
@@ -350,20 +559,33 @@ impl Fanout {
             self.pending.bytes += forwarded * size;
         }
         // The original is kept once for every subscriber's NACKs; no copy is made for it.
-        self.cache.insert(packet);
+        if let Some(cache) = self.caches.get_mut(usize::from(layer)) {
+            cache.insert(packet);
+        }
         needs_keyframe
     }
 
-    async fn request_keyframe(&mut self) {
-        if self.kind == MediaKind::Video && self.throttle.request(Instant::now()) {
-            self.send_pli().await;
+    /// Asks the publisher for a keyframe on each layer in `layers` (bit `1 << layer`), each
+    /// layer throttled on its own and shared by all subscribers.
+    async fn request_keyframes(&mut self, layers: u8) {
+        if self.kind != MediaKind::Video || layers == 0 {
+            return;
+        }
+        let now = Instant::now();
+        for layer in 0..self.throttles.len() as u8 {
+            if layers & (1 << layer) != 0 && self.throttles[usize::from(layer)].request(now) {
+                self.send_pli(layer).await;
+            }
         }
     }
 
-    async fn send_pli(&self) {
+    async fn send_pli(&self, layer: u8) {
+        let Some(media_ssrc) = self.layers.ssrc(layer) else {
+            return;
+        };
         let pli = PictureLossIndication {
             sender_ssrc: 0,
-            media_ssrc: self.media_ssrc,
+            media_ssrc,
         };
         match self.track.write_rtcp(vec![Box::new(pli)]).await {
             Ok(()) => {
@@ -371,5 +593,31 @@ impl Fanout {
             }
             Err(err) => tracing::debug!(%err, "keyframe request not sent"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dynacast_adds_layers_at_once_and_removes_them_after_a_while() {
+        let layers = Layers::simulcast(&["q".into(), "h".into(), "f".into()]);
+        let mut dynacast = Dynacast::new(&layers);
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        assert_eq!(
+            dynacast.update(2, at(0)),
+            None,
+            "everything is sent at first"
+        );
+        assert_eq!(dynacast.update(0, at(100)), None);
+        assert_eq!(dynacast.update(0, at(1_000)), None);
+        assert_eq!(dynacast.update(0, at(2_100)), Some(0), "after 2 s");
+        assert_eq!(dynacast.update(2, at(2_200)), Some(2), "back at once");
+        assert_eq!(dynacast.update(1, at(2_300)), None);
+        assert_eq!(dynacast.update(2, at(3_000)), None, "a dip does not count");
+        assert_eq!(dynacast.update(1, at(4_400)), None, "the wait starts again");
+        assert_eq!(dynacast.update(1, at(6_400)), Some(1));
     }
 }

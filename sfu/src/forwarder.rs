@@ -10,6 +10,7 @@ use rtc::rtp;
 
 use crate::ids::MediaKind;
 use crate::keyframe::VideoCodec;
+use crate::vp8::{self, Vp8Descriptor, Vp8Munger};
 
 /// Header-extension URIs never forwarded: their values belong to the publisher's transport or
 /// m-section, and a subscriber would misroute or mis-measure packets carrying them.
@@ -30,6 +31,10 @@ pub enum DropReason {
     WaitingForKeyframe,
     /// The subscriber paused this subscription (its video is off screen).
     Paused,
+    /// Another simulcast layer than the one this subscription receives.
+    OtherLayer,
+    /// A temporal layer above the subscription's target.
+    TemporalLayer,
 }
 
 /// What the subscriber negotiated for this subscription.
@@ -172,7 +177,12 @@ pub struct SentPacket {
     pub seq: u16,
     /// Added to the publisher's timestamp.
     pub ts_offset: u32,
+    /// Added to the publisher's VP8 picture id and TL0PICIDX.
+    pub vp8_offsets: (u16, u8),
 }
+
+/// Every temporal layer: the default target.
+pub const ALL_TEMPORAL_LAYERS: u8 = u8::MAX;
 
 /// One subscription's forwarding state.
 #[derive(Debug)]
@@ -183,6 +193,15 @@ pub struct Forwarder {
     params: Option<Box<ForwarderParams>>,
     waiting_for_keyframe: bool,
     paused: bool,
+    /// The spatial layer being forwarded, once one has started.
+    current: Option<u8>,
+    /// The spatial layer to move to, at its next keyframe.
+    target: u8,
+    /// Highest temporal layer forwarded (VP8 TID).
+    max_temporal: u8,
+    /// The publication has several spatial layers: VP8 numbers are tracked for switches.
+    layered: bool,
+    vp8: Vp8Munger,
     numbers: SeqTsMap,
     sent: Box<[Option<SentPacket>]>,
 }
@@ -198,6 +217,11 @@ impl Forwarder {
             params: None,
             waiting_for_keyframe: kind == MediaKind::Video,
             paused: false,
+            current: None,
+            target: 0,
+            max_temporal: ALL_TEMPORAL_LAYERS,
+            layered: false,
+            vp8: Vp8Munger::default(),
             numbers: SeqTsMap::default(),
             sent: vec![None; SENT_HISTORY].into_boxed_slice(),
         }
@@ -221,6 +245,11 @@ impl Forwarder {
         header.sequence_number = sent.seq;
         header.timestamp = header.timestamp.wrapping_add(sent.ts_offset);
         rewrite_header(header, params);
+        if self.codec == VideoCodec::Vp8
+            && let Some(descriptor) = Vp8Descriptor::parse(&packet.payload)
+        {
+            packet.payload = vp8::with_offsets(&packet.payload, &descriptor, sent.vp8_offsets);
+        }
         true
     }
 
@@ -233,6 +262,11 @@ impl Forwarder {
     /// True while video is held back until the next keyframe.
     pub fn waiting_for_keyframe(&self) -> bool {
         self.waiting_for_keyframe
+    }
+
+    /// True while the subscriber has paused this subscription.
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 
     /// Stops or resumes forwarding. Paused packets leave no hole in the outgoing sequence, and
@@ -252,29 +286,111 @@ impl Forwarder {
         }
     }
 
-    /// Decides about one packet and, when it is to be sent, returns this subscriber's copy: the
-    /// header rewritten, the payload shared with the publisher's packet. Nothing is copied for a
+    /// Says that the publication has several spatial layers (simulcast), so VP8 picture ids are
+    /// tracked for seamless switches. Without it, the per-packet path reads no descriptor.
+    pub fn set_layered(&mut self, layered: bool) {
+        self.layered = layered;
+    }
+
+    /// Sets the spatial layer to forward. The switch happens at that layer's next keyframe;
+    /// until then the current layer goes on, so going down never waits on a keyframe.
+    pub fn set_target(&mut self, layer: u8) {
+        self.target = layer;
+    }
+
+    /// The spatial layer this subscription is moving to (or stays on).
+    pub fn target(&self) -> u8 {
+        self.target
+    }
+
+    /// The spatial layer being forwarded, if any.
+    pub fn current(&self) -> Option<u8> {
+        self.current
+    }
+
+    /// Forwards temporal layers up to `layer` only (VP8 with TID): lowers the frame rate before
+    /// the resolution.
+    pub fn set_max_temporal(&mut self, layer: u8) {
+        self.max_temporal = layer;
+    }
+
+    /// The layer whose keyframe this subscription waits for, if it waits for one.
+    pub fn wanted_keyframe(&self) -> Option<u8> {
+        if self.kind != MediaKind::Video || self.params.is_none() || self.paused {
+            return None;
+        }
+        (self.waiting_for_keyframe || self.current != Some(self.target)).then_some(self.target)
+    }
+
+    /// True when a keyframe on `layer` may start it: any layer up to the target while nothing
+    /// is decodable, else one between the current layer and the target.
+    fn may_switch_to(&self, layer: u8) -> bool {
+        match self.current {
+            _ if self.waiting_for_keyframe => layer <= self.target,
+            None => layer <= self.target,
+            Some(current) if self.target > current => layer > current && layer <= self.target,
+            Some(current) if self.target < current => layer >= self.target && layer < current,
+            Some(_) => false,
+        }
+    }
+
+    /// Decides about one packet of spatial `layer` and, when it is to be sent, returns this
+    /// subscriber's copy: the header rewritten, the payload shared with the publisher's packet
+    /// (copied only when VP8 numbers must change after a layer switch). Nothing is copied for a
     /// packet that is dropped.
     pub fn forward(
         &mut self,
         packet: &rtp::Packet,
+        layer: u8,
         now: Instant,
     ) -> Result<rtp::Packet, DropReason> {
         let Some(params) = self.params.as_deref() else {
             return Err(DropReason::NotNegotiated);
         };
         let source = &packet.header;
+        let on_current = self.current == Some(layer);
         if self.paused {
             self.numbers.skip(source.ssrc, source.sequence_number);
             return Err(DropReason::Paused);
         }
-        if self.waiting_for_keyframe {
-            if self.codec.is_keyframe_start(&packet.payload) {
+        let descriptor = match self.codec {
+            VideoCodec::Vp8
+                if self.layered
+                    || self.max_temporal != ALL_TEMPORAL_LAYERS
+                    || self.vp8.offsets() != (0, 0) =>
+            {
+                Vp8Descriptor::parse(&packet.payload)
+            }
+            _ => None,
+        };
+        if !on_current || self.waiting_for_keyframe {
+            let keyframe = match &descriptor {
+                Some(descriptor) => descriptor.is_keyframe_start(&packet.payload),
+                None => self.codec.is_keyframe_start(&packet.payload),
+            };
+            if keyframe && self.may_switch_to(layer) {
+                if !on_current && let Some(descriptor) = &descriptor {
+                    self.vp8.switch_to(descriptor);
+                }
+                self.current = Some(layer);
                 self.waiting_for_keyframe = false;
-            } else {
+            } else if on_current {
                 self.numbers.skip(source.ssrc, source.sequence_number);
                 return Err(DropReason::WaitingForKeyframe);
+            } else if self.waiting_for_keyframe {
+                return Err(DropReason::WaitingForKeyframe);
+            } else {
+                return Err(DropReason::OtherLayer);
             }
+        }
+        if let Some(descriptor) = &descriptor
+            && descriptor
+                .temporal
+                .is_some_and(|tid| tid > self.max_temporal)
+        {
+            self.numbers.skip(source.ssrc, source.sequence_number);
+            self.vp8.drop_picture(descriptor);
+            return Err(DropReason::TemporalLayer);
         }
         let (seq, ts) = self.numbers.map(
             source.ssrc,
@@ -283,13 +399,21 @@ impl Forwarder {
             now,
             self.clock_rate,
         );
+        let payload = match &descriptor {
+            Some(descriptor) => self.vp8.munge(&packet.payload, descriptor),
+            None => packet.payload.clone(),
+        };
         self.sent[usize::from(seq) % SENT_HISTORY] = Some(SentPacket {
             source_ssrc: source.ssrc,
             source_seq: source.sequence_number,
             seq,
             ts_offset: ts.wrapping_sub(source.timestamp),
+            vp8_offsets: self.vp8.offsets(),
         });
-        let mut out = packet.clone();
+        let mut out = rtp::Packet {
+            header: packet.header.clone(),
+            payload,
+        };
         out.header.sequence_number = seq;
         out.header.timestamp = ts;
         rewrite_header(&mut out.header, params);
@@ -458,7 +582,7 @@ mod tests {
         let now = Instant::now();
         let first = packet(7, 10, &[0x10, 0x01]);
         assert_eq!(
-            forwarder.forward(&first, now).err(),
+            forwarder.forward(&first, 0, now).err(),
             Some(DropReason::NotNegotiated)
         );
         forwarder.configure(ForwarderParams::new(
@@ -475,11 +599,11 @@ mod tests {
         ));
         let delta = packet(7, 11, &[0x10, 0x01]);
         assert_eq!(
-            forwarder.forward(&delta, now).err(),
+            forwarder.forward(&delta, 0, now).err(),
             Some(DropReason::WaitingForKeyframe)
         );
         let key = forwarder
-            .forward(&packet(7, 12, &[0x10, 0x00, 0xAA]), now)
+            .forward(&packet(7, 12, &[0x10, 0x00, 0xAA]), 0, now)
             .expect("a keyframe opens the gate");
         assert_eq!(key.header.ssrc, 0xABCD);
         assert_eq!(key.header.payload_type, 100);
@@ -487,7 +611,7 @@ mod tests {
         assert_eq!(key.header.extensions[0].id, 11);
         assert_eq!(&key.payload[..], &[0x10, 0x00, 0xAA]);
         let next = forwarder
-            .forward(&packet(7, 13, &[0x10, 0x01]), now)
+            .forward(&packet(7, 13, &[0x10, 0x01]), 0, now)
             .expect("then everything passes");
         assert_eq!(next.header.sequence_number, key.header.sequence_number + 1);
     }
@@ -498,23 +622,27 @@ mod tests {
         forwarder.configure(ForwarderParams::new(0xABCD, 100, &[], &[]));
         let now = Instant::now();
         let key = forwarder
-            .forward(&packet(7, 1, &[0x10, 0x00, 0xAA]), now)
+            .forward(&packet(7, 1, &[0x10, 0x00, 0xAA]), 0, now)
             .expect("keyframe");
         forwarder.set_paused(true);
         for seq in 2..50 {
             assert_eq!(
-                forwarder.forward(&packet(7, seq, &[0x10, 0x00]), now).err(),
+                forwarder
+                    .forward(&packet(7, seq, &[0x10, 0x00]), 0, now)
+                    .err(),
                 Some(DropReason::Paused),
                 "even keyframes wait while paused"
             );
         }
         forwarder.set_paused(false);
         assert_eq!(
-            forwarder.forward(&packet(7, 50, &[0x10, 0x01]), now).err(),
+            forwarder
+                .forward(&packet(7, 50, &[0x10, 0x01]), 0, now)
+                .err(),
             Some(DropReason::WaitingForKeyframe)
         );
         let resumed = forwarder
-            .forward(&packet(7, 51, &[0x10, 0x00, 0xBB]), now)
+            .forward(&packet(7, 51, &[0x10, 0x00, 0xBB]), 0, now)
             .expect("a keyframe resumes it");
         assert_eq!(
             resumed.header.sequence_number,
@@ -532,7 +660,7 @@ mod tests {
         let mut first_sent = Vec::new();
         for seq in 40..46u16 {
             let original = packet(7, seq, &[0x10, 0x00, 0x55]);
-            first_sent.push(forwarder.forward(&original, now).expect("forwarded"));
+            first_sent.push(forwarder.forward(&original, 0, now).expect("forwarded"));
             cache.insert(original);
         }
         let lost = &first_sent[3];
@@ -562,10 +690,199 @@ mod tests {
         let mut forwarder = Forwarder::new(MediaKind::Audio, "audio/opus", 48_000);
         forwarder.configure(ForwarderParams::new(5, 111, &[], &[]));
         let pkt = forwarder
-            .forward(&packet(9, 1, &[0xff]), Instant::now())
+            .forward(&packet(9, 1, &[0xff]), 0, Instant::now())
             .expect("audio passes");
         assert!(!pkt.header.extension, "unmapped extensions are removed");
         forwarder.lost_after_forward();
         assert!(!forwarder.waiting_for_keyframe());
+    }
+}
+
+#[cfg(test)]
+mod simulcast_tests {
+    use super::*;
+    use crate::vp8::Vp8Descriptor;
+    use bytes::Bytes;
+
+    /// A VP8 packet of layer `ssrc` with a 15-bit picture id, TL0PICIDX and TID.
+    fn vp8(ssrc: u32, seq: u16, picture_id: u16, tid: u8, keyframe: bool) -> rtp::Packet {
+        let [high, low] = picture_id.to_be_bytes();
+        let payload = vec![
+            0x90,
+            0xe0,
+            0x80 | high,
+            low,
+            (picture_id / 4) as u8,
+            tid << 6,
+            u8::from(!keyframe),
+            0xAB,
+        ];
+        rtp::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                payload_type: 96,
+                sequence_number: seq,
+                timestamp: u32::from(picture_id) * 3000,
+                ssrc,
+                ..Default::default()
+            },
+            payload: Bytes::from(payload),
+        }
+    }
+
+    fn picture_id(packet: &rtp::Packet) -> u16 {
+        Vp8Descriptor::parse(&packet.payload)
+            .and_then(|d| d.picture_id)
+            .expect("picture id")
+            .0
+    }
+
+    fn configured() -> Forwarder {
+        let mut forwarder = Forwarder::new(MediaKind::Video, "video/VP8", 90_000);
+        forwarder.set_layered(true);
+        forwarder.configure(ForwarderParams::new(0xABCD, 100, &[], &[]));
+        forwarder
+    }
+
+    /// Feeds `(layer, picture id, tid, keyframe)` rows, each layer on SSRC 10 + layer with its
+    /// own sequence numbers and picture ids far apart; returns what was sent, as
+    /// `(layer, outgoing seq, outgoing picture id)`.
+    fn run(forwarder: &mut Forwarder, rows: &[(u8, u16, u8, bool)]) -> Vec<(u8, u16, u16)> {
+        let now = Instant::now();
+        let mut seqs = [1000u16, 20_000, 40_000];
+        rows.iter()
+            .filter_map(|&(layer, picture, tid, key)| {
+                let seq = &mut seqs[usize::from(layer)];
+                *seq += 1;
+                let packet = vp8(
+                    10 + u32::from(layer),
+                    *seq,
+                    picture + 5000 * u16::from(layer),
+                    tid,
+                    key,
+                );
+                let out = forwarder.forward(&packet, layer, now).ok()?;
+                Some((layer, out.header.sequence_number, picture_id(&out)))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_subscription_starts_low_and_climbs_to_its_target_at_keyframes() {
+        let mut forwarder = configured();
+        forwarder.set_target(2);
+        let sent = run(
+            &mut forwarder,
+            &[
+                (2, 1, 0, false), // no keyframe yet
+                (0, 1, 0, true),  // the low layer's keyframe comes first: start there
+                (2, 2, 0, false),
+                (0, 2, 0, false),
+                (1, 3, 0, true), // a step up on the way
+                (0, 3, 0, false),
+                (1, 4, 0, false),
+                (2, 5, 0, true), // the target
+                (1, 5, 0, false),
+                (2, 6, 0, false),
+            ],
+        );
+        let layers: Vec<u8> = sent.iter().map(|s| s.0).collect();
+        assert_eq!(layers, vec![0, 0, 1, 1, 2, 2]);
+        for pair in sent.windows(2) {
+            assert_eq!(
+                pair[1].1,
+                pair[0].1.wrapping_add(1),
+                "sequence continuous: {sent:?}"
+            );
+            assert_eq!(
+                pair[1].2,
+                (pair[0].2 + 1) & 0x7fff,
+                "picture id continuous: {sent:?}"
+            );
+        }
+        assert_eq!(forwarder.current(), Some(2));
+        assert_eq!(forwarder.wanted_keyframe(), None);
+    }
+
+    #[test]
+    fn going_down_keeps_the_current_layer_until_the_lower_keyframe() {
+        let mut forwarder = configured();
+        forwarder.set_target(2);
+        run(&mut forwarder, &[(2, 1, 0, true)]);
+        forwarder.set_target(0);
+        assert_eq!(forwarder.wanted_keyframe(), Some(0));
+        let sent = run(
+            &mut forwarder,
+            &[
+                (0, 2, 0, false),
+                (2, 2, 0, false), // still served: no freeze while the keyframe is awaited
+                (2, 3, 0, false),
+                (0, 4, 0, true),
+                (2, 4, 0, false), // no longer
+                (0, 5, 0, false),
+            ],
+        );
+        let layers: Vec<u8> = sent.iter().map(|s| s.0).collect();
+        assert_eq!(layers, vec![2, 2, 0, 0]);
+        assert_eq!(forwarder.wanted_keyframe(), None);
+    }
+
+    #[test]
+    fn temporal_layers_above_the_target_are_dropped_without_gaps() {
+        let mut forwarder = configured();
+        forwarder.set_max_temporal(0);
+        // L1T3 pattern: TID 0, 2, 1, 2, 0 ...
+        let sent = run(
+            &mut forwarder,
+            &[
+                (0, 1, 0, true),
+                (0, 2, 2, false),
+                (0, 3, 1, false),
+                (0, 4, 2, false),
+                (0, 5, 0, false),
+                (0, 6, 2, false),
+                (0, 7, 1, false),
+                (0, 8, 2, false),
+                (0, 9, 0, false),
+            ],
+        );
+        let numbers: Vec<(u16, u16)> = sent.iter().map(|s| (s.1, s.2)).collect();
+        assert_eq!(numbers, vec![(1001, 1), (1002, 2), (1003, 3)]);
+        forwarder.set_max_temporal(ALL_TEMPORAL_LAYERS);
+        let sent = run(&mut forwarder, &[(0, 10, 2, false)]);
+        assert_eq!(sent[0].0, 0);
+    }
+
+    #[test]
+    fn a_retransmission_after_a_switch_carries_the_rewritten_picture_id() {
+        let mut forwarder = configured();
+        forwarder.set_target(0);
+        let now = Instant::now();
+        let first = vp8(10, 1, 7000, 0, true);
+        forwarder.forward(&first, 0, now).expect("keyframe");
+        forwarder.set_target(1);
+        let switched = vp8(11, 500, 90, 0, true);
+        let sent = forwarder.forward(&switched, 1, now).expect("switched");
+        assert_eq!(picture_id(&sent), 7001);
+        let record = forwarder
+            .sent(sent.header.sequence_number)
+            .expect("remembered");
+        let mut again = switched.clone();
+        assert!(forwarder.retransmit(&mut again, record));
+        assert_eq!(again.payload, sent.payload);
+        assert_eq!(again.header, sent.header);
+    }
+
+    #[test]
+    fn one_layer_follows_a_new_ssrc_as_before() {
+        let mut forwarder = configured();
+        let now = Instant::now();
+        forwarder
+            .forward(&vp8(10, 1, 1, 0, true), 0, now)
+            .expect("keyframe");
+        let next = forwarder
+            .forward(&vp8(99, 7000, 1, 0, false), 0, now)
+            .expect("the same layer on a new SSRC goes on");
+        assert_eq!(next.header.sequence_number, 2);
     }
 }

@@ -30,8 +30,10 @@ mod feedback;
 pub mod forwarder;
 mod ids;
 pub mod keyframe;
+pub mod layers;
 mod runtime;
 mod transport;
+pub mod vp8;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,9 +66,6 @@ pub enum SfuError {
         /// How many the offer has.
         got: usize,
     },
-    /// A publish offer asking for simulcast, which the server does not take yet.
-    #[error("simulcast is not supported yet: publish one encoding per track")]
-    Simulcast,
     /// The egress engine could not open its UDP socket.
     #[error("cannot open the media socket on port {port}: {source}")]
     MediaSocket {
@@ -107,6 +106,18 @@ pub enum SfuEvent {
         participant: ParticipantId,
         /// Which publication.
         publication: PublicationId,
+    },
+    /// Which simulcast layers of a publication some subscriber needs (dynacast): the publisher
+    /// should send these rids and pause the others.
+    LayersWanted {
+        /// Who publishes it.
+        participant: ParticipantId,
+        /// Which publication.
+        publication: PublicationId,
+        /// The track id the publisher declared for it.
+        track_id: String,
+        /// The rids to send, lowest first.
+        active: Vec<String>,
     },
     /// A connection failed (ICE or DTLS): the participant is gone.
     TransportFailed {
@@ -191,6 +202,8 @@ pub struct SfuStats {
     pub retransmitted_packets: u64,
     /// NACKed packets that were no longer cached.
     pub nack_misses: u64,
+    /// Times a subscription moved to another simulcast layer.
+    pub layer_switches: u64,
 }
 
 impl SfuStats {
@@ -202,6 +215,7 @@ impl SfuStats {
         self.keyframe_requests += stats.keyframe_requests.load(Ordering::Relaxed);
         self.retransmitted_packets += stats.retransmitted_packets.load(Ordering::Relaxed);
         self.nack_misses += stats.nack_misses.load(Ordering::Relaxed);
+        self.layer_switches += stats.layer_switches.load(Ordering::Relaxed);
     }
 }
 

@@ -28,12 +28,13 @@ use webrtc::peer_connection::{
 
 use crate::egress::{ConnId, Egress, EgressInput, FeedbackRoute};
 use crate::fanout::{
-    AUDIO_CACHE_PACKETS, Counts, Fanout, FanoutCommand, PublicationStats, Route, SubscriptionKey,
-    VIDEO_CACHE_PACKETS,
+    AUDIO_CACHE_PACKETS, Counts, Dynacast, Fanout, FanoutCommand, FanoutOwner, PublicationStats,
+    Route, SubscriptionKey, VIDEO_CACHE_PACKETS,
 };
 use crate::feedback::KeyframeThrottle;
 use crate::forwarder::{ForwarderParams, PacketCache};
 use crate::ids::{MediaKind, ParticipantId, PublicationId, Source};
+use crate::layers::Layers;
 use crate::{Publication, SfuError, SfuEvent, Shared};
 
 /// Which of a participant's two connections.
@@ -76,23 +77,32 @@ pub(crate) fn extmap(sdp: &str) -> Vec<(String, u16)> {
 
 /// Caps the publisher's video bitrate: `b=TIAS` (bps, RFC 3890) and `b=AS` (kbps, for older
 /// stacks) in every video section of the answer sent to it. Only the copy sent to the client
-/// carries them; the bandwidth lines limit what the remote sends, not what we do.
+/// carries them; the bandwidth lines limit what the remote sends, not what we do. A simulcast
+/// section gets half as much again, for its lower layers.
 pub(crate) fn with_video_bandwidth(sdp: &str, bits_per_second: u64) -> String {
     let mut out = String::with_capacity(sdp.len() + 64);
     let mut in_video = false;
-    for line in sdp.split_inclusive('\n') {
+    let mut cap = bits_per_second;
+    let lines: Vec<&str> = sdp.split_inclusive('\n').collect();
+    for (index, line) in lines.iter().enumerate() {
         let bare = line.trim_end();
         if bare.starts_with("m=") {
             in_video = bare.starts_with("m=video");
+            let simulcast = lines[index + 1..]
+                .iter()
+                .take_while(|next| !next.starts_with("m="))
+                .any(|next| next.starts_with("a=simulcast:"));
+            cap = if simulcast {
+                bits_per_second.saturating_mul(3) / 2
+            } else {
+                bits_per_second
+            };
         } else if in_video && bare.starts_with("b=") {
             continue; // Replaced below, after `c=`.
         }
         out.push_str(line);
         if in_video && bare.starts_with("c=") {
-            out.push_str(&format!(
-                "b=AS:{}\r\nb=TIAS:{bits_per_second}\r\n",
-                bits_per_second.div_ceil(1000)
-            ));
+            out.push_str(&format!("b=AS:{}\r\nb=TIAS:{cap}\r\n", cap.div_ceil(1000)));
         }
     }
     out
@@ -101,6 +111,9 @@ pub(crate) fn with_video_bandwidth(sdp: &str, bits_per_second: u64) -> String {
 /// The audio-level header extension (RFC 6464): how loud each audio packet is, so the server
 /// can tell who speaks without decoding.
 pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
+
+/// The RTP stream id extension (RFC 8852): which simulcast encoding a packet belongs to.
+const RID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
 
 fn media_engine() -> Result<MediaEngine, SfuError> {
     let mut engine = MediaEngine::default();
@@ -232,6 +245,8 @@ pub(crate) struct PublishShared {
     /// What the publisher says each track of its latest offer is.
     declared: Mutex<Vec<DeclaredTrack>>,
     extensions: Mutex<Vec<(String, u16)>>,
+    /// The rids each section of the latest offer sends in simulcast, by `mid`.
+    simulcast: Mutex<Vec<(String, Vec<String>)>>,
     /// The connection itself, to find a track's media section (set once it is built; weak, as
     /// the connection's handler holds this).
     pc: OnceLock<Weak<dyn PeerConnection>>,
@@ -252,6 +267,43 @@ pub struct DeclaredTrack {
     pub source: Source,
     /// The media section that carries it, when the publisher said.
     pub mid: Option<String>,
+}
+
+/// The rids each media section of an offer sends as simulcast (`a=simulcast:send`, RFC 8853), by
+/// `mid`, in the offer's order. Of alternatives (`a,b`) the first is taken; paused streams
+/// (`~a`) count too, as they may be resumed.
+pub(crate) fn simulcast_rids(sdp: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut mid: Option<String> = None;
+    let mut rids: Option<Vec<String>> = None;
+    let mut finish = |mid: &mut Option<String>, rids: &mut Option<Vec<String>>| {
+        if let (Some(mid), Some(rids)) = (mid.take(), rids.take()) {
+            out.push((mid, rids));
+        }
+    };
+    for line in sdp.lines().map(str::trim_end) {
+        if line.starts_with("m=") {
+            finish(&mut mid, &mut rids);
+        } else if let Some(value) = line.strip_prefix("a=mid:") {
+            mid = Some(value.to_owned());
+        } else if let Some(value) = line.strip_prefix("a=simulcast:") {
+            let mut words = value.split_whitespace();
+            while let (Some(direction), Some(streams)) = (words.next(), words.next()) {
+                if direction == "send" {
+                    rids = Some(
+                        streams
+                            .split(';')
+                            .filter_map(|stream| stream.split(',').next())
+                            .map(|rid| rid.trim_start_matches('~').to_owned())
+                            .filter(|rid| !rid.is_empty())
+                            .collect(),
+                    );
+                }
+            }
+        }
+    }
+    finish(&mut mid, &mut rids);
+    out
 }
 
 /// The `mid`s of an offer's sections on which its sender sends nothing: rejected (port 0),
@@ -345,6 +397,31 @@ impl PublishShared {
             .lock()
             .map(|e| e.clone())
             .unwrap_or_default();
+        let rids = mid.as_deref().and_then(|mid| {
+            let simulcast = self.simulcast.lock().ok()?;
+            simulcast
+                .iter()
+                .find(|(section, _)| section == mid)
+                .map(|(_, rids)| rids.clone())
+        });
+        let mut layers = match (kind, rids) {
+            (MediaKind::Video, Some(rids)) => Layers::simulcast(&rids),
+            _ => Layers::single(),
+        };
+        if layers.is_single() {
+            layers.open(media_ssrc, None);
+        }
+        let extension_id = |uri: &str| {
+            publisher_extensions
+                .iter()
+                .find(|(known, _)| known == uri)
+                .and_then(|(_, id)| u8::try_from(*id).ok())
+        };
+        let rid_extension_id = extension_id(RID_URI);
+        let audio_level_id = match kind {
+            MediaKind::Audio => extension_id(AUDIO_LEVEL_URI),
+            MediaKind::Video => None,
+        };
         let id = PublicationId::random();
         let (commands_tx, commands_rx) = mpsc::channel(256);
         let stats = Arc::new(PublicationStats::default());
@@ -359,32 +436,40 @@ impl PublishShared {
             commands: commands_tx,
             stats: stats.clone(),
         };
-        let span = tracing::info_span!(parent: &self.span, "fanout", publication = %id, kind = kind.as_str(), source = source.as_str(), mid = mid.as_deref().unwrap_or(""), codec = %codec.mime_type);
+        let span = tracing::info_span!(parent: &self.span, "fanout", publication = %id, kind = kind.as_str(), source = source.as_str(), mid = mid.as_deref().unwrap_or(""), codec = %codec.mime_type, layers = layers.count());
         tracing::info!(parent: &span, "publication started");
+        let layer_count = layers.count();
         let fanout = Fanout {
             track,
-            media_ssrc,
             kind,
             mime: codec.mime_type.clone(),
             clock_rate: codec.clock_rate,
             commands: commands_rx,
-            throttle: KeyframeThrottle::new(self.shared.config.keyframe_request_interval),
+            throttles: (0..layer_count)
+                .map(|_| KeyframeThrottle::new(self.shared.config.keyframe_request_interval))
+                .collect(),
             stats: stats.clone(),
-            cache: PacketCache::new(match kind {
-                MediaKind::Audio => AUDIO_CACHE_PACKETS,
-                MediaKind::Video => VIDEO_CACHE_PACKETS,
-            }),
+            caches: (0..layer_count)
+                .map(|_| {
+                    PacketCache::new(match kind {
+                        MediaKind::Audio => AUDIO_CACHE_PACKETS,
+                        MediaKind::Video => VIDEO_CACHE_PACKETS,
+                    })
+                })
+                .collect(),
+            dynacast: Dynacast::new(&layers),
+            layers,
+            rid_extension_id,
+            owner: FanoutOwner {
+                participant: self.participant.clone(),
+                publication: id.clone(),
+                track_id: track_id.clone(),
+                events: self.events.clone(),
+            },
             pending: Counts::default(),
             in_batch: Vec::new(),
             frame_timestamp: None,
-            audio_level_id: match kind {
-                MediaKind::Audio => publication
-                    .publisher_extensions
-                    .iter()
-                    .find(|(uri, _)| uri == AUDIO_LEVEL_URI)
-                    .and_then(|(_, id)| u8::try_from(*id).ok()),
-                MediaKind::Video => None,
-            },
+            audio_level_id,
         };
         self.shared.register_publication(&id, stats.clone());
         if let (Some(mid), Ok(mut running)) = (mid, self.running.lock()) {
@@ -433,6 +518,7 @@ impl PublishTransport {
             events: events.clone(),
             declared: Mutex::new(Vec::new()),
             extensions: Mutex::new(Vec::new()),
+            simulcast: Mutex::new(Vec::new()),
             pc: OnceLock::new(),
             running: Mutex::new(Vec::new()),
             span,
@@ -466,9 +552,6 @@ impl PublishTransport {
         if sections > MAX_PUBLISH_SECTIONS {
             return Err(SfuError::TooManySections { got: sections });
         }
-        if offer_sdp.contains("a=simulcast:") {
-            return Err(SfuError::Simulcast);
-        }
         let offer = RTCSessionDescription::offer(offer_sdp).map_err(SfuError::InvalidSdp)?;
         if let Ok(mut known) = self.shared.declared.lock() {
             // Replaced, not extended: what the publisher no longer sends is forgotten.
@@ -476,6 +559,9 @@ impl PublishTransport {
         }
         if let Ok(mut extensions) = self.shared.extensions.lock() {
             *extensions = extmap(&offer.sdp);
+        }
+        if let Ok(mut simulcast) = self.shared.simulcast.lock() {
+            *simulcast = simulcast_rids(&offer.sdp);
         }
         let stopped = sections_not_sending(&offer.sdp);
         self.pc
@@ -723,6 +809,24 @@ impl SubscribeTransport {
             .is_ok()
     }
 
+    /// Sets the size (device pixels) at which this participant shows `publication`: the
+    /// subscription gets the smallest simulcast layer that covers it. `None` lifts the limit.
+    /// False when there is no such subscription.
+    pub async fn set_view(&self, publication: &PublicationId, size: Option<(u16, u16)>) -> bool {
+        let Some(state) = self.subscriptions.get(publication) else {
+            return false;
+        };
+        state
+            .publication
+            .commands
+            .send(FanoutCommand::View {
+                key: state.key,
+                size,
+            })
+            .await
+            .is_ok()
+    }
+
     /// Removes a subscription; its section goes inactive in the next offer.
     pub async fn unsubscribe(&mut self, publication: &PublicationId) -> Result<(), SfuError> {
         let Some(state) = self.subscriptions.remove(publication) else {
@@ -877,7 +981,10 @@ impl Drop for SubscribeTransport {
 
 #[cfg(test)]
 mod tests {
-    use super::{DeclaredTrack, extmap, find_declared, sections_not_sending, with_video_bandwidth};
+    use super::{
+        DeclaredTrack, extmap, find_declared, sections_not_sending, simulcast_rids,
+        with_video_bandwidth,
+    };
     use crate::ids::Source;
 
     fn declared(track_id: &str, source: Source, mid: Option<&str>) -> DeclaredTrack {
@@ -937,6 +1044,11 @@ mod tests {
             with_video_bandwidth(sdp, 2_500_000),
             "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\nb=AS:2500\r\nb=TIAS:2500000\r\na=mid:1\r\n"
         );
+        let simulcast = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=simulcast:recv q;h;f\r\n";
+        assert!(
+            with_video_bandwidth(simulcast, 2_000_000).contains("b=TIAS:3000000\r\n"),
+            "a simulcast section has room for its lower layers"
+        );
     }
 
     #[test]
@@ -948,6 +1060,23 @@ mod tests {
                 ("urn:ietf:params:rtp-hdrext:ssrc-audio-level".to_owned(), 1),
                 ("urn:ietf:params:rtp-hdrext:sdes:mid".to_owned(), 4),
                 ("urn:3gpp:video-orientation".to_owned(), 13),
+            ]
+        );
+    }
+
+    #[test]
+    fn simulcast_rids_are_read_per_section() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=rid:q send\r\n\
+                   a=simulcast:send q;h;~f\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\n\
+                   a=simulcast:recv x send a,b;c\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:3\r\n";
+        assert_eq!(
+            simulcast_rids(sdp),
+            vec![
+                ("1".to_owned(), vec!["q".into(), "h".into(), "f".into()]),
+                ("2".to_owned(), vec!["a".into(), "c".into()]),
             ]
         );
     }

@@ -4,7 +4,7 @@
 
 use crate::protocol::{
     CHAT_BURST, CHAT_PER_SECOND, ErrorCode, MAX_CHAT_CHARS, MAX_TRACK_ID_BYTES, MAX_TRACKS,
-    RELAY_BURST, RELAY_PER_SECOND, SFU_PEER,
+    MAX_VIEW_PIXELS, RELAY_BURST, RELAY_PER_SECOND, SFU_PEER,
 };
 
 /// A refused client message.
@@ -35,6 +35,9 @@ pub enum SignalError {
     /// A chat message that is empty, only spaces or too long.
     #[error("a chat message is 1 to {MAX_CHAT_CHARS} characters, not only spaces ({0} sent)")]
     BadChat(usize),
+    /// A `view` whose width or height is 0 or above [`MAX_VIEW_PIXELS`].
+    #[error("a view is 1 to {MAX_VIEW_PIXELS} pixels wide and high ({0}x{1} sent)")]
+    BadView(u32, u32),
     /// A candidate for `sfu` that does not say which connection it is for.
     #[error("a candidate for `sfu` names its `transport`")]
     CandidateWithoutTransport,
@@ -118,6 +121,7 @@ impl SignalError {
             | TrackIdTooLong(_)
             | UnknownSource(_)
             | BadChat(_)
+            | BadView(_, _)
             | CandidateWithoutTransport
             | CandidateRefused(_) => ErrorCode::BadRequest,
             UnknownPeer(_) => ErrorCode::UnknownPeer,

@@ -134,6 +134,12 @@ fn media_rows(state: &AppState) -> Vec<Row> {
             "NACK packets received from subscribers",
             stats.nacks,
         ),
+        (
+            Kind::Counter,
+            "layer_switches",
+            "Times a subscription moved to another simulcast layer",
+            stats.layer_switches,
+        ),
     ];
     if let Some(egress) = state.sfu.egress_stats() {
         rows.extend([

@@ -214,6 +214,16 @@ pub enum ClientMessage {
         /// Paused or not.
         paused: bool,
     },
+    /// The size at which the client shows one video it receives through the server, in device
+    /// pixels: the server sends the smallest simulcast layer that covers it.
+    View {
+        /// The publication, as named in `subscriptions`.
+        publication_id: String,
+        /// 1 to [`MAX_VIEW_PIXELS`].
+        width: u32,
+        /// 1 to [`MAX_VIEW_PIXELS`].
+        height: u32,
+    },
     /// A chat message to everyone in the room.
     Chat {
         /// 1 to [`MAX_CHAT_CHARS`] characters, not only whitespace.
@@ -223,11 +233,14 @@ pub enum ClientMessage {
     Leave,
 }
 
+/// Largest width or height a `view` may give.
+pub const MAX_VIEW_PIXELS: u32 = 16_384;
+
 /// Longest chat message, in characters.
 pub const MAX_CHAT_CHARS: usize = 1000;
 
 /// Every `type` a client may send, to tell an unknown type from a malformed known one.
-pub const CLIENT_TYPES: [&str; 10] = [
+pub const CLIENT_TYPES: [&str; 11] = [
     "join",
     "offer",
     "answer",
@@ -237,6 +250,7 @@ pub const CLIENT_TYPES: [&str; 10] = [
     "chat",
     "mesh_failed",
     "pause",
+    "view",
     "leave",
 ];
 
@@ -308,6 +322,7 @@ impl ClientMessage {
             ClientMessage::Chat { .. } => "chat",
             ClientMessage::MeshFailed { .. } => "mesh_failed",
             ClientMessage::Pause { .. } => "pause",
+            ClientMessage::View { .. } => "view",
             ClientMessage::Leave => "leave",
         }
     }
@@ -488,6 +503,16 @@ pub enum ServerMessage {
         source: Option<&'static str>,
         /// Muted or not.
         muted: bool,
+    },
+    /// Which simulcast layers of one of your publications someone watches (dynacast): send the
+    /// encodings whose rid is in `active`, pause the others.
+    Layers {
+        /// The publication.
+        publication_id: String,
+        /// The `trackId` you declared for it.
+        track_id: String,
+        /// The rids to send, lowest first.
+        active: Vec<String>,
     },
     /// Who is speaking now, loudest first (SFU publications only).
     Speakers {

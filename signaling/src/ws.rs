@@ -18,8 +18,8 @@ use crate::budget::Budget;
 use crate::error::SignalError;
 use crate::protocol::{
     CHAT_BURST, CHAT_PER_SECOND, CandidateInit, ClientMessage, ErrorCode, MAX_CHAT_CHARS,
-    MAX_TRACK_ID_BYTES, MAX_TRACKS, Mode, ModePhase, PROTOCOL_VERSION, RELAY_BURST,
-    RELAY_PER_SECOND, SFU_PEER, ServerMessage, TrackInfo, TransportName,
+    MAX_TRACK_ID_BYTES, MAX_TRACKS, MAX_VIEW_PIXELS, Mode, ModePhase, PROTOCOL_VERSION,
+    RELAY_BURST, RELAY_PER_SECOND, SFU_PEER, ServerMessage, TrackInfo, TransportName,
 };
 use crate::room::{
     JoinError, Joiner, NegotiatorCommand, Outbound, RelayError, Room, SfuLinkId, ToSession,
@@ -531,6 +531,35 @@ impl Session {
                     .await
                     .map_err(|_| SignalError::SubscribeGone)
             }
+            ClientMessage::View {
+                publication_id,
+                width,
+                height,
+            } => {
+                self.membership()?;
+                let size = u16::try_from(width)
+                    .ok()
+                    .zip(u16::try_from(height).ok())
+                    .filter(|&(w, h)| {
+                        (1..=MAX_VIEW_PIXELS).contains(&u32::from(w))
+                            && (1..=MAX_VIEW_PIXELS).contains(&u32::from(h))
+                    })
+                    .ok_or(SignalError::BadView(width, height))?;
+                if !self.relay_budget.take() {
+                    return Err(SignalError::ControlRateLimited("view"));
+                }
+                let Some(link) = self.membership.as_ref().and_then(|m| m.sfu.as_ref()) else {
+                    // A mesh sends every video at one size: nothing to choose.
+                    return Ok(());
+                };
+                link.negotiator
+                    .send(NegotiatorCommand::View(
+                        publication_id.as_str().into(),
+                        size,
+                    ))
+                    .await
+                    .map_err(|_| SignalError::SubscribeGone)
+            }
             ClientMessage::MeshFailed { peer_id } => {
                 let membership = self.membership()?;
                 membership
@@ -763,6 +792,19 @@ impl Session {
                 membership
                     .room
                     .remove_publication(&participant, &publication);
+                Flow::Continue
+            }
+            SfuEvent::LayersWanted {
+                publication,
+                track_id,
+                active,
+                ..
+            } => {
+                self.reply(ServerMessage::Layers {
+                    publication_id: publication.to_string(),
+                    track_id,
+                    active,
+                });
                 Flow::Continue
             }
             SfuEvent::TransportFailed { kind, .. } => {

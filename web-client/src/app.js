@@ -1,5 +1,7 @@
 // The Switchboard meeting app: a join screen with a camera preview, and a call screen with a
 // grid of tiles, a large stage for screen shares, chat, a participant list and a connection badge.
+// Every remote <video> is watched by the SDK (room.observeVideo), so that each comes in the layer
+// its size needs: small tiles a small one, the stage the full one.
 import { Room, captureMedia, listDevices } from './client.js';
 
 /** @typedef {import('./client.js').RemoteTrack} RemoteTrack */
@@ -216,6 +218,7 @@ async function join(roomName, name) {
   current.on('participantLeft', (p) => {
     const gone = tiles.get(p.peerId);
     if (gone) visibility.unobserve(gone.el);
+    if (gone) current.unobserveVideo(gone.video);
     gone?.el.remove();
     tiles.delete(p.peerId);
     renderStatus();
@@ -365,6 +368,7 @@ function ensureTile(peerId, name) {
     tile.el.dataset.peerId = peerId;
     tiles.set(peerId, tile);
     visibility.observe(tile.el);
+    room?.observeVideo(tile.video, peerId, 'camera');
   }
   return tile;
 }
@@ -425,6 +429,8 @@ function renderStage() {
   }
   stage.hidden = !shown;
   setTracks(stageVideo, shown ? [shown.track.track] : []);
+  if (shown) room?.observeVideo(stageVideo, shown.track.peerId, 'screen');
+  else room?.unobserveVideo(stageVideo);
   stageLabel.textContent = shown ? `${shown.name}'s screen` : '';
   document.body.toggleAttribute('data-stage', !!shown);
 }

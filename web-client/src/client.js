@@ -3,7 +3,10 @@
 //
 //   import { Room } from './client.js';
 //   const room = new Room();
-//   room.on('trackSubscribed', ({ peerId, track, kind, source }) => { ... });
+//   room.on('trackSubscribed', ({ peerId, track, kind, source }) => {
+//     if (kind === 'video') room.observeVideo(videoElement, peerId, source); // sizes the stream
+//     ...
+//   });
 //   room.on('participantLeft', ({ peerId }) => { ... });
 //   await room.connect(location.origin, { room: 'standup', name: 'Alice' });
 //   room.setMicrophoneEnabled(false);
@@ -16,6 +19,12 @@
 // goes through the server, and when the room switches the SDK brings up the new connections
 // while the old ones keep playing. A remote track is swapped for its counterpart on the new path
 // (trackUnsubscribed, then trackSubscribed, in one task) only once the new one is decoding.
+//
+// Through the server a camera is sent in three simulcast layers (a quarter, a half and the whole
+// of its size; a camera under 960x540 in the top two), and each subscriber gets the smallest that
+// covers the largest element it shows that video in: `observeVideo(element, peerId, source)` watches an element's size, and
+// `setVideoSize` tells a size the app knows otherwise. A video whose size was never told comes
+// as the server chooses.
 
 /**
  * @typedef {'microphone' | 'camera' | 'screen'} Source
@@ -74,6 +83,30 @@
  * @property {number} sendKbps
  * @property {number} receiveKbps
  * @property {'good' | 'fair' | 'poor'} quality
+ * @property {SendLayer[]} sendLayers  the camera's simulcast layers (SFU mode), lowest first
+ * @property {ReceivedVideo[]} remoteVideos  each remote video shown
+ *
+ * @typedef {object} SendLayer  One simulcast layer of the local camera, as encoded now.
+ * @property {string} rid  'q' (quarter size), 'h' (half) or 'f' (full)
+ * @property {boolean | null} active  false while no subscriber needs it (the server's `layers`);
+ *   null when the browser does not say
+ * @property {number} frameWidth  0 while nothing is encoded
+ * @property {number} frameHeight
+ * @property {number} framesPerSecond
+ * @property {number} bytesSent  since the connection was made
+ * @property {number} kbps
+ * @property {string | null} qualityLimitationReason  'cpu' or 'bandwidth' when the browser sends
+ *   less than asked, 'none', or null when it does not say
+ *
+ * @typedef {object} ReceivedVideo  One remote video as decoded now.
+ * @property {string} peerId
+ * @property {Source} source
+ * @property {Mode} path
+ * @property {number} frameWidth  the layer received (through the server), 0 before the first frame
+ * @property {number} frameHeight
+ * @property {number} framesPerSecond
+ * @property {number} freezeCount  since the track began
+ * @property {number} totalFreezesDuration  seconds
  *
  * @typedef {object} Speaker  One entry of `room.speakers`.
  * @property {string} peerId
@@ -122,6 +155,7 @@ import { SfuPath } from './sfu.js';
 import { MeshPaths } from './mesh.js';
 import { ModeSwitcher } from './mode.js';
 import { CallStats } from './stats.js';
+import { VideoViews } from './views.js';
 
 export { SwitchboardError } from './errors.js';
 export { listDevices, captureMedia } from './devices.js';
@@ -201,6 +235,8 @@ export class Room extends Emitter {
   chat = [];
   /** Who speaks now, loudest first, as the server hears it (SFU). @type {Speaker[]} */
   speakers = [];
+  /** The most a video track is sent at, bits per second, as the server said on joining. @type {number | null} */
+  maxVideoBitrate = null;
 
   /** @type {{resolve: (msg: any) => void, reject: (err: Error) => void} | null} */
   #joinWaiter = null;
@@ -234,9 +270,20 @@ export class Room extends Emitter {
     joined: () => this.state === 'joined',
     media: this.#media,
     remoteMuted: this.#remoteMuted,
-    changed: () => this.#switcher.reconcile(),
+    maxVideoBitrate: () => this.maxVideoBitrate,
+    changed: () => {
+      this.#switcher.reconcile();
+      this.#views.sync();
+    },
     fail: (context, err) => this.#fail(context, err),
     error: (event) => this.emit('error', event),
+  });
+  /** How large each remote video is shown, told to the server (SFU). */
+  #views = new VideoViews({
+    send: (msg) => this.#send(msg),
+    joined: () => this.state === 'joined',
+    subscribePc: () => this.#sfu.subscribePc,
+    subscriptions: () => this.#sfu.subscriptions.values(),
   });
   /** @type {MeshPaths} */
   #mesh = new MeshPaths({
@@ -425,7 +472,8 @@ export class Room extends Emitter {
       },
       add: (track, stream) => {
         for (const pc of this.#mesh.connections()) pc.addTrack(track, stream);
-        this.#sfu.publishPc?.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
+        // A camera in simulcast layers (a replaced one keeps its sender's layers).
+        this.#sfu.publishTrack(track, stream);
       },
       changed: (stream) => this.emit('localStream', stream),
     });
@@ -442,6 +490,44 @@ export class Room extends Emitter {
     if (paused) this.#videoPaused.add(peerId);
     else this.#videoPaused.delete(peerId);
     this.#sfu.applyPauses(this.#videoPaused);
+  }
+
+  /**
+   * Watches how large `element` shows `peerId`'s `source` video, so that through the server the
+   * video comes in the smallest simulcast layer that covers it (in device pixels): a tile gets a
+   * small layer, the stage a large one. Growth is told at once, a shrink after half a second.
+   * Calling it again for the same element with another participant or source moves the watch;
+   * several elements showing one video count at the largest. Mesh connections send one layer
+   * and ignore it; it holds across mode switches and reconnects.
+   * @param {Element} element  usually the <video> the track plays in
+   * @param {string} peerId
+   * @param {Source} [source='camera']
+   * @returns {() => void}  stops watching, as `unobserveVideo(element)`
+   */
+  observeVideo(element, peerId, source = 'camera') {
+    this.#views.observe(element, peerId, source);
+    return () => this.unobserveVideo(element);
+  }
+
+  /**
+   * Stops watching `element` (removed, or showing no remote video any more).
+   * @param {Element} element
+   */
+  unobserveVideo(element) {
+    this.#views.unobserve(element);
+  }
+
+  /**
+   * For apps that render video elsewhere (a canvas, WebGL): the size, in device pixels, that
+   * `peerId`'s `source` video is shown at, counted with any element watched by `observeVideo`
+   * (the largest wins). A width or height of 0 forgets it.
+   * @param {string} peerId
+   * @param {Source} source
+   * @param {number} width
+   * @param {number} height
+   */
+  setVideoSize(peerId, source, width, height) {
+    this.#views.setSize(peerId, source, width, height);
   }
 
   /**
@@ -549,6 +635,7 @@ export class Room extends Emitter {
     this.#joinWaiter = null;
     this.#switcher.reset();
     this.#stats.stop();
+    this.#views.stop();
     if (this.#silenceTimer) clearTimeout(this.#silenceTimer);
     this.#socket.drop(1000);
     this.#sfu.close();
@@ -606,6 +693,8 @@ export class Room extends Emitter {
         return this.#onChat(msg);
       case 'speakers':
         return this.#onSpeakers(msg);
+      case 'layers':
+        return this.#sfu.onLayers(msg);
       default:
         // Unknown message types are ignored, as unknown fields are (forward compatibility).
         return;
@@ -622,6 +711,7 @@ export class Room extends Emitter {
     this.name = msg.name ?? null;
     this.iceServers = Array.isArray(msg.iceServers) ? msg.iceServers : [];
     this.#resumeToken = typeof msg.resumeToken === 'string' ? msg.resumeToken : null;
+    this.maxVideoBitrate = Number(msg.maxVideoBitrate) > 0 ? Number(msg.maxVideoBitrate) : null;
     this.#switcher.mode = msg.mode === 'mesh' ? 'mesh' : 'sfu';
     // The server knows nothing of mutes made before this join (or before a reconnect).
     for (const trackId of this.#media.mutedIds()) this.#send({ type: 'mute', trackId, muted: true });
@@ -648,10 +738,16 @@ export class Room extends Emitter {
     }
     // The server refused a publish offer: roll it back so later changes can be offered.
     if (event.code === 'invalid_sdp' && event.requestType === 'offer') this.#sfu.rollbackPublishOffer();
+    // A video size dropped over the server's rate: the SDK tells them all again shortly.
+    if (event.code === 'rate_limited' && event.requestType === 'view') {
+      console.debug(`switchboard: ${event.message}`);
+      this.#views.refused();
+      return;
+    }
     // The SDK addresses only participants it knows: an unknown one has just left, and a message
     // (a trickled candidate, say) crossed its `peer_left`. Likewise a negotiation message that
     // crossed a change of mode. Nothing for the app to act on.
-    const negotiation = ['offer', 'answer', 'ice-candidate', 'pause'].includes(event.requestType);
+    const negotiation = ['offer', 'answer', 'ice-candidate', 'pause', 'view'].includes(event.requestType);
     const crossedModeChange = event.code === 'invalid_state' && Date.now() - this.#switcher.changedAt < 3000;
     if (negotiation && (event.code === 'unknown_peer' || crossedModeChange)) {
       console.debug(`switchboard: ${event.message}`);

@@ -10,6 +10,8 @@
 /** @typedef {import('./client.js').Participant} Participant */
 /** @typedef {import('./devices.js').LocalMedia} LocalMedia */
 
+import { changeEncodings } from './sfu.js';
+
 /** How often, during a switch, new-path tracks are checked for decoded media. */
 const LIVE_POLL_MS = 100;
 /**
@@ -25,6 +27,7 @@ const LIVE_SLOW_MS = 800;
  * While a switch brings up the new path, the old path's camera is sent at half the width and
  * height and at most this frame rate: every page then encodes and decodes both paths at once,
  * and on a busy machine the full-size old path starves the new one (and itself) into a freeze.
+ * (Through the server, every simulcast layer is at most half size: the smaller ones stay as they are.)
  */
 const SWITCH_OLD_PATH_SCALE = 2;
 const SWITCH_OLD_PATH_FPS = 15;
@@ -63,10 +66,8 @@ export class ModeSwitcher {
   #readySent = false;
   /** The number of the switch under way, echoed in `ready`. @type {number | undefined} */
   #switchNumber = undefined;
-  /** Camera senders lightened for a switch, with the encoding settings to restore. @type {Map<RTCRtpSender, {scaleResolutionDownBy?: number, maxFramerate?: number}>} */
+  /** Camera senders lightened for a switch, with the settings to restore, per encoding. @type {Map<RTCRtpSender, {scaleResolutionDownBy?: number, maxFramerate?: number}[]>} */
   #lightened = new Map();
-  /** The latest encoding change queued per sender. @type {WeakMap<RTCRtpSender, Promise<void>>} */
-  #encodingUpdates = new WeakMap();
   /** @type {SwitchContext} */ #ctx;
 
   /** @param {SwitchContext} ctx */
@@ -130,14 +131,15 @@ export class ModeSwitcher {
   #lightenCamera(pcs) {
     for (const sender of this.#cameraSenders(pcs)) {
       if (this.#lightened.has(sender)) continue;
-      /** @type {{scaleResolutionDownBy?: number, maxFramerate?: number}} */
-      const saved = {};
+      /** @type {{scaleResolutionDownBy?: number, maxFramerate?: number}[]} */
+      const saved = [];
       this.#lightened.set(sender, saved);
-      this.#updateEncoding(sender, (encoding) => {
-        saved.scaleResolutionDownBy = encoding.scaleResolutionDownBy;
-        saved.maxFramerate = encoding.maxFramerate;
-        encoding.scaleResolutionDownBy = Math.max(encoding.scaleResolutionDownBy ?? 1, SWITCH_OLD_PATH_SCALE);
-        encoding.maxFramerate = Math.min(encoding.maxFramerate ?? Infinity, SWITCH_OLD_PATH_FPS);
+      this.#updateEncodings(sender, (encodings) => {
+        for (const encoding of encodings) {
+          saved.push({ scaleResolutionDownBy: encoding.scaleResolutionDownBy, maxFramerate: encoding.maxFramerate });
+          encoding.scaleResolutionDownBy = Math.max(encoding.scaleResolutionDownBy ?? 1, SWITCH_OLD_PATH_SCALE);
+          encoding.maxFramerate = Math.min(encoding.maxFramerate ?? Infinity, SWITCH_OLD_PATH_FPS);
+        }
       });
     }
   }
@@ -151,34 +153,31 @@ export class ModeSwitcher {
       const saved = this.#lightened.get(sender);
       if (!saved) continue;
       this.#lightened.delete(sender);
-      this.#updateEncoding(sender, (encoding) => {
-        encoding.scaleResolutionDownBy = saved.scaleResolutionDownBy ?? 1;
-        if (saved.maxFramerate === undefined) delete encoding.maxFramerate;
-        else encoding.maxFramerate = saved.maxFramerate;
+      this.#updateEncodings(sender, (encodings) => {
+        encodings.forEach((encoding, i) => {
+          const before = saved[i];
+          if (!before) return;
+          encoding.scaleResolutionDownBy = before.scaleResolutionDownBy ?? 1;
+          if (before.maxFramerate === undefined) delete encoding.maxFramerate;
+          else encoding.maxFramerate = before.maxFramerate;
+        });
       });
     }
   }
 
   /**
-   * Changes a sender's first encoding. One change at a time per sender: each setParameters must
-   * follow its own getParameters, and a restore must not overtake the lightening it undoes.
+   * Changes a sender's encodings (every simulcast layer), in turn with other changes to them: a
+   * restore must not overtake the lightening it undoes.
    * @param {RTCRtpSender} sender
-   * @param {(encoding: RTCRtpEncodingParameters) => void} change
+   * @param {(encodings: RTCRtpEncodingParameters[]) => void} change
    */
-  #updateEncoding(sender, change) {
-    const previous = this.#encodingUpdates.get(sender) ?? Promise.resolve();
-    const next = previous
-      .then(async () => {
-        const params = sender.getParameters();
-        const encoding = params.encodings?.[0];
-        // Not negotiated yet: nothing is encoded for it.
-        if (!encoding) return;
-        change(encoding);
-        await sender.setParameters(params);
-      })
+  #updateEncodings(sender, change) {
+    changeEncodings(sender, (encodings) => {
+      change(encodings);
+      return true;
+    })
       // A connection closing meanwhile (the switch settling) needs no change.
       .catch((err) => console.debug('switchboard: sender encoding', err));
-    this.#encodingUpdates.set(sender, next);
   }
 
   /**

@@ -1,6 +1,7 @@
 // Switchboard SDK: the SFU path. Two connections to the server: publish (we offer, with our
-// tracks) and subscribe (the server offers, we answer); the subscribe offer's sections as
-// remote tracks; ICE candidates held until their description has gone out; video pauses.
+// tracks; the camera in three simulcast layers) and subscribe (the server offers, we answer);
+// the subscribe offer's sections as remote tracks; ICE candidates held until their description
+// has gone out; video pauses; the camera layers the server asks for (`layers`).
 
 /** @typedef {import('./client.js').Subscription} Subscription */
 /** @typedef {import('./client.js').RemoteTrack} RemoteTrack */
@@ -12,6 +13,67 @@
 const SUBSCRIBE_GATHER_WAIT_MS = 500;
 
 /**
+ * Chromium encodes three simulcast layers only from this many pixels up (960x540), two from
+ * 480x270, else one (WebRTC-LegacySimulcastLayerLimit, on by default), and drops the top layers
+ * it does not encode: a 640x480 camera offered q, h and f would send only q and h (160x120 and
+ * 320x240), never its full size.
+ */
+const THREE_LAYERS_FROM_PX = 960 * 540;
+const TWO_LAYERS_FROM_PX = 480 * 270;
+
+/**
+ * The camera's simulcast layers, lowest first, as the server expects them (docs/protocol.md):
+ * a quarter (`q`), a half (`h`) and the whole (`f`) of the captured size. A smaller camera gets
+ * the top two, or one layer without a rid (no simulcast), as many as a browser encodes for it. A
+ * screen share is sent in one layer: it is shown large by everyone, and text needs every pixel.
+ * @param {number | null} maxBitrate  the full layer's cap (the server's `maxVideoBitrate`), bits
+ *   per second; none when the server did not say
+ * @param {boolean} withScalability  each layer in three temporal layers (`L1T3`), so the server can
+ *   also thin the frame rate; not every browser takes `scalabilityMode`
+ * @param {number} [pixels]  the camera's width times height, when known
+ * @returns {RTCRtpEncodingParameters[]}
+ */
+export function cameraEncodings(maxBitrate, withScalability, pixels = Infinity) {
+  const cap = (/** @type {number} */ bps) => (maxBitrate ? Math.min(bps, maxBitrate) : bps);
+  const full = { scaleResolutionDownBy: 1, ...(maxBitrate ? { maxBitrate } : {}) };
+  /** @type {RTCRtpEncodingParameters[]} */
+  let layers = [
+    { rid: 'q', scaleResolutionDownBy: 4, maxBitrate: cap(150_000) },
+    { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: cap(500_000) },
+    { rid: 'f', ...full },
+  ];
+  if (pixels < TWO_LAYERS_FROM_PX) layers = [full];
+  else if (pixels < THREE_LAYERS_FROM_PX) layers = layers.slice(1);
+  return withScalability ? layers.map((layer) => ({ ...layer, scalabilityMode: 'L1T3' })) : layers;
+}
+
+/** The latest encoding change queued per sender. @type {WeakMap<RTCRtpSender, Promise<void>>} */
+const encodingUpdates = new WeakMap();
+
+/**
+ * Changes a sender's encodings, one change at a time per sender: each setParameters must follow
+ * its own getParameters, and one change must not overwrite another made meanwhile (a mode switch
+ * lightening the camera, the server's `layers`).
+ * @param {RTCRtpSender} sender
+ * @param {(encodings: RTCRtpEncodingParameters[]) => boolean} change  returns false when it
+ *   changed nothing (then nothing is set)
+ * @returns {Promise<void>}  fails as setParameters does
+ */
+export function changeEncodings(sender, change) {
+  const previous = encodingUpdates.get(sender) ?? Promise.resolve();
+  const next = previous
+    .catch(() => {})
+    .then(async () => {
+      const params = sender.getParameters();
+      // Not negotiated yet: nothing is encoded for it.
+      if (!params.encodings?.length) return;
+      if (change(params.encodings)) await sender.setParameters(params);
+    });
+  encodingUpdates.set(sender, next);
+  return next;
+}
+
+/**
  * What the SFU path needs of the room.
  * @typedef {object} SfuContext
  * @property {(msg: object) => void} send
@@ -19,6 +81,7 @@ const SUBSCRIBE_GATHER_WAIT_MS = 500;
  * @property {() => boolean} joined
  * @property {LocalMedia} media
  * @property {Map<string, boolean>} remoteMuted  mute states by `peerId|trackId`
+ * @property {() => number | null} maxVideoBitrate  the server's cap per video track (`joined`)
  * @property {() => void} changed  the remote tracks may have changed
  * @property {(context: string, err: unknown) => void} fail
  * @property {(event: {code: string, message: string}) => void} error  for the app
@@ -40,6 +103,8 @@ export class SfuPath {
   #streamIdByMid = new Map();
   /** Publications the server was asked to pause. @type {Set<string>} */
   #pauseSent = new Set();
+  /** Camera senders added with simulcast layers. @type {WeakSet<RTCRtpSender>} */
+  #simulcast = new WeakSet();
   /** @type {SfuContext} */ #ctx;
 
   /** @param {SfuContext} ctx */
@@ -59,13 +124,72 @@ export class SfuPath {
     this.publishPc = pc;
     this.#watch(pc, 'publish');
     const { stream, screenTrack, screenStream } = this.#ctx.media;
-    for (const track of stream?.getTracks() ?? []) {
-      pc.addTransceiver(track, { direction: 'sendonly', streams: [/** @type {MediaStream} */ (stream)] });
-    }
+    for (const track of stream?.getTracks() ?? []) this.publishTrack(track, /** @type {MediaStream} */ (stream));
     if (screenTrack && screenStream) {
       pc.addTransceiver(screenTrack, { direction: 'sendonly', streams: [screenStream] });
     }
     pc.onnegotiationneeded = () => this.offerPublish().catch((err) => this.#ctx.fail('publish', err));
+  }
+
+  /**
+   * Sends a microphone or camera track on the publish connection (not a screen share): a camera in
+   * the simulcast layers of `cameraEncodings` for its size (a camera put in its place later keeps
+   * them), all active until the server's `layers` says otherwise.
+   * @param {MediaStreamTrack} track
+   * @param {MediaStream} stream
+   */
+  publishTrack(track, stream) {
+    const pc = this.publishPc;
+    if (!pc || pc.signalingState === 'closed') return;
+    if (track.kind !== 'video') {
+      pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
+      return;
+    }
+    const { width, height } = track.getSettings();
+    const pixels = width && height ? width * height : undefined;
+    const init = (/** @type {boolean} */ withScalability) => ({
+      direction: /** @type {const} */ ('sendonly'),
+      streams: [stream],
+      sendEncodings: cameraEncodings(this.#ctx.maxVideoBitrate(), withScalability, pixels),
+    });
+    /** @type {RTCRtpTransceiver} */
+    let transceiver;
+    try {
+      transceiver = pc.addTransceiver(track, init(true));
+    } catch {
+      // A browser that knows scalabilityMode but not L1T3 (or not for this camera) refuses the
+      // whole transceiver: the same layers, without temporal ones.
+      transceiver = pc.addTransceiver(track, init(false));
+    }
+    this.#simulcast.add(transceiver.sender);
+  }
+
+  /**
+   * The server's `layers`: which of a camera's simulcast layers some subscriber needs. The others
+   * are not encoded (`active: false`) until one does. An unknown track is ignored.
+   * @param {any} msg  `{publicationId, trackId, active: string[]}`
+   */
+  onLayers(msg) {
+    const pc = this.publishPc;
+    if (!pc || pc.signalingState === 'closed' || !Array.isArray(msg.active)) return;
+    const { media } = this.#ctx;
+    const sender = pc.getSenders().find((s) => s.track && media.announcedId(s.track) === msg.trackId);
+    if (!sender) return;
+    const active = new Set(msg.active.map(String));
+    changeEncodings(sender, (encodings) => {
+      let changed = false;
+      for (const encoding of encodings) {
+        const want = !!encoding.rid && active.has(encoding.rid);
+        // A layer without a rid is the only one (simulcast refused): it stays on.
+        if (!encoding.rid || encoding.active === want) continue;
+        encoding.active = want;
+        changed = true;
+      }
+      return changed;
+    }).catch((err) => {
+      // A connection closed meanwhile (a reconnect, a switch to mesh) needs no layers.
+      if (this.publishPc === pc && pc.signalingState !== 'closed') this.#ctx.fail('layers', err);
+    });
   }
 
   /** Offers the publish connection now, or once the outstanding offer is answered. */
@@ -85,9 +209,32 @@ export class SfuPath {
 
   /** @param {string} sdp  the server's answer to our publish offer */
   async onPublishAnswer(sdp) {
-    if (!this.publishPc) return;
-    await this.publishPc.setRemoteDescription({ type: 'answer', sdp });
+    const pc = this.publishPc;
+    if (!pc) return;
+    await pc.setRemoteDescription({ type: 'answer', sdp });
+    this.#fullSizeUnlessSimulcast(pc);
     if (this.#publishPending) await this.offerPublish();
+  }
+
+  /**
+   * An answer without simulcast leaves a camera only its first, smallest layer (WebRTC keeps the
+   * first encoding): it is then sent whole, up to the server's cap.
+   * @param {RTCPeerConnection} pc
+   */
+  #fullSizeUnlessSimulcast(pc) {
+    for (const sender of pc.getSenders()) {
+      if (!this.#simulcast.has(sender)) continue;
+      const maxBitrate = this.#ctx.maxVideoBitrate();
+      changeEncodings(sender, (encodings) => {
+        const [only] = encodings;
+        if (encodings.length !== 1 || (only.scaleResolutionDownBy ?? 1) === 1) return false;
+        only.scaleResolutionDownBy = 1;
+        only.active = true;
+        if (maxBitrate) only.maxBitrate = maxBitrate;
+        else delete only.maxBitrate;
+        return true;
+      }).catch((err) => console.debug('switchboard: camera encoding', err));
+    }
   }
 
   /** The server refused our publish offer: roll it back so later changes can be offered. */

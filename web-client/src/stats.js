@@ -1,9 +1,12 @@
 // Switchboard SDK: the call's measurements. Every half second the loudest remote microphone
-// (the active speaker); every two seconds round trip, loss and bitrate over every connection.
+// (the active speaker); every two seconds round trip, loss and bitrate over every connection,
+// with the camera's simulcast layers and each remote video's size and freezes.
 // It reads getStats only, and tells the Room through callbacks.
 
 /** @typedef {import('./client.js').RemoteTrack} RemoteTrack */
 /** @typedef {import('./client.js').ConnectionQuality} ConnectionQuality */
+/** @typedef {import('./client.js').SendLayer} SendLayer */
+/** @typedef {import('./client.js').ReceivedVideo} ReceivedVideo */
 
 const SAMPLE_MS = 500;
 /** Connection quality every this many samples. */
@@ -12,6 +15,8 @@ const QUALITY_EVERY = 4;
 const SPEAKING_LEVEL = 0.01;
 /** A speaker stays the speaker through pauses this short. */
 const SPEAKER_HOLD_MS = 1500;
+/** Simulcast layers, lowest first. */
+const RIDS = ['q', 'h', 'f'];
 
 /**
  * @typedef {object} CallStatsInputs
@@ -102,6 +107,12 @@ export class CallStats {
     let seconds = 0;
     let fresh = 0;
     let measured = 0;
+    /** @type {SendLayer[]} */
+    const sendLayers = [];
+    /** @type {ReceivedVideo[]} */
+    const remoteVideos = [];
+    const remoteByTrack = new Map();
+    for (const remote of this.#in.remoteTracks()) remoteByTrack.set(remote.track.id, remote);
     for (const pc of this.#in.connections()) {
       if (!pc || pc.connectionState === 'closed') continue;
       const previous = this.#before.get(pc) ?? new Map();
@@ -115,6 +126,33 @@ export class CallStats {
         }
         if (s.type !== 'inbound-rtp' && s.type !== 'outbound-rtp') continue;
         previous.set(key, s);
+        // Only the camera is sent in layers (with a rid): a screen share and mesh links are not.
+        if (s.type === 'outbound-rtp' && s.kind === 'video' && s.rid) {
+          const span = before ? (s.timestamp - before.timestamp) / 1000 : 0;
+          sendLayers.push({
+            rid: String(s.rid),
+            active: typeof s.active === 'boolean' ? s.active : null,
+            frameWidth: s.frameWidth ?? 0,
+            frameHeight: s.frameHeight ?? 0,
+            framesPerSecond: s.framesPerSecond ?? 0,
+            bytesSent: s.bytesSent ?? 0,
+            kbps: span > 0 ? Math.round((Math.max(0, (s.bytesSent ?? 0) - (before.bytesSent ?? 0)) * 8) / span / 1000) : 0,
+            qualityLimitationReason: s.qualityLimitationReason ?? null,
+          });
+        }
+        const remote = s.type === 'inbound-rtp' && s.kind === 'video' ? remoteByTrack.get(s.trackIdentifier) : undefined;
+        if (remote) {
+          remoteVideos.push({
+            peerId: remote.peerId,
+            source: remote.source,
+            path: remote.path,
+            frameWidth: s.frameWidth ?? 0,
+            frameHeight: s.frameHeight ?? 0,
+            framesPerSecond: s.framesPerSecond ?? 0,
+            freezeCount: s.freezeCount ?? 0,
+            totalFreezesDuration: s.totalFreezesDuration ?? 0,
+          });
+        }
         if (!before) {
           fresh++;
           continue;
@@ -140,6 +178,14 @@ export class CallStats {
       sendKbps: kbps(sentBytes),
       receiveKbps: kbps(receivedBytes),
       quality,
+      sendLayers: sendLayers.sort((a, b) => rank(a.rid) - rank(b.rid)),
+      remoteVideos,
     };
   }
+}
+
+/** @param {string} rid  a layer's place, lowest first (unknown ones last) */
+function rank(rid) {
+  const i = RIDS.indexOf(rid);
+  return i < 0 ? RIDS.length : i;
 }

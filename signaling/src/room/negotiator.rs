@@ -20,6 +20,8 @@ pub enum NegotiatorCommand {
     Candidate(RTCIceCandidateInit),
     /// Stop or resume forwarding one publication to the participant.
     Pause(PublicationId, bool),
+    /// The size the participant shows one publication at.
+    View(PublicationId, (u16, u16)),
 }
 
 /// Owns one participant's subscribe transport and serialises its offers: one offer at a time,
@@ -102,6 +104,9 @@ pub async fn run_negotiator(
                 Some(NegotiatorCommand::Pause(publication, paused)) => {
                     // A publication that just ended has nothing left to pause: nothing to say.
                     transport.set_paused(&publication, paused).await;
+                }
+                Some(NegotiatorCommand::View(publication, size)) => {
+                    transport.set_view(&publication, Some(size)).await;
                 }
                 Some(NegotiatorCommand::Candidate(candidate)) => {
                     if let Err(err) = transport.add_ice_candidate(candidate).await {
