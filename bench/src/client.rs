@@ -4,7 +4,7 @@
 //! as browsers do.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -43,12 +43,28 @@ pub const MAX_PAYLOAD: usize = 1100;
 /// What a publisher sends.
 #[derive(Clone, Copy, Debug)]
 pub struct VideoShape {
-    /// Bits per second.
+    /// Bits per second (of the top layer, with simulcast).
     pub bitrate: u64,
     /// Frames per second.
     pub fps: u32,
     /// Seconds between keyframes.
     pub keyframe_interval: Duration,
+    /// Three simulcast layers, `q`, `h` and `f`, as a browser sends a camera.
+    pub simulcast: bool,
+}
+
+/// Simulcast layers: rid and share of the top layer's bitrate (a browser's camera sends about
+/// 150 k, 500 k and 1.5-2.5 M).
+const LAYERS: [(&str, u64, u64); 3] = [("q", 1, 10), ("h", 1, 3), ("f", 1, 1)];
+
+/// The size at which subscribers show the videos they receive (sent as `view`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Viewing {
+    /// Every video's tile, in pixels; none sends no `view` (the server sends the top layer).
+    pub tile: Option<(u32, u32)>,
+    /// One video (the publisher whose id sorts first, the same for everyone) shown on a stage
+    /// of this size instead.
+    pub stage: Option<(u32, u32)>,
 }
 
 /// Latency histogram: 100 µs buckets up to 2 s, then one overflow bucket. Atomic, so that
@@ -108,6 +124,11 @@ pub struct Tally {
     pub received: AtomicU64,
     /// Probe bytes subscribers received.
     pub received_bytes: AtomicU64,
+    /// Payload bytes publishers sent (every layer).
+    pub sent_bytes: AtomicU64,
+    /// Probes missing inside a received stream (a gap in one layer's packet numbers), for
+    /// simulcast, where a subscriber receives only some of what is sent.
+    pub gaps: AtomicU64,
     /// Subscribed tracks that have delivered a packet.
     pub live_tracks: AtomicU64,
     /// One-way latency of received probes.
@@ -121,6 +142,8 @@ impl Tally {
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             received_bytes: AtomicU64::new(0),
+            sent_bytes: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
             live_tracks: AtomicU64::new(0),
             latency: Histogram::new(),
         })
@@ -212,6 +235,8 @@ impl PeerConnectionEventHandler for Handler {
         };
         tokio::spawn(async move {
             let mut live = false;
+            // The stream (publisher and layer) and number of the last probe.
+            let mut last: Option<(u16, u64)> = None;
             while let Some(event) = track.poll().await {
                 let TrackRemoteEvent::OnRtpPacket(packet) = event else {
                     continue;
@@ -221,6 +246,19 @@ impl PeerConnectionEventHandler for Handler {
                     || u16::from_be_bytes([payload[2], payload[3]]) != MAGIC
                 {
                     continue;
+                }
+                let stream = u16::from_be_bytes([payload[4], payload[5]]);
+                let number = u64::from_be_bytes(payload[6..14].try_into().unwrap_or([0; 8]));
+                if let Some((last_stream, last_number)) = last
+                    && last_stream == stream
+                    && number > last_number + 1
+                {
+                    tally
+                        .gaps
+                        .fetch_add(number - last_number - 1, Ordering::Relaxed);
+                }
+                if last.is_none_or(|(s, n)| s != stream || number > n) {
+                    last = Some((stream, number));
                 }
                 let sent_at = u64::from_be_bytes(payload[14..22].try_into().unwrap_or([0; 8]));
                 tally.latency.record(now_micros().saturating_sub(sent_at));
@@ -303,26 +341,36 @@ pub async fn local_sdp(
         .sdp)
 }
 
-fn vp8_track(index: u16) -> Arc<TrackLocalStaticRTP> {
+/// A VP8 track: one encoding, or with `simulcast` one per layer of [`LAYERS`], each with its
+/// rid and SSRC.
+fn vp8_track(index: u16, simulcast: bool) -> Arc<TrackLocalStaticRTP> {
+    let rids: Vec<&str> = if simulcast {
+        LAYERS.iter().map(|(rid, _, _)| *rid).collect()
+    } else {
+        vec![""]
+    };
     Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
         format!("bench-{index}"),
         "cam".into(),
         "cam".into(),
         RtpCodecKind::Video,
-        vec![RTCRtpEncodingParameters {
-            rtp_coding_parameters: RTCRtpCodingParameters {
-                ssrc: Some(rand::random::<u32>()),
+        rids.into_iter()
+            .map(|rid| RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    rid: rid.to_owned(),
+                    ssrc: Some(rand::random::<u32>()),
+                    ..Default::default()
+                },
+                codec: RTCRtpCodec {
+                    mime_type: "video/VP8".into(),
+                    clock_rate: 90_000,
+                    channels: 0,
+                    sdp_fmtp_line: String::new(),
+                    rtcp_feedback: vec![],
+                },
                 ..Default::default()
-            },
-            codec: RTCRtpCodec {
-                mime_type: "video/VP8".into(),
-                clock_rate: 90_000,
-                channels: 0,
-                sdp_fmtp_line: String::new(),
-                rtcp_feedback: vec![],
-            },
-            ..Default::default()
-        }],
+            })
+            .collect(),
     )))
 }
 
@@ -330,11 +378,35 @@ fn vp8_track(index: u16) -> Arc<TrackLocalStaticRTP> {
 struct Publishing {
     pc: Arc<dyn PeerConnection>,
     track: Arc<TrackLocalStaticRTP>,
+    /// The simulcast layers to send (bit `1 << layer`), as the server's `layers` says.
+    active: Arc<AtomicU8>,
 }
 
-async fn offer_publish(ws: &mut Ws, index: u16) -> Result<Publishing> {
+/// Every layer: what a publisher sends until the server says otherwise.
+const ALL_LAYERS: u8 = 0b111;
+
+impl Publishing {
+    /// Applies the server's `layers` message (dynacast), as the browser SDK does.
+    fn apply_layers(&self, message: &Value) {
+        Self::mask_from(message, &self.active);
+    }
+
+    fn mask_from(message: &Value, into: &AtomicU8) {
+        let Some(active) = message["active"].as_array() else {
+            return;
+        };
+        let mask = LAYERS
+            .iter()
+            .enumerate()
+            .filter(|(_, (rid, _, _))| active.iter().any(|a| a.as_str() == Some(rid)))
+            .fold(0u8, |mask, (layer, _)| mask | (1 << layer));
+        into.store(mask, Ordering::Relaxed);
+    }
+}
+
+async fn offer_publish(ws: &mut Ws, index: u16, simulcast: bool) -> Result<Publishing> {
     let (pc, mut gathered) = peer_connection(None).await?;
-    let track = vp8_track(index);
+    let track = vp8_track(index, simulcast);
     pc.add_track(track.clone() as Arc<dyn TrackLocal>).await?;
     let offer = pc.create_offer(None).await?;
     let sdp = local_sdp(&pc, &mut gathered, offer).await?;
@@ -344,35 +416,61 @@ async fn offer_publish(ws: &mut Ws, index: u16) -> Result<Publishing> {
                "tracks": [{"trackId": "cam", "source": "camera"}]}),
     )
     .await?;
-    Ok(Publishing { pc, track })
+    Ok(Publishing {
+        pc,
+        track,
+        active: Arc::new(AtomicU8::new(ALL_LAYERS)),
+    })
 }
 
 impl Publishing {
     /// Applies the server's answer and starts sending video until `stop`.
     async fn start(
         &self,
-        answer: String,
+        answer_sdp: String,
         index: u16,
         shape: VideoShape,
         tally: Arc<Tally>,
         stop: watch::Receiver<bool>,
     ) -> Result<tokio::task::JoinHandle<()>> {
         self.pc
-            .set_remote_description(RTCSessionDescription::answer(answer)?)
+            .set_remote_description(RTCSessionDescription::answer(answer_sdp.clone())?)
             .await?;
         let payload_type = payload_type(&self.pc).await?;
-        let ssrc = self
-            .track
-            .ssrcs()
-            .await
-            .first()
-            .copied()
-            .ok_or_else(|| anyhow!("no ssrc"))?;
+        let ssrcs = self.track.ssrcs().await;
+        if ssrcs.is_empty() {
+            bail!("no ssrc");
+        }
+        // Each simulcast layer's packets say their section and rid, as a browser's do.
+        let extensions = if shape.simulcast {
+            let mid = match self.pc.get_transceivers().await.first() {
+                Some(transceiver) => transceiver.mid().await.ok().flatten().unwrap_or_default(),
+                None => String::new(),
+            };
+            let ids = extension_ids(&answer_sdp);
+            let id = |uri: &str| {
+                ids.iter()
+                    .find(|(known, _)| known == uri)
+                    .map(|(_, id)| *id)
+            };
+            match (id(MID_URI), id(RID_URI)) {
+                (Some(mid_id), Some(rid_id)) => Some(StreamExtensions {
+                    mid_id,
+                    rid_id,
+                    mid,
+                }),
+                _ => bail!("the server's answer negotiated no mid and rid extensions"),
+            }
+        } else {
+            None
+        };
         let track = self.track.clone();
         Ok(tokio::spawn(send_video(
             track,
             payload_type,
-            ssrc,
+            ssrcs,
+            extensions,
+            self.active.clone(),
             index,
             shape,
             tally,
@@ -381,12 +479,13 @@ impl Publishing {
     }
 }
 
-/// Answers a subscribe offer on `pc`.
+/// Answers a subscribe offer on `pc`, then tells the server at what size each video is shown.
 async fn answer_subscribe(
     ws: &mut Ws,
     pc: &Arc<dyn PeerConnection>,
     gathered: &mut watch::Receiver<bool>,
     message: &Value,
+    viewing: Viewing,
 ) -> Result<()> {
     let sdp = message["sdp"].as_str().unwrap_or_default().to_owned();
     pc.set_remote_description(RTCSessionDescription::offer(sdp)?)
@@ -397,7 +496,31 @@ async fn answer_subscribe(
         ws,
         json!({"type": "answer", "peerId": "sfu", "transport": "subscribe", "sdp": sdp}),
     )
-    .await
+    .await?;
+    let Some(tile) = viewing.tile else {
+        return Ok(());
+    };
+    let videos: Vec<&Value> = message["subscriptions"]
+        .as_array()
+        .map(|all| all.iter().filter(|s| s["kind"] == "video").collect())
+        .unwrap_or_default();
+    let staged = videos
+        .iter()
+        .filter_map(|s| s["peerId"].as_str())
+        .min()
+        .filter(|_| viewing.stage.is_some());
+    for video in videos {
+        let (width, height) = match viewing.stage {
+            Some(stage) if video["peerId"].as_str() == staged => stage,
+            _ => tile,
+        };
+        send(
+            ws,
+            json!({"type": "view", "publicationId": video["publicationId"], "width": width, "height": height}),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Joins `room` and publishes one VP8 video track of `shape` until `stop` turns true. Reports
@@ -412,7 +535,7 @@ pub async fn publisher(
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let Joined { mut ws, took } = join(&base, &room, &format!("publisher-{index}")).await?;
-    let publishing = offer_publish(&mut ws, index).await?;
+    let publishing = offer_publish(&mut ws, index, shape.simulcast).await?;
     let answer = loop {
         let message = recv(&mut ws).await?;
         if message["type"] == "answer" {
@@ -424,8 +547,15 @@ pub async fn publisher(
     };
     let sending = publishing.start(answer, index, shape, tally, stop).await?;
     let _ = started.send(took);
-    // Signaling stays read (pings answered) while media flows.
-    let keepalive = tokio::spawn(async move { while recv(&mut ws).await.is_ok() {} });
+    // Signaling stays read (pings answered, `layers` obeyed) while media flows.
+    let active = publishing.active.clone();
+    let keepalive = tokio::spawn(async move {
+        while let Ok(message) = recv(&mut ws).await {
+            if message["type"] == "layers" {
+                Publishing::mask_from(&message, &active);
+            }
+        }
+    });
     let _ = sending.await;
     keepalive.abort();
     let _ = publishing.pc.close().await;
@@ -434,11 +564,13 @@ pub async fn publisher(
 
 /// Joins `room`, publishes one VP8 track and receives everyone else, as a participant of a
 /// call does, until `stop` turns true.
+#[allow(clippy::too_many_arguments)]
 pub async fn participant(
     base: String,
     room: String,
     index: u16,
     shape: VideoShape,
+    viewing: Viewing,
     tally: Arc<Tally>,
     joined: tokio::sync::oneshot::Sender<Duration>,
     mut stop: watch::Receiver<bool>,
@@ -446,7 +578,7 @@ pub async fn participant(
     let Joined { mut ws, took } = join(&base, &room, &format!("participant-{index}")).await?;
     let _ = joined.send(took);
     let (subscribe, mut gathered) = peer_connection(Some(tally.clone())).await?;
-    let publishing = offer_publish(&mut ws, index).await?;
+    let publishing = offer_publish(&mut ws, index, shape.simulcast).await?;
     let mut sending = None;
     loop {
         let message = tokio::select! {
@@ -463,8 +595,9 @@ pub async fn participant(
                 );
             }
             (Some("offer"), Some("subscribe")) => {
-                answer_subscribe(&mut ws, &subscribe, &mut gathered, &message).await?;
+                answer_subscribe(&mut ws, &subscribe, &mut gathered, &message, viewing).await?;
             }
+            (Some("layers"), _) => publishing.apply_layers(&message),
             (Some("error"), _) => bail!("refused: {message}"),
             _ => {}
         }
@@ -480,25 +613,83 @@ pub async fn participant(
     Ok(())
 }
 
-/// Sends frames of `shape` as MTU-sized VP8 packets carrying probes, until `stop`.
+const MID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
+const RID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
+
+/// `(uri, id)` of each `a=extmap` line.
+fn extension_ids(sdp: &str) -> Vec<(String, u8)> {
+    sdp.lines()
+        .filter_map(|line| line.trim_end().strip_prefix("a=extmap:"))
+        .filter_map(|rest| {
+            let mut parts = rest.split_whitespace();
+            let id = parts.next()?.split('/').next()?.parse().ok()?;
+            Some((parts.next()?.to_owned(), id))
+        })
+        .collect()
+}
+
+/// The header extensions a simulcast layer's packets carry.
+struct StreamExtensions {
+    mid_id: u8,
+    rid_id: u8,
+    mid: String,
+}
+
+/// One stream being sent: a simulcast layer, or the only encoding.
+struct Stream {
+    ssrc: u32,
+    rid: &'static str,
+    frame_bytes: usize,
+    seq: u16,
+    /// Probe numbers, per stream, so receivers see gaps within what they receive.
+    number: u64,
+    /// Probe stream id: publisher index, layer in the top bits.
+    id: u16,
+}
+
+/// Sends frames of `shape` as MTU-sized VP8 packets carrying probes, on each of `ssrcs` (one per
+/// simulcast layer, lowest first), until `stop`.
+#[allow(clippy::too_many_arguments)]
 async fn send_video(
     track: Arc<TrackLocalStaticRTP>,
     payload_type: u8,
-    ssrc: u32,
+    ssrcs: Vec<u32>,
+    extensions: Option<StreamExtensions>,
+    active: Arc<AtomicU8>,
     index: u16,
     shape: VideoShape,
     tally: Arc<Tally>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let frame_bytes = usize::try_from(shape.bitrate / 8 / u64::from(shape.fps.max(1)))
+    let top_frame_bytes = usize::try_from(shape.bitrate / 8 / u64::from(shape.fps.max(1)))
         .unwrap_or(MAX_PAYLOAD)
         .max(PROBE_BYTES + 2);
+    let mut streams: Vec<Stream> = ssrcs
+        .iter()
+        .enumerate()
+        .map(|(layer, &ssrc)| {
+            let (rid, numerator, denominator) = match extensions {
+                Some(_) => LAYERS[layer.min(LAYERS.len() - 1)],
+                None => ("", 1, 1),
+            };
+            Stream {
+                ssrc,
+                rid,
+                frame_bytes: (top_frame_bytes * numerator as usize / denominator as usize)
+                    .max(PROBE_BYTES + 2),
+                seq: rand::random::<u16>() >> 1,
+                number: 0,
+                id: index | ((layer as u16) << 12),
+            }
+        })
+        .collect();
     let keyframe_every =
         (shape.keyframe_interval.as_secs_f64() * f64::from(shape.fps)).max(1.0) as u64;
     let mut ticker = tokio::time::interval(Duration::from_secs(1) / shape.fps.max(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // Like a browser's encoder, answer the server's keyframe requests (PLI/FIR) with the next
-    // frame, at most every 300 ms; otherwise every `keyframe_interval`.
+    // frame, at most every 300 ms; otherwise every `keyframe_interval`. (Every layer at once:
+    // simpler than a browser, which answers per layer.)
     let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let feedback = {
         let (track, requested) = (track.clone(), requested.clone());
@@ -514,10 +705,10 @@ async fn send_video(
         })
     };
     let mut last_keyframe: Option<tokio::time::Instant> = None;
-    let (mut seq, mut number, mut frame) = (rand::random::<u16>() >> 1, 0u64, 0u64);
+    let mut frame = 0u64;
     let filler = Bytes::from(vec![0xA5u8; MAX_PAYLOAD]);
     let mut buf = BytesMut::with_capacity(MAX_PAYLOAD * 64);
-    while !*stop.borrow() {
+    'frames: while !*stop.borrow() {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.changed() => break,
@@ -532,38 +723,51 @@ async fn send_video(
         }
         let timestamp =
             u32::try_from((frame * 90_000 / u64::from(shape.fps)) % (1 << 32)).unwrap_or(0);
-        let packets = frame_bytes.div_ceil(MAX_PAYLOAD);
-        let mut left = frame_bytes;
-        for i in 0..packets {
-            let size = left.clamp(2 + PROBE_BYTES, MAX_PAYLOAD);
-            left = left.saturating_sub(size);
-            // VP8 payload descriptor (S bit on a frame's first packet), then for that packet the
-            // first byte of the VP8 header, whose P bit is 0 on a keyframe.
-            buf.put_u8(if i == 0 { 0x10 } else { 0x00 });
-            buf.put_u8(if keyframe { 0x00 } else { 0x01 });
-            buf.put_u16(MAGIC);
-            buf.put_u16(index);
-            buf.put_u64(number);
-            buf.put_u64(now_micros());
-            buf.extend_from_slice(&filler[..size - 2 - PROBE_BYTES]);
-            let packet = rtp::Packet {
-                header: rtp::Header {
+        let active = active.load(Ordering::Relaxed);
+        for (layer, stream) in streams.iter_mut().enumerate() {
+            if extensions.is_some() && active & (1 << layer) == 0 {
+                continue;
+            }
+            let packets = stream.frame_bytes.div_ceil(MAX_PAYLOAD);
+            let mut left = stream.frame_bytes;
+            for i in 0..packets {
+                let size = left.clamp(2 + PROBE_BYTES, MAX_PAYLOAD);
+                left = left.saturating_sub(size);
+                // VP8 payload descriptor (S bit on a frame's first packet), then for that packet
+                // the first byte of the VP8 header, whose P bit is 0 on a keyframe.
+                buf.put_u8(if i == 0 { 0x10 } else { 0x00 });
+                buf.put_u8(if keyframe { 0x00 } else { 0x01 });
+                buf.put_u16(MAGIC);
+                buf.put_u16(stream.id);
+                buf.put_u64(stream.number);
+                buf.put_u64(now_micros());
+                buf.extend_from_slice(&filler[..size - 2 - PROBE_BYTES]);
+                let mut header = rtp::Header {
                     version: 2,
                     marker: i + 1 == packets,
                     payload_type,
-                    sequence_number: seq,
+                    sequence_number: stream.seq,
                     timestamp,
-                    ssrc,
+                    ssrc: stream.ssrc,
                     ..Default::default()
-                },
-                payload: buf.split().freeze(),
-            };
-            seq = seq.wrapping_add(1);
-            number += 1;
-            if track.write_rtp(packet).await.is_err() {
-                break;
+                };
+                if let Some(ext) = &extensions {
+                    let _ = header.set_extension(ext.mid_id, Bytes::from(ext.mid.clone()));
+                    let _ =
+                        header.set_extension(ext.rid_id, Bytes::from_static(stream.rid.as_bytes()));
+                }
+                let packet = rtp::Packet {
+                    header,
+                    payload: buf.split().freeze(),
+                };
+                stream.seq = stream.seq.wrapping_add(1);
+                stream.number += 1;
+                if track.write_rtp(packet).await.is_err() {
+                    break 'frames;
+                }
+                tally.sent.fetch_add(1, Ordering::Relaxed);
+                tally.sent_bytes.fetch_add(size as u64, Ordering::Relaxed);
             }
-            tally.sent.fetch_add(1, Ordering::Relaxed);
         }
         frame += 1;
     }
@@ -586,6 +790,7 @@ pub async fn subscriber(
     base: String,
     room: String,
     index: u32,
+    viewing: Viewing,
     tally: Arc<Tally>,
     joined: tokio::sync::oneshot::Sender<Duration>,
     mut stop: watch::Receiver<bool>,
@@ -599,7 +804,7 @@ pub async fn subscriber(
             _ = stop.changed() => break,
         };
         if message["type"] == "offer" && message["transport"] == "subscribe" {
-            answer_subscribe(&mut ws, &pc, &mut gathered, &message).await?;
+            answer_subscribe(&mut ws, &pc, &mut gathered, &message, viewing).await?;
         }
     }
     let _ = ws

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use switchboard_bench::client::{self, Tally, VideoShape};
+use switchboard_bench::client::{self, Tally, VideoShape, Viewing};
 use switchboard_bench::report;
 use tokio::sync::{oneshot, watch};
 
@@ -96,6 +96,50 @@ struct Cli {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Publish every video in three simulcast layers (q, h, f at a tenth, a third and all of
+    /// --bitrate), as the browser SDK does.
+    #[arg(long)]
+    simulcast: bool,
+    /// Subscribers show every video in a tile of this size (`WIDTHxHEIGHT`, device pixels) and
+    /// tell the server (`view`); without it they send no size and get the top layer.
+    #[arg(long, value_parser = parse_size)]
+    tile: Option<(u32, u32)>,
+    /// With --tile: one video (the same publisher for everyone) is shown on a stage of this
+    /// size instead.
+    #[arg(long, value_parser = parse_size, requires = "tile")]
+    stage: Option<(u32, u32)>,
+}
+
+/// `WIDTHxHEIGHT`, e.g. `320x180`.
+fn parse_size(text: &str) -> Result<(u32, u32), String> {
+    let (width, height) = text
+        .split_once('x')
+        .ok_or_else(|| format!("`{text}` is not WIDTHxHEIGHT"))?;
+    let parse = |v: &str| {
+        v.parse::<u32>()
+            .ok()
+            .filter(|n| (1..=16_384).contains(n))
+            .ok_or_else(|| format!("`{v}` is not a size from 1 to 16384"))
+    };
+    Ok((parse(width)?, parse(height)?))
+}
+
+impl Cli {
+    fn shape(&self) -> VideoShape {
+        VideoShape {
+            bitrate: self.bitrate,
+            fps: self.fps,
+            keyframe_interval: Duration::from_secs(2),
+            simulcast: self.simulcast,
+        }
+    }
+
+    fn viewing(&self) -> Viewing {
+        Viewing {
+            tile: self.tile,
+            stage: self.stage,
+        }
+    }
 }
 
 /// CPU seconds (user + system) of a process, from /proc.
@@ -255,11 +299,7 @@ fn spawn_publishers(
     tally: &std::sync::Arc<Tally>,
     stop: &watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<Result<()>>> {
-    let shape = VideoShape {
-        bitrate: cli.bitrate,
-        fps: cli.fps,
-        keyframe_interval: Duration::from_secs(2),
-    };
+    let shape = cli.shape();
     (0..cli.publishers)
         .map(|index| {
             let (tx, _rx) = oneshot::channel();
@@ -303,6 +343,7 @@ async fn ramp(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report:
                 base.to_owned(),
                 cli.room.clone(),
                 index,
+                cli.viewing(),
                 tally.clone(),
                 tx,
                 stop.clone(),
@@ -477,6 +518,7 @@ async fn storm(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report
             base.to_owned(),
             cli.room.clone(),
             index,
+            cli.viewing(),
             incumbents.clone(),
             tx,
             stop.clone(),
@@ -503,6 +545,7 @@ async fn storm(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report
             base.to_owned(),
             cli.room.clone(),
             cli.subscribers + index,
+            cli.viewing(),
             newcomers.clone(),
             tx,
             stop.clone(),
@@ -552,11 +595,7 @@ async fn storm(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report
 async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::Report> {
     let tally = Tally::new();
     let (stop_tx, stop) = watch::channel(false);
-    let shape = VideoShape {
-        bitrate: cli.bitrate,
-        fps: cli.fps,
-        keyframe_interval: Duration::from_secs(2),
-    };
+    let shape = cli.shape();
     let mut tasks = Vec::new();
     let mut joins = Vec::new();
     let large_room = cli.scenario == Scenario::LargeRoom;
@@ -578,6 +617,7 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
                 cli.room.clone(),
                 index,
                 shape,
+                cli.viewing(),
                 tally.clone(),
                 tx,
                 stop.clone(),
@@ -602,6 +642,7 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
             base.to_owned(),
             cli.room.clone(),
             index,
+            cli.viewing(),
             tally.clone(),
             tx,
             stop.clone(),
@@ -656,6 +697,8 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
     let start_sent = tally.sent.load(Ordering::Relaxed);
     let start_received = tally.received.load(Ordering::Relaxed);
     let start_bytes = tally.received_bytes.load(Ordering::Relaxed);
+    let start_sent_bytes = tally.sent_bytes.load(Ordering::Relaxed);
+    let start_gaps = tally.gaps.load(Ordering::Relaxed);
     let start_forwarded = forwarded_packets(base).await;
     let start_server_cpu = server_pid.and_then(cpu_seconds);
     let start_own_cpu = cpu_seconds(&own_pid);
@@ -724,10 +767,24 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
     tokio::time::sleep(Duration::from_secs(1)).await;
     let received = tally.received.load(Ordering::Relaxed) - start_received;
     let received_bytes = tally.received_bytes.load(Ordering::Relaxed) - start_bytes;
+    let sent_bytes = tally.sent_bytes.load(Ordering::Relaxed) - start_sent_bytes;
+    let gaps = tally.gaps.load(Ordering::Relaxed) - start_gaps;
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
-    let expected = sent * receivers;
+    // With simulcast a subscriber receives one layer of what is sent: losses are the gaps in
+    // what it receives.
+    let expected = if cli.simulcast {
+        received + gaps
+    } else {
+        sent * receivers
+    };
+    // Who receives: every participant but the publisher itself in a large room.
+    let receiving_clients = if large_room {
+        u64::from(publishers)
+    } else {
+        u64::from(cli.subscribers)
+    };
     let forwarded = match (end_forwarded, start_forwarded) {
         (Some(end), Some(start)) => Some(end.saturating_sub(start)),
         _ => None,
@@ -758,6 +815,9 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
             bitrate: cli.bitrate,
             fps: cli.fps,
             cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            simulcast: cli.simulcast,
+            tile: cli.tile,
+            stage: cli.stage,
         },
         totals: report::Totals {
             sent_packets: sent,
@@ -771,6 +831,14 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
             },
             forwarded_pps: forwarded.map(|f| f as f64 / measured),
             received_mbps: received_bytes as f64 * 8.0 / measured / 1e6,
+            received_kbps_per_receiver: received_bytes as f64 * 8.0
+                / measured
+                / 1e3
+                / receiving_clients.max(1) as f64,
+            sent_kbps_per_publisher: sent_bytes as f64 * 8.0
+                / measured
+                / 1e3
+                / f64::from(publishers.max(1)),
             latency_p50_ms: client::quantile_ms(&all_latency, 0.50),
             latency_p95_ms: client::quantile_ms(&all_latency, 0.95),
             latency_p99_ms: client::quantile_ms(&all_latency, 0.99),

@@ -20,6 +20,12 @@ pub struct Config {
     pub bitrate: u64,
     pub fps: u32,
     pub cores: usize,
+    /// Publishers send three simulcast layers.
+    pub simulcast: bool,
+    /// The size subscribers show every video at (`view`), if they say.
+    pub tile: Option<(u32, u32)>,
+    /// The size of the one video shown on a stage, if any.
+    pub stage: Option<(u32, u32)>,
 }
 
 /// One second of the run.
@@ -45,6 +51,10 @@ pub struct Totals {
     pub loss_percent: f64,
     pub forwarded_pps: Option<f64>,
     pub received_mbps: f64,
+    /// Payload received per receiving participant (its downlink).
+    pub received_kbps_per_receiver: f64,
+    /// Payload sent per publisher, every layer (its uplink).
+    pub sent_kbps_per_publisher: f64,
     pub latency_p50_ms: Option<f64>,
     pub latency_p95_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
@@ -87,9 +97,19 @@ pub fn markdown(report: &Report) -> String {
             c.publishers, c.subscribers
         )
     };
+    let size = |s: Option<(u32, u32)>| s.map_or("-".to_owned(), |(w, h)| format!("{w}x{h}"));
+    let layers = if c.simulcast {
+        format!(
+            " in three simulcast layers, shown in tiles of {} with a stage of {}",
+            size(c.tile),
+            size(c.stage)
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
-        "# Switchboard forwarding benchmark\n\n{who}; video of {} kbit/s at {} fps, {} s, {} cores, server {}.\n",
+        "# Switchboard forwarding benchmark\n\n{who}; video of {} kbit/s at {} fps{layers}, {} s, {} cores, server {}.\n",
         c.bitrate / 1000,
         c.fps,
         c.duration_s,
@@ -109,6 +129,13 @@ pub fn markdown(report: &Report) -> String {
         (
             "received Mbit/s (all subscribers)",
             format!("{:.1}", t.received_mbps),
+        ),
+        (
+            "downlink per receiver / uplink per publisher",
+            format!(
+                "{:.0} / {:.0} kbit/s",
+                t.received_kbps_per_receiver, t.sent_kbps_per_publisher
+            ),
         ),
         (
             "loss",

@@ -193,7 +193,15 @@ mod tests {
 
     #[test]
     fn descriptors_are_read_whatever_fields_they_carry() {
-        let cases: &[(&[u8], Option<(u16, bool)>, Option<u8>, Option<u8>, bool)] = &[
+        /// Payload, then picture id, TL0PICIDX, TID and picture start as read.
+        type Case = (
+            &'static [u8],
+            Option<(u16, bool)>,
+            Option<u8>,
+            Option<u8>,
+            bool,
+        );
+        let cases: &[Case] = &[
             (&[0x10, 0x00], None, None, None, true),
             (
                 &[0x90, 0x80, 0x05, 0x00],

@@ -221,6 +221,7 @@ async function join(roomName, name) {
     if (gone) current.unobserveVideo(gone.video);
     gone?.el.remove();
     tiles.delete(p.peerId);
+    layoutGrid();
     renderStatus();
     renderPeople();
     renderStage();
@@ -248,6 +249,7 @@ async function join(roomName, name) {
   });
   current.on('activeSpeaker', ({ peerId }) => {
     for (const [id, tile] of tiles) toggleAttr(tile.el, 'speaking', id === peerId);
+    layoutGrid();
   });
   current.on('connectionQuality', (/** @type {ConnectionQuality} */ q) => {
     qualityBadge.hidden = false;
@@ -367,6 +369,7 @@ function ensureTile(peerId, name) {
     tile = createTile('remote', name, false);
     tile.el.dataset.peerId = peerId;
     tiles.set(peerId, tile);
+    layoutGrid();
     visibility.observe(tile.el);
     room?.observeVideo(tile.video, peerId, 'camera');
   }
@@ -403,6 +406,16 @@ function createTile(kind, name, first) {
   if (first) grid.prepend(el);
   else grid.append(el);
   return { el, video, audio, label, tracks: new Map() };
+}
+
+/**
+ * From this many remote tiles, the active speaker's tile is shown twice as wide and high: the
+ * server then sends it a higher simulcast layer, and the small tiles stay on low ones.
+ */
+const SPEAKER_LARGE_FROM_TILES = 4;
+
+function layoutGrid() {
+  grid.classList.toggle('large-room', tiles.size >= SPEAKER_LARGE_FROM_TILES);
 }
 
 /** @param {Tile} tile */

@@ -1,6 +1,7 @@
 // End-to-end test with Firefox ESR beside Chromium, running the meeting app: an SFU room
 // (--mesh-max 0) and a mesh room, each page decoding the other; a Firefox screen share shown on
-// the Chromium page's stage; Firefox mute and camera-off shown on the Chromium page (and the
+// the Chromium page's stage; each browser's simulcast layers received by the other at the size
+// it shows them; Firefox mute and camera-off shown on the Chromium page (and the
 // other way round); a screen share the browser refuses explained in words.
 // Firefox's SDP names its tracks by ids of its own (`a=msid` is not `MediaStreamTrack.id`), so
 // this is where a server that matched tracks by msid alone shows a screen share as a camera.
@@ -128,15 +129,117 @@ async function checkMuteShown(page, name, other, otherName) {
   check(`${otherName} sees ${name} unmute and turn the camera back on`, back);
 }
 
+/**
+ * In the page: the camera's simulcast layers as sent so far (`outbound-rtp` with a rid; a layer
+ * nobody watches is paused, its width then 0).
+ * @returns {Promise<{rid: string, width: number, bytes: number}[]>}
+ */
+async function sentLayers() {
+  const room = /** @type {any} */ (window).__switchboard;
+  const camera = room.localStream?.getVideoTracks()[0];
+  const sender = room.publishPc?.getSenders().find((/** @type {RTCRtpSender} */ s) => s.track === camera);
+  if (!sender) return [];
+  const out = [];
+  for (const s of (await sender.getStats()).values()) {
+    if (s.type === 'outbound-rtp' && s.rid) out.push({ rid: s.rid, width: s.frameWidth ?? 0, bytes: s.bytesSent ?? 0 });
+  }
+  return out.sort((a, b) => a.rid.localeCompare(b.rid));
+}
+
+/**
+ * In the page: the width of the frames received for `name`'s camera through the server.
+ * @param {string} name
+ */
+async function receivedWidth(name) {
+  const room = /** @type {any} */ (window).__switchboard;
+  const peer = [...room.participants.values()].find((p) => p.name === name);
+  const camera = [...(peer?.tracks.values() ?? [])].find((/** @type {any} */ t) => t.source === "camera" && t.path === "sfu");
+  if (!camera?.receiver) return 0;
+  let width = 0;
+  for (const s of (await camera.receiver.getStats()).values()) {
+    if (s.type === 'inbound-rtp' && s.kind === 'video') width = s.frameWidth ?? 0;
+  }
+  return width;
+}
+
+/**
+ * In the page: shows `name`'s camera at `width` x `height` as far as the server is told (the
+ * tile is no longer observed), or observes the tile again for no size.
+ * @param {{name: string, size: [number, number] | null}} arg
+ */
+function sizeVideo({ name, size }) {
+  const room = /** @type {any} */ (window).__switchboard;
+  const peer = [...room.participants.values()].find((p) => p.name === name);
+  const video = [...document.querySelectorAll('.tile.remote')]
+    .find((t) => t.querySelector('.label')?.textContent === name)
+    ?.querySelector('video');
+  if (!peer || !video) return false;
+  if (size) {
+    room.unobserveVideo(video);
+    room.setVideoSize(peer.peerId, 'camera', size[0], size[1]);
+  } else {
+    room.setVideoSize(peer.peerId, 'camera', 0, 0);
+    room.observeVideo(video, peer.peerId, 'camera');
+  }
+  return true;
+}
+
+/**
+ * Checks that `publisher` sends its camera in several layers, that `viewer` receives a lower one
+ * while it shows that camera small and the top one once it shows it large.
+ * @param {AnyPage} publisher
+ * @param {string} publisherName  as labelled on tiles
+ * @param {string} publisherLabel
+ * @param {AnyPage} viewer
+ * @param {string} viewerLabel
+ */
+async function checkLayersFollowSize(publisher, publisherName, publisherLabel, viewer, viewerLabel) {
+  /** @type {{rid: string, width: number, bytes: number}[]} */
+  let layers = [];
+  const layered = await until(publisher, async () => {
+    const sent = await /** @type {any} */ (window).__sentLayers();
+    return sent.length >= 2 && sent.every((/** @type {any} */ l) => l.bytes > 0);
+  }, null, 20_000);
+  // @ts-ignore
+  layers = await publisher.evaluate(() => window.__sentLayers());
+  // The top layer is the camera's own size.
+  const full = await publisher.evaluate(
+    () => /** @type {any} */ (window).__switchboard.localStream?.getVideoTracks()[0]?.getSettings().width ?? 0,
+  );
+  check(`${publisherLabel} sends its camera in simulcast layers`, layered, `${JSON.stringify(layers)}, camera ${full} px wide`);
+  if (!layered) return;
+  // @ts-ignore
+  await viewer.evaluate(sizeVideo, { name: publisherName, size: [80, 60] });
+  const started = Date.now();
+  const lowered = await until(viewer, async (arg) => {
+    const width = await /** @type {any} */ (window).__receivedWidth(arg.name);
+    return width > 0 && width < arg.full;
+  }, { name: publisherName, full }, 10_000);
+  // @ts-ignore
+  const low = await viewer.evaluate((n) => window.__receivedWidth(n), publisherName);
+  check(`${viewerLabel} shows ${publisherLabel}'s camera small and receives a lower layer`, lowered, `${low} of ${full} px, after ${Date.now() - started} ms`);
+  // @ts-ignore
+  await viewer.evaluate(sizeVideo, { name: publisherName, size: [1280, 720] });
+  const raisedAt = Date.now();
+  const raised = await until(viewer, async (arg) => (await /** @type {any} */ (window).__receivedWidth(arg.name)) >= arg.full, { name: publisherName, full }, 10_000);
+  // @ts-ignore
+  const high = await viewer.evaluate((n) => window.__receivedWidth(n), publisherName);
+  check(`${viewerLabel} shows it large and receives the top layer`, raised, `${high} of ${full} px, after ${Date.now() - raisedAt} ms`);
+  // @ts-ignore
+  await viewer.evaluate(sizeVideo, { name: publisherName, size: null });
+}
+
 /** Installed into every page: the helpers above, callable from evaluate. */
 function installHelpers() {
   /** @type {any} */ (window).__videoOf = videoOf;
   /** @type {any} */ (window).__tileData = tileData;
+  /** @type {any} */ (window).__sentLayers = sentLayers;
+  /** @type {any} */ (window).__receivedWidth = receivedWidth;
 }
 
 // Installed as source, so the helpers exist in the page's own realm.
 const helpersScript = new Function(
-  `${videoOf.toString()}\n${tileData.toString()}\n(${installHelpers.toString()})();`,
+  `${videoOf.toString()}\n${tileData.toString()}\n${sentLayers.toString()}\n${receivedWidth.toString()}\n(${installHelpers.toString()})();`,
 );
 
 /**
@@ -168,6 +271,10 @@ async function main() {
     await step('SFU: each decodes the other', async () => {
       await checkDecodes(cid, 'Cid (Chromium)', 'Fay', "Fay's Firefox camera through the server");
       await checkDecodes(fay, 'Fay (Firefox)', 'Cid', "Cid's Chromium camera through the server");
+    });
+    await step('SFU: simulcast both ways: each receives the layer its view needs', async () => {
+      await checkLayersFollowSize(fay, 'Fay', 'Fay (Firefox)', cid, 'Cid (Chromium)');
+      await checkLayersFollowSize(cid, 'Cid', 'Cid (Chromium)', fay, 'Fay (Firefox)');
     });
     await step('SFU: the server hears Firefox speak', async () => {
       // Firefox's fake microphone is a steady tone; the server reads its audio-level extension.
