@@ -105,11 +105,15 @@ async function publishedVideo() {
   if (!pc) return null;
   let bytesSent = 0;
   let available = 0;
+  let layers = 0;
   for (const s of (await pc.getStats()).values()) {
-    if (s.type === 'outbound-rtp' && s.kind === 'video') bytesSent += s.bytesSent ?? 0;
+    if (s.type === 'outbound-rtp' && s.kind === 'video') {
+      bytesSent += s.bytesSent ?? 0;
+      layers += 1;
+    }
     if (s.type === 'candidate-pair' && s.nominated) available = Math.max(available, s.availableOutgoingBitrate ?? 0);
   }
-  return { bytesSent, available, at: performance.now() };
+  return { bytesSent, available, layers, at: performance.now() };
 }
 
 /**
@@ -255,9 +259,13 @@ async function main() {
   await step('the first publisher ramps up to the configured maximum and stays under it', async () => {
     // The estimate starts at 300 kbit/s and climbs while feedback shows no congestion; give it
     // up to 20 s from here (a loaded 2-core machine can make it dip on the way).
+    // A simulcast camera's section may carry half as much again, for its lower layers
+    // (docs/protocol.md, Simulcast).
+    const first = await pages[0].evaluate(publishedVideo);
+    const cap = (first?.layers ?? 0) > 1 ? 1.5 * MAX_VIDEO_BITRATE : MAX_VIDEO_BITRATE;
     const deadline = Date.now() + 20_000;
-    let a = await pages[0].evaluate(publishedVideo);
-    while (a && a.available < 0.8 * MAX_VIDEO_BITRATE && Date.now() < deadline) {
+    let a = first;
+    while (a && a.available < 0.8 * cap && Date.now() < deadline) {
       await sleep(1000);
       a = await pages[0].evaluate(publishedVideo);
     }
@@ -266,11 +274,8 @@ async function main() {
     if (!a || !b) throw new Error('no publish connection');
     const rate = ((b.bytesSent - a.bytesSent) * 8) / ((b.at - a.at) / 1000);
     check(
-      `${names[0]}'s send estimate ramps up to the ${MAX_VIDEO_BITRATE / 1000} kbit/s maximum and video stays under it`,
-      b.available >= 0.8 * MAX_VIDEO_BITRATE &&
-        b.available <= 1.05 * MAX_VIDEO_BITRATE &&
-        rate > 0 &&
-        rate < 1.15 * MAX_VIDEO_BITRATE,
+      `${names[0]}'s send estimate ramps up to the ${cap / 1000} kbit/s maximum (${b.layers} layers) and video stays under it`,
+      b.available >= 0.8 * cap && b.available <= 1.05 * cap && rate > 0 && rate < 1.15 * cap,
       `estimate ${(b.available / 1000).toFixed(0)} kbit/s, ${(rate / 1000).toFixed(0)} kbit/s sent`,
     );
   });
