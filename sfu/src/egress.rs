@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
-use rtc::interceptor::{Registry, SenderReportBuilder, Slot};
+use rtc::interceptor::{
+    CongestionControlBuilder, Gcc, Registry, SenderReportBuilder, Slot, TwccSenderBuilder,
+};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
@@ -37,6 +39,9 @@ use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpHeaderExtensionCapability, RtpCodecKind, TYPE_RTCP_FB_TRANSPORT_CC,
+};
 use rtc::rtp_transceiver::{RTCRtpSenderId, RTCRtpTransceiverDirection};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
@@ -392,18 +397,55 @@ impl Egress {
     /// Builds a subscribe connection for this engine: its ICE ufrag (returned too, for routing),
     /// its certificate and a host candidate on the shared socket for every announced address.
     /// Runs in the caller's task, so key generation never holds up forwarding.
-    pub(crate) fn build_connection(&self) -> Result<(RTCPeerConnection, String), SfuError> {
+    /// A subscribe connection, its ICE ufrag, and where its bandwidth estimate (bits per
+    /// second, 0 until the first one) is kept.
+    pub(crate) fn build_connection(
+        &self,
+    ) -> Result<(RTCPeerConnection, String, Arc<AtomicU64>), SfuError> {
         let ufrag = random_token(16);
         let mut engine = MediaEngine::default();
         engine.register_default_codecs().map_err(SfuError::WebRtc)?;
-        // Sender reports only (the server receives nothing here, so it has nothing to report
-        // on, and every interceptor is a copy of each packet): NACKs are answered by the fanout
-        // from one cache per publication, through the feedback interceptor.
+        // Transport-wide congestion control feedback (TWCC) from the subscriber, for the
+        // estimate of what its network carries.
+        for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
+            engine.register_feedback(
+                RTCPFeedback {
+                    typ: TYPE_RTCP_FB_TRANSPORT_CC.to_owned(),
+                    parameter: String::new(),
+                },
+                kind,
+            );
+            engine
+                .register_header_extension(
+                    RTCRtpHeaderExtensionCapability {
+                        uri: crate::forwarder::TRANSPORT_SCOPED_EXTENSIONS[0].to_owned(),
+                    },
+                    kind,
+                    None,
+                )
+                .map_err(SfuError::WebRtc)?;
+        }
+        let estimate = Arc::new(AtomicU64::new(0));
+        // Sender reports (the server receives nothing here, so it has nothing to report on,
+        // and every interceptor is a copy of each packet); transport-wide sequence numbers and
+        // Google congestion control on their feedback, without a pacer (the engine sends in
+        // batches of its own); NACKs are answered by the fanout from one cache per
+        // publication, through the feedback interceptor, which also keeps the estimate.
         let registry = Registry::new()
             .with(Slot::SenderReport, SenderReportBuilder::new().build())
+            .with(Slot::TwccSender, TwccSenderBuilder::new().build())
+            .with(
+                Slot::CongestionControl,
+                CongestionControlBuilder::new(Gcc::new(
+                    INITIAL_ESTIMATE as f64,
+                    MIN_ESTIMATE as f64,
+                    MAX_ESTIMATE as f64,
+                ))
+                .build(),
+            )
             .with(
                 Slot::from(14_000),
-                FeedbackInterceptor::new(self.nacks.clone()),
+                FeedbackInterceptor::new(self.nacks.clone()).with_estimate(estimate.clone()),
             );
         let settings = crate::transport::ice_settings(&self.config)
             .with_ice_credentials(ufrag.clone(), random_token(32))
@@ -433,7 +475,7 @@ impl Egress {
                 .map_err(SfuError::WebRtc)?;
             pc.add_local_candidate(init).map_err(SfuError::WebRtc)?;
         }
-        Ok((pc, ufrag))
+        Ok((pc, ufrag, estimate))
     }
 
     pub(crate) fn next_conn_id(&self) -> ConnId {
@@ -492,6 +534,14 @@ fn announced_addresses(config: &SfuConfig, local: SocketAddr) -> Vec<SocketAddr>
     }
     out
 }
+
+/// Where a subscriber's bandwidth estimate starts, bits per second: enough for audio and low
+/// video layers, so nobody starts frozen, and it grows from there.
+pub const INITIAL_ESTIMATE: u64 = 1_000_000;
+/// The lowest estimate: audio always fits.
+pub const MIN_ESTIMATE: u64 = 100_000;
+/// The highest estimate: more than any room sends one subscriber.
+pub const MAX_ESTIMATE: u64 = 100_000_000;
 
 struct Conn {
     pc: RTCPeerConnection,

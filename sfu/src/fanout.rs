@@ -16,12 +16,13 @@ use tokio::sync::mpsc;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
 use crate::SfuEvent;
+use crate::allocation::Grant;
 use crate::egress::{Admission, ConnId, EgressSender, Outgoing, Refused};
 use crate::feedback::KeyframeThrottle;
 use crate::forwarder::{DropReason, Forwarder, ForwarderParams, PacketCache};
 use crate::ids::{MediaKind, ParticipantId, PublicationId};
 use crate::keyframe::VideoCodec;
-use crate::layers::Layers;
+use crate::layers::{Layers, MAX_LAYERS};
 use crate::vp8::Vp8Descriptor;
 
 /// Key of one subscription inside its fanout.
@@ -56,6 +57,11 @@ pub(crate) enum FanoutCommand {
         key: SubscriptionKey,
         size: Option<(u16, u16)>,
     },
+    /// What the subscriber's bandwidth allows this subscription.
+    Grant {
+        key: SubscriptionKey,
+        grant: Grant,
+    },
     /// The publisher stopped sending on this media section (a re-offer made it inactive): the
     /// publication ends, as when its track ends.
     End,
@@ -85,10 +91,53 @@ pub struct PublicationStats {
     pub nack_misses: AtomicU64,
     /// Times a subscription moved to another simulcast layer.
     pub layer_switches: AtomicU64,
+    /// The publication's layers, as the fanout last measured them (for allocation).
+    pub layers: LayerStats,
     /// How loud a microphone was over the last 100 ms, from the publisher's audio-level header
     /// extension (RFC 6464): 127 minus the mean level in -dBov, so 0 is silence (or no level)
     /// and 127 the loudest.
     pub loudness: AtomicU32,
+}
+
+/// What the fanout knows of a publication's layers, published every 100 ms.
+#[derive(Debug, Default)]
+pub struct LayerStats {
+    count: AtomicU32,
+    /// Width and height, packed `width << 16 | height`.
+    sizes: [AtomicU32; MAX_LAYERS],
+    /// Bits per second, smoothed; the last value measured while the layer flowed.
+    bitrates: [AtomicU64; MAX_LAYERS],
+}
+
+impl LayerStats {
+    /// Number of layers (at least one).
+    pub fn count(&self) -> u8 {
+        self.count
+            .load(Ordering::Relaxed)
+            .clamp(1, MAX_LAYERS as u32) as u8
+    }
+
+    /// The picture size of `layer`.
+    pub fn size(&self, layer: u8) -> (u16, u16) {
+        let packed = self
+            .sizes
+            .get(usize::from(layer))
+            .map_or(0, |size| size.load(Ordering::Relaxed));
+        ((packed >> 16) as u16, packed as u16)
+    }
+
+    /// The measured bitrates of every layer, lowest first (0: never measured).
+    pub fn bitrates(&self) -> Vec<u64> {
+        self.bitrates[..usize::from(self.count())]
+            .iter()
+            .map(|rate| rate.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The smallest layer that covers `view` (see [`Layers::for_view`]).
+    pub fn for_view(&self, view: Option<(u16, u16)>) -> u8 {
+        crate::layers::layer_for_view(self.count(), |layer| self.size(layer), view)
+    }
 }
 
 /// Where one subscription's packets go: a sender of a connection in the egress engine.
@@ -104,6 +153,8 @@ struct Slot {
     route: Route,
     /// The size the subscriber shows this video at.
     view: Option<(u16, u16)>,
+    /// What its bandwidth allows.
+    grant: Grant,
     /// The layer last forwarded, to count switches.
     counted_layer: Option<u8>,
 }
@@ -195,10 +246,15 @@ pub(crate) struct Counts {
     dropped: u64,
     /// Layer switches.
     switches: u64,
+    /// Bytes received per layer.
+    layer_bytes: [u64; MAX_LAYERS],
     /// Sum and number of audio levels (-dBov) read since the last tick.
     level_sum: u32,
     levels: u32,
 }
+
+/// Bytes counted for an RTP header when measuring a layer's bitrate.
+const RTP_HEADER_BYTES: usize = 12;
 
 /// The keyframe-request bit of `layer`.
 fn keyframe_mask(layer: Option<u8>) -> u8 {
@@ -250,6 +306,29 @@ impl Fanout {
     fn publish_counts(&mut self) {
         let counts = std::mem::take(&mut self.pending);
         let stats = &self.stats;
+        let layers = &stats.layers;
+        layers
+            .count
+            .store(self.layers.count() as u32, Ordering::Relaxed);
+        for layer in 0..self.layers.count().min(MAX_LAYERS) {
+            let (width, height) = self.layers.size(layer as u8);
+            layers.sizes[layer].store(
+                u32::from(width) << 16 | u32::from(height),
+                Ordering::Relaxed,
+            );
+            let bytes = counts.layer_bytes[layer];
+            if bytes > 0 {
+                // Bits per second over the 100 ms tick, smoothed over about half a second.
+                let now = bytes * 8 * 10;
+                let before = layers.bitrates[layer].load(Ordering::Relaxed);
+                let smoothed = if before == 0 {
+                    now
+                } else {
+                    (before * 4 + now) / 5
+                };
+                layers.bitrates[layer].store(smoothed, Ordering::Relaxed);
+            }
+        }
         stats
             .received_packets
             .fetch_add(counts.received, Ordering::Relaxed);
@@ -290,15 +369,17 @@ impl Fanout {
             FanoutCommand::Add { key, route } => {
                 let mut forwarder = Forwarder::new(self.kind, &self.mime, self.clock_rate);
                 forwarder.set_layered(!self.layers.is_single());
-                let wanted = self.layers.for_view(None);
-                forwarder.set_target(self.layers.live_target(wanted, Instant::now()));
-                slots.push(Slot {
+                let mut slot = Slot {
                     key,
                     forwarder,
                     route,
                     view: None,
+                    grant: Grant::UpTo(u8::MAX),
                     counted_layer: None,
-                });
+                };
+                slot.forwarder
+                    .set_target(self.target_of(&slot, Instant::now()));
+                slots.push(slot);
             }
             FanoutCommand::Configure { key, params } => {
                 if let Some(slot) = slots.iter_mut().find(|slot| slot.key == key) {
@@ -335,14 +416,23 @@ impl Fanout {
                 let now = Instant::now();
                 if let Some(slot) = slots.iter_mut().find(|slot| slot.key == key) {
                     slot.view = size;
-                    let wanted = self.layers.for_view(size);
-                    slot.forwarder
-                        .set_target(self.layers.live_target(wanted, now));
+                    slot.forwarder.set_target(self.target_of(slot, now));
                     let wanted = keyframe_mask(slot.forwarder.wanted_keyframe());
                     self.request_keyframes(wanted).await;
                 }
                 // A larger view is served at once: the publisher may need to resume a layer.
                 self.update_dynacast(slots, now);
+            }
+            FanoutCommand::Grant { key, grant } => {
+                if let Some(slot) = slots.iter_mut().find(|slot| slot.key == key) {
+                    slot.grant = grant;
+                    slot.forwarder
+                        .set_paused_for_bandwidth(grant == Grant::Paused);
+                    slot.forwarder
+                        .set_target(self.target_of(slot, Instant::now()));
+                    let wanted = keyframe_mask(slot.forwarder.wanted_keyframe());
+                    self.request_keyframes(wanted).await;
+                }
             }
             // Ends the run loop before it gets here.
             FanoutCommand::End => {}
@@ -416,9 +506,7 @@ impl Fanout {
         let mut wanted = 0u8;
         for slot in slots.iter_mut() {
             if !self.layers.is_single() {
-                let layer = self.layers.for_view(slot.view);
-                slot.forwarder
-                    .set_target(self.layers.live_target(layer, now));
+                slot.forwarder.set_target(self.target_of(slot, now));
             }
             wanted |= keyframe_mask(slot.forwarder.wanted_keyframe());
         }
@@ -432,7 +520,19 @@ impl Fanout {
         self.update_dynacast(slots, now);
     }
 
-    /// Tells the publisher of a simulcast publication which layers someone needs.
+    /// The layer a subscription should move to: the smallest that covers its view, no higher
+    /// than its bandwidth allows, among those flowing.
+    fn target_of(&self, slot: &Slot, now: Instant) -> u8 {
+        let wanted = self.layers.for_view(slot.view);
+        let allowed = match slot.grant {
+            Grant::UpTo(layer) => wanted.min(layer),
+            Grant::Paused => wanted,
+        };
+        self.layers.live_target(allowed, now)
+    }
+
+    /// Tells the publisher of a simulcast publication which layers someone needs (what is
+    /// watched, whatever any subscriber's bandwidth allows).
     fn update_dynacast(&mut self, slots: &[Slot], now: Instant) {
         if self.layers.is_single() {
             return;
@@ -553,6 +653,9 @@ impl Fanout {
         }
         self.frame_timestamp = Some(packet.header.timestamp);
         self.pending.received += 1;
+        if let Some(bytes) = self.pending.layer_bytes.get_mut(usize::from(layer)) {
+            *bytes += (packet.payload.len() + RTP_HEADER_BYTES) as u64;
+        }
         if forwarded > 0 {
             let size = (packet.header.marshal_size() + packet.payload.len()) as u64;
             self.pending.forwarded += forwarded;

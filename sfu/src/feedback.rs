@@ -11,6 +11,7 @@ use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
+use std::sync::atomic::AtomicU64 as Estimate;
 
 /// Inbound RTCP on a subscribe connection stops inside the interceptor chain (where reports are
 /// read) unless an interceptor marks it for the application. This one, placed last, marks PLI
@@ -20,6 +21,7 @@ pub struct FeedbackInterceptor {
     read_queue: VecDeque<TaggedPacket>,
     write_queue: VecDeque<TaggedPacket>,
     nacks: Arc<AtomicU64>,
+    estimate: Option<Arc<Estimate>>,
 }
 
 impl FeedbackInterceptor {
@@ -29,7 +31,15 @@ impl FeedbackInterceptor {
             read_queue: VecDeque::new(),
             write_queue: VecDeque::new(),
             nacks,
+            estimate: None,
         }
+    }
+
+    /// Also keeps the connection's send-side bandwidth estimate (bits per second) in `estimate`,
+    /// as the congestion controller below it announces it.
+    pub fn with_estimate(mut self, estimate: Arc<Estimate>) -> Self {
+        self.estimate = Some(estimate);
+        self
     }
 }
 
@@ -46,6 +56,13 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackInterceptor {
     type Time = Instant;
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Some(estimate) = &self.estimate {
+            for attribute in &msg.message.attributes {
+                if let Attribute::TargetBitrateChanged { bits_per_second } = attribute {
+                    estimate.store(*bits_per_second as u64, Ordering::Relaxed);
+                }
+            }
+        }
         if let Packet::Rtcp(packets) = &msg.message.packet {
             let nacks = packets
                 .iter()

@@ -193,6 +193,8 @@ pub struct Forwarder {
     params: Option<Box<ForwarderParams>>,
     waiting_for_keyframe: bool,
     paused: bool,
+    /// Held back because the subscriber's bandwidth does not fit even its lowest layer.
+    paused_for_bandwidth: bool,
     /// The spatial layer being forwarded, once one has started.
     current: Option<u8>,
     /// The spatial layer to move to, at its next keyframe.
@@ -217,6 +219,7 @@ impl Forwarder {
             params: None,
             waiting_for_keyframe: kind == MediaKind::Video,
             paused: false,
+            paused_for_bandwidth: false,
             current: None,
             target: 0,
             max_temporal: ALL_TEMPORAL_LAYERS,
@@ -272,10 +275,27 @@ impl Forwarder {
     /// Stops or resumes forwarding. Paused packets leave no hole in the outgoing sequence, and
     /// resumed video starts at a keyframe.
     pub fn set_paused(&mut self, paused: bool) {
-        if self.paused && !paused && self.kind == MediaKind::Video {
+        let held = self.held();
+        self.paused = paused;
+        self.after_hold_change(held);
+    }
+
+    /// Stops or resumes forwarding for bandwidth, apart from the subscriber's own pause.
+    pub fn set_paused_for_bandwidth(&mut self, paused: bool) {
+        let held = self.held();
+        self.paused_for_bandwidth = paused;
+        self.after_hold_change(held);
+    }
+
+    fn held(&self) -> bool {
+        self.paused || self.paused_for_bandwidth
+    }
+
+    /// Resumed video starts at a keyframe.
+    fn after_hold_change(&mut self, was_held: bool) {
+        if was_held && !self.held() && self.kind == MediaKind::Video {
             self.waiting_for_keyframe = true;
         }
-        self.paused = paused;
     }
 
     /// Marks that a packet this forwarder accepted was then lost on the way out (queue full):
@@ -316,7 +336,7 @@ impl Forwarder {
 
     /// The layer whose keyframe this subscription waits for, if it waits for one.
     pub fn wanted_keyframe(&self) -> Option<u8> {
-        if self.kind != MediaKind::Video || self.params.is_none() || self.paused {
+        if self.kind != MediaKind::Video || self.params.is_none() || self.held() {
             return None;
         }
         (self.waiting_for_keyframe || self.current != Some(self.target)).then_some(self.target)
@@ -349,7 +369,7 @@ impl Forwarder {
         };
         let source = &packet.header;
         let on_current = self.current == Some(layer);
-        if self.paused {
+        if self.held() {
             self.numbers.skip(source.ssrc, source.sequence_number);
             return Err(DropReason::Paused);
         }
@@ -434,6 +454,12 @@ fn rewrite_header(header: &mut rtp::Header, params: &ForwarderParams) {
         if header.extensions.is_empty() {
             header.extension = false;
             header.extension_profile = 0;
+            header.extensions_padding = 0;
+        } else {
+            // Marshalling sizes the block from this padding: it must match what is left, or
+            // an extension added further down (transport-wide sequence numbers) is written
+            // into a block of the wrong size.
+            header.extensions_padding = (4 - header.get_extension_payload_len() % 4) % 4;
         }
     }
 }
@@ -683,6 +709,47 @@ mod tests {
             cache.insert(packet(7, seq, &[0x10, 0x01]));
         }
         assert!(cache.get(7, 43).is_none(), "evicted by newer packets");
+    }
+
+    #[test]
+    fn a_rewritten_header_marshals_to_its_size_even_with_an_extension_added() {
+        use rtc::shared::marshal::{Marshal, MarshalSize};
+        let mut forwarder = Forwarder::new(MediaKind::Audio, "audio/opus", 48_000);
+        // The publisher's ids 3 and 4; only 3 is kept, and the subscriber's chain then adds
+        // its own (transport-wide sequence numbers, 2 bytes) as id 5.
+        forwarder.configure(ForwarderParams::new(
+            5,
+            111,
+            &[("urn:a".into(), 3), ("urn:b".into(), 4)],
+            &[("urn:a".into(), 7)],
+        ));
+        for kept in 1..=8usize {
+            for dropped in 1..=8usize {
+                let mut original = packet(9, 1, &[0xff]);
+                original.header.extensions = vec![
+                    rtp::header::Extension {
+                        id: 3,
+                        payload: bytes::Bytes::from(vec![1; kept]),
+                    },
+                    rtp::header::Extension {
+                        id: 4,
+                        payload: bytes::Bytes::from(vec![2; dropped]),
+                    },
+                ];
+                // As parsed from the wire: padding to a 32-bit word.
+                original.header.extensions_padding = (4 - (kept + 1 + dropped + 1) % 4) % 4;
+                let mut out = forwarder
+                    .forward(&original, 0, Instant::now())
+                    .expect("audio passes");
+                out.header
+                    .set_extension(5, bytes::Bytes::from_static(&[0, 1]))
+                    .expect("set");
+                let size = out.header.marshal_size();
+                let mut buf = vec![0u8; size + 16];
+                let written = out.header.marshal_to(&mut buf).expect("marshals");
+                assert_eq!(written, size, "kept {kept} bytes, dropped {dropped}");
+            }
+        }
     }
 
     #[test]

@@ -29,6 +29,21 @@ struct Layer {
     last_packet: Option<Instant>,
 }
 
+/// Of `count` layers sized by `size`, the smallest that covers a view of `width` x `height`
+/// device pixels (the top one when none does); the top layer for no view.
+pub fn layer_for_view(count: u8, size: impl Fn(u8) -> (u16, u16), view: Option<(u16, u16)>) -> u8 {
+    let top = count.saturating_sub(1);
+    let Some((width, height)) = view else {
+        return top;
+    };
+    let covers = |index: u8| {
+        let (w, h) = size(index);
+        u32::from(w) * COVER_DENOMINATOR >= u32::from(width) * COVER_NUMERATOR
+            && u32::from(h) * COVER_DENOMINATOR >= u32::from(height) * COVER_NUMERATOR
+    };
+    (0..top).find(|&index| covers(index)).unwrap_or(top)
+}
+
 /// The layer table of one publication.
 #[derive(Clone, Debug)]
 pub struct Layers {
@@ -179,16 +194,8 @@ impl Layers {
     /// The smallest layer that covers a view of `width` x `height` device pixels (the top one
     /// when none does); the top layer for no view.
     pub fn for_view(&self, view: Option<(u16, u16)>) -> u8 {
-        let top = (self.layers.len() - 1) as u8;
-        let Some((width, height)) = view else {
-            return top;
-        };
-        let covers = |index: u8| {
-            let (w, h) = self.size(index);
-            u32::from(w) * COVER_DENOMINATOR >= u32::from(width) * COVER_NUMERATOR
-                && u32::from(h) * COVER_DENOMINATOR >= u32::from(height) * COVER_NUMERATOR
-        };
-        (0..top).find(|&index| covers(index)).unwrap_or(top)
+        let count = self.layers.len() as u8;
+        layer_for_view(count, |index| self.size(index), view)
     }
 
     /// What to forward for a subscriber that asks for layer `wanted`: the highest live layer at

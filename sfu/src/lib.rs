@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod allocation;
 mod config;
 mod egress;
 mod fanout;
@@ -44,12 +45,12 @@ use tokio::sync::mpsc;
 
 pub use config::SfuConfig;
 pub use egress::EgressStats;
-pub use fanout::PublicationStats;
+pub use fanout::{LayerStats, PublicationStats};
 pub use feedback::{FeedbackInterceptor, KeyframeThrottle};
 pub use ids::{MediaKind, ParticipantId, PublicationId, Source};
 pub use transport::{
-    AUDIO_LEVEL_URI, DeclaredTrack, MAX_PUBLISH_SECTIONS, OfferedSubscription, PublishTransport,
-    SubscribeTransport, TransportKind,
+    AUDIO_LEVEL_URI, Allocation, AllocationChange, DeclaredTrack, MAX_PUBLISH_SECTIONS,
+    OfferedSubscription, PublishTransport, SubscribeTransport, TransportKind,
 };
 pub use webrtc::peer_connection::RTCIceCandidateInit;
 

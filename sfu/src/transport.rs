@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::media_stream::MediaStreamTrack;
@@ -26,6 +26,9 @@ use webrtc::peer_connection::{
     register_default_interceptors,
 };
 
+use crate::allocation::{
+    Allocator, Demand, Grant, RISE_DENOMINATOR, RISE_NUMERATOR, allocate, settle, unlimited_cost,
+};
 use crate::egress::{ConnId, Egress, EgressInput, FeedbackRoute};
 use crate::fanout::{
     AUDIO_CACHE_PACKETS, Counts, Dynacast, Fanout, FanoutCommand, FanoutOwner, PublicationStats,
@@ -626,6 +629,46 @@ struct SubscriptionState {
     offered: bool,
     /// Forwarding configured from an answer (once: later answers change nothing for it).
     configured: bool,
+    /// The size the subscriber shows it at.
+    view: Option<(u16, u16)>,
+    /// Paused by the subscriber.
+    paused: bool,
+    /// What its bandwidth allows, as last sent to the fanout, and when that changed.
+    grant: Grant,
+    grant_changed: Option<Instant>,
+    /// What the subscriber was last told.
+    reported: Allocation,
+}
+
+/// How a video subscription is served, given the subscriber's bandwidth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    /// At the layer its view needs.
+    Full,
+    /// At a lower layer than its view needs.
+    Lowered,
+    /// Not at all: even its lowest layer does not fit.
+    Paused,
+}
+
+impl Allocation {
+    /// The protocol's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Allocation::Full => "full",
+            Allocation::Lowered => "lowered",
+            Allocation::Paused => "paused",
+        }
+    }
+}
+
+/// A video subscription whose allocation changed.
+#[derive(Clone, Debug)]
+pub struct AllocationChange {
+    /// The publication.
+    pub publication: PublicationId,
+    /// How it is served now.
+    pub allocation: Allocation,
 }
 
 /// One media section of a subscribe offer.
@@ -645,6 +688,9 @@ pub struct SubscribeTransport {
     egress: Egress,
     conn: ConnId,
     participant: ParticipantId,
+    /// The connection's send-side bandwidth estimate, bits per second (0: none yet).
+    estimate: Arc<AtomicU64>,
+    allocator: Allocator,
     subscriptions: HashMap<PublicationId, SubscriptionState>,
     span: tracing::Span,
     closed: bool,
@@ -661,7 +707,7 @@ impl SubscribeTransport {
         let egress = shared.egress()?;
         let conn = egress.next_conn_id();
         let owner = participant.clone();
-        let (pc, ufrag) = egress.build_connection()?;
+        let (pc, ufrag, estimate) = egress.build_connection()?;
         egress
             .call(|reply| EgressInput::Open {
                 conn,
@@ -677,6 +723,8 @@ impl SubscribeTransport {
             egress,
             conn,
             participant,
+            estimate,
+            allocator: Allocator::default(),
             subscriptions: HashMap::new(),
             span,
             closed: false,
@@ -770,6 +818,11 @@ impl SubscribeTransport {
                 ssrc,
                 offered: false,
                 configured: false,
+                view: None,
+                paused: false,
+                grant: Grant::UpTo(u8::MAX),
+                grant_changed: None,
+                reported: Allocation::Full,
             },
         );
         Ok(())
@@ -794,10 +847,11 @@ impl SubscribeTransport {
 
     /// Stops or resumes forwarding `publication` to this participant (its video is off screen),
     /// keeping the subscription and its media section; false when there is no such subscription.
-    pub async fn set_paused(&self, publication: &PublicationId, paused: bool) -> bool {
-        let Some(state) = self.subscriptions.get(publication) else {
+    pub async fn set_paused(&mut self, publication: &PublicationId, paused: bool) -> bool {
+        let Some(state) = self.subscriptions.get_mut(publication) else {
             return false;
         };
+        state.paused = paused;
         state
             .publication
             .commands
@@ -812,10 +866,15 @@ impl SubscribeTransport {
     /// Sets the size (device pixels) at which this participant shows `publication`: the
     /// subscription gets the smallest simulcast layer that covers it. `None` lifts the limit.
     /// False when there is no such subscription.
-    pub async fn set_view(&self, publication: &PublicationId, size: Option<(u16, u16)>) -> bool {
-        let Some(state) = self.subscriptions.get(publication) else {
+    pub async fn set_view(
+        &mut self,
+        publication: &PublicationId,
+        size: Option<(u16, u16)>,
+    ) -> bool {
+        let Some(state) = self.subscriptions.get_mut(publication) else {
             return false;
         };
+        state.view = size;
         state
             .publication
             .commands
@@ -825,6 +884,104 @@ impl SubscribeTransport {
             })
             .await
             .is_ok()
+    }
+
+    /// The connection's send-side bandwidth estimate in bits per second (from the subscriber's
+    /// transport-wide congestion control feedback), once there is one.
+    pub fn estimate(&self) -> Option<u64> {
+        Some(self.estimate.load(Ordering::Relaxed)).filter(|&bps| bps > 0)
+    }
+
+    /// Splits the bandwidth estimate over the subscriptions (docs/architecture.md, *Bandwidth*):
+    /// tells each fanout what its subscription may receive, and returns the video subscriptions
+    /// whose allocation changed, for the subscriber to be told. `speaker` is the participant
+    /// who speaks now, whose videos come before others. Call it about twice a second.
+    pub async fn allocate(&mut self, speaker: Option<&ParticipantId>) -> Vec<AllocationChange> {
+        let now = Instant::now();
+        let ids: Vec<PublicationId> = self
+            .subscriptions
+            .iter()
+            .filter(|(_, state)| state.configured)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let demands: Vec<Demand> = ids
+            .iter()
+            .filter_map(|id| self.subscriptions.get(id))
+            .map(|state| {
+                let publication = &state.publication;
+                let layers = &publication.stats.layers;
+                Demand {
+                    kind: publication.kind,
+                    source: publication.source,
+                    speaking: speaker == Some(&publication.participant),
+                    area: state.view.map_or(0, |(w, h)| u64::from(w) * u64::from(h)),
+                    wanted: match publication.kind {
+                        MediaKind::Audio => 0,
+                        MediaKind::Video => layers.for_view(state.view),
+                    },
+                    layer_bitrates: layers.bitrates(),
+                    paused: state.paused,
+                }
+            })
+            .collect();
+        let estimate = self.estimate.load(Ordering::Relaxed);
+        let budget = self.allocator.budget(estimate, unlimited_cost(&demands));
+        let keeps = allocate(budget, &demands);
+        let rises = allocate(
+            budget.map(|bps| bps * RISE_NUMERATOR / RISE_DENOMINATOR),
+            &demands,
+        );
+        let mut changes = Vec::new();
+        for (((id, demand), keep), rise) in ids.iter().zip(&demands).zip(keeps).zip(rises) {
+            let Some(state) = self.subscriptions.get_mut(id) else {
+                continue;
+            };
+            // All the view asks for is no limit at all: a view that grows later is served at
+            // once, not at the next allocation.
+            let unlimited = |grant| match grant {
+                Grant::UpTo(layer) if layer >= demand.wanted => Grant::UpTo(u8::MAX),
+                other => other,
+            };
+            let next = match budget {
+                Some(_) => settle(
+                    state.grant,
+                    unlimited(keep),
+                    unlimited(rise),
+                    state.grant_changed,
+                    now,
+                ),
+                None => unlimited(keep),
+            };
+            if next != state.grant {
+                state.grant = next;
+                state.grant_changed = Some(now);
+                let _ = state
+                    .publication
+                    .commands
+                    .send(FanoutCommand::Grant {
+                        key: state.key,
+                        grant: next,
+                    })
+                    .await;
+            }
+            if demand.kind != MediaKind::Video {
+                continue;
+            }
+            let allocation = match next {
+                Grant::Paused => Allocation::Paused,
+                Grant::UpTo(layer) if layer < demand.wanted => Allocation::Lowered,
+                Grant::UpTo(_) => Allocation::Full,
+            };
+            if allocation != state.reported {
+                state.reported = allocation;
+                tracing::debug!(parent: &self.span, publication = %id, allocation = allocation.as_str(), estimate, "allocation changed");
+                changes.push(AllocationChange {
+                    publication: id.clone(),
+                    allocation,
+                });
+            }
+        }
+        changes
     }
 
     /// Removes a subscription; its section goes inactive in the next offer.

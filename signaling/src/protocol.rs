@@ -514,6 +514,22 @@ pub enum ServerMessage {
         /// The rids to send, lowest first.
         active: Vec<String>,
     },
+    /// How one of the videos you receive through the server is served, given your bandwidth:
+    /// `full` (the layer your view needs), `lowered` (a lower one) or `paused` (nothing).
+    Allocation {
+        /// The publication, as named in `subscriptions`.
+        publication_id: String,
+        /// `full`, `lowered` or `paused`.
+        state: &'static str,
+        /// The server's estimate of your downlink, bits per second (0: none yet).
+        estimate: u64,
+    },
+    /// The server's estimate of your downlink through it, bits per second: sent when it changed
+    /// by a tenth or more, at most every 2 s.
+    Bandwidth {
+        /// Bits per second.
+        estimate: u64,
+    },
     /// Who is speaking now, loudest first (SFU publications only).
     Speakers {
         /// Participants whose microphone is above the speaking level.

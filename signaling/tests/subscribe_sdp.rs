@@ -141,10 +141,22 @@ async fn a_newcomer_gets_everything_published_in_its_first_offer_as_documented()
         );
     }
 
-    // No header extension is negotiated, so none is forwarded: clients route by SSRC.
+    // The one header extension negotiated is transport-wide sequence numbers, with its
+    // feedback, for the subscriber's bandwidth estimate; no `sdes:mid`: clients route by SSRC.
+    let extensions: Vec<&str> = sdp
+        .lines()
+        .filter_map(|line| line.strip_prefix("a=extmap:"))
+        .filter_map(|rest| rest.split_whitespace().nth(1))
+        .collect();
     ensure!(
-        !sdp.contains("a=extmap:"),
-        "the subscribe offer negotiates no header extension: {sdp}"
+        !extensions.is_empty()
+            && extensions.iter().all(|uri| *uri
+                == "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"),
+        "the subscribe offer negotiates transport-wide-cc only: {extensions:?}"
+    );
+    ensure!(
+        sdp.contains(" transport-cc"),
+        "with its feedback (a=rtcp-fb ... transport-cc): {sdp}"
     );
 
     // Ann leaves: her sections go inactive, without SSRC, and leave `subscriptions`.

@@ -239,6 +239,12 @@ async function join(roomName, name) {
     renderTileMedia(tile);
     renderStage();
   });
+  current.on('videoAllocation', ({ peerId, source, state }) => {
+    const tile = peerId ? tiles.get(peerId) : null;
+    if (!tile || source !== 'camera') return;
+    if (state === 'full') delete tile.el.dataset.allocation;
+    else tile.el.dataset.allocation = state;
+  });
   current.on('trackMuted', ({ peerId, publicationId, muted }) => {
     const tile = tiles.get(peerId);
     const t = tile?.tracks.get(publicationId);

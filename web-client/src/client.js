@@ -237,6 +237,14 @@ export class Room extends Emitter {
   speakers = [];
   /** The most a video track is sent at, bits per second, as the server said on joining. @type {number | null} */
   maxVideoBitrate = null;
+  /**
+   * How each video received through the server is served for this client's bandwidth, by
+   * publicationId: `lowered` or `paused` (a video not listed is served in `full`).
+   * @type {Map<string, 'lowered' | 'paused'>}
+   */
+  videoAllocation = new Map();
+  /** The server's estimate of this client's downlink, bits per second (0: none yet). */
+  downlinkEstimate = 0;
 
   /** @type {{resolve: (msg: any) => void, reject: (err: Error) => void} | null} */
   #joinWaiter = null;
@@ -620,6 +628,7 @@ export class Room extends Emitter {
     for (const peerId of [...this.participants.keys()]) this.#removeParticipant(peerId);
     this.#remoteMuted.clear();
     this.speakers = [];
+    this.videoAllocation.clear();
   }
 
   /**
@@ -695,6 +704,11 @@ export class Room extends Emitter {
         return this.#onSpeakers(msg);
       case 'layers':
         return this.#sfu.onLayers(msg);
+      case 'allocation':
+        return this.#onAllocation(msg);
+      case 'bandwidth':
+        this.downlinkEstimate = Number(msg.estimate) || 0;
+        return this.emit('bandwidth', { estimate: this.downlinkEstimate });
       default:
         // Unknown message types are ignored, as unknown fields are (forward compatibility).
         return;
@@ -834,6 +848,28 @@ export class Room extends Emitter {
         this.emit('activeSpeaker', { peerId: null });
       }, SPEAKER_HOLD_MS);
     }
+  }
+
+  /**
+   * The server lowered, paused or restored a video for this client's bandwidth.
+   * @param {any} msg
+   */
+  #onAllocation(msg) {
+    const publicationId = String(msg.publicationId ?? '');
+    const state = msg.state === 'lowered' || msg.state === 'paused' ? msg.state : 'full';
+    this.downlinkEstimate = Number(msg.estimate) || 0;
+    if (state === 'full') this.videoAllocation.delete(publicationId);
+    else this.videoAllocation.set(publicationId, state);
+    const track = [...this.participants.values()]
+      .flatMap((p) => [...p.tracks.values()])
+      .find((t) => t.publicationId === publicationId);
+    this.emit('videoAllocation', {
+      peerId: track?.peerId ?? null,
+      publicationId,
+      source: track?.source ?? null,
+      state,
+      estimate: this.downlinkEstimate,
+    });
   }
 
   /** @param {any} msg */

@@ -4,7 +4,7 @@
 // CLIENT_FROM_DISK=1 to serve web-client/ from this checkout instead of the copy embedded in a
 // release binary (so client changes can be tried without rebuilding the server).
 import { spawn } from 'node:child_process';
-import { createWriteStream, existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { createWriteStream, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer } from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -105,8 +105,10 @@ function freePort() {
  * Starts the server on a free port with `args`; returns its base URL.
  * @param {string} logName  the log file in tests/out
  * @param {string[]} args
+ * @param {number} [port]  0 for a free one
+ * @param {string} [host]  the address to bind: `0.0.0.0` to be reachable from other namespaces
  */
-export async function startServer(logName, args, port = 0) {
+export async function startServer(logName, args, port = 0, host = '127.0.0.1') {
   if (!existsSync(serverBin)) throw new Error(`server binary not found: ${serverBin}`);
   mkdirSync(outDir, { recursive: true });
   port ||= await freePort();
@@ -114,7 +116,7 @@ export async function startServer(logName, args, port = 0) {
   const log = createWriteStream(path.join(outDir, logName), { flags: lastStart?.port === port ? 'a' : 'w' });
   lastStart = { logName, args, port };
   serverLog = log;
-  const child = spawn(serverBin, ['--bind', `127.0.0.1:${port}`, ...args], {
+  const child = spawn(serverBin, ['--bind', `${host}:${port}`, ...args], {
     cwd: repoRoot,
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'info' },
@@ -261,6 +263,24 @@ export async function openFirefoxPage(name, url, initScript) {
 
 /** Starts Chromium with the flags that work in the loopback-only namespace. */
 export async function launchBrowser() {
+  browser = await launchChromium(chromiumBin);
+  return browser;
+}
+
+/**
+ * A second Chromium running inside network namespace `netns` (scripts/shaped-link), for a
+ * client behind a shaped link. Open its pages with `openPage(..., browser)`.
+ * @param {string} netns
+ */
+export async function launchBrowserIn(netns) {
+  const wrapper = path.join(outDir, `chromium-in-${netns}.sh`);
+  mkdirSync(outDir, { recursive: true });
+  writeFileSync(wrapper, `#!/bin/sh\nexec ip netns exec ${netns} ${chromiumBin} "$@"\n`, { mode: 0o755 });
+  return launchChromium(wrapper);
+}
+
+/** @param {string} executablePath */
+async function launchChromium(executablePath) {
   const args = [...CHROMIUM_ARGS];
   if (process.env.CLIENT_FROM_DISK === '1') {
     // A page that Playwright fulfilled has no address space, so Chromium would refuse its
@@ -268,13 +288,12 @@ export async function launchBrowser() {
     const i = args.findIndex((a) => a.startsWith('--disable-features='));
     args[i] += ',LocalNetworkAccessChecks';
   }
-  browser = await chromium.launch({
-    executablePath: chromiumBin,
+  return chromium.launch({
+    executablePath,
     args,
     headless: process.env.HEADED !== '1',
     timeout: 30_000,
   });
-  return browser;
 }
 
 /**
@@ -284,11 +303,13 @@ export async function launchBrowser() {
  * @param {string} base  the server's base URL
  * @param {string} url
  * @param {() => void} [initScript]  runs in the page before its scripts
+ * @param {import('playwright-core').Browser | null} [inBrowser]  another browser than the
+ *   one `launchBrowser` started
  * @returns {Promise<import('playwright-core').Page>}
  */
-export async function openPage(name, base, url, initScript) {
-  if (!browser) throw new Error('launchBrowser() first');
-  const context = await browser.newContext({ viewport: { width: 1000, height: 760 } });
+export async function openPage(name, base, url, initScript, inBrowser = browser) {
+  if (!inBrowser) throw new Error('launchBrowser() first');
+  const context = await inBrowser.newContext({ viewport: { width: 1000, height: 760 } });
   if (initScript) await context.addInitScript(initScript);
   if (process.env.CLIENT_FROM_DISK === '1') await serveClientFromDisk(context, base);
   const page = await context.newPage();

@@ -632,6 +632,11 @@ impl Room {
         }
     }
 
+    /// Who speaks loudest now, if anyone.
+    pub fn top_speaker(&self) -> Option<ParticipantId> {
+        self.lock().speakers.first().cloned()
+    }
+
     /// How many participants are in the room now.
     pub fn member_count(&self) -> usize {
         self.lock().members.len()

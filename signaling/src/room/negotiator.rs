@@ -11,6 +11,36 @@ use tokio::sync::mpsc;
 use super::{Outbound, Room, RoomCommand, SfuLinkId, ToSession, send};
 use crate::protocol::{ErrorCode, ServerMessage, SubscriptionInfo, TransportName};
 
+/// How often a subscriber's bandwidth is shared out again over its subscriptions.
+const ALLOCATION_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// When the subscriber was last told its bandwidth estimate, and what.
+#[derive(Debug, Default)]
+struct EstimateTold {
+    last: Option<(u64, std::time::Instant)>,
+}
+
+impl EstimateTold {
+    /// True when `estimate` is to be told now: it changed by a tenth or more and 2 s have
+    /// passed since the last time.
+    fn due(&mut self, estimate: u64, now: std::time::Instant) -> bool {
+        if estimate == 0 {
+            return false;
+        }
+        let due = match self.last {
+            None => true,
+            Some((told, at)) => {
+                now.saturating_duration_since(at) >= std::time::Duration::from_secs(2)
+                    && estimate.abs_diff(told) * 10 >= told
+            }
+        };
+        if due {
+            self.last = Some((estimate, now));
+        }
+        due
+    }
+}
+
 /// What the participant's own socket asks of its subscribe transport.
 #[derive(Debug)]
 pub enum NegotiatorCommand {
@@ -39,6 +69,9 @@ pub async fn run_negotiator(
 ) {
     let mut awaiting_answer = false;
     let mut dirty = false;
+    let mut allocation_tick = tokio::time::interval(ALLOCATION_INTERVAL);
+    allocation_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut estimate_told = EstimateTold::default();
     for publication in initial {
         dirty |= subscribe(&mut transport, &publication).await;
     }
@@ -122,6 +155,23 @@ pub async fn run_negotiator(
                 }
                 None => break,
             },
+            _ = allocation_tick.tick() => {
+                let speaker = room.top_speaker();
+                let estimate = transport.estimate().unwrap_or(0);
+                if estimate_told.due(estimate, std::time::Instant::now()) {
+                    send(&outbound, ServerMessage::Bandwidth { estimate });
+                }
+                for change in transport.allocate(speaker.as_ref()).await {
+                    send(
+                        &outbound,
+                        ServerMessage::Allocation {
+                            publication_id: change.publication.to_string(),
+                            state: change.allocation.as_str(),
+                            estimate,
+                        },
+                    );
+                }
+            }
             Some(first) = room_commands.recv() => {
                 // Fold everything already queued into the next offer.
                 let mut next = Some(first);
@@ -154,6 +204,30 @@ async fn subscribe(transport: &mut SubscribeTransport, publication: &Publication
         Err(err) => {
             tracing::warn!(%err, publication = %publication.id, "subscribe failed");
             false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EstimateTold;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_estimate_is_told_when_it_moved_a_tenth_and_two_seconds_passed() {
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut told = EstimateTold::default();
+        let cases: &[(u64, u64, bool)] = &[
+            (0, 0, false), // none yet
+            (1_000_000, 100, true),
+            (2_000_000, 1_000, false), // too soon
+            (1_050_000, 2_200, false), // moved 5 %
+            (1_200_000, 2_300, true),
+            (600_000, 4_400, true),
+        ];
+        for &(estimate, ms, due) in cases {
+            assert_eq!(told.due(estimate, at(ms)), due, "{estimate} at {ms} ms");
         }
     }
 }

@@ -1,0 +1,339 @@
+//! Splitting one subscriber's bandwidth estimate over its subscriptions: pure, synchronous code
+//! with the clock handed in, table-tested.
+//!
+//! Audio is never paused. Videos are served in priority order: a screen share, then the active
+//! speaker, then the largest views first. Each video first gets its lowest layer while the
+//! estimate lasts (one that does not fit is paused), then the videos climb, in the same order,
+//! to the highest layer that fits and that their view can use. A subscription goes down at
+//! once and up only [`UPGRADE_HOLD`] after its last change, so layers do not flap.
+
+use std::time::{Duration, Instant};
+
+use crate::ids::{MediaKind, Source};
+
+/// A subscription's layer may rise only this long after it last changed.
+pub const UPGRADE_HOLD: Duration = Duration::from_secs(3);
+
+/// The estimate is used as a limit only once it has fallen (the network pushed back): until
+/// then it has not been tested, and a subscriber whose network keeps up receives what its
+/// views ask for. A fall counts when the estimate drops below this share of its highest value.
+const FALL_NUMERATOR: u64 = 9;
+const FALL_DENOMINATOR: u64 = 10;
+
+/// Assumed bitrates of a video's layers counted from the top, for layers never measured.
+const ASSUMED_FROM_TOP: [u64; 4] = [1_500_000, 500_000, 150_000, 100_000];
+/// Assumed bitrate of an audio track never measured.
+const ASSUMED_AUDIO: u64 = 40_000;
+
+/// What one subscription may receive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grant {
+    /// Layers up to this one.
+    UpTo(u8),
+    /// Nothing: not even the lowest layer fits.
+    Paused,
+}
+
+/// One subscription, as the allocator sees it.
+#[derive(Clone, Debug)]
+pub struct Demand {
+    /// Audio or video.
+    pub kind: MediaKind,
+    /// Camera, screen or microphone.
+    pub source: Source,
+    /// Its publisher speaks now.
+    pub speaking: bool,
+    /// The view's area in pixels (0 when unknown).
+    pub area: u64,
+    /// The highest layer its view can use.
+    pub wanted: u8,
+    /// Measured bitrate of each layer, lowest first (0: not measured).
+    pub layer_bitrates: Vec<u64>,
+    /// The subscriber paused it itself: it costs nothing and gets nothing.
+    pub paused: bool,
+}
+
+impl Demand {
+    /// The bitrate of `layer`: measured, else assumed.
+    fn cost(&self, layer: u8) -> u64 {
+        let layers = self.layer_bitrates.len().max(1);
+        let layer = usize::from(layer).min(layers - 1);
+        match self.layer_bitrates.get(layer) {
+            Some(&measured) if measured > 0 => measured,
+            _ if self.kind == MediaKind::Audio => ASSUMED_AUDIO,
+            _ => ASSUMED_FROM_TOP
+                .get(layers - 1 - layer)
+                .copied()
+                .unwrap_or(ASSUMED_FROM_TOP[3]),
+        }
+    }
+
+    /// Serving order: lower first.
+    fn rank(&self) -> (u8, std::cmp::Reverse<u64>) {
+        let class = match (self.source, self.speaking) {
+            (Source::Screen, _) => 0,
+            (_, true) => 1,
+            _ => 2,
+        };
+        (class, std::cmp::Reverse(self.area))
+    }
+}
+
+/// The grants for `demands` within `budget` bits per second, `None` for no limit.
+pub fn allocate(budget: Option<u64>, demands: &[Demand]) -> Vec<Grant> {
+    let mut grants: Vec<Grant> = demands
+        .iter()
+        .map(|demand| match demand.kind {
+            MediaKind::Audio => Grant::UpTo(0),
+            MediaKind::Video => Grant::UpTo(demand.wanted),
+        })
+        .collect();
+    let Some(budget) = budget else {
+        return grants;
+    };
+    let mut left = budget;
+    for (demand, _) in demands.iter().zip(&grants) {
+        if demand.kind == MediaKind::Audio && !demand.paused {
+            left = left.saturating_sub(demand.cost(0));
+        }
+    }
+    let mut order: Vec<usize> = (0..demands.len())
+        .filter(|&i| demands[i].kind == MediaKind::Video && !demands[i].paused)
+        .collect();
+    order.sort_by_key(|&i| demands[i].rank());
+    // Everyone's lowest layer first, in order.
+    for &i in &order {
+        let cost = demands[i].cost(0);
+        if cost <= left {
+            left -= cost;
+            grants[i] = Grant::UpTo(0);
+        } else {
+            grants[i] = Grant::Paused;
+        }
+    }
+    // Then up, in the same order, as far as the view can use and the budget allows.
+    for &i in &order {
+        let Grant::UpTo(mut layer) = grants[i] else {
+            continue;
+        };
+        let demand = &demands[i];
+        while layer < demand.wanted {
+            let step = demand.cost(layer + 1).saturating_sub(demand.cost(layer));
+            if step > left {
+                break;
+            }
+            left -= step;
+            layer += 1;
+        }
+        grants[i] = Grant::UpTo(layer);
+    }
+    grants
+}
+
+/// A subscriber's allocator: the estimate's history and each subscription's last change.
+#[derive(Debug, Default)]
+pub struct Allocator {
+    highest: u64,
+    limiting: bool,
+}
+
+impl Allocator {
+    /// The budget for an `estimate` (bits per second, 0 for none yet), given what the
+    /// subscriptions would cost with no limit: `None` while the network has not pushed back, or
+    /// once the estimate has grown past that cost again.
+    pub fn budget(&mut self, estimate: u64, unlimited_cost: u64) -> Option<u64> {
+        if estimate == 0 {
+            return None;
+        }
+        if estimate * FALL_DENOMINATOR < self.highest * FALL_NUMERATOR {
+            self.limiting = true;
+        }
+        self.highest = self.highest.max(estimate);
+        if self.limiting && estimate > unlimited_cost + unlimited_cost / 5 {
+            self.limiting = false;
+            self.highest = estimate;
+        }
+        self.limiting.then_some(estimate)
+    }
+}
+
+/// What cost `demands` would have with no limit.
+pub fn unlimited_cost(demands: &[Demand]) -> u64 {
+    demands
+        .iter()
+        .filter(|demand| !demand.paused)
+        .map(|demand| match demand.kind {
+            MediaKind::Audio => demand.cost(0),
+            MediaKind::Video => demand.cost(demand.wanted),
+        })
+        .sum()
+}
+
+/// A rise must fit in this share of the budget, so that a subscription rises only with room
+/// to spare and does not fall straight back (layers would flap at the edge of the estimate).
+pub const RISE_NUMERATOR: u64 = 4;
+/// See [`RISE_NUMERATOR`].
+pub const RISE_DENOMINATOR: u64 = 5;
+
+/// Orders grants: paused lowest.
+fn level(grant: Grant) -> i16 {
+    match grant {
+        Grant::Paused => -1,
+        Grant::UpTo(layer) => i16::from(layer),
+    }
+}
+
+/// The next grant of a subscription now at `previous`: down at once to `keep` (what the whole
+/// budget allows) when that is lower; up to `rise` (what [`RISE_NUMERATOR`] /
+/// [`RISE_DENOMINATOR`] of it allows) only when that is higher and [`UPGRADE_HOLD`] has passed
+/// since its last change; else where it is.
+pub fn settle(
+    previous: Grant,
+    keep: Grant,
+    rise: Grant,
+    last_change: Option<Instant>,
+    now: Instant,
+) -> Grant {
+    if level(keep) < level(previous) {
+        return keep;
+    }
+    let recent = last_change.is_some_and(|at| now.saturating_duration_since(at) < UPGRADE_HOLD);
+    if level(rise) > level(previous) && !recent {
+        return rise;
+    }
+    previous
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn video(source: Source, speaking: bool, area: u64, wanted: u8) -> Demand {
+        Demand {
+            kind: MediaKind::Video,
+            source,
+            speaking,
+            area,
+            wanted,
+            layer_bitrates: vec![150_000, 500_000, 1_500_000],
+            paused: false,
+        }
+    }
+
+    fn audio() -> Demand {
+        Demand {
+            kind: MediaKind::Audio,
+            source: Source::Microphone,
+            speaking: false,
+            area: 0,
+            wanted: 0,
+            layer_bitrates: vec![40_000],
+            paused: false,
+        }
+    }
+
+    #[test]
+    fn the_budget_goes_to_audio_then_each_lowest_layer_then_up_by_priority() {
+        let demands = vec![
+            audio(),
+            audio(),
+            video(Source::Camera, false, 320 * 180, 2), // a tile
+            video(Source::Camera, true, 320 * 180, 2),  // the speaker
+            video(Source::Screen, false, 1280 * 720, 2),
+            video(Source::Camera, false, 640 * 360, 2), // a larger tile
+        ];
+        let grants = |budget| allocate(Some(budget), &demands);
+        use Grant::*;
+        let cases: &[(u64, [Grant; 6])] = &[
+            // Audio alone fits: every video paused.
+            (100_000, [UpTo(0), UpTo(0), Paused, Paused, Paused, Paused]),
+            // Three lowest layers: screen, speaker, then the larger tile.
+            (
+                80_000 + 450_000,
+                [UpTo(0), UpTo(0), Paused, UpTo(0), UpTo(0), UpTo(0)],
+            ),
+            // All four low, then the screen climbs first.
+            (
+                80_000 + 600_000 + 350_000,
+                [UpTo(0), UpTo(0), UpTo(0), UpTo(0), UpTo(1), UpTo(0)],
+            ),
+            (
+                80_000 + 600_000 + 1_350_000 + 350_000,
+                [UpTo(0), UpTo(0), UpTo(0), UpTo(1), UpTo(2), UpTo(0)],
+            ),
+            (
+                100_000_000,
+                [UpTo(0), UpTo(0), UpTo(2), UpTo(2), UpTo(2), UpTo(2)],
+            ),
+        ];
+        for (budget, expected) in cases {
+            assert_eq!(grants(*budget), expected.to_vec(), "budget {budget}");
+        }
+        assert_eq!(
+            allocate(None, &demands)[2..],
+            [UpTo(2), UpTo(2), UpTo(2), UpTo(2)],
+            "no limit: what the views ask for"
+        );
+    }
+
+    #[test]
+    fn a_view_caps_the_climb_and_a_paused_video_costs_nothing() {
+        let mut small = video(Source::Camera, false, 160 * 90, 0);
+        let mut off = video(Source::Camera, false, 0, 2);
+        off.paused = true;
+        let large = video(Source::Camera, false, 1280 * 720, 2);
+        small.layer_bitrates = vec![0, 0, 0]; // not measured: assumed
+        let grants = allocate(Some(2_200_000), &[small, off, large]);
+        assert_eq!(grants[0], Grant::UpTo(0));
+        assert_eq!(grants[2], Grant::UpTo(2), "150 k + 1.5 M fit in 2.2 M");
+    }
+
+    #[test]
+    fn the_estimate_limits_only_once_it_has_fallen() {
+        let mut allocator = Allocator::default();
+        assert_eq!(allocator.budget(0, 5_000_000), None, "no estimate yet");
+        assert_eq!(
+            allocator.budget(1_000_000, 5_000_000),
+            None,
+            "rising: untested"
+        );
+        assert_eq!(allocator.budget(1_500_000, 5_000_000), None);
+        assert_eq!(
+            allocator.budget(700_000, 5_000_000),
+            Some(700_000),
+            "it fell"
+        );
+        assert_eq!(allocator.budget(900_000, 5_000_000), Some(900_000));
+        assert_eq!(
+            allocator.budget(6_100_000, 5_000_000),
+            None,
+            "well past what everything costs"
+        );
+    }
+
+    #[test]
+    fn falls_pass_at_once_and_rises_need_room_and_time() {
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        use Grant::*;
+        /// Previous, keep, rise, last change and now (ms), then the next grant.
+        type Case = (Grant, Grant, Grant, Option<u64>, u64, Grant);
+        let cases: &[Case] = &[
+            (UpTo(0), UpTo(2), UpTo(2), Some(0), 1_000, UpTo(0)), // too soon
+            (UpTo(0), UpTo(2), UpTo(2), Some(0), 3_000, UpTo(2)),
+            (UpTo(0), UpTo(2), UpTo(1), Some(0), 3_000, UpTo(1)), // as far as the room
+            (UpTo(1), UpTo(2), UpTo(1), None, 9_000, UpTo(1)),    // fits, but no room to rise
+            (UpTo(2), UpTo(0), UpTo(0), Some(0), 100, UpTo(0)),   // falls at once
+            (UpTo(1), Paused, Paused, Some(0), 100, Paused),
+            (Paused, UpTo(0), UpTo(0), Some(0), 100, Paused),
+            (Paused, UpTo(0), UpTo(0), None, 100, UpTo(0)),
+        ];
+        for &(previous, keep, rise, last, now, next) in cases {
+            assert_eq!(
+                settle(previous, keep, rise, last.map(at), at(now)),
+                next,
+                "{previous:?} keep {keep:?} rise {rise:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,271 @@
+// End-to-end test of per-subscriber bandwidth on a real shaped link: six publishers (two
+// Chromium pages with camera and microphone, four simulcast publishers from switchboard-bench),
+// one subscriber page behind a link shaped with tc (scripts/shaped-link, in a network namespace
+// of its own) and one subscriber page on the server's own network. The shaped link runs at
+// 600 kbit/s, then 5 Mbit/s, then 400 kbit/s; the test samples both subscribers every second.
+// Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/shaped.mjs
+// Environment: see harness.mjs. Measurements are printed as JSON lines with "shaped" naming them.
+import { execFileSync, spawn } from 'node:child_process';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { check, launchBrowser, launchBrowserIn, openPage, outDir, run, sleep, startServer, step } from './harness.mjs';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const repoRoot = path.resolve(here, '../..');
+const RIG = path.join(repoRoot, 'scripts/shaped-link');
+const NETNS = `sw-shaped-${process.pid}`;
+const LINK = '1';
+const ROOM = 'shaped';
+const BENCH_PUBLISHERS = 4;
+const TOTAL_TIMEOUT_MS = 280_000;
+const serverBin = process.env.SWITCHBOARD_BIN ?? path.join(repoRoot, 'target/release/switchboard');
+const benchBin = path.join(path.dirname(serverBin), 'switchboard-bench');
+
+/** @param {Record<string, unknown>} fields */
+const report = (fields) => console.log(JSON.stringify({ shaped: fields.shaped, ...fields }));
+
+/** @param {string[]} args */
+const rig = (...args) => execFileSync(RIG, args, { stdio: 'inherit' });
+
+/**
+ * In the page: joins with the SDK; publishers with camera and microphone, subscribers with
+ * nothing to send.
+ * @param {{room: string, name: string, publish: boolean}} arg
+ */
+async function joinRoom({ room, name, publish }) {
+  const w = /** @type {any} */ (window);
+  const sdk = await import('/src/client.js');
+  const r = new sdk.Room();
+  w.__room = r;
+  w.__allocations = [];
+  r.on('videoAllocation', (/** @type {any} */ a) =>
+    w.__allocations.push({ ...a, name: r.participants.get(a.peerId)?.name ?? null, at: performance.now() }),
+  );
+  r.on('error', (/** @type {any} */ e) => console.error(`switchboard error ${e.code}: ${e.message}`));
+  await r.connect(location.origin, { room, name, audio: publish, video: publish });
+  return r.participantId;
+}
+
+/** In a subscriber's page: every remote video shown large, so only bandwidth limits it. */
+function showEverythingLarge() {
+  const room = /** @type {any} */ (window).__room;
+  for (const p of room.participants.values()) room.setVideoSize(p.peerId, 'camera', 1280, 720);
+  return room.participants.size;
+}
+
+/** In a subscriber's page: what it receives now, per remote track. */
+async function sample() {
+  const room = /** @type {any} */ (window).__room;
+  const videos = [];
+  const audios = [];
+  let bytes = 0;
+  for (const p of room.participants.values()) {
+    for (const t of p.tracks.values()) {
+      for (const s of (await t.receiver.getStats()).values()) {
+        if (s.type !== 'inbound-rtp') continue;
+        bytes += s.bytesReceived ?? 0;
+        if (t.kind === 'video') {
+          videos.push({
+            name: p.name,
+            frameWidth: s.frameWidth ?? 0,
+            framesDecoded: s.framesDecoded ?? 0,
+            freezes: s.totalFreezesDuration ?? 0,
+            bytes: s.bytesReceived ?? 0,
+          });
+        } else {
+          audios.push({ name: p.name, received: s.packetsReceived ?? 0, lost: Math.max(0, s.packetsLost ?? 0) });
+        }
+      }
+    }
+  }
+  return {
+    at: performance.now(),
+    estimate: room.downlinkEstimate,
+    allocations: [...room.videoAllocation.values()],
+    bytes,
+    videos,
+    audios,
+  };
+}
+
+/**
+ * Samples `page` once a second for `seconds`.
+ * @param {import('playwright-core').Page} page
+ * @param {number} seconds
+ */
+async function sampleFor(page, seconds) {
+  const out = [];
+  for (let i = 0; i < seconds; i++) {
+    out.push(await page.evaluate(sample));
+    await sleep(1000);
+  }
+  return out;
+}
+
+/**
+ * The kbit/s received between two samples.
+ * @param {any} a
+ * @param {any} b
+ */
+const kbps = (a, b) => Math.round(((b.bytes - a.bytes) * 8) / (b.at - a.at));
+
+/**
+ * The worst microphone loss between two samples, in percent.
+ * @param {any} a
+ * @param {any} b
+ */
+function worstAudioLoss(a, b) {
+  let worst = 0;
+  for (const after of b.audios) {
+    const before = a.audios.find((/** @type {any} */ x) => x.name === after.name);
+    if (!before) continue;
+    const received = after.received - before.received;
+    const lost = after.lost - before.lost;
+    if (received + lost > 0) worst = Math.max(worst, (lost * 100) / (received + lost));
+  }
+  return worst;
+}
+
+/**
+ * The widest frame of the Chromium publishers' cameras in a sample (the bench's video is not
+ * decodable, so only theirs have a frame width).
+ * @param {any} s
+ * @param {string[]} names
+ */
+const widths = (s, names) => names.map((n) => s.videos.find((/** @type {any} */ v) => v.name === n)?.frameWidth ?? 0);
+
+async function main() {
+  /** @type {string} */
+  let base = '';
+  rig('add', NETNS, LINK, '600kbit', '5mbit');
+  process.on('exit', () => {
+    try {
+      execFileSync(RIG, ['del', NETNS, LINK]);
+    } catch {
+      // already gone
+    }
+  });
+  const started = await step('server starts, reachable through the shaped link', async () => {
+    base = await startServer('shaped-server.log', ['--mesh-max', '0'], 0, '0.0.0.0');
+    check('server starts', true, base);
+  });
+  if (!started) return;
+  const shapedBase = base.replace('127.0.0.1', `127.1.${LINK}.1`);
+  const bench = spawn(
+    benchBin,
+    ['--url', base, '--room', ROOM, '--publishers', `${BENCH_PUBLISHERS}`, '--subscribers', '0', '--simulcast',
+      '--duration', '240', '--quiet', '--out', path.join(outDir, 'bench-shaped')],
+    { stdio: 'ignore' },
+  );
+  process.on('exit', () => bench.kill());
+  await launchBrowser();
+  const shapedBrowser = await launchBrowserIn(NETNS);
+  const publishers = ['alice', 'bob'];
+  /** @type {import('playwright-core').Page[]} */
+  const pubs = [];
+  for (const name of publishers) {
+    const page = await openPage(`shaped-${name}`, base, `${base}/healthz`);
+    await page.evaluate(joinRoom, { room: ROOM, name, publish: true });
+    pubs.push(page);
+  }
+  const carol = await openPage('shaped-carol', base, `${base}/healthz`);
+  await carol.evaluate(joinRoom, { room: ROOM, name: 'carol', publish: false });
+  const dave = await openPage('shaped-dave', shapedBase, `${shapedBase}/healthz`, undefined, shapedBrowser);
+  await dave.evaluate(joinRoom, { room: ROOM, name: 'dave', publish: false });
+  // Everyone in: the two pages, the bench's publishers, each subscriber sees the other.
+  const everyone = 2 + BENCH_PUBLISHERS + 1;
+  for (let i = 0; i < 40; i++) {
+    const counts = await Promise.all([carol, dave].map((p) => p.evaluate(() => /** @type {any} */ (window).__room.participants.size)));
+    if (counts.every((n) => n >= everyone)) break;
+    await sleep(500);
+  }
+  for (const page of [carol, dave]) await page.evaluate(showEverythingLarge);
+
+  /** @type {any[]} */
+  let carolSamples = [];
+  await step('600 kbit/s: audio whole, video low, no long freeze, the estimate near the link', async () => {
+    const windowStart = await dave.evaluate(() => performance.now() + 5000);
+    const [shaped, open] = await Promise.all([sampleFor(dave, 25), sampleFor(carol, 25)]);
+    carolSamples = carolSamples.concat(open.slice(5));
+    const settled = shaped.slice(5);
+    const first = settled[0];
+    const last = settled[settled.length - 1];
+    const loss = worstAudioLoss(first, last);
+    const received = kbps(first, last);
+    // A video the server paused for the link shows "paused: weak connection", not a freeze:
+    // only those it kept sending count.
+    /** @type {any[]} */
+    const events = await dave.evaluate(() => /** @type {any} */ (window).__allocations);
+    const pausedOnce = (/** @type {string} */ n) =>
+      events.some((e) => e.name === n && e.state === 'paused' && e.at >= windowStart) ||
+      last.allocations.length > 0 && events.filter((e) => e.name === n).at(-1)?.state === 'paused';
+    const sent = publishers.filter((n) => !pausedOnce(n));
+    const frozen = sent.map((n) => {
+      const a = first.videos.find((/** @type {any} */ v) => v.name === n)?.freezes ?? 0;
+      const b = last.videos.find((/** @type {any} */ v) => v.name === n)?.freezes ?? 0;
+      return b - a;
+    });
+    report({ shaped: 'slow_link', kbps: received, estimate: last.estimate, audioLossPercent: loss, widths: widths(last, publishers), allocations: last.allocations, keptSending: sent, frozenSeconds: frozen, events: events.map((e) => `${e.name}:${e.state}@${Math.round(e.at)}`) });
+    check('the shaped subscriber hears every microphone with under 2 % loss', last.audios.length >= 2 && loss < 2, `${loss.toFixed(2)} % at worst over ${last.audios.length} microphones`);
+    check('its videos are lowered or paused for the link', last.allocations.length > 0 && widths(last, publishers).every((w) => w < 640), `${JSON.stringify(last.allocations)}, widths ${widths(last, publishers)}`);
+    check('after its first 5 s, no video it keeps receiving freezes for more than 1 s in all', sent.length > 0 && frozen.every((s) => s <= 1), `${sent.map((n, i) => `${n} ${frozen[i].toFixed(2)} s`).join(', ') || 'every video paused at some time'}`);
+    check('its estimate settles within 30 % of the 600 kbit/s link', last.estimate >= 420_000 && last.estimate <= 780_000, `${Math.round(last.estimate / 1000)} kbit/s, ${received} kbit/s received`);
+  });
+
+  await step('5 Mbit/s: higher layers within 10 s', async () => {
+    const before = await dave.evaluate(sample);
+    rig('rate', NETNS, LINK, '5mbit', '5mbit');
+    const raisedAt = Date.now();
+    let after = before;
+    let raised = false;
+    while (Date.now() - raisedAt < 20_000) {
+      await sleep(500);
+      after = await dave.evaluate(sample);
+      raised = widths(after, publishers).some((w, i) => w > widths(before, publishers)[i]) || after.allocations.length < before.allocations.length;
+      if (raised) break;
+    }
+    const took = Date.now() - raisedAt;
+    report({ shaped: 'link_raised', ms: took, estimate: after.estimate, widths: widths(after, publishers), allocations: after.allocations });
+    check('with the link raised to 5 Mbit/s, higher layers arrive within 10 s', raised && took <= 10_000, `${took} ms, widths ${widths(before, publishers)} -> ${widths(after, publishers)}, estimate ${Math.round(after.estimate / 1000)} kbit/s`);
+    carolSamples.push(await carol.evaluate(sample));
+    await sleep(5000);
+  });
+
+  await step('cut to 400 kbit/s: audio goes on, video adapts within 2 s', async () => {
+    const before = await dave.evaluate(sample);
+    const seen = await dave.evaluate(() => /** @type {any} */ (window).__allocations.length);
+    rig('rate', NETNS, LINK, '400kbit', '5mbit');
+    const cutAt = Date.now();
+    let adaptedAfter = null;
+    while (Date.now() - cutAt < 10_000) {
+      await sleep(200);
+      const fresh = await dave.evaluate((n) => /** @type {any} */ (window).__allocations.slice(n), seen);
+      if (fresh.some((/** @type {any} */ a) => a.state !== 'full')) {
+        adaptedAfter = Date.now() - cutAt;
+        break;
+      }
+    }
+    const during = await sampleFor(dave, 10);
+    const last = during[during.length - 1];
+    const heard = last.audios.every((/** @type {any} */ a) => a.received > (before.audios.find((/** @type {any} */ b) => b.name === a.name)?.received ?? 0) + 100);
+    report({ shaped: 'link_cut', adaptedMs: adaptedAfter, estimate: last.estimate, kbps: kbps(during[0], last), audioLossPercent: worstAudioLoss(during[0], last) });
+    check('after the cut to 400 kbit/s, every microphone keeps arriving', heard, JSON.stringify(last.audios));
+    check('video adapts within 2 s', adaptedAfter !== null && adaptedAfter <= 2000, `${adaptedAfter ?? 'never'} ms`);
+    carolSamples.push(await carol.evaluate(sample));
+  });
+
+  await step('the unshaped subscriber receives full layers throughout', async () => {
+    /** @type {any[]} */
+    const lowered = await carol.evaluate(() => /** @type {any} */ (window).__allocations);
+    const seen = carolSamples.map((s) => widths(s, publishers).join('/'));
+    check(
+      "carol, on the server's own network, is never lowered or paused for bandwidth",
+      lowered.length === 0 && carolSamples.every((s) => s.allocations.length === 0),
+      `${lowered.length} allocation changes; widths over time ${[...new Set(seen)].join(', ')} (the publishers' own adaptation aside)`,
+    );
+  });
+  bench.kill();
+  await shapedBrowser.close();
+}
+
+await run(main, TOTAL_TIMEOUT_MS);
