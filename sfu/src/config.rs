@@ -22,6 +22,10 @@ pub struct SfuConfig {
     pub keyframe_request_interval: Duration,
     /// Highest video bitrate a publisher is asked to send, in bits per second. Default: 2.5 Mbit/s.
     pub max_video_bitrate: u64,
+    /// Estimate each subscriber's downlink (transport-wide congestion control feedback and
+    /// Google congestion control on every subscribe connection) and fit what it receives to it.
+    /// Default: true.
+    pub bandwidth_estimation: bool,
     /// Silence on a connection's ICE path before it counts as disconnected. Default: 3 s.
     pub ice_disconnected_timeout: Duration,
     /// Further silence before it counts as failed and its participant is removed. Default: 5 s,
@@ -40,6 +44,7 @@ impl Default for SfuConfig {
             socket_buffer_bytes: 4 * 1024 * 1024,
             keyframe_request_interval: Duration::from_millis(500),
             max_video_bitrate: 2_500_000,
+            bandwidth_estimation: true,
             ice_disconnected_timeout: Duration::from_secs(3),
             ice_failed_timeout: Duration::from_secs(5),
             ice_keepalive_interval: Duration::from_secs(1),

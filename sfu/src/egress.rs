@@ -395,58 +395,60 @@ impl Egress {
     }
 
     /// Builds a subscribe connection for this engine: its ICE ufrag (returned too, for routing),
-    /// its certificate and a host candidate on the shared socket for every announced address.
+    /// its certificate and a host candidate on the shared socket for every announced address;
+    /// also where its bandwidth estimate (bits per second, 0 until the first one) is kept.
     /// Runs in the caller's task, so key generation never holds up forwarding.
-    /// A subscribe connection, its ICE ufrag, and where its bandwidth estimate (bits per
-    /// second, 0 until the first one) is kept.
     pub(crate) fn build_connection(
         &self,
     ) -> Result<(RTCPeerConnection, String, Arc<AtomicU64>), SfuError> {
         let ufrag = random_token(16);
         let mut engine = MediaEngine::default();
         engine.register_default_codecs().map_err(SfuError::WebRtc)?;
-        // Transport-wide congestion control feedback (TWCC) from the subscriber, for the
-        // estimate of what its network carries.
-        for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
-            engine.register_feedback(
-                RTCPFeedback {
-                    typ: TYPE_RTCP_FB_TRANSPORT_CC.to_owned(),
-                    parameter: String::new(),
-                },
-                kind,
-            );
-            engine
-                .register_header_extension(
-                    RTCRtpHeaderExtensionCapability {
-                        uri: crate::forwarder::TRANSPORT_SCOPED_EXTENSIONS[0].to_owned(),
-                    },
-                    kind,
-                    None,
-                )
-                .map_err(SfuError::WebRtc)?;
-        }
         let estimate = Arc::new(AtomicU64::new(0));
         // Sender reports (the server receives nothing here, so it has nothing to report on,
-        // and every interceptor is a copy of each packet); transport-wide sequence numbers and
-        // Google congestion control on their feedback, without a pacer (the engine sends in
-        // batches of its own); NACKs are answered by the fanout from one cache per
-        // publication, through the feedback interceptor, which also keeps the estimate.
-        let registry = Registry::new()
+        // and every interceptor is a copy of each packet); NACKs are answered by the fanout
+        // from one cache per publication, through the feedback interceptor.
+        let mut registry = Registry::new()
             .with(Slot::SenderReport, SenderReportBuilder::new().build())
-            .with(Slot::TwccSender, TwccSenderBuilder::new().build())
-            .with(
-                Slot::CongestionControl,
-                CongestionControlBuilder::new(Gcc::new(
-                    INITIAL_ESTIMATE as f64,
-                    MIN_ESTIMATE as f64,
-                    MAX_ESTIMATE as f64,
-                ))
-                .build(),
-            )
             .with(
                 Slot::from(14_000),
                 FeedbackInterceptor::new(self.nacks.clone()).with_estimate(estimate.clone()),
             );
+        if self.config.bandwidth_estimation {
+            // Transport-wide congestion control feedback (TWCC) from the subscriber, for the
+            // estimate of what its network carries: transport-wide sequence numbers on what
+            // leaves, and Google congestion control on the feedback, without a pacer (the
+            // engine sends in batches of its own). The feedback interceptor keeps the estimate.
+            for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
+                engine.register_feedback(
+                    RTCPFeedback {
+                        typ: TYPE_RTCP_FB_TRANSPORT_CC.to_owned(),
+                        parameter: String::new(),
+                    },
+                    kind,
+                );
+                engine
+                    .register_header_extension(
+                        RTCRtpHeaderExtensionCapability {
+                            uri: crate::forwarder::TRANSPORT_SCOPED_EXTENSIONS[0].to_owned(),
+                        },
+                        kind,
+                        None,
+                    )
+                    .map_err(SfuError::WebRtc)?;
+            }
+            registry = registry
+                .with(Slot::TwccSender, TwccSenderBuilder::new().build())
+                .with(
+                    Slot::CongestionControl,
+                    CongestionControlBuilder::new(Gcc::new(
+                        INITIAL_ESTIMATE as f64,
+                        MIN_ESTIMATE as f64,
+                        MAX_ESTIMATE as f64,
+                    ))
+                    .build(),
+                );
+        }
         let settings = crate::transport::ice_settings(&self.config)
             .with_ice_credentials(ufrag.clone(), random_token(32))
             .build();

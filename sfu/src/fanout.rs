@@ -21,7 +21,6 @@ use crate::egress::{Admission, ConnId, EgressSender, Outgoing, Refused};
 use crate::feedback::KeyframeThrottle;
 use crate::forwarder::{DropReason, Forwarder, ForwarderParams, PacketCache};
 use crate::ids::{MediaKind, ParticipantId, PublicationId};
-use crate::keyframe::VideoCodec;
 use crate::layers::{Layers, MAX_LAYERS};
 use crate::vp8::Vp8Descriptor;
 
@@ -221,6 +220,8 @@ pub(crate) struct Fanout {
     /// One per layer: each layer numbers its packets on its own.
     pub(crate) caches: Vec<PacketCache>,
     pub(crate) layers: Layers,
+    /// Layers are VP8 simulcast: their keyframes say their picture size.
+    pub(crate) read_keyframe_sizes: bool,
     /// The publisher's id for the `rtp-stream-id` extension, to place a simulcast packet whose
     /// stream has not been announced.
     pub(crate) rid_extension_id: Option<u8>,
@@ -565,8 +566,7 @@ impl Fanout {
         let mut needs_keyframe = 0u8;
         if !self.layers.is_single() {
             self.layers.saw_packet(layer, now);
-            if self.kind == MediaKind::Video
-                && VideoCodec::from_mime(&self.mime) == VideoCodec::Vp8
+            if self.read_keyframe_sizes
                 && let Some(descriptor) = Vp8Descriptor::parse(&packet.payload)
                 && let Some(size) = descriptor.keyframe_size(&packet.payload)
             {

@@ -953,3 +953,62 @@ mod simulcast_tests {
         assert_eq!(next.header.sequence_number, 2);
     }
 }
+
+#[cfg(test)]
+mod h264_tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn h264(ssrc: u32, seq: u16, idr: bool) -> rtp::Packet {
+        rtp::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                payload_type: 102,
+                sequence_number: seq,
+                timestamp: u32::from(seq) * 3000,
+                ssrc,
+                ..Default::default()
+            },
+            // NAL header: 5 is an IDR slice, 1 a non-IDR one.
+            payload: Bytes::from(vec![if idr { 0x65 } else { 0x41 }, 0x88, 0x80]),
+        }
+    }
+
+    #[test]
+    fn h264_layers_switch_at_an_idr_with_continuous_numbers() {
+        let mut forwarder = Forwarder::new(MediaKind::Video, "video/H264", 90_000);
+        forwarder.set_layered(true);
+        forwarder.configure(ForwarderParams::new(0xABCD, 102, &[], &[]));
+        forwarder.set_target(0);
+        let now = Instant::now();
+        let first = forwarder
+            .forward(&h264(10, 100, true), 0, now)
+            .expect("IDR starts it");
+        forwarder.set_target(1);
+        assert_eq!(
+            forwarder.forward(&h264(11, 7000, false), 1, now).err(),
+            Some(DropReason::OtherLayer),
+            "no switch without an IDR"
+        );
+        let kept = forwarder
+            .forward(&h264(10, 101, false), 0, now)
+            .expect("layer 0 goes on");
+        let switched = forwarder
+            .forward(&h264(11, 7001, true), 1, now)
+            .expect("IDR switches");
+        assert_eq!(
+            kept.header.sequence_number,
+            first.header.sequence_number + 1
+        );
+        assert_eq!(
+            switched.header.sequence_number,
+            kept.header.sequence_number + 1
+        );
+        assert_eq!(
+            &switched.payload[..],
+            &[0x65, 0x88, 0x80],
+            "payload untouched"
+        );
+        assert_eq!(forwarder.current(), Some(1));
+    }
+}

@@ -37,6 +37,7 @@ use crate::fanout::{
 use crate::feedback::KeyframeThrottle;
 use crate::forwarder::{ForwarderParams, PacketCache};
 use crate::ids::{MediaKind, ParticipantId, PublicationId, Source};
+use crate::keyframe::VideoCodec;
 use crate::layers::Layers;
 use crate::{Publication, SfuError, SfuEvent, Shared};
 
@@ -461,6 +462,8 @@ impl PublishShared {
                 })
                 .collect(),
             dynacast: Dynacast::new(&layers),
+            read_keyframe_sizes: !layers.is_single()
+                && VideoCodec::from_mime(&codec.mime_type) == VideoCodec::Vp8,
             layers,
             rid_extension_id,
             owner: FanoutOwner {

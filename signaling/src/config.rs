@@ -44,6 +44,9 @@ pub struct Config {
     pub max_participants: usize,
     /// Highest video bitrate a publisher is asked to send, in bits per second. Default 2,500,000.
     pub max_video_bitrate: u64,
+    /// Estimate each subscriber's downlink and fit what it receives to it. Costs about 1.4 µs of
+    /// CPU per forwarded packet (docs/benchmarks.md). Default true.
+    pub bandwidth_estimation: bool,
     /// Rooms of at most this many participants run as a peer-to-peer mesh; larger rooms use the
     /// SFU. 0 means always SFU. Default 3.
     pub mesh_max: usize,
@@ -76,6 +79,7 @@ impl Default for Config {
             ice_servers: Vec::new(),
             max_participants: 100,
             max_video_bitrate: 2_500_000,
+            bandwidth_estimation: true,
             mesh_max: 3,
             mesh_hold_secs: 10,
             join_timeout_secs: 10,
@@ -124,6 +128,10 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_video_bitrate: Option<u64>,
+    /// Estimate each subscriber's downlink and fit what it receives to it [default: true].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth_estimation: Option<bool>,
     /// Largest room run as a peer-to-peer mesh; 0 means always SFU [default: 3].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -193,6 +201,7 @@ impl Config {
             public_ips: self.public_ip.iter().cloned().collect(),
             udp_port: self.udp_port,
             max_video_bitrate: self.max_video_bitrate,
+            bandwidth_estimation: self.bandwidth_estimation,
             ..sfu::SfuConfig::default()
         }
     }
