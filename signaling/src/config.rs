@@ -11,9 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::protocol::IceServer;
 
 /// Our crates at `info`; webrtc-rs only when something is wrong (at `info` it logs every state
-/// change of every connection, and a harmless DTLS warning per connection).
-pub const DEFAULT_LOG_LEVEL: &str =
-    "info,rtc=warn,rtc_ice=error,rtc_dtls=error,rtc_sctp=warn,webrtc=warn";
+/// change of every connection, and a harmless DTLS warning per connection). Its packet handlers
+/// warn once per datagram they cannot use: junk sent at a media port would flood the log, so
+/// they speak only at `error` (junk at the shared port is counted in `/metrics` instead).
+pub const DEFAULT_LOG_LEVEL: &str = "info,rtc=warn,rtc::peer_connection::handler=error,rtc_ice=error,rtc_dtls=error,rtc_sctp=warn,webrtc=warn";
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

@@ -26,6 +26,9 @@ pub enum SignalError {
     /// A `trackId` or `mid` longer than [`MAX_TRACK_ID_BYTES`].
     #[error("a trackId or mid is at most {MAX_TRACK_ID_BYTES} bytes ({0} sent)")]
     TrackIdTooLong(usize),
+    /// A WebSocket frame or message larger than the socket reads at all (it then closes, 1009).
+    #[error("a message is at most {0} bytes on this socket: closing")]
+    FrameTooLarge(usize),
     /// No `join` within the join deadline.
     #[error("no `join` within {0} s: closing")]
     JoinTimeout(u64),
@@ -130,6 +133,7 @@ impl SignalError {
                 ErrorCode::RateLimited
             }
             NameTaken(_) => ErrorCode::NameTaken,
+            FrameTooLarge(_) => ErrorCode::TooLarge,
             RoomFull(_) => ErrorCode::RoomFull,
             SubscribeGone | MediaTransport(_) | MediaFailed => ErrorCode::Internal,
         }

@@ -14,7 +14,7 @@ use rust_embed::RustEmbed;
 use serde::Deserialize;
 use tower_http::cors::{Any, CorsLayer};
 
-use crate::protocol::{ErrorCode, MAX_MESSAGE_BYTES};
+use crate::protocol::{ErrorCode, MAX_FRAME_BYTES};
 use crate::state::AppState;
 
 #[derive(RustEmbed)]
@@ -137,8 +137,8 @@ async fn signal(
     // Frames up to 1 MiB are read so that anything over the protocol's 64 KiB gets a
     // `too_large` reply instead of a dropped connection.
     upgrade
-        .max_message_size(16 * MAX_MESSAGE_BYTES)
-        .max_frame_size(16 * MAX_MESSAGE_BYTES)
+        .max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| crate::ws::serve(socket, state, claims))
 }
 

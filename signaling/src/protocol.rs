@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest text frame accepted, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Largest frame or message the socket reads at all: anything between [`MAX_MESSAGE_BYTES`]
+/// and this is answered with `too_large`; beyond it the socket closes with 1009.
+pub const MAX_FRAME_BYTES: usize = 16 * MAX_MESSAGE_BYTES;
 /// The pseudo-peer naming the server.
 pub const SFU_PEER: &str = "sfu";
 

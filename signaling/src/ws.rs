@@ -18,8 +18,9 @@ use crate::budget::Budget;
 use crate::error::SignalError;
 use crate::protocol::{
     CHAT_BURST, CHAT_PER_SECOND, CandidateInit, ClientMessage, ErrorCode, MAX_CHAT_CHARS,
-    MAX_TRACK_ID_BYTES, MAX_TRACKS, MAX_VIEW_PIXELS, Mode, ModePhase, PROTOCOL_VERSION,
-    RELAY_BURST, RELAY_PER_SECOND, SFU_PEER, ServerMessage, TrackInfo, TransportName,
+    MAX_FRAME_BYTES, MAX_TRACK_ID_BYTES, MAX_TRACKS, MAX_VIEW_PIXELS, Mode, ModePhase,
+    PROTOCOL_VERSION, RELAY_BURST, RELAY_PER_SECOND, SFU_PEER, ServerMessage, TrackInfo,
+    TransportName,
 };
 use crate::room::{
     JoinError, Joiner, NegotiatorCommand, Outbound, RelayError, Room, SfuLinkId, ToSession,
@@ -171,6 +172,11 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
                 Some(Ok(Message::Close(_))) | None => break,
                 Some(Err(err)) => {
                     tracing::debug!(%err, "socket error");
+                    if is_too_large(&err) {
+                        let err = SignalError::FrameTooLarge(MAX_FRAME_BYTES);
+                        let _ = send_json(&mut sink, &ServerMessage::error(err.code(), err.to_string(), None)).await;
+                        close = Some(CloseFrame { code: 1009, reason: Utf8Bytes::from_static("message too big") });
+                    }
                     break;
                 }
             },
@@ -251,6 +257,13 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
         let _ = sink.close().await;
     })
     .await;
+}
+
+/// True when a read failed because the frame or message was larger than the socket reads.
+fn is_too_large(err: &axum::Error) -> bool {
+    // The WebSocket library's own error type is not exposed; its text is stable.
+    let text = err.to_string();
+    text.contains("Space limit exceeded") || text.contains("Message too long")
 }
 
 /// Writes one message. A client that does not read for [`PEER_TIMEOUT`] (its TCP window full)

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use support::{Ws, connect, recv, recv_type, send, start_server};
 use tokio_tungstenite::tungstenite::Message;
@@ -88,6 +88,24 @@ async fn oversized_messages_get_too_large() -> Result<()> {
     send(&mut ws, huge).await?;
     expect_error(&mut ws, "too_large").await?;
     still_works(&mut ws).await?;
+
+    // Over the 1 MiB the socket reads at all: `too_large`, then close code 1009.
+    let beyond = "x".repeat(1024 * 1024 + 1);
+    ws.send(Message::Text(beyond.into())).await?;
+    expect_error(&mut ws, "too_large").await?;
+    let closed = tokio::time::timeout(WAIT, async {
+        while let Some(frame) = ws.next().await {
+            if let Message::Close(frame) = frame? {
+                return Ok::<_, anyhow::Error>(frame);
+            }
+        }
+        Ok(None)
+    })
+    .await??;
+    ensure!(
+        closed.as_ref().map(|f| u16::from(f.code)) == Some(1009),
+        "closed with {closed:?}"
+    );
     server.shutdown().await?;
     Ok(())
 }
