@@ -3,8 +3,9 @@
 //!
 //! Audio is never paused. Videos are served in priority order: a screen share, then the active
 //! speaker, then the largest views first. Each video first gets its lowest layer while the
-//! estimate lasts (one that does not fit is paused), then the videos climb, in the same order,
-//! to the highest layer that fits and that their view can use. A subscription goes down at
+//! estimate lasts, at its lowest frame rate where it has temporal layers (one that does not fit
+//! even so is paused), then the videos climb, in the same order, through the full frame rate and
+//! up the layers, as far as fits and as their view can use. A subscription goes down at
 //! once and up only [`UPGRADE_HOLD`] after its last change, so layers do not flap.
 
 use std::time::{Duration, Instant};
@@ -30,6 +31,8 @@ const ASSUMED_AUDIO: u64 = 40_000;
 pub enum Grant {
     /// Layers up to this one.
     UpTo(u8),
+    /// The lowest layer at its lowest frame rate (temporal layer 0).
+    Thinned,
     /// Nothing: not even the lowest layer fits.
     Paused,
 }
@@ -49,6 +52,8 @@ pub struct Demand {
     pub wanted: u8,
     /// Measured bitrate of each layer, lowest first (0: not measured).
     pub layer_bitrates: Vec<u64>,
+    /// Measured bitrate of the lowest layer's temporal layer 0, when it has temporal layers.
+    pub thinned_bitrate: Option<u64>,
     /// The subscriber paused it itself: it costs nothing and gets nothing.
     pub paused: bool,
 }
@@ -101,22 +106,34 @@ pub fn allocate(budget: Option<u64>, demands: &[Demand]) -> Vec<Grant> {
         .filter(|&i| demands[i].kind == MediaKind::Video && !demands[i].paused)
         .collect();
     order.sort_by_key(|&i| demands[i].rank());
-    // Everyone's lowest layer first, in order.
+    // Everyone's lowest layer first, in order, at the lowest frame rate where there is one.
     for &i in &order {
-        let cost = demands[i].cost(0);
+        let (grant, cost) = match demands[i].thinned_bitrate {
+            Some(thinned) => (Grant::Thinned, thinned),
+            None => (Grant::UpTo(0), demands[i].cost(0)),
+        };
         if cost <= left {
             left -= cost;
-            grants[i] = Grant::UpTo(0);
+            grants[i] = grant;
         } else {
             grants[i] = Grant::Paused;
         }
     }
-    // Then up, in the same order, as far as the view can use and the budget allows.
+    // Then up, in the same order: the full frame rate, then the layers, as far as the view can
+    // use and the budget allows.
     for &i in &order {
+        let demand = &demands[i];
+        if let (Grant::Thinned, Some(thinned)) = (grants[i], demand.thinned_bitrate) {
+            let step = demand.cost(0).saturating_sub(thinned);
+            if step > left {
+                continue;
+            }
+            left -= step;
+            grants[i] = Grant::UpTo(0);
+        }
         let Grant::UpTo(mut layer) = grants[i] else {
             continue;
         };
-        let demand = &demands[i];
         while layer < demand.wanted {
             let step = demand.cost(layer + 1).saturating_sub(demand.cost(layer));
             if step > left {
@@ -178,7 +195,8 @@ pub const RISE_DENOMINATOR: u64 = 5;
 /// Orders grants: paused lowest.
 fn level(grant: Grant) -> i16 {
     match grant {
-        Grant::Paused => -1,
+        Grant::Paused => -2,
+        Grant::Thinned => -1,
         Grant::UpTo(layer) => i16::from(layer),
     }
 }
@@ -216,6 +234,7 @@ mod tests {
             area,
             wanted,
             layer_bitrates: vec![150_000, 500_000, 1_500_000],
+            thinned_bitrate: None,
             paused: false,
         }
     }
@@ -228,6 +247,7 @@ mod tests {
             area: 0,
             wanted: 0,
             layer_bitrates: vec![40_000],
+            thinned_bitrate: None,
             paused: false,
         }
     }
@@ -286,6 +306,31 @@ mod tests {
         let grants = allocate(Some(2_200_000), &[small, off, large]);
         assert_eq!(grants[0], Grant::UpTo(0));
         assert_eq!(grants[2], Grant::UpTo(2), "150 k + 1.5 M fit in 2.2 M");
+    }
+
+    #[test]
+    fn a_lower_frame_rate_comes_before_a_pause() {
+        let mut thin = video(Source::Camera, false, 640 * 360, 2);
+        thin.thinned_bitrate = Some(60_000);
+        let mut other = thin.clone();
+        other.area = 320 * 180;
+        let demands = [thin, other];
+        use Grant::*;
+        let cases: &[(u64, [Grant; 2])] = &[
+            (50_000, [Paused, Paused]),
+            (130_000, [Thinned, Thinned]),
+            (60_000 + 150_000, [UpTo(0), Thinned]),
+            (60_000 + 150_000 + 40_000, [UpTo(0), Thinned]),
+            (300_000, [UpTo(0), UpTo(0)]),
+            (650_000, [UpTo(1), UpTo(0)]),
+        ];
+        for (budget, expected) in cases {
+            assert_eq!(
+                allocate(Some(*budget), &demands),
+                expected.to_vec(),
+                "budget {budget}"
+            );
+        }
     }
 
     #[test]

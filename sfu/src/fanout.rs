@@ -19,7 +19,7 @@ use crate::SfuEvent;
 use crate::allocation::Grant;
 use crate::egress::{Admission, ConnId, EgressSender, Outgoing, Refused};
 use crate::feedback::KeyframeThrottle;
-use crate::forwarder::{DropReason, Forwarder, ForwarderParams, PacketCache};
+use crate::forwarder::{ALL_TEMPORAL_LAYERS, DropReason, Forwarder, ForwarderParams, PacketCache};
 use crate::ids::{MediaKind, ParticipantId, PublicationId};
 use crate::layers::{Layers, MAX_LAYERS};
 use crate::vp8::Vp8Descriptor;
@@ -106,6 +106,8 @@ pub struct LayerStats {
     sizes: [AtomicU32; MAX_LAYERS],
     /// Bits per second, smoothed; the last value measured while the layer flowed.
     bitrates: [AtomicU64; MAX_LAYERS],
+    /// Bits per second of the lowest layer's temporal layer 0, when it has temporal layers.
+    thinned: AtomicU64,
 }
 
 impl LayerStats {
@@ -131,6 +133,11 @@ impl LayerStats {
             .iter()
             .map(|rate| rate.load(Ordering::Relaxed))
             .collect()
+    }
+
+    /// The bitrate of the lowest layer at its lowest frame rate, when it has temporal layers.
+    pub fn thinned(&self) -> Option<u64> {
+        Some(self.thinned.load(Ordering::Relaxed)).filter(|&bps| bps > 0)
     }
 
     /// The smallest layer that covers `view` (see [`Layers::for_view`]).
@@ -249,9 +256,24 @@ pub(crate) struct Counts {
     switches: u64,
     /// Bytes received per layer.
     layer_bytes: [u64; MAX_LAYERS],
+    /// Bytes of the lowest layer's temporal layer 0, and whether it has temporal layers.
+    thinned_bytes: u64,
+    temporal: bool,
     /// Sum and number of audio levels (-dBov) read since the last tick.
     level_sum: u32,
     levels: u32,
+}
+
+/// Folds 100 ms worth of `bytes` into a bitrate smoothed over about half a second.
+fn smooth_into(rate: &AtomicU64, bytes: u64) {
+    let now = bytes * 8 * 10;
+    let before = rate.load(Ordering::Relaxed);
+    let smoothed = if before == 0 {
+        now
+    } else {
+        (before * 4 + now) / 5
+    };
+    rate.store(smoothed, Ordering::Relaxed);
 }
 
 /// Bytes counted for an RTP header when measuring a layer's bitrate.
@@ -319,16 +341,11 @@ impl Fanout {
             );
             let bytes = counts.layer_bytes[layer];
             if bytes > 0 {
-                // Bits per second over the 100 ms tick, smoothed over about half a second.
-                let now = bytes * 8 * 10;
-                let before = layers.bitrates[layer].load(Ordering::Relaxed);
-                let smoothed = if before == 0 {
-                    now
-                } else {
-                    (before * 4 + now) / 5
-                };
-                layers.bitrates[layer].store(smoothed, Ordering::Relaxed);
+                smooth_into(&layers.bitrates[layer], bytes);
             }
+        }
+        if counts.temporal {
+            smooth_into(&layers.thinned, counts.thinned_bytes);
         }
         stats
             .received_packets
@@ -429,6 +446,10 @@ impl Fanout {
                     slot.grant = grant;
                     slot.forwarder
                         .set_paused_for_bandwidth(grant == Grant::Paused);
+                    slot.forwarder.set_max_temporal(match grant {
+                        Grant::Thinned => 0,
+                        _ => ALL_TEMPORAL_LAYERS,
+                    });
                     slot.forwarder
                         .set_target(self.target_of(slot, Instant::now()));
                     let wanted = keyframe_mask(slot.forwarder.wanted_keyframe());
@@ -527,6 +548,7 @@ impl Fanout {
         let wanted = self.layers.for_view(slot.view);
         let allowed = match slot.grant {
             Grant::UpTo(layer) => wanted.min(layer),
+            Grant::Thinned => 0,
             Grant::Paused => wanted,
         };
         self.layers.live_target(allowed, now)
@@ -568,9 +590,17 @@ impl Fanout {
             self.layers.saw_packet(layer, now);
             if self.read_keyframe_sizes
                 && let Some(descriptor) = Vp8Descriptor::parse(&packet.payload)
-                && let Some(size) = descriptor.keyframe_size(&packet.payload)
             {
-                self.layers.saw_size(layer, size);
+                if let Some(size) = descriptor.keyframe_size(&packet.payload) {
+                    self.layers.saw_size(layer, size);
+                }
+                if layer == 0 && descriptor.temporal.is_some() {
+                    self.pending.temporal = true;
+                    if descriptor.temporal == Some(0) {
+                        self.pending.thinned_bytes +=
+                            (packet.payload.len() + RTP_HEADER_BYTES) as u64;
+                    }
+                }
             }
         }
         let mut batch: Vec<Outgoing> = Vec::with_capacity(slots.len());

@@ -201,6 +201,8 @@ pub struct Forwarder {
     target: u8,
     /// Highest temporal layer forwarded (VP8 TID).
     max_temporal: u8,
+    /// A higher one to go to at the next base-layer picture, where the decoder can follow.
+    raise_temporal_to: Option<u8>,
     /// The publication has several spatial layers: VP8 numbers are tracked for switches.
     layered: bool,
     vp8: Vp8Munger,
@@ -223,6 +225,7 @@ impl Forwarder {
             current: None,
             target: 0,
             max_temporal: ALL_TEMPORAL_LAYERS,
+            raise_temporal_to: None,
             layered: false,
             vp8: Vp8Munger::default(),
             numbers: SeqTsMap::default(),
@@ -331,7 +334,13 @@ impl Forwarder {
     /// Forwards temporal layers up to `layer` only (VP8 with TID): lowers the frame rate before
     /// the resolution.
     pub fn set_max_temporal(&mut self, layer: u8) {
-        self.max_temporal = layer;
+        if layer > self.max_temporal {
+            // Upper-layer pictures refer to ones that were dropped: wait for a base picture.
+            self.raise_temporal_to = Some(layer);
+        } else {
+            self.max_temporal = layer;
+            self.raise_temporal_to = None;
+        }
     }
 
     /// The layer whose keyframe this subscription waits for, if it waits for one.
@@ -377,6 +386,7 @@ impl Forwarder {
             VideoCodec::Vp8
                 if self.layered
                     || self.max_temporal != ALL_TEMPORAL_LAYERS
+                    || self.raise_temporal_to.is_some()
                     || self.vp8.offsets() != (0, 0) =>
             {
                 Vp8Descriptor::parse(&packet.payload)
@@ -402,6 +412,13 @@ impl Forwarder {
             } else {
                 return Err(DropReason::OtherLayer);
             }
+        }
+        if let (Some(raise), Some(descriptor)) = (self.raise_temporal_to, &descriptor)
+            && descriptor.picture_start
+            && descriptor.temporal.is_none_or(|tid| tid == 0)
+        {
+            self.max_temporal = raise;
+            self.raise_temporal_to = None;
         }
         if let Some(descriptor) = &descriptor
             && descriptor
@@ -916,8 +933,21 @@ mod simulcast_tests {
         let numbers: Vec<(u16, u16)> = sent.iter().map(|s| (s.1, s.2)).collect();
         assert_eq!(numbers, vec![(1001, 1), (1002, 2), (1003, 3)]);
         forwarder.set_max_temporal(ALL_TEMPORAL_LAYERS);
-        let sent = run(&mut forwarder, &[(0, 10, 2, false)]);
-        assert_eq!(sent[0].0, 0);
+        let sent = run(
+            &mut forwarder,
+            &[
+                (0, 10, 2, false),
+                (0, 11, 1, false),
+                (0, 12, 0, false),
+                (0, 13, 2, false),
+            ],
+        );
+        let pictures: Vec<u16> = sent.iter().map(|s| s.2).collect();
+        assert_eq!(
+            pictures,
+            vec![4, 5],
+            "upper layers come back at the next base picture, numbered on without a gap"
+        );
     }
 
     #[test]

@@ -923,6 +923,7 @@ impl SubscribeTransport {
                         MediaKind::Video => layers.for_view(state.view),
                     },
                     layer_bitrates: layers.bitrates(),
+                    thinned_bitrate: layers.thinned(),
                     paused: state.paused,
                 }
             })
@@ -972,6 +973,7 @@ impl SubscribeTransport {
             }
             let allocation = match next {
                 Grant::Paused => Allocation::Paused,
+                Grant::Thinned => Allocation::Lowered,
                 Grant::UpTo(layer) if layer < demand.wanted => Allocation::Lowered,
                 Grant::UpTo(_) => Allocation::Full,
             };
