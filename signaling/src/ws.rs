@@ -528,21 +528,8 @@ impl Session {
                 paused,
             } => {
                 self.membership()?;
-                if !self.relay_budget.take() {
-                    return Err(SignalError::ControlRateLimited("pause"));
-                }
-                let Some(link) = self.membership.as_ref().and_then(|m| m.sfu.as_ref()) else {
-                    // A mesh has no server subscriptions; a pause that crossed a switch to
-                    // mesh has nothing left to do.
-                    return Ok(());
-                };
-                link.negotiator
-                    .send(NegotiatorCommand::Pause(
-                        publication_id.as_str().into(),
-                        paused,
-                    ))
-                    .await
-                    .map_err(|_| SignalError::SubscribeGone)
+                let command = NegotiatorCommand::Pause(publication_id.as_str().into(), paused);
+                self.ask_negotiator("pause", command).await
             }
             ClientMessage::View {
                 publication_id,
@@ -558,20 +545,8 @@ impl Session {
                             && (1..=MAX_VIEW_PIXELS).contains(&u32::from(h))
                     })
                     .ok_or(SignalError::BadView(width, height))?;
-                if !self.relay_budget.take() {
-                    return Err(SignalError::ControlRateLimited("view"));
-                }
-                let Some(link) = self.membership.as_ref().and_then(|m| m.sfu.as_ref()) else {
-                    // A mesh sends every video at one size: nothing to choose.
-                    return Ok(());
-                };
-                link.negotiator
-                    .send(NegotiatorCommand::View(
-                        publication_id.as_str().into(),
-                        size,
-                    ))
-                    .await
-                    .map_err(|_| SignalError::SubscribeGone)
+                let command = NegotiatorCommand::View(publication_id.as_str().into(), size);
+                self.ask_negotiator("view", command).await
             }
             ClientMessage::MeshFailed { peer_id } => {
                 let membership = self.membership()?;
@@ -782,6 +757,26 @@ impl Session {
             (Mode::Mesh, ModePhase::Switching) => {}
         }
         Ok(())
+    }
+
+    /// Hands a participant's request about its own subscriptions (`pause`, `view`) to its
+    /// subscribe negotiator, within the control budget. In a mesh there are no server
+    /// subscriptions: one that crossed a switch to mesh has nothing left to do.
+    async fn ask_negotiator(
+        &mut self,
+        kind: &'static str,
+        command: NegotiatorCommand,
+    ) -> Result<(), SignalError> {
+        if !self.relay_budget.take() {
+            return Err(SignalError::ControlRateLimited(kind));
+        }
+        let Some(link) = self.membership.as_ref().and_then(|m| m.sfu.as_ref()) else {
+            return Ok(());
+        };
+        link.negotiator
+            .send(command)
+            .await
+            .map_err(|_| SignalError::SubscribeGone)
     }
 
     fn handle_sfu_event(&mut self, event: SfuEvent) -> Flow {
