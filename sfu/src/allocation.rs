@@ -186,6 +186,15 @@ pub fn unlimited_cost(demands: &[Demand]) -> u64 {
         .sum()
 }
 
+/// What a subscription has, it keeps while the allocation fits in this multiple of the budget:
+/// a layer's measured bitrate jumps for a moment with each keyframe (and a resumed video starts
+/// with one), and without this margin that jump paused the video it resumed half a second
+/// later. The pacer (1.25 times the estimate) absorbs it; real congestion lowers the estimate
+/// itself.
+pub const KEEP_NUMERATOR: u64 = 6;
+/// See [`KEEP_NUMERATOR`].
+pub const KEEP_DENOMINATOR: u64 = 5;
+
 /// A rise must fit in this share of the budget, so that a subscription rises only with room
 /// to spare and does not fall straight back (layers would flap at the edge of the estimate).
 pub const RISE_NUMERATOR: u64 = 4;

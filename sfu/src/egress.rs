@@ -12,16 +12,17 @@
 //! ICE ufrag (RFC 8445 7.2.2), which the engine chose itself.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use rtc::interceptor::{
-    CongestionControlBuilder, Gcc, Registry, SenderReportBuilder, Slot, TwccSenderBuilder,
+    CongestionControlBuilder, Registry, SenderReportBuilder, Slot, TwccSenderBuilder,
 };
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnection;
@@ -44,10 +45,12 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use rtc::rtp_transceiver::{RTCRtpSenderId, RTCRtpTransceiverDirection};
 use rtc::sansio::Protocol;
+use rtc::shared::marshal::MarshalSize;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
+use crate::estimator::{Estimator, ProbeLog};
 use crate::fanout::{FanoutCommand, SubscriptionKey};
 use crate::feedback::FeedbackInterceptor;
 use crate::ids::ParticipantId;
@@ -89,12 +92,53 @@ const DATAGRAM_BUFFER: usize = 2048;
 const HOUSEKEEPING: Duration = Duration::from_millis(20);
 /// UDP GSO payload limit per `sendmsg`.
 const MAX_GSO_BYTES: usize = 65_000;
+/// While its allocation is limited, a subscriber's video leaves at most this many times its
+/// estimate: the allocation keeps the average under the estimate, and the pacer spreads a
+/// keyframe's burst so a shallow router buffer does not overflow (and take audio with it).
+const PACING_FACTOR: f64 = 1.25;
+/// The most a pacer lets leave at once: this long at its rate...
+const PACER_BURST: Duration = Duration::from_millis(10);
+/// ... but at least two full packets.
+const MIN_PACER_BURST_BYTES: f64 = 2_500.0;
+/// Video a pacer holds longer than this at its rate is dropped, oldest first (the subscriber
+/// NACKs it, or waits for a keyframe): the allocation lowers layers within a second, and a
+/// queue that grows without bound would only delay everything behind it.
+pub(crate) const MAX_PACER_DELAY: Duration = Duration::from_millis(500);
+/// A probe cluster is sent at this multiple of the estimate.
+pub(crate) const PROBE_FACTOR: f64 = 2.0;
 
 /// One forwarded packet for one subscription.
 pub(crate) struct Outgoing {
     pub(crate) conn: ConnId,
     pub(crate) sender: RTCRtpSenderId,
     pub(crate) packet: rtp::Packet,
+    pub(crate) class: Class,
+}
+
+/// How the engine's per-subscriber pacer treats a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// Sent at once, ahead of any video waiting: audio is small and must never wait.
+    Audio,
+    /// Paced to the subscriber's estimate while its allocation is limited.
+    Video,
+    /// Video sent again for a NACK: sent at once when the pacer has nothing waiting, dropped
+    /// when it has (the link is behind, a resend would only deepen that, and the receiver
+    /// asks again or for a keyframe).
+    Resend,
+    /// Part of a probe cluster (padding after recent video), sent at its own rate.
+    Probe,
+}
+
+/// What the engine and the allocation share about one subscriber's bandwidth.
+#[derive(Debug, Default)]
+pub(crate) struct Bandwidth {
+    /// The send-side estimate, bits per second (0: none yet).
+    pub(crate) estimate: Arc<AtomicU64>,
+    /// The allocation is holding the subscriber's video to the estimate: pace to it.
+    pub(crate) limiting: AtomicBool,
+    /// Probe clusters sent, for the estimator to measure.
+    pub(crate) probes: Arc<ProbeLog>,
 }
 
 /// Where a subscriber's RTCP about one subscription goes.
@@ -117,6 +161,8 @@ pub(crate) enum EgressInput {
         ufrag: String,
         participant: ParticipantId,
         events: mpsc::UnboundedSender<SfuEvent>,
+        /// Present when the connection estimates its bandwidth: its video is then paced.
+        bandwidth: Option<Arc<Bandwidth>>,
         reply: Reply<()>,
     },
     AddTrack {
@@ -171,6 +217,11 @@ pub struct EgressStats {
     pub backlog: AtomicU64,
     /// How many may be: what the engine can write in its 40 ms budget at its recent pace.
     pub backlog_limit: AtomicU64,
+    /// Video packets dropped because a subscriber's pacer held more than it could send in
+    /// [`MAX_PACER_DELAY`] (its link is slower than what was allocated, for the moment).
+    pub paced_drops: AtomicU64,
+    /// Probe clusters sent (to find out whether a subscriber's link carries more).
+    pub probes_sent: AtomicU64,
 }
 
 /// How much of the engine's backlog a batch may fill.
@@ -377,6 +428,8 @@ impl Egress {
             by_addr: HashMap::new(),
             pending: Vec::new(),
             queued: Vec::new(),
+            paced: Vec::new(),
+            next_paced: None,
             backlog: backlog.clone(),
             pace: 0.0,
             scratch: Vec::with_capacity(MAX_GSO_BYTES),
@@ -400,11 +453,11 @@ impl Egress {
     /// Runs in the caller's task, so key generation never holds up forwarding.
     pub(crate) fn build_connection(
         &self,
-    ) -> Result<(RTCPeerConnection, String, Arc<AtomicU64>), SfuError> {
+    ) -> Result<(RTCPeerConnection, String, Option<Arc<Bandwidth>>), SfuError> {
         let ufrag = random_token(16);
         let mut engine = MediaEngine::default();
         engine.register_default_codecs().map_err(SfuError::WebRtc)?;
-        let estimate = Arc::new(AtomicU64::new(0));
+        let bandwidth = Arc::new(Bandwidth::default());
         // Sender reports (the server receives nothing here, so it has nothing to report on,
         // and every interceptor is a copy of each packet); NACKs are answered by the fanout
         // from one cache per publication, through the feedback interceptor.
@@ -412,13 +465,15 @@ impl Egress {
             .with(Slot::SenderReport, SenderReportBuilder::new().build())
             .with(
                 Slot::from(14_000),
-                FeedbackInterceptor::new(self.nacks.clone()).with_estimate(estimate.clone()),
+                FeedbackInterceptor::new(self.nacks.clone())
+                    .with_estimate(bandwidth.estimate.clone()),
             );
         if self.config.bandwidth_estimation {
             // Transport-wide congestion control feedback (TWCC) from the subscriber, for the
             // estimate of what its network carries: transport-wide sequence numbers on what
-            // leaves, and Google congestion control on the feedback, without a pacer (the
-            // engine sends in batches of its own). The feedback interceptor keeps the estimate.
+            // leaves, and our estimator on the feedback (crate::estimator), without rtc's pacer:
+            // the engine paces each subscriber itself. The feedback interceptor keeps the
+            // estimate.
             for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
                 engine.register_feedback(
                     RTCPFeedback {
@@ -441,10 +496,11 @@ impl Egress {
                 .with(Slot::TwccSender, TwccSenderBuilder::new().build())
                 .with(
                     Slot::CongestionControl,
-                    CongestionControlBuilder::new(Gcc::new(
+                    CongestionControlBuilder::new(Estimator::new(
                         INITIAL_ESTIMATE as f64,
                         MIN_ESTIMATE as f64,
                         MAX_ESTIMATE as f64,
+                        bandwidth.probes.clone(),
                     ))
                     .build(),
                 );
@@ -477,7 +533,8 @@ impl Egress {
                 .map_err(SfuError::WebRtc)?;
             pc.add_local_candidate(init).map_err(SfuError::WebRtc)?;
         }
-        Ok((pc, ufrag, estimate))
+        let bandwidth = self.config.bandwidth_estimation.then_some(bandwidth);
+        Ok((pc, ufrag, bandwidth))
     }
 
     pub(crate) fn next_conn_id(&self) -> ConnId {
@@ -562,7 +619,113 @@ struct Conn {
     /// The client's first answer has been applied: until then the connection has no remote ICE
     /// credentials, and the client's early connectivity checks (it retransmits them) are dropped.
     answered: bool,
+    bandwidth: Option<Arc<Bandwidth>>,
+    pacer: Pacer,
     span: tracing::Span,
+}
+
+impl Conn {
+    /// Bytes per second this subscriber's video may leave at now, when it is paced.
+    fn pace(&self) -> Option<f64> {
+        let bandwidth = self.bandwidth.as_ref()?;
+        if !bandwidth.limiting.load(Ordering::Relaxed) {
+            return None;
+        }
+        let estimate = bandwidth.estimate.load(Ordering::Relaxed);
+        (estimate > 0).then(|| estimate as f64 * PACING_FACTOR / 8.0)
+    }
+
+    /// Bytes per second a probe cluster leaves at.
+    fn probe_rate(&self) -> Option<f64> {
+        let estimate = self.bandwidth.as_ref()?.estimate.load(Ordering::Relaxed);
+        (estimate > 0).then(|| estimate as f64 * PROBE_FACTOR / 8.0)
+    }
+
+    /// Hands one packet to the connection (interceptors, SRTP) and queues what it writes.
+    fn write(
+        &mut self,
+        sender: RTCRtpSenderId,
+        packet: rtp::Packet,
+        now: Instant,
+        out: &mut Outbox<'_>,
+    ) -> bool {
+        let written = match self.pc.rtp_sender(sender) {
+            Some(mut sender) => sender.write_rtp(now, packet).is_ok(),
+            None => false,
+        };
+        while let Some(write) = self.pc.poll_write() {
+            push_pending(out.pending, out.by_addr, out.wildcard, write);
+        }
+        written
+    }
+}
+
+/// Where a connection's writes go: the engine's pending datagrams.
+struct Outbox<'a> {
+    pending: &'a mut Vec<Pending>,
+    by_addr: &'a HashMap<SocketAddr, (ConnId, IpAddr)>,
+    wildcard: bool,
+}
+
+/// One subscriber's pacer: a budget of bytes refilled at the pace rate, the video waiting for
+/// it, and a probe cluster being sent at its own rate.
+#[derive(Default)]
+struct Pacer {
+    /// Bytes that may leave now; negative when audio or a burst overdrew it.
+    budget: f64,
+    refilled: Option<Instant>,
+    video: VecDeque<(RTCRtpSenderId, rtp::Packet)>,
+    video_bytes: usize,
+    probe: VecDeque<(RTCRtpSenderId, rtp::Packet)>,
+    /// When the next probe packet leaves, and when the cluster's first one left.
+    probe_next: Option<Instant>,
+    probe_started: Option<Instant>,
+    /// On the engine's list of pacers with something waiting.
+    listed: bool,
+}
+
+impl Pacer {
+    fn refill(&mut self, now: Instant, rate: f64) {
+        let elapsed = self
+            .refilled
+            .map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
+        let burst = (rate * PACER_BURST.as_secs_f64()).max(MIN_PACER_BURST_BYTES);
+        self.budget = (self.budget + rate * elapsed).min(burst);
+        self.refilled = Some(now);
+    }
+
+    /// Whether a packet of `bytes` may leave now, at `rate`: nothing waits before it and the
+    /// budget has room (which it then takes).
+    fn admit(&mut self, now: Instant, rate: f64, bytes: usize) -> bool {
+        self.refill(now, rate);
+        let admitted = self.video.is_empty() && self.budget > 0.0;
+        if admitted {
+            self.budget -= bytes as f64;
+        }
+        admitted
+    }
+
+    fn is_idle(&self) -> bool {
+        self.video.is_empty() && self.probe.is_empty()
+    }
+
+    /// Drops the oldest video beyond what `rate` sends in [`MAX_PACER_DELAY`]; how many.
+    fn trim(&mut self, rate: f64) -> u64 {
+        let limit = (rate * MAX_PACER_DELAY.as_secs_f64()) as usize;
+        let mut dropped = 0;
+        while self.video_bytes > limit
+            && let Some((_, packet)) = self.video.pop_front()
+        {
+            self.video_bytes -= packet_bytes(&packet);
+            dropped += 1;
+        }
+        dropped
+    }
+}
+
+/// A packet's size on the wire, as the estimate counts it.
+fn packet_bytes(packet: &rtp::Packet) -> usize {
+    packet.header.marshal_size() + packet.payload.len() + crate::estimator::PACKET_OVERHEAD
 }
 
 /// A datagram waiting for the next flush.
@@ -587,6 +750,9 @@ struct Engine {
     pending: Vec<Pending>,
     /// Forwarded copies received and not yet written.
     queued: Vec<Outgoing>,
+    /// Connections whose pacer holds something, and when the first of them is due.
+    paced: Vec<ConnId>,
+    next_paced: Option<Instant>,
     /// Copies handed over by fanouts and not yet written, and the limit on them.
     backlog: Arc<Backlog>,
     /// Recent seconds per written copy.
@@ -649,6 +815,7 @@ impl Engine {
                 next_housekeeping = now + HOUSEKEEPING;
             }
             self.handle_timeouts();
+            self.release_paced(now);
             self.flush().await;
             if full_round {
                 tokio::task::yield_now().await;
@@ -660,7 +827,8 @@ impl Engine {
                 .filter_map(|conn| conn.deadline)
                 .min()
                 .unwrap_or(next_housekeeping)
-                .min(next_housekeeping);
+                .min(next_housekeeping)
+                .min(self.next_paced.unwrap_or(next_housekeeping));
             tokio::select! {
                 biased;
                 packets = self.media.recv() => {
@@ -712,9 +880,10 @@ impl Engine {
                 ufrag,
                 participant,
                 events,
+                bandwidth,
                 reply,
             } => {
-                self.open(conn, *pc, ufrag, participant, events);
+                self.open(conn, *pc, ufrag, participant, events, bandwidth);
                 let _ = reply.send(Ok(()));
             }
             EgressInput::AddTrack {
@@ -842,6 +1011,7 @@ impl Engine {
         ufrag: String,
         participant: ParticipantId,
         events: mpsc::UnboundedSender<SfuEvent>,
+        bandwidth: Option<Arc<Bandwidth>>,
     ) {
         let span = tracing::info_span!("subscribe", participant = %participant);
         self.by_ufrag.insert(ufrag.clone(), id);
@@ -858,6 +1028,8 @@ impl Engine {
                 failed: false,
                 connected: false,
                 answered: false,
+                bandwidth,
+                pacer: Pacer::default(),
                 span,
             },
         );
@@ -904,30 +1076,69 @@ impl Engine {
         let now = Instant::now();
         let mut errors = 0;
         let mut current = None;
+        let mut pace = None;
         for Outgoing {
             conn,
             sender,
             packet,
+            class,
         } in queued.drain(..)
         {
             if current != Some(conn) {
                 self.flush().await;
                 current = Some(conn);
+                pace = self.conns.get(&conn).and_then(Conn::pace);
             }
             let Some(c) = self.conns.get_mut(&conn).filter(|c| c.connected) else {
                 errors += 1;
                 continue;
             };
-            match c.pc.rtp_sender(sender) {
-                Some(mut sender) => {
-                    if sender.write_rtp(now, packet).is_err() {
-                        errors += 1;
+            let mut out = Outbox {
+                pending: &mut self.pending,
+                by_addr: &self.by_addr,
+                wildcard: self.wildcard,
+            };
+            let send_now = match (class, pace) {
+                (Class::Probe, _) => {
+                    if c.probe_rate().is_some() {
+                        c.pacer.probe.push_back((sender, packet));
+                        c.pacer.probe_next.get_or_insert(now);
+                        list_pacer(&mut self.paced, c, conn);
+                        continue;
+                    }
+                    false
+                }
+                (_, None) => true,
+                (Class::Resend, Some(rate)) => {
+                    if !c.pacer.admit(now, rate, packet_bytes(&packet)) {
+                        self.stats.paced_drops.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    true
+                }
+                (Class::Audio, Some(rate)) => {
+                    // Audio never waits, but takes its share, so video makes room for it.
+                    c.pacer.refill(now, rate);
+                    c.pacer.budget -= packet_bytes(&packet) as f64;
+                    true
+                }
+                (Class::Video, Some(rate)) => {
+                    if c.pacer.admit(now, rate, packet_bytes(&packet)) {
+                        true
+                    } else {
+                        c.pacer.video_bytes += packet_bytes(&packet);
+                        c.pacer.video.push_back((sender, packet));
+                        let dropped = c.pacer.trim(rate);
+                        if dropped > 0 {
+                            self.stats.paced_drops.fetch_add(dropped, Ordering::Relaxed);
+                        }
+                        list_pacer(&mut self.paced, c, conn);
+                        continue;
                     }
                 }
-                None => errors += 1,
-            }
-            while let Some(write) = c.pc.poll_write() {
-                push_pending(&mut self.pending, &self.by_addr, self.wildcard, write);
+            };
+            if send_now && !c.write(sender, packet, now, &mut out) {
+                errors += 1;
             }
         }
         self.flush().await;
@@ -944,6 +1155,83 @@ impl Engine {
         if errors > 0 {
             self.stats.write_errors.fetch_add(errors, Ordering::Relaxed);
         }
+    }
+
+    /// Sends what pacers hold and is due: video within each budget, probe packets at their
+    /// cluster's rate. Notes when the next is due.
+    fn release_paced(&mut self, now: Instant) {
+        self.next_paced = None;
+        if self.paced.is_empty() {
+            return;
+        }
+        let mut paced = std::mem::take(&mut self.paced);
+        let mut out = Outbox {
+            pending: &mut self.pending,
+            by_addr: &self.by_addr,
+            wildcard: self.wildcard,
+        };
+        let mut next: Option<Instant> = None;
+        paced.retain(|id| {
+            let Some(c) = self.conns.get_mut(id) else {
+                return false;
+            };
+            match c.pace() {
+                Some(rate) => {
+                    c.pacer.refill(now, rate);
+                    while c.pacer.budget > 0.0
+                        && let Some((sender, packet)) = c.pacer.video.pop_front()
+                    {
+                        let bytes = packet_bytes(&packet);
+                        c.pacer.video_bytes -= bytes;
+                        c.pacer.budget -= bytes as f64;
+                        c.write(sender, packet, now, &mut out);
+                    }
+                    if !c.pacer.video.is_empty() {
+                        let wait = (1.0 - c.pacer.budget) / rate;
+                        let due = now + Duration::from_secs_f64(wait.clamp(0.0, 1.0));
+                        next = Some(next.map_or(due, |n| n.min(due)));
+                    }
+                }
+                // No longer limited: whatever waits leaves now.
+                None => {
+                    while let Some((sender, packet)) = c.pacer.video.pop_front() {
+                        c.write(sender, packet, now, &mut out);
+                    }
+                    c.pacer.video_bytes = 0;
+                }
+            }
+            if let Some(rate) = c.probe_rate() {
+                while c.pacer.probe_next.is_some_and(|at| at <= now)
+                    && let Some((sender, packet)) = c.pacer.probe.pop_front()
+                {
+                    let bytes = packet_bytes(&packet);
+                    let started = *c.pacer.probe_started.get_or_insert(now);
+                    c.write(sender, packet, now, &mut out);
+                    if c.pacer.probe.is_empty() {
+                        if let Some(bandwidth) = &c.bandwidth {
+                            bandwidth.probes.sent(started, now);
+                        }
+                        self.stats.probes_sent.fetch_add(1, Ordering::Relaxed);
+                        c.pacer.probe_next = None;
+                        c.pacer.probe_started = None;
+                    } else {
+                        let gap = Duration::from_secs_f64(bytes as f64 / rate);
+                        c.pacer.probe_next = c.pacer.probe_next.map(|at| at + gap);
+                    }
+                }
+                if let Some(due) = c.pacer.probe_next {
+                    next = Some(next.map_or(due, |n| n.min(due)));
+                }
+            } else {
+                c.pacer.probe.clear();
+                c.pacer.probe_next = None;
+                c.pacer.probe_started = None;
+            }
+            c.pacer.listed = !c.pacer.is_idle();
+            c.pacer.listed
+        });
+        self.paced = paced;
+        self.next_paced = next;
     }
 
     fn queue_write(&mut self, write: TaggedBytesMut) {
@@ -1166,6 +1454,14 @@ impl Engine {
     }
 }
 
+/// Puts a connection whose pacer now holds something on the engine's list (once).
+fn list_pacer(paced: &mut Vec<ConnId>, conn: &mut Conn, id: ConnId) {
+    if !conn.pacer.listed {
+        conn.pacer.listed = true;
+        paced.push(id);
+    }
+}
+
 /// Queues one encrypted datagram for the next flush. On a wildcard socket it leaves from the
 /// local IP its peer reached us on, so a multi-homed host answers from the right address.
 fn push_pending(
@@ -1279,6 +1575,7 @@ mod tests {
                 conn: 1,
                 sender: RTCRtpSenderId::default(),
                 packet: rtp::Packet::default(),
+                class: Class::Video,
             })
             .collect()
     }

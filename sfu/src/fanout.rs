@@ -17,7 +17,7 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
 use crate::SfuEvent;
 use crate::allocation::Grant;
-use crate::egress::{Admission, ConnId, EgressSender, Outgoing, Refused};
+use crate::egress::{Admission, Class, ConnId, EgressSender, Outgoing, Refused};
 use crate::feedback::KeyframeThrottle;
 use crate::forwarder::{ALL_TEMPORAL_LAYERS, DropReason, Forwarder, ForwarderParams, PacketCache};
 use crate::ids::{MediaKind, ParticipantId, PublicationId};
@@ -61,10 +61,19 @@ pub(crate) enum FanoutCommand {
         key: SubscriptionKey,
         grant: Grant,
     },
+    /// Send about `bytes` of this subscription's most recent packets again, as a probe cluster
+    /// (the subscriber discards the duplicates; its feedback shows what its link carries).
+    Probe {
+        key: SubscriptionKey,
+        bytes: usize,
+    },
     /// The publisher stopped sending on this media section (a re-offer made it inactive): the
     /// publication ends, as when its track ends.
     End,
 }
+
+/// Most packets in one probe cluster (a cluster for a fast link is shorter, not bigger).
+const MAX_PROBE_PACKETS: usize = 200;
 
 /// Packets a video publication keeps for retransmission: several seconds at camera rates.
 pub(crate) const VIDEO_CACHE_PACKETS: usize = 1024;
@@ -163,6 +172,8 @@ struct Slot {
     grant: Grant,
     /// The layer last forwarded, to count switches.
     counted_layer: Option<u8>,
+    /// Padding packets of a probe waiting for the end of a frame.
+    probe_pending: u16,
 }
 
 /// A layer nobody needs any more is turned off at the publisher only after this long, so a tile
@@ -276,8 +287,11 @@ fn smooth_into(rate: &AtomicU64, bytes: u64) {
     rate.store(smoothed, Ordering::Relaxed);
 }
 
-/// Bytes counted for an RTP header when measuring a layer's bitrate.
-const RTP_HEADER_BYTES: usize = 12;
+/// Bytes counted beyond the payload when measuring a layer's bitrate: the RTP header, a
+/// transport-wide sequence number, and the wire overhead the estimate counts too, so that
+/// layer costs and the estimate are the same kind of rate (for audio's small packets the
+/// overhead is a third of the cost).
+const RTP_HEADER_BYTES: usize = 12 + 8 + crate::estimator::PACKET_OVERHEAD;
 
 /// The keyframe-request bit of `layer`.
 fn keyframe_mask(layer: Option<u8>) -> u8 {
@@ -394,6 +408,7 @@ impl Fanout {
                     view: None,
                     grant: Grant::UpTo(u8::MAX),
                     counted_layer: None,
+                    probe_pending: 0,
                 };
                 slot.forwarder
                     .set_target(self.target_of(&slot, Instant::now()));
@@ -456,8 +471,50 @@ impl Fanout {
                     self.request_keyframes(wanted).await;
                 }
             }
+            FanoutCommand::Probe { key, bytes } => self.probe(key, bytes, slots),
             // Ends the run loop before it gets here.
             FanoutCommand::End => {}
+        }
+    }
+
+    /// How the engine paces this publication's packets.
+    fn class(&self) -> Class {
+        match self.kind {
+            MediaKind::Audio => Class::Audio,
+            MediaKind::Video => Class::Video,
+        }
+    }
+
+    /// Sends a probe cluster of about `bytes` on one subscription: padding-only packets after
+    /// the last one sent, now if that ended a frame, else after the next that does (padding
+    /// inside a frame would split it). Duplicates of sent packets would not do: SRTP's replay
+    /// protection drops them before congestion control counts them.
+    fn probe(&mut self, key: SubscriptionKey, bytes: usize, slots: &mut [Slot]) {
+        let Some(slot) = slots.iter_mut().find(|slot| slot.key == key) else {
+            return;
+        };
+        slot.probe_pending = bytes
+            .div_ceil(crate::forwarder::PADDING_PACKET_BYTES)
+            .clamp(1, MAX_PROBE_PACKETS) as u16;
+        Self::send_probe(slot);
+    }
+
+    /// Sends the probe a slot waits to send, when it can go now.
+    fn send_probe(slot: &mut Slot) {
+        let cluster: Vec<Outgoing> = slot
+            .forwarder
+            .padding(slot.probe_pending)
+            .into_iter()
+            .map(|packet| Outgoing {
+                conn: slot.route.conn,
+                sender: slot.route.sender,
+                packet,
+                class: Class::Probe,
+            })
+            .collect();
+        if !cluster.is_empty() {
+            slot.probe_pending = 0;
+            let _ = slot.route.egress.try_forward(cluster);
         }
     }
 
@@ -466,11 +523,16 @@ impl Fanout {
     fn retransmit(&mut self, key: SubscriptionKey, seqs: &[u16], slots: &mut [Slot]) -> Option<u8> {
         let slot = slots.iter_mut().find(|slot| slot.key == key)?;
         let (mut sent_again, mut missed) = (0u64, 0u64);
+        let now = Instant::now();
         for &seq in seqs {
             let Some(sent) = slot.forwarder.sent(seq) else {
                 missed += 1;
                 continue;
             };
+            // Padding, or sent again a moment ago (that copy is on its way).
+            if !slot.forwarder.mark_resent(seq, now) {
+                continue;
+            }
             let cache = self
                 .layers
                 .index_of(sent.source_ssrc)
@@ -489,6 +551,10 @@ impl Fanout {
                 conn: slot.route.conn,
                 sender: slot.route.sender,
                 packet,
+                class: match self.kind {
+                    MediaKind::Audio => Class::Audio,
+                    MediaKind::Video => Class::Resend,
+                },
             };
             if slot.route.egress.try_forward(vec![outgoing]).is_ok() {
                 sent_again += 1;
@@ -604,13 +670,18 @@ impl Fanout {
             }
         }
         let mut batch: Vec<Outgoing> = Vec::with_capacity(slots.len());
+        let class = self.class();
         // Every slot shares one engine today; a slot of another engine gets its own message.
         let mut egress: Option<&EgressSender> = None;
         self.in_batch.clear();
         let mut others = Vec::new();
+        let mut probing = Vec::new();
         for (index, slot) in slots.iter_mut().enumerate() {
             match slot.forwarder.forward(&packet, layer, now) {
                 Ok(out) => {
+                    if slot.probe_pending > 0 {
+                        probing.push(index);
+                    }
                     if slot.counted_layer != Some(layer) {
                         if slot.counted_layer.is_some() {
                             self.pending.switches += 1;
@@ -621,6 +692,7 @@ impl Fanout {
                         conn: slot.route.conn,
                         sender: slot.route.sender,
                         packet: out,
+                        class,
                     };
                     let same = egress.is_none_or(|tx| tx.same_engine(&slot.route.egress));
                     if same {
@@ -677,6 +749,13 @@ impl Fanout {
             slots[index].forwarder.lost_after_forward();
             self.pending.dropped += 1;
             needs_keyframe |= keyframe_mask(slots[index].forwarder.wanted_keyframe());
+        }
+        // After the frame it ends (a lost packet leaves the forwarder waiting for a keyframe,
+        // and it sends no padding then).
+        for index in probing {
+            if let Some(slot) = slots.get_mut(index) {
+                Self::send_probe(slot);
+            }
         }
         if closed {
             slots.retain(|slot| !slot.route.egress.is_closed());

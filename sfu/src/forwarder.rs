@@ -149,6 +149,21 @@ impl SeqTsMap {
         (out_seq, out_ts)
     }
 
+    /// Takes the next `count` outgoing sequence numbers for packets of our own (padding), so
+    /// what is forwarded next continues after them: the first, and the timestamp to give them
+    /// (the last one sent). `None` before anything was sent, or while a reordered packet could
+    /// still take one of those numbers.
+    pub fn reserve(&mut self, count: u16) -> Option<(u16, u32)> {
+        let state = self.state.as_mut()?;
+        if state.highest_in_seq.wrapping_add(state.seq_offset) != state.last_out_seq {
+            return None;
+        }
+        let first = state.last_out_seq.wrapping_add(1);
+        state.seq_offset = state.seq_offset.wrapping_add(count);
+        state.last_out_seq = state.last_out_seq.wrapping_add(count);
+        Some((first, state.last_out_ts))
+    }
+
     /// Records that the newest packet `seq` of `ssrc` was dropped for this subscriber, so the
     /// outgoing sequence shows no hole the subscriber would NACK in vain.
     pub fn skip(&mut self, ssrc: u32, seq: u16) {
@@ -161,6 +176,10 @@ impl SeqTsMap {
         }
     }
 }
+
+/// A padding packet on the wire: RTP header, the transport-wide sequence number extension,
+/// 4 bytes of padding, and [`PACKET_OVERHEAD`](crate::estimator::PACKET_OVERHEAD).
+pub const PADDING_PACKET_BYTES: usize = 12 + 8 + 4 + crate::estimator::PACKET_OVERHEAD;
 
 /// How many recently sent packets a forwarder remembers, to map a subscriber's NACK back to
 /// the publisher's packet. Matches the publication cache for video.
@@ -179,7 +198,16 @@ pub struct SentPacket {
     pub ts_offset: u32,
     /// Added to the publisher's VP8 picture id and TL0PICIDX.
     pub vp8_offsets: (u16, u8),
+    /// A padding packet of a probe: nothing to resend, nothing lost if it never arrives.
+    pub padding: bool,
+    /// When it was last sent again for a NACK.
+    pub resent_at: Option<Instant>,
 }
+
+/// A packet is sent again for a NACK at most this often: a receiver repeats its NACK every
+/// round trip until the packet comes, and on a congested link the first resend is still
+/// queued when the next NACK arrives (every copy would deepen the congestion).
+pub const RESEND_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Every temporal layer: the default target.
 pub const ALL_TEMPORAL_LAYERS: u8 = u8::MAX;
@@ -208,6 +236,9 @@ pub struct Forwarder {
     vp8: Vp8Munger,
     numbers: SeqTsMap,
     sent: Box<[Option<SentPacket>]>,
+    /// The last packet sent ended a frame (every audio packet does): padding may follow it
+    /// without splitting a frame's sequence numbers.
+    at_frame_end: bool,
 }
 
 impl Forwarder {
@@ -230,12 +261,72 @@ impl Forwarder {
             vp8: Vp8Munger::default(),
             numbers: SeqTsMap::default(),
             sent: vec![None; SENT_HISTORY].into_boxed_slice(),
+            at_frame_end: false,
         }
+    }
+
+    /// Up to `count` padding-only packets to send after what was last sent (probe packets the
+    /// receiver counts for congestion control and otherwise discards), numbered in sequence so
+    /// nothing forwarded later is taken for lost. None while the subscription is not sending
+    /// or is inside a frame.
+    pub fn padding(&mut self, count: u16) -> Vec<rtp::Packet> {
+        let Some(params) = self.params.as_deref() else {
+            return Vec::new();
+        };
+        if count == 0 || self.held() || self.waiting_for_keyframe || !self.at_frame_end {
+            return Vec::new();
+        }
+        let Some((first, timestamp)) = self.numbers.reserve(count) else {
+            return Vec::new();
+        };
+        (0..count)
+            .map(|i| {
+                let seq = first.wrapping_add(i);
+                self.sent[usize::from(seq) % SENT_HISTORY] = Some(SentPacket {
+                    seq,
+                    padding: true,
+                    ..Default::default()
+                });
+                rtp::Packet {
+                    header: rtp::Header {
+                        version: 2,
+                        // `rtp` writes only the padding that aligns the payload (4 bytes
+                        // here), so probe packets are small and many.
+                        padding: true,
+                        payload_type: params.payload_type,
+                        sequence_number: seq,
+                        timestamp,
+                        ssrc: params.ssrc,
+                        ..Default::default()
+                    },
+                    payload: Default::default(),
+                }
+            })
+            .collect()
     }
 
     /// What was sent as outgoing `seq`, if it is still remembered.
     pub fn sent(&self, seq: u16) -> Option<SentPacket> {
         self.sent[usize::from(seq) % SENT_HISTORY].filter(|sent| sent.seq == seq)
+    }
+
+    /// Records that outgoing `seq` is sent again now; false when it was less than
+    /// [`RESEND_INTERVAL`] ago (or is padding), and it should not be.
+    pub fn mark_resent(&mut self, seq: u16, now: Instant) -> bool {
+        let Some(sent) = self.sent[usize::from(seq) % SENT_HISTORY]
+            .as_mut()
+            .filter(|sent| sent.seq == seq && !sent.padding)
+        else {
+            return false;
+        };
+        if sent
+            .resent_at
+            .is_some_and(|at| now.saturating_duration_since(at) < RESEND_INTERVAL)
+        {
+            return false;
+        }
+        sent.resent_at = Some(now);
+        true
     }
 
     /// Rewrites a copy of the publisher's packet into the retransmission of `sent`: the same
@@ -446,6 +537,8 @@ impl Forwarder {
             seq,
             ts_offset: ts.wrapping_sub(source.timestamp),
             vp8_offsets: self.vp8.offsets(),
+            padding: false,
+            resent_at: None,
         });
         let mut out = rtp::Packet {
             header: packet.header.clone(),
@@ -454,6 +547,7 @@ impl Forwarder {
         out.header.sequence_number = seq;
         out.header.timestamp = ts;
         rewrite_header(&mut out.header, params);
+        self.at_frame_end = self.kind == MediaKind::Audio || out.header.marker;
         Ok(out)
     }
 }
@@ -657,6 +751,56 @@ mod tests {
             .forward(&packet(7, 13, &[0x10, 0x01]), 0, now)
             .expect("then everything passes");
         assert_eq!(next.header.sequence_number, key.header.sequence_number + 1);
+    }
+
+    #[test]
+    fn probe_padding_goes_between_frames_and_what_follows_continues_after_it() {
+        use rtc::shared::marshal::{Marshal, Unmarshal};
+        let mut forwarder = Forwarder::new(MediaKind::Video, "video/VP8", 90_000);
+        forwarder.configure(ForwarderParams::new(0xABCD, 100, &[], &[]));
+        let now = Instant::now();
+        forwarder
+            .forward(&packet(7, 1, &[0x10, 0x00, 0xAA]), 0, now)
+            .expect("a keyframe starts it");
+        assert!(forwarder.padding(3).is_empty(), "no padding inside a frame");
+        let mut last = packet(7, 2, &[0x00, 0xBB]);
+        last.header.marker = true;
+        let end = forwarder.forward(&last, 0, now).expect("the frame's end");
+        let padding = forwarder.padding(3);
+        let seqs: Vec<u16> = padding.iter().map(|p| p.header.sequence_number).collect();
+        let after = end.header.sequence_number;
+        assert_eq!(seqs, [after + 1, after + 2, after + 3]);
+        for p in &padding {
+            assert_eq!((p.header.ssrc, p.header.payload_type), (0xABCD, 100));
+            assert_eq!(p.header.timestamp, end.header.timestamp);
+            let wire = p.marshal().expect("marshals");
+            let parsed = rtp::Packet::unmarshal(&mut wire.clone()).expect("parses");
+            assert!(
+                parsed.header.padding && parsed.payload.is_empty(),
+                "padding only"
+            );
+        }
+        let next = forwarder
+            .forward(&packet(7, 3, &[0x10, 0x01]), 0, now)
+            .expect("the next frame");
+        assert_eq!(
+            next.header.sequence_number,
+            after + 4,
+            "no hole after the padding"
+        );
+        assert!(
+            !forwarder.mark_resent(after + 1, now),
+            "a NACK for padding is not answered"
+        );
+        assert!(
+            forwarder.mark_resent(after, now),
+            "a real packet is sent again"
+        );
+        assert!(
+            !forwarder.mark_resent(after, now + RESEND_INTERVAL / 2),
+            "but not again while that copy is on its way"
+        );
+        assert!(forwarder.mark_resent(after, now + RESEND_INTERVAL));
     }
 
     #[test]

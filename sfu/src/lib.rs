@@ -26,6 +26,7 @@
 pub mod allocation;
 mod config;
 mod egress;
+pub mod estimator;
 mod fanout;
 mod feedback;
 pub mod forwarder;

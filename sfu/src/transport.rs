@@ -4,7 +4,7 @@
 //! and a subscribe transport (the server offers and sends). Offers on each are made by one side
 //! only, so they never collide.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -27,9 +27,10 @@ use webrtc::peer_connection::{
 };
 
 use crate::allocation::{
-    Allocator, Demand, Grant, RISE_DENOMINATOR, RISE_NUMERATOR, allocate, settle, unlimited_cost,
+    Allocator, Demand, Grant, KEEP_DENOMINATOR, KEEP_NUMERATOR, RISE_DENOMINATOR, RISE_NUMERATOR,
+    allocate, settle, unlimited_cost,
 };
-use crate::egress::{ConnId, Egress, EgressInput, FeedbackRoute};
+use crate::egress::{Bandwidth, ConnId, Egress, EgressInput, FeedbackRoute, PROBE_FACTOR};
 use crate::fanout::{
     AUDIO_CACHE_PACKETS, Counts, Dynacast, Fanout, FanoutCommand, FanoutOwner, PublicationStats,
     Route, SubscriptionKey, VIDEO_CACHE_PACKETS,
@@ -691,15 +692,35 @@ pub struct SubscribeTransport {
     egress: Egress,
     conn: ConnId,
     participant: ParticipantId,
-    /// The connection's send-side bandwidth estimate, bits per second (0: none yet).
-    estimate: Arc<AtomicU64>,
+    /// The connection's bandwidth estimate and pacing, when it estimates.
+    bandwidth: Option<Arc<Bandwidth>>,
     allocator: Allocator,
+    /// When the next probe cluster may go, and the estimate when the last one went.
+    next_probe: Option<Instant>,
+    probe_interval: Duration,
+    estimate_at_probe: u64,
+    /// The estimates of the last allocations: a rise needs the lowest of them to allow it.
+    recent_estimates: VecDeque<u64>,
     subscriptions: HashMap<PublicationId, SubscriptionState>,
     span: tracing::Span,
     closed: bool,
 }
 
 static NEXT_SUBSCRIPTION_KEY: AtomicU64 = AtomicU64::new(1);
+
+/// A subscription rises only when the estimates of this many allocations in a row (about two
+/// seconds) allow it: a probe that overshoots for a moment does not raise layers that the next
+/// back-off pauses again.
+const RISE_EVIDENCE: usize = 4;
+
+/// How long a probe cluster lasts at its rate (about that: it is made of whole packets).
+const PROBE_DURATION: Duration = Duration::from_millis(30);
+/// The least a probe cluster carries: five full packets, enough to measure a rate.
+const MIN_PROBE_BYTES: usize = 6_000;
+/// Probes while they raise the estimate go this often...
+const MIN_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// ... and at least this often while they do not.
+const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(3);
 
 impl SubscribeTransport {
     pub(crate) async fn new(
@@ -710,7 +731,7 @@ impl SubscribeTransport {
         let egress = shared.egress()?;
         let conn = egress.next_conn_id();
         let owner = participant.clone();
-        let (pc, ufrag, estimate) = egress.build_connection()?;
+        let (pc, ufrag, bandwidth) = egress.build_connection()?;
         egress
             .call(|reply| EgressInput::Open {
                 conn,
@@ -718,6 +739,7 @@ impl SubscribeTransport {
                 ufrag,
                 participant: owner,
                 events,
+                bandwidth: bandwidth.clone(),
                 reply,
             })
             .await?;
@@ -726,8 +748,12 @@ impl SubscribeTransport {
             egress,
             conn,
             participant,
-            estimate,
+            bandwidth,
             allocator: Allocator::default(),
+            next_probe: None,
+            probe_interval: MIN_PROBE_INTERVAL,
+            estimate_at_probe: 0,
+            recent_estimates: VecDeque::with_capacity(RISE_EVIDENCE),
             subscriptions: HashMap::new(),
             span,
             closed: false,
@@ -892,7 +918,13 @@ impl SubscribeTransport {
     /// The connection's send-side bandwidth estimate in bits per second (from the subscriber's
     /// transport-wide congestion control feedback), once there is one.
     pub fn estimate(&self) -> Option<u64> {
-        Some(self.estimate.load(Ordering::Relaxed)).filter(|&bps| bps > 0)
+        Some(self.current_estimate()).filter(|&bps| bps > 0)
+    }
+
+    fn current_estimate(&self) -> u64 {
+        self.bandwidth
+            .as_ref()
+            .map_or(0, |bandwidth| bandwidth.estimate.load(Ordering::Relaxed))
     }
 
     /// Splits the bandwidth estimate over the subscriptions (docs/architecture.md, *Bandwidth*):
@@ -928,11 +960,33 @@ impl SubscribeTransport {
                 }
             })
             .collect();
-        let estimate = self.estimate.load(Ordering::Relaxed);
-        let budget = self.allocator.budget(estimate, unlimited_cost(&demands));
-        let keeps = allocate(budget, &demands);
+        let estimate = self.current_estimate();
+        let unlimited = unlimited_cost(&demands);
+        let budget = self.allocator.budget(estimate, unlimited);
+        if let Some(bandwidth) = &self.bandwidth {
+            bandwidth
+                .limiting
+                .store(budget.is_some(), Ordering::Relaxed);
+        }
+        if budget.is_some() && unlimited > estimate {
+            self.probe(estimate, now).await;
+        }
+        if self.recent_estimates.len() == RISE_EVIDENCE {
+            self.recent_estimates.pop_front();
+        }
+        self.recent_estimates.push_back(estimate);
+        let lowest_recent = self
+            .recent_estimates
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(estimate);
+        let keeps = allocate(
+            budget.map(|bps| bps * KEEP_NUMERATOR / KEEP_DENOMINATOR),
+            &demands,
+        );
         let rises = allocate(
-            budget.map(|bps| bps * RISE_NUMERATOR / RISE_DENOMINATOR),
+            budget.map(|bps| bps.min(lowest_recent) * RISE_NUMERATOR / RISE_DENOMINATOR),
             &demands,
         );
         let mut changes = Vec::new();
@@ -987,6 +1041,45 @@ impl SubscribeTransport {
             }
         }
         changes
+    }
+
+    /// Sends a probe cluster on one video subscription when one is due: the allocation wants
+    /// more than the estimate, and only a rate the link has shown raises it. Probes go every
+    /// second while they raise the estimate, less often (up to [`MAX_PROBE_INTERVAL`]) while
+    /// they do not.
+    async fn probe(&mut self, estimate: u64, now: Instant) {
+        if self.next_probe.is_some_and(|at| now < at) {
+            return;
+        }
+        self.probe_interval =
+            if self.next_probe.is_none() || estimate * 10 > self.estimate_at_probe * 11 {
+                MIN_PROBE_INTERVAL
+            } else {
+                (self.probe_interval * 2).min(MAX_PROBE_INTERVAL)
+            };
+        self.next_probe = Some(now + self.probe_interval);
+        self.estimate_at_probe = estimate;
+        // Padding follows a video's frame or any audio packet: a video being sent is best (its
+        // frames come often), a microphone when every video is paused.
+        let Some(state) = self
+            .subscriptions
+            .values()
+            .filter(|state| state.configured)
+            .min_by_key(|state| {
+                let video = state.publication.kind == MediaKind::Video;
+                (
+                    !video || state.grant == Grant::Paused || state.paused,
+                    !video,
+                )
+            })
+        else {
+            return;
+        };
+        let bytes = (estimate as f64 * PROBE_FACTOR * PROBE_DURATION.as_secs_f64() / 8.0) as usize;
+        let _ = state.publication.commands.try_send(FanoutCommand::Probe {
+            key: state.key,
+            bytes: bytes.max(MIN_PROBE_BYTES),
+        });
     }
 
     /// Removes a subscription; its section goes inactive in the next offer.

@@ -185,6 +185,18 @@ fn media_rows(state: &AppState) -> Vec<Row> {
                 "Forwarded copies the egress engine admits at most (40 ms at its recent pace)",
                 egress.backlog_limit.load(Relaxed),
             ),
+            (
+                Kind::Counter,
+                "egress_paced_drops",
+                "Video packets a subscriber's pacer dropped: held 500 ms, or a NACK resend while video waited",
+                egress.paced_drops.load(Relaxed),
+            ),
+            (
+                Kind::Counter,
+                "egress_probes",
+                "Probe clusters sent to learn whether a subscriber's link carries more",
+                egress.probes_sent.load(Relaxed),
+            ),
         ]);
     }
     rows

@@ -26,6 +26,29 @@ const report = (fields) => console.log(JSON.stringify({ shaped: fields.shaped, .
 
 /** @param {string[]} args */
 const rig = (...args) => execFileSync(RIG, args, { stdio: 'inherit' });
+/**
+ * Server counters that explain a phase: keyframe requests, NACKs, probe clusters, video the
+ * pacers dropped.
+ * @param {string} base
+ */
+const serverCounters = async (base) => {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  /** @type {Record<string, number>} */
+  const out = {};
+  for (const name of ['keyframe_requests', 'nacks', 'egress_probes', 'egress_paced_drops']) {
+    out[name] = Number(new RegExp(`^switchboard_${name}(?:_total)? (\\d+)`, 'm').exec(text)?.[1] ?? 0);
+  }
+  return out;
+};
+/** @param {Record<string, number>} a @param {Record<string, number>} b */
+const counterDelta = (a, b) => Object.fromEntries(Object.keys(b).map((k) => [k, b[k] - (a[k] ?? 0)]));
+/** What the shaped link towards the subscriber dropped (its queue overflowing) and sent, so far. */
+const linkStats = () => {
+  const text = execFileSync('tc', ['-s', 'qdisc', 'show', 'dev', `sl${LINK}s`], { encoding: 'utf8' });
+  const sent = Number(/Sent \d+ bytes (\d+) pkt/.exec(text)?.[1] ?? 0);
+  const dropped = Number(/dropped (\d+)/.exec(text)?.[1] ?? 0);
+  return { sent, dropped };
+};
 
 /**
  * In the page: joins with the SDK; publishers with camera and microphone, subscribers with
@@ -185,6 +208,15 @@ async function main() {
   let carolSamples = [];
   await step('600 kbit/s: audio whole, video low, no long freeze, the estimate near the link', async () => {
     const windowStart = await dave.evaluate(() => performance.now() + 5000);
+    // Counted over the settled window, as the rest: from 5 s in.
+    /** @type {{ sent: number, dropped: number }} */
+    let linkBefore = linkStats();
+    /** @type {Record<string, number>} */
+    let countersBefore = {};
+    const settling = sleep(5000).then(async () => {
+      linkBefore = linkStats();
+      countersBefore = await serverCounters(base);
+    });
     const [shaped, open] = await Promise.all([sampleFor(dave, 25), sampleFor(carol, 25)]);
     carolSamples = carolSamples.concat(open.slice(5));
     const settled = shaped.slice(5);
@@ -205,7 +237,11 @@ async function main() {
       const b = last.videos.find((/** @type {any} */ v) => v.name === n)?.freezes ?? 0;
       return b - a;
     });
-    report({ shaped: 'slow_link', kbps: received, estimate: last.estimate, audioLossPercent: loss, widths: widths(last, publishers), allocations: last.allocations, keptSending: sent, frozenSeconds: frozen, events: events.map((e) => `${e.name}:${e.state}@${Math.round(e.at)}`) });
+    await settling;
+    const linkAfter = linkStats();
+    const linkDropPercent = (100 * (linkAfter.dropped - linkBefore.dropped)) / Math.max(1, linkAfter.sent - linkBefore.sent + linkAfter.dropped - linkBefore.dropped);
+    const counters = counterDelta(countersBefore, await serverCounters(base));
+    report({ shaped: 'slow_link', kbps: received, linkDropPercent, counters, estimate: last.estimate, audioLossPercent: loss, widths: widths(last, publishers), allocations: last.allocations, keptSending: sent, frozenSeconds: frozen, events: events.map((e) => `${e.name}:${e.state}@${Math.round(e.at)}`) });
     check('the shaped subscriber hears every microphone with under 2 % loss', last.audios.length >= 2 && loss < 2, `${loss.toFixed(2)} % at worst over ${last.audios.length} microphones`);
     check('its videos are lowered or paused for the link', last.allocations.length > 0 && widths(last, publishers).every((w) => w < 640), `${JSON.stringify(last.allocations)}, widths ${widths(last, publishers)}`);
     check('after its first 5 s, no video it keeps receiving freezes for more than 1 s in all', sent.length > 0 && frozen.every((s) => s <= 1), `${sent.map((n, i) => `${n} ${frozen[i].toFixed(2)} s`).join(', ') || 'every video paused at some time'}`);
