@@ -453,10 +453,13 @@ impl Estimator {
         // A probe past the link's rate loses packets by design: what it measured says so, and
         // counting its losses here would lower the estimate for probing.
         for report in reports {
-            if self
-                .measuring
-                .iter()
-                .any(|probe| probe.window.contains(report.departure))
+            // `rtc` reports a packet without a transport-wide sequence number (a stream that did
+            // not negotiate it, as Firefox's audio) as lost: its feedback cannot name it.
+            if !report.is_twcc
+                || self
+                    .measuring
+                    .iter()
+                    .any(|probe| probe.window.contains(report.departure))
             {
                 continue;
             }
@@ -499,7 +502,7 @@ impl Estimator {
         for report in reports {
             newest_departure = newest_departure.max(Some(report.departure));
             for probe in &mut self.measuring {
-                if probe.window.contains(report.departure) {
+                if report.is_twcc && probe.window.contains(report.departure) {
                     probe.add(report);
                 }
             }
@@ -748,6 +751,41 @@ mod tests {
         assert!(
             estimates[5..].iter().all(|e| *e <= 780_000.0),
             "at most 30 % over 600 kbit/s after 5 s, from delay alone: {estimates:?}"
+        );
+    }
+
+    #[test]
+    fn packets_feedback_cannot_name_are_not_loss() {
+        let (mut estimator, _probes) = estimator(1_000_000.0);
+        let epoch = Instant::now();
+        for round in 0..40u64 {
+            let at = epoch + Duration::from_millis(50 * round);
+            let reports: Vec<PacketReport> = (0..20u64)
+                .map(|i| {
+                    let id = round * 20 + i;
+                    // Every other packet is of a stream without transport-wide numbers.
+                    let is_twcc = i % 2 == 0;
+                    let arrival = Duration::from_micros(20_000 + 50_000 * round + 2500 * i);
+                    PacketReport {
+                        ssrc: 1,
+                        id,
+                        rtp_sequence_number: id as u16,
+                        is_twcc,
+                        twcc_sequence_number: id as u16,
+                        size: 1200,
+                        arrived: is_twcc,
+                        departure: at + Duration::from_micros(2500 * i),
+                        arrival: is_twcc.then_some(arrival),
+                        ecn: Default::default(),
+                    }
+                })
+                .collect();
+            estimator.on_reports(at + Duration::from_millis(70), &reports);
+        }
+        assert!(
+            estimator.target_bitrate() >= 1_000_000.0,
+            "half the packets unnameable by feedback is no loss: {}",
+            estimator.target_bitrate()
         );
     }
 

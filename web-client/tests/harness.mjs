@@ -231,6 +231,10 @@ export async function launchFirefox() {
     protocolTimeout: 60_000,
     timeout: 30_000,
     extraPrefsFirefox: FIREFOX_PREFS,
+    // The window sets the size: page.setViewport also overrides the screen orientation, a
+    // WebDriver BiDi command Debian's Firefox ESR 140 does not have.
+    defaultViewport: null,
+    args: ['--width=1000', '--height=760'],
   });
   return firefox;
 }
@@ -248,7 +252,6 @@ export async function openFirefoxPage(name, url, initScript) {
   if (!firefox) throw new Error('launchFirefox() first');
   const context = await firefox.createBrowserContext();
   const page = await context.newPage();
-  await page.setViewport({ width: 1000, height: 760 });
   if (initScript) await page.evaluateOnNewDocument(initScript);
   const consoleLog = createWriteStream(path.join(outDir, `console-${name}.log`));
   page.on('console', (msg) => {
