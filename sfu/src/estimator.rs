@@ -1,9 +1,12 @@
 //! What one subscriber's network carries: a send-side bandwidth estimate from its
 //! transport-wide congestion control feedback, in the manner of Google congestion control.
 //!
-//! The delay signal (arrival groups, a Kalman-filtered delay gradient, an adaptive overuse
-//! threshold) is `rtc`'s. The rate control on top is ours, because an SFU sends differently from
-//! an encoder, and `rtc`'s AIMD measured badly on shaped links (docs/benchmarks.md):
+//! Arrival groups and the acknowledged-rate window are `rtc`'s; the rest is ours, because an SFU
+//! sends differently from an encoder, and `rtc`'s GCC measured badly on shaped links
+//! (docs/benchmarks.md):
+//! - **Delay** is a trendline (a least-squares slope of the smoothed delay over 20 groups)
+//!   against an adaptive threshold, as upstream's; `rtc`'s Kalman filter on single deltas never
+//!   declared overuse on a shaped link.
 //! - **It never grows past what is proven.** An increase stops at 1.5 times the rate the
 //!   subscriber acknowledged, as upstream GCC does: a subscriber receiving 300 kbit/s of paused
 //!   video has shown nothing about 5 Mbit/s, and an estimate that climbs without evidence makes
@@ -13,11 +16,11 @@
 //!   once it is clearly past it or far below it. `rtc`'s controller crept forever after its first
 //!   back-off, so a link raised from 600 kbit/s to 5 Mbit/s took half a minute to be believed.
 //! - **Probes lift it.** Growth limited by what is sent cannot find a faster link on its own, so
-//!   the egress engine sends short probe clusters (duplicates of recent video packets, at twice
-//!   the estimate) when the allocation wants more than the estimate; their measured arrival rate
-//!   sets the estimate directly, as upstream's probe controller does.
+//!   the egress engine sends short probe clusters (padding-only packets, at twice the estimate)
+//!   when the allocation wants more than the estimate; their measured arrival rate sets the
+//!   estimate directly, as upstream's probe controller does.
 //! - **Loss** above 10 % lowers it in proportion; below 2 % the loss limit recovers by 8 % a
-//!   second; between, it holds.
+//!   second; between, it holds. Only packets the feedback can name count.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -465,9 +468,6 @@ impl Estimator {
             }
             self.loss_window.0 += usize::from(!report.arrived);
             self.loss_window.1 += 1;
-            if !report.arrived {
-                tracing::trace!(size = report.size, id = report.twcc_sequence_number, ago = ?now.saturating_duration_since(report.departure), "lost");
-            }
         }
         if self.loss_window.1 < LOSS_WINDOW_PACKETS {
             return;
