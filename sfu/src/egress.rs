@@ -11,8 +11,7 @@
 //! the first one from an address must be a STUN request whose USERNAME names the connection's
 //! ICE ufrag (RFC 8445 7.2.2), which the engine chose itself.
 
-use std::collections::HashMap;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -103,7 +102,7 @@ const MIN_PACER_BURST_BYTES: f64 = 2_500.0;
 /// Video a pacer holds longer than this at its rate is dropped, oldest first (the subscriber
 /// NACKs it, or waits for a keyframe): the allocation lowers layers within a second, and a
 /// queue that grows without bound would only delay everything behind it.
-pub(crate) const MAX_PACER_DELAY: Duration = Duration::from_millis(500);
+const MAX_PACER_DELAY: Duration = Duration::from_millis(500);
 /// A probe cluster is sent at this multiple of the estimate.
 pub(crate) const PROBE_FACTOR: f64 = 2.0;
 
@@ -218,7 +217,8 @@ pub struct EgressStats {
     /// How many may be: what the engine can write in its 40 ms budget at its recent pace.
     pub backlog_limit: AtomicU64,
     /// Video packets dropped because a subscriber's pacer held more than it could send in
-    /// [`MAX_PACER_DELAY`] (its link is slower than what was allocated, for the moment).
+    /// [`MAX_PACER_DELAY`] (its link is slower than what was allocated, for the moment), and
+    /// NACK resends dropped because video was waiting.
     pub paced_drops: AtomicU64,
     /// Probe clusters sent (to find out whether a subscriber's link carries more).
     pub probes_sent: AtomicU64,

@@ -61,8 +61,8 @@ pub(crate) enum FanoutCommand {
         key: SubscriptionKey,
         grant: Grant,
     },
-    /// Send about `bytes` of this subscription's most recent packets again, as a probe cluster
-    /// (the subscriber discards the duplicates; its feedback shows what its link carries).
+    /// Send a probe cluster of about `bytes` of padding on this subscription (the subscriber
+    /// discards it; its feedback shows what its link carries).
     Probe {
         key: SubscriptionKey,
         bytes: usize,

@@ -715,7 +715,7 @@ const RISE_EVIDENCE: usize = 4;
 
 /// How long a probe cluster lasts at its rate (about that: it is made of whole packets).
 const PROBE_DURATION: Duration = Duration::from_millis(30);
-/// The least a probe cluster carries: five full packets, enough to measure a rate.
+/// The least a probe cluster carries: enough padding packets to measure a rate.
 const MIN_PROBE_BYTES: usize = 6_000;
 /// Probes while they raise the estimate go this often...
 const MIN_PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -1043,7 +1043,7 @@ impl SubscribeTransport {
         changes
     }
 
-    /// Sends a probe cluster on one video subscription when one is due: the allocation wants
+    /// Sends a probe cluster on one subscription when one is due: the allocation wants
     /// more than the estimate, and only a rate the link has shown raises it. Probes go every
     /// second while they raise the estimate, less often (up to [`MAX_PROBE_INTERVAL`]) while
     /// they do not.
