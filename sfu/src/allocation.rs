@@ -6,7 +6,8 @@
 //! estimate lasts, at its lowest frame rate where it has temporal layers (one that does not fit
 //! even so is paused), then the videos climb, in the same order, through the full frame rate and
 //! up the layers, as far as fits and as their view can use. A subscription goes down at
-//! once and up only [`UPGRADE_HOLD`] after its last change, so layers do not flap.
+//! once and up only [`UPGRADE_HOLD`] after its last change, and that hold doubles (up to
+//! [`MAX_UPGRADE_HOLD`]) each time a rise is taken back within it, so layers do not flap.
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,14 @@ use crate::ids::{MediaKind, Source};
 
 /// A subscription's layer may rise only this long after it last changed.
 pub const UPGRADE_HOLD: Duration = Duration::from_secs(3);
+/// The longest a hold grows to, after rises taken back one after another.
+pub const MAX_UPGRADE_HOLD: Duration = Duration::from_secs(24);
+/// A grant that stands this long has its hold back at [`UPGRADE_HOLD`].
+const STEADY_AFTER: Duration = Duration::from_secs(30);
+/// For this long after a rise, a grant falls only if the budget falls (by more than a tenth):
+/// the rise asks for a keyframe, and that keyframe lifts the layer's measured bitrate for a
+/// moment; falling for that alone paused every resumed video half a second later.
+pub const RISE_GRACE: Duration = Duration::from_secs(2);
 
 /// The estimate is used as a limit only once it has fallen (the network pushed back): until
 /// then it has not been tested, and a subscriber whose network keeps up receives what its
@@ -210,25 +219,78 @@ fn level(grant: Grant) -> i16 {
     }
 }
 
-/// The next grant of a subscription now at `previous`: down at once to `keep` (what the whole
-/// budget allows) when that is lower; up to `rise` (what [`RISE_NUMERATOR`] /
-/// [`RISE_DENOMINATOR`] of it allows) only when that is higher and [`UPGRADE_HOLD`] has passed
-/// since its last change; else where it is.
-pub fn settle(
-    previous: Grant,
-    keep: Grant,
-    rise: Grant,
-    last_change: Option<Instant>,
-    now: Instant,
-) -> Grant {
-    if level(keep) < level(previous) {
-        return keep;
+/// One subscription's grant over time.
+#[derive(Clone, Copy, Debug)]
+pub struct Steady {
+    grant: Grant,
+    changed: Option<Instant>,
+    /// The last change was a rise.
+    rose: bool,
+    /// The budget when it last rose.
+    rose_with: u64,
+    /// How long after a change the grant may rise.
+    hold: Duration,
+}
+
+impl Steady {
+    /// A subscription starting at `grant`, free to rise.
+    pub fn new(grant: Grant) -> Self {
+        Self {
+            grant,
+            changed: None,
+            rose: false,
+            rose_with: 0,
+            hold: UPGRADE_HOLD,
+        }
     }
-    let recent = last_change.is_some_and(|at| now.saturating_duration_since(at) < UPGRADE_HOLD);
-    if level(rise) > level(previous) && !recent {
-        return rise;
+
+    /// What the subscription may receive now.
+    pub fn grant(&self) -> Grant {
+        self.grant
     }
-    previous
+
+    /// The next grant, for a `budget` (bits per second): down at once to `keep` (what the
+    /// whole budget allows) when that is lower, except within [`RISE_GRACE`] of a rise while
+    /// the budget holds; up to `rise` (what [`RISE_NUMERATOR`] / [`RISE_DENOMINATOR`] of it
+    /// allows) only when that is higher and the hold has passed since the last change; else
+    /// where it is. A fall within the hold of a rise doubles the hold: the rise did not fit
+    /// after all, and trying again as soon means a tile that keeps stopping and starting.
+    pub fn settle(&mut self, keep: Grant, rise: Grant, budget: u64, now: Instant) -> Grant {
+        let since = self.changed.map(|at| now.saturating_duration_since(at));
+        let in_grace = self.rose
+            && since.is_some_and(|since| since < RISE_GRACE)
+            && budget * 10 >= self.rose_with * 9;
+        if level(keep) < level(self.grant) {
+            if in_grace {
+                return self.grant;
+            }
+            if self.rose && since.is_some_and(|since| since < self.hold) {
+                self.hold = (self.hold * 2).min(MAX_UPGRADE_HOLD);
+            }
+            self.change(keep, false, now);
+        } else if level(rise) > level(self.grant) && since.is_none_or(|since| since >= self.hold) {
+            self.change(rise, true, now);
+            self.rose_with = budget;
+        } else if since.is_some_and(|since| since >= STEADY_AFTER) {
+            self.hold = UPGRADE_HOLD;
+        }
+        self.grant
+    }
+
+    /// Sets the grant without a limit to respect (the estimate does not limit now).
+    pub fn set(&mut self, grant: Grant, now: Instant) -> Grant {
+        if grant != self.grant {
+            let rose = level(grant) > level(self.grant);
+            self.change(grant, rose, now);
+        }
+        self.grant
+    }
+
+    fn change(&mut self, grant: Grant, rose: bool, now: Instant) {
+        self.grant = grant;
+        self.changed = Some(now);
+        self.rose = rose;
+    }
 }
 
 #[cfg(test)]
@@ -370,24 +432,81 @@ mod tests {
         let start = Instant::now();
         let at = |ms| start + Duration::from_millis(ms);
         use Grant::*;
-        /// Previous, keep, rise, last change and now (ms), then the next grant.
-        type Case = (Grant, Grant, Grant, Option<u64>, u64, Grant);
+        /// Previous (changed at 0 ms unless `None`), keep, rise, now (ms), then the next grant.
+        type Case = (Grant, Option<u64>, Grant, Grant, u64, Grant);
         let cases: &[Case] = &[
-            (UpTo(0), UpTo(2), UpTo(2), Some(0), 1_000, UpTo(0)), // too soon
-            (UpTo(0), UpTo(2), UpTo(2), Some(0), 3_000, UpTo(2)),
-            (UpTo(0), UpTo(2), UpTo(1), Some(0), 3_000, UpTo(1)), // as far as the room
-            (UpTo(1), UpTo(2), UpTo(1), None, 9_000, UpTo(1)),    // fits, but no room to rise
-            (UpTo(2), UpTo(0), UpTo(0), Some(0), 100, UpTo(0)),   // falls at once
-            (UpTo(1), Paused, Paused, Some(0), 100, Paused),
-            (Paused, UpTo(0), UpTo(0), Some(0), 100, Paused),
-            (Paused, UpTo(0), UpTo(0), None, 100, UpTo(0)),
+            (UpTo(0), Some(0), UpTo(2), UpTo(2), 1_000, UpTo(0)), // too soon
+            (UpTo(0), Some(0), UpTo(2), UpTo(2), 3_000, UpTo(2)),
+            (UpTo(0), Some(0), UpTo(2), UpTo(1), 3_000, UpTo(1)), // as far as the room
+            (UpTo(1), None, UpTo(2), UpTo(1), 9_000, UpTo(1)),    // fits, but no room to rise
+            (UpTo(2), Some(0), UpTo(0), UpTo(0), 100, UpTo(0)),   // falls at once
+            (UpTo(1), Some(0), Paused, Paused, 100, Paused),
+            (Paused, Some(0), UpTo(0), UpTo(0), 100, Paused),
+            (Paused, None, UpTo(0), UpTo(0), 100, UpTo(0)),
         ];
-        for &(previous, keep, rise, last, now, next) in cases {
+        for &(previous, changed, keep, rise, now, next) in cases {
+            let mut steady = Steady::new(previous);
+            if let Some(changed) = changed {
+                steady.change(previous, false, at(changed));
+            }
             assert_eq!(
-                settle(previous, keep, rise, last.map(at), at(now)),
+                steady.settle(keep, rise, 1_000_000, at(now)),
                 next,
                 "{previous:?} keep {keep:?} rise {rise:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_rise_taken_back_soon_waits_twice_as_long_for_the_next() {
+        let start = Instant::now();
+        let at = |s: f64| start + Duration::from_secs_f64(s);
+        use Grant::*;
+        const BUDGET: u64 = 600_000;
+        const FALLEN: u64 = 500_000;
+        let mut steady = Steady::new(Paused);
+        steady.change(Paused, false, at(0.0));
+        // Resumed at 3 s, and paused again a moment later as the estimate fell.
+        assert_eq!(steady.settle(UpTo(0), UpTo(0), BUDGET, at(3.0)), UpTo(0));
+        assert_eq!(steady.settle(Paused, Paused, FALLEN, at(3.5)), Paused);
+        assert_eq!(
+            steady.settle(UpTo(0), UpTo(0), BUDGET, at(6.5)),
+            Paused,
+            "3 s are no longer enough"
+        );
+        assert_eq!(
+            steady.settle(UpTo(0), UpTo(0), BUDGET, at(9.5)),
+            UpTo(0),
+            "6 s are"
+        );
+        // With the budget where it was, a fall waits out the grace (the resume's keyframe).
+        assert_eq!(
+            steady.settle(Paused, Paused, BUDGET, at(10.0)),
+            UpTo(0),
+            "still in grace"
+        );
+        assert_eq!(
+            steady.settle(Paused, Paused, BUDGET, at(11.5)),
+            Paused,
+            "after it"
+        );
+        assert_eq!(steady.settle(UpTo(0), UpTo(0), BUDGET, at(20.0)), Paused);
+        assert_eq!(
+            steady.settle(UpTo(0), UpTo(0), BUDGET, at(23.5)),
+            UpTo(0),
+            "then 12 s"
+        );
+        // A rise that holds does not lengthen the wait; a grant that stands 30 s shortens it.
+        assert_eq!(steady.settle(UpTo(1), UpTo(1), BUDGET, at(40.0)), UpTo(1));
+        assert_eq!(steady.settle(UpTo(1), UpTo(1), BUDGET, at(80.0)), UpTo(1));
+        assert_eq!(steady.settle(UpTo(0), UpTo(0), FALLEN, at(80.5)), UpTo(0));
+        assert_eq!(
+            steady.settle(UpTo(1), UpTo(1), BUDGET, at(84.0)),
+            UpTo(1),
+            "3 s again"
+        );
+        // Nor does a fall long after a rise.
+        assert_eq!(steady.settle(Paused, Paused, FALLEN, at(94.0)), Paused);
+        assert_eq!(steady.settle(UpTo(0), UpTo(0), BUDGET, at(97.0)), UpTo(0));
     }
 }

@@ -121,9 +121,9 @@ pub(crate) enum Class {
     Audio,
     /// Paced to the subscriber's estimate while its allocation is limited.
     Video,
-    /// Video sent again for a NACK: sent at once when the pacer has nothing waiting, dropped
-    /// when it has (the link is behind, a resend would only deepen that, and the receiver
-    /// asks again or for a keyframe).
+    /// Video sent again for a NACK: ahead of video waiting in the pacer (a picture the
+    /// receiver already holds part of is worth more than the next), dropped when the pacer
+    /// holds [`MAX_PACER_DELAY`] already (the receiver asks again, or for a keyframe).
     Resend,
     /// Part of a probe cluster (padding after recent video), sent at its own rate.
     Probe,
@@ -218,7 +218,7 @@ pub struct EgressStats {
     pub backlog_limit: AtomicU64,
     /// Video packets dropped because a subscriber's pacer held more than it could send in
     /// [`MAX_PACER_DELAY`] (its link is slower than what was allocated, for the moment), and
-    /// NACK resends dropped because video was waiting.
+    /// NACK resends dropped because the pacer already held that much.
     pub paced_drops: AtomicU64,
     /// Probe clusters sent (to find out whether a subscriber's link carries more).
     pub probes_sent: AtomicU64,
@@ -667,15 +667,17 @@ struct Outbox<'a> {
     wildcard: bool,
 }
 
-/// One subscriber's pacer: a budget of bytes refilled at the pace rate, the video waiting for
-/// it, and a probe cluster being sent at its own rate.
+/// One subscriber's pacer: a budget of bytes refilled at the pace rate, the resends and video
+/// waiting for it (resends first), and a probe cluster being sent at its own rate.
 #[derive(Default)]
 struct Pacer {
     /// Bytes that may leave now; negative when audio or a burst overdrew it.
     budget: f64,
     refilled: Option<Instant>,
+    resend: VecDeque<(RTCRtpSenderId, rtp::Packet)>,
     video: VecDeque<(RTCRtpSenderId, rtp::Packet)>,
-    video_bytes: usize,
+    /// Bytes of `resend` and `video`.
+    queued_bytes: usize,
     probe: VecDeque<(RTCRtpSenderId, rtp::Packet)>,
     /// When the next probe packet leaves, and when the cluster's first one left.
     probe_next: Option<Instant>,
@@ -698,7 +700,7 @@ impl Pacer {
     /// budget has room (which it then takes).
     fn admit(&mut self, now: Instant, rate: f64, bytes: usize) -> bool {
         self.refill(now, rate);
-        let admitted = self.video.is_empty() && self.budget > 0.0;
+        let admitted = self.video.is_empty() && self.resend.is_empty() && self.budget > 0.0;
         if admitted {
             self.budget -= bytes as f64;
         }
@@ -706,20 +708,49 @@ impl Pacer {
     }
 
     fn is_idle(&self) -> bool {
-        self.video.is_empty() && self.probe.is_empty()
+        self.video.is_empty() && self.resend.is_empty() && self.probe.is_empty()
     }
 
-    /// Drops the oldest video beyond what `rate` sends in [`MAX_PACER_DELAY`]; how many.
-    fn trim(&mut self, rate: f64) -> u64 {
-        let limit = (rate * MAX_PACER_DELAY.as_secs_f64()) as usize;
+    /// The most a pacer holds at `rate`: what leaves in [`MAX_PACER_DELAY`].
+    fn limit(rate: f64) -> usize {
+        (rate * MAX_PACER_DELAY.as_secs_f64()) as usize
+    }
+
+    /// Queues a resend behind other resends, ahead of video, when the pacer has room for it;
+    /// false when it has not (the packet is dropped).
+    fn queue_resend(&mut self, rate: f64, sender: RTCRtpSenderId, packet: rtp::Packet) -> bool {
+        let bytes = packet_bytes(&packet);
+        if self.queued_bytes + bytes > Self::limit(rate) {
+            return false;
+        }
+        self.queued_bytes += bytes;
+        self.resend.push_back((sender, packet));
+        true
+    }
+
+    /// Queues video, then drops the oldest beyond what `rate` sends in [`MAX_PACER_DELAY`];
+    /// how many were dropped.
+    fn queue_video(&mut self, rate: f64, sender: RTCRtpSenderId, packet: rtp::Packet) -> u64 {
+        self.queued_bytes += packet_bytes(&packet);
+        self.video.push_back((sender, packet));
+        let limit = Self::limit(rate);
         let mut dropped = 0;
-        while self.video_bytes > limit
+        while self.queued_bytes > limit
             && let Some((_, packet)) = self.video.pop_front()
         {
-            self.video_bytes -= packet_bytes(&packet);
+            self.queued_bytes -= packet_bytes(&packet);
             dropped += 1;
         }
         dropped
+    }
+
+    /// The next packet due, resends first.
+    fn pop(&mut self) -> Option<(RTCRtpSenderId, rtp::Packet)> {
+        let next = self.resend.pop_front().or_else(|| self.video.pop_front());
+        if let Some((_, packet)) = &next {
+            self.queued_bytes -= packet_bytes(packet);
+        }
+        next
     }
 }
 
@@ -1110,11 +1141,16 @@ impl Engine {
                 }
                 (_, None) => true,
                 (Class::Resend, Some(rate)) => {
-                    if !c.pacer.admit(now, rate, packet_bytes(&packet)) {
-                        self.stats.paced_drops.fetch_add(1, Ordering::Relaxed);
+                    if c.pacer.admit(now, rate, packet_bytes(&packet)) {
+                        true
+                    } else {
+                        if c.pacer.queue_resend(rate, sender, packet) {
+                            list_pacer(&mut self.paced, c, conn);
+                        } else {
+                            self.stats.paced_drops.fetch_add(1, Ordering::Relaxed);
+                        }
                         continue;
                     }
-                    true
                 }
                 (Class::Audio, Some(rate)) => {
                     // Audio never waits, but takes its share, so video makes room for it.
@@ -1126,9 +1162,7 @@ impl Engine {
                     if c.pacer.admit(now, rate, packet_bytes(&packet)) {
                         true
                     } else {
-                        c.pacer.video_bytes += packet_bytes(&packet);
-                        c.pacer.video.push_back((sender, packet));
-                        let dropped = c.pacer.trim(rate);
+                        let dropped = c.pacer.queue_video(rate, sender, packet);
                         if dropped > 0 {
                             self.stats.paced_drops.fetch_add(dropped, Ordering::Relaxed);
                         }
@@ -1179,14 +1213,12 @@ impl Engine {
                 Some(rate) => {
                     c.pacer.refill(now, rate);
                     while c.pacer.budget > 0.0
-                        && let Some((sender, packet)) = c.pacer.video.pop_front()
+                        && let Some((sender, packet)) = c.pacer.pop()
                     {
-                        let bytes = packet_bytes(&packet);
-                        c.pacer.video_bytes -= bytes;
-                        c.pacer.budget -= bytes as f64;
+                        c.pacer.budget -= packet_bytes(&packet) as f64;
                         c.write(sender, packet, now, &mut out);
                     }
-                    if !c.pacer.video.is_empty() {
+                    if c.pacer.queued_bytes > 0 {
                         let wait = (1.0 - c.pacer.budget) / rate;
                         let due = now + Duration::from_secs_f64(wait.clamp(0.0, 1.0));
                         next = Some(next.map_or(due, |n| n.min(due)));
@@ -1194,10 +1226,9 @@ impl Engine {
                 }
                 // No longer limited: whatever waits leaves now.
                 None => {
-                    while let Some((sender, packet)) = c.pacer.video.pop_front() {
+                    while let Some((sender, packet)) = c.pacer.pop() {
                         c.write(sender, packet, now, &mut out);
                     }
-                    c.pacer.video_bytes = 0;
                 }
             }
             if let Some(rate) = c.probe_rate() {
@@ -1527,7 +1558,9 @@ fn route_feedback(route: &FeedbackRoute, packets: &[Box<dyn rtc::rtcp::Packet>])
         });
     }
     if keyframe {
-        let _ = route.commands.try_send(FanoutCommand::KeyframeRequest);
+        let _ = route
+            .commands
+            .try_send(FanoutCommand::KeyframeRequest { key: route.key });
     }
 }
 

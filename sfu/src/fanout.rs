@@ -19,7 +19,9 @@ use crate::SfuEvent;
 use crate::allocation::Grant;
 use crate::egress::{Admission, Class, ConnId, EgressSender, Outgoing, Refused};
 use crate::feedback::KeyframeThrottle;
-use crate::forwarder::{ALL_TEMPORAL_LAYERS, DropReason, Forwarder, ForwarderParams, PacketCache};
+use crate::forwarder::{
+    ALL_TEMPORAL_LAYERS, DropReason, Forwarder, ForwarderParams, PacketCache, Resend,
+};
 use crate::ids::{MediaKind, ParticipantId, PublicationId};
 use crate::layers::{Layers, MAX_LAYERS};
 use crate::vp8::Vp8Descriptor;
@@ -40,7 +42,10 @@ pub(crate) enum FanoutCommand {
     Remove {
         key: SubscriptionKey,
     },
-    KeyframeRequest,
+    /// A subscriber asked for a keyframe (PLI or FIR).
+    KeyframeRequest {
+        key: SubscriptionKey,
+    },
     /// A subscriber lost these outgoing sequence numbers.
     Nack {
         key: SubscriptionKey,
@@ -97,6 +102,9 @@ pub struct PublicationStats {
     pub retransmitted_packets: AtomicU64,
     /// NACKed packets no longer in the cache.
     pub nack_misses: AtomicU64,
+    /// NACKed packets not sent again because they were first sent too long ago
+    /// ([`crate::forwarder::MAX_RESEND_AGE`]): a keyframe is asked for instead.
+    pub nack_too_old: AtomicU64,
     /// Times a subscription moved to another simulcast layer.
     pub layer_switches: AtomicU64,
     /// The publication's layers, as the fanout last measured them (for allocation).
@@ -423,13 +431,17 @@ impl Fanout {
                 }
             }
             FanoutCommand::Remove { key } => slots.retain(|slot| slot.key != key),
-            FanoutCommand::KeyframeRequest => {
-                // A subscriber lost a picture: the layers being forwarded must start again.
-                let mut wanted = 0;
-                for slot in slots.iter() {
-                    wanted |= keyframe_mask(slot.forwarder.current());
+            FanoutCommand::KeyframeRequest { key } => {
+                // A subscriber lost a picture: the layer it is forwarded must start again. Only
+                // that one: a weak link's losses would otherwise cost every subscriber a
+                // keyframe burst on every layer, and the bursts deepen the weak link's losses.
+                if let Some(slot) = slots.iter().find(|slot| slot.key == key) {
+                    let layer = slot
+                        .forwarder
+                        .wanted_keyframe()
+                        .or(slot.forwarder.current());
+                    self.request_keyframes(keyframe_mask(layer).max(1)).await;
                 }
-                self.request_keyframes(wanted.max(1)).await;
             }
             FanoutCommand::Nack { key, seqs } => {
                 if let Some(layer) = self.retransmit(key, &seqs, slots) {
@@ -522,16 +534,21 @@ impl Fanout {
     /// was gone, so the subscriber can only recover with a keyframe of it.
     fn retransmit(&mut self, key: SubscriptionKey, seqs: &[u16], slots: &mut [Slot]) -> Option<u8> {
         let slot = slots.iter_mut().find(|slot| slot.key == key)?;
-        let (mut sent_again, mut missed) = (0u64, 0u64);
+        let (mut sent_again, mut missed, mut too_old) = (0u64, 0u64, 0u64);
         let now = Instant::now();
         for &seq in seqs {
             let Some(sent) = slot.forwarder.sent(seq) else {
                 missed += 1;
                 continue;
             };
-            // Padding, or sent again a moment ago (that copy is on its way).
-            if !slot.forwarder.mark_resent(seq, now) {
-                continue;
+            match slot.forwarder.resend(seq, now) {
+                Resend::Now => {}
+                // Padding, or sent again a moment ago (that copy is on its way).
+                Resend::Skip => continue,
+                Resend::TooOld => {
+                    too_old += 1;
+                    continue;
+                }
             }
             let cache = self
                 .layers
@@ -566,7 +583,10 @@ impl Fanout {
             .retransmitted_packets
             .fetch_add(sent_again, Ordering::Relaxed);
         self.stats.nack_misses.fetch_add(missed, Ordering::Relaxed);
-        if missed > 0 {
+        self.stats
+            .nack_too_old
+            .fetch_add(too_old, Ordering::Relaxed);
+        if missed + too_old > 0 {
             Some(slot.forwarder.current().unwrap_or(0))
         } else {
             None

@@ -204,6 +204,8 @@ pub struct SfuStats {
     pub retransmitted_packets: u64,
     /// NACKed packets that were no longer cached.
     pub nack_misses: u64,
+    /// NACKed packets first sent too long ago to be sent again.
+    pub nack_too_old: u64,
     /// Times a subscription moved to another simulcast layer.
     pub layer_switches: u64,
 }
@@ -217,6 +219,7 @@ impl SfuStats {
         self.keyframe_requests += stats.keyframe_requests.load(Ordering::Relaxed);
         self.retransmitted_packets += stats.retransmitted_packets.load(Ordering::Relaxed);
         self.nack_misses += stats.nack_misses.load(Ordering::Relaxed);
+        self.nack_too_old += stats.nack_too_old.load(Ordering::Relaxed);
         self.layer_switches += stats.layer_switches.load(Ordering::Relaxed);
     }
 }

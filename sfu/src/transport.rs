@@ -28,7 +28,7 @@ use webrtc::peer_connection::{
 
 use crate::allocation::{
     Allocator, Demand, Grant, KEEP_DENOMINATOR, KEEP_NUMERATOR, RISE_DENOMINATOR, RISE_NUMERATOR,
-    allocate, settle, unlimited_cost,
+    Steady, allocate, unlimited_cost,
 };
 use crate::egress::{Bandwidth, ConnId, Egress, EgressInput, FeedbackRoute, PROBE_FACTOR};
 use crate::fanout::{
@@ -637,9 +637,8 @@ struct SubscriptionState {
     view: Option<(u16, u16)>,
     /// Paused by the subscriber.
     paused: bool,
-    /// What its bandwidth allows, as last sent to the fanout, and when that changed.
-    grant: Grant,
-    grant_changed: Option<Instant>,
+    /// What its bandwidth allows, as last sent to the fanout, and when it may change.
+    steady: Steady,
     /// What the subscriber was last told.
     reported: Allocation,
 }
@@ -849,8 +848,7 @@ impl SubscribeTransport {
                 configured: false,
                 view: None,
                 paused: false,
-                grant: Grant::UpTo(u8::MAX),
-                grant_changed: None,
+                steady: Steady::new(Grant::UpTo(u8::MAX)),
                 reported: Allocation::Full,
             },
         );
@@ -933,12 +931,16 @@ impl SubscribeTransport {
     /// who speaks now, whose videos come before others. Call it about twice a second.
     pub async fn allocate(&mut self, speaker: Option<&ParticipantId>) -> Vec<AllocationChange> {
         let now = Instant::now();
-        let ids: Vec<PublicationId> = self
+        // Oldest subscription first, so that equal demands are served in the same order every
+        // time (a map's order could swap them and flap both).
+        let mut ids: Vec<(SubscriptionKey, PublicationId)> = self
             .subscriptions
             .iter()
             .filter(|(_, state)| state.configured)
-            .map(|(id, _)| id.clone())
+            .map(|(id, state)| (state.key, id.clone()))
             .collect();
+        ids.sort_unstable_by_key(|(key, _)| *key);
+        let ids: Vec<PublicationId> = ids.into_iter().map(|(_, id)| id).collect();
         let demands: Vec<Demand> = ids
             .iter()
             .filter_map(|id| self.subscriptions.get(id))
@@ -1000,19 +1002,14 @@ impl SubscribeTransport {
                 Grant::UpTo(layer) if layer >= demand.wanted => Grant::UpTo(u8::MAX),
                 other => other,
             };
+            let previous = state.steady.grant();
             let next = match budget {
-                Some(_) => settle(
-                    state.grant,
-                    unlimited(keep),
-                    unlimited(rise),
-                    state.grant_changed,
-                    now,
-                ),
-                None => unlimited(keep),
+                Some(budget) => state
+                    .steady
+                    .settle(unlimited(keep), unlimited(rise), budget, now),
+                None => state.steady.set(unlimited(keep), now),
             };
-            if next != state.grant {
-                state.grant = next;
-                state.grant_changed = Some(now);
+            if next != previous {
                 let _ = state
                     .publication
                     .commands
@@ -1068,7 +1065,7 @@ impl SubscribeTransport {
             .min_by_key(|state| {
                 let video = state.publication.kind == MediaKind::Video;
                 (
-                    !video || state.grant == Grant::Paused || state.paused,
+                    !video || state.steady.grant() == Grant::Paused || state.paused,
                     !video,
                 )
             })

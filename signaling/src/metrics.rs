@@ -136,6 +136,24 @@ fn media_rows(state: &AppState) -> Vec<Row> {
         ),
         (
             Kind::Counter,
+            "retransmitted_packets",
+            "Packets sent again from a publication's cache in answer to NACKs",
+            stats.retransmitted_packets,
+        ),
+        (
+            Kind::Counter,
+            "nack_misses",
+            "NACKed packets no longer in the cache (a keyframe is asked for instead)",
+            stats.nack_misses,
+        ),
+        (
+            Kind::Counter,
+            "nack_too_old",
+            "NACKed packets first sent over a second before (a keyframe is asked for instead)",
+            stats.nack_too_old,
+        ),
+        (
+            Kind::Counter,
             "layer_switches",
             "Times a subscription moved to another simulcast layer",
             stats.layer_switches,
@@ -188,7 +206,7 @@ fn media_rows(state: &AppState) -> Vec<Row> {
             (
                 Kind::Counter,
                 "egress_paced_drops",
-                "Video packets a subscriber's pacer dropped: held 500 ms, or a NACK resend while video waited",
+                "Video packets a subscriber's pacer dropped: held 500 ms, or a NACK resend finding it that full",
                 egress.paced_drops.load(Relaxed),
             ),
             (

@@ -3,6 +3,8 @@
 // one subscriber page behind a link shaped with tc (scripts/shaped-link, in a network namespace
 // of its own) and one subscriber page on the server's own network. The shaped link runs at
 // 600 kbit/s, then 5 Mbit/s, then 400 kbit/s; the test samples both subscribers every second.
+// The shaped subscriber shows alice on its stage and the others as grid tiles; the other shows
+// every camera large.
 // Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/shaped.mjs
 // Environment: see harness.mjs. Measurements are printed as JSON lines with "shaped" naming them.
 import { execFileSync, spawn } from 'node:child_process';
@@ -73,6 +75,20 @@ async function joinRoom({ room, name, publish }) {
 function showEverythingLarge() {
   const room = /** @type {any} */ (window).__room;
   for (const p of room.participants.values()) room.setVideoSize(p.peerId, 'camera', 1280, 720);
+  return room.participants.size;
+}
+
+/**
+ * In a subscriber's page: one camera on the stage (1280x720), the rest as grid tiles (320x180),
+ * as a call app lays out a room.
+ * @param {string} stage
+ */
+function showOnStage(stage) {
+  const room = /** @type {any} */ (window).__room;
+  for (const p of room.participants.values()) {
+    const large = p.name === stage;
+    room.setVideoSize(p.peerId, 'camera', large ? 1280 : 320, large ? 720 : 180);
+  }
   return room.participants.size;
 }
 
@@ -202,7 +218,11 @@ async function main() {
     if (counts.every((n) => n >= everyone)) break;
     await sleep(500);
   }
-  for (const page of [carol, dave]) await page.evaluate(showEverythingLarge);
+  await carol.evaluate(showEverythingLarge);
+  // The stage goes first in the allocation: alice's camera, whose freezes the page can count
+  // (the bench's synthetic frames decode to nothing).
+  const STAGE = 'alice';
+  await dave.evaluate(showOnStage, STAGE);
 
   /** @type {any[]} */
   let carolSamples = [];
@@ -244,6 +264,7 @@ async function main() {
     report({ shaped: 'slow_link', kbps: received, linkDropPercent, counters, estimate: last.estimate, audioLossPercent: loss, widths: widths(last, publishers), allocations: last.allocations, keptSending: sent, frozenSeconds: frozen, events: events.map((e) => `${e.name}:${e.state}@${Math.round(e.at)}`) });
     check('the shaped subscriber hears every microphone with under 2 % loss', last.audios.length >= 2 && loss < 2, `${loss.toFixed(2)} % at worst over ${last.audios.length} microphones`);
     check('its videos are lowered or paused for the link', last.allocations.length > 0 && widths(last, publishers).every((w) => w < 640), `${JSON.stringify(last.allocations)}, widths ${widths(last, publishers)}`);
+    check('the video on its stage is never paused after its first 5 s', sent.includes(STAGE), `${STAGE}: ${events.filter((e) => e.name === STAGE).map((e) => `${e.state}@${Math.round(e.at)}`).join(', ') || 'never changed'}`);
     check('after its first 5 s, no video it keeps receiving freezes for more than 1 s in all', sent.length > 0 && frozen.every((s) => s <= 1), `${sent.map((n, i) => `${n} ${frozen[i].toFixed(2)} s`).join(', ') || 'every video paused at some time'}`);
     check('its estimate settles within 30 % of the 600 kbit/s link', last.estimate >= 420_000 && last.estimate <= 780_000, `${Math.round(last.estimate / 1000)} kbit/s, ${received} kbit/s received`);
   });
