@@ -4,8 +4,9 @@
 //! Audio is never paused. Videos are served in priority order: a screen share, then the active
 //! speaker, then the largest views first. Each video first gets its lowest layer while the
 //! estimate lasts, at its lowest frame rate where it has temporal layers (one that does not fit
-//! even so is paused), then the videos climb, in the same order, through the full frame rate and
-//! up the layers, as far as fits and as their view can use. A subscription goes down at
+//! even so is paused), then each gets its full frame rate, then the videos climb, in the same
+//! order, as far as fits and as their view can use: the next layer at its base frame rate, then
+//! at its full frame rate. Going down is the same ladder: a video loses frame rate before it loses resolution. A subscription goes down at
 //! once and up only [`UPGRADE_HOLD`] after its last change, and that hold doubles (up to
 //! [`MAX_UPGRADE_HOLD`]) each time a rise is taken back within it, so layers do not flap.
 
@@ -40,8 +41,8 @@ const ASSUMED_AUDIO: u64 = 40_000;
 pub enum Grant {
     /// Layers up to this one.
     UpTo(u8),
-    /// The lowest layer at its lowest frame rate (temporal layer 0).
-    Thinned,
+    /// Layers up to this one, at their lowest frame rate (temporal layer 0).
+    Thinned(u8),
     /// Nothing: not even the lowest layer fits.
     Paused,
 }
@@ -61,8 +62,9 @@ pub struct Demand {
     pub wanted: u8,
     /// Measured bitrate of each layer, lowest first (0: not measured).
     pub layer_bitrates: Vec<u64>,
-    /// Measured bitrate of the lowest layer's temporal layer 0, when it has temporal layers.
-    pub thinned_bitrate: Option<u64>,
+    /// Measured bitrate of each layer's temporal layer 0, lowest first (0: no temporal layers,
+    /// or not measured).
+    pub thinned_bitrates: Vec<u64>,
     /// The subscriber paused it itself: it costs nothing and gets nothing.
     pub paused: bool,
 }
@@ -79,6 +81,44 @@ impl Demand {
                 .get(layers - 1 - layer)
                 .copied()
                 .unwrap_or(ASSUMED_FROM_TOP[3]),
+        }
+    }
+
+    /// The bitrate of `layer` at its base frame rate, when it has temporal layers.
+    fn thinned_cost(&self, layer: u8) -> Option<u64> {
+        self.thinned_bitrates
+            .get(usize::from(layer))
+            .copied()
+            .filter(|&bps| bps > 0)
+    }
+
+    /// What `grant` costs.
+    fn grant_cost(&self, grant: Grant) -> u64 {
+        match grant {
+            Grant::Paused => 0,
+            Grant::Thinned(layer) => self.thinned_cost(layer).unwrap_or(self.cost(layer)),
+            Grant::UpTo(layer) => self.cost(layer),
+        }
+    }
+
+    /// The lowest grant that sends something.
+    fn lowest(&self) -> Grant {
+        match self.thinned_cost(0) {
+            Some(_) => Grant::Thinned(0),
+            None => Grant::UpTo(0),
+        }
+    }
+
+    /// The next step up from `grant` its view can use, if any.
+    fn step_up(&self, grant: Grant) -> Option<Grant> {
+        match grant {
+            Grant::Paused => Some(self.lowest()),
+            Grant::Thinned(layer) => Some(Grant::UpTo(layer)),
+            Grant::UpTo(layer) if layer < self.wanted => Some(match self.thinned_cost(layer + 1) {
+                Some(_) => Grant::Thinned(layer + 1),
+                None => Grant::UpTo(layer + 1),
+            }),
+            Grant::UpTo(_) => None,
         }
     }
 
@@ -117,41 +157,45 @@ pub fn allocate(budget: Option<u64>, demands: &[Demand]) -> Vec<Grant> {
     order.sort_by_key(|&i| demands[i].rank());
     // Everyone's lowest layer first, in order, at the lowest frame rate where there is one.
     for &i in &order {
-        let (grant, cost) = match demands[i].thinned_bitrate {
-            Some(thinned) => (Grant::Thinned, thinned),
-            None => (Grant::UpTo(0), demands[i].cost(0)),
-        };
+        let lowest = demands[i].lowest();
+        let cost = demands[i].grant_cost(lowest);
         if cost <= left {
             left -= cost;
-            grants[i] = grant;
+            grants[i] = lowest;
         } else {
             grants[i] = Grant::Paused;
         }
     }
-    // Then up, in the same order: the full frame rate, then the layers, as far as the view can
-    // use and the budget allows.
+    // Then each to its full frame rate, in order: a thumbnail at a quarter of its frame rate
+    // looks broken, so no video climbs while another stutters.
+    for &i in &order {
+        if let Grant::Thinned(0) = grants[i] {
+            let step = demands[i]
+                .cost(0)
+                .saturating_sub(demands[i].grant_cost(grants[i]));
+            if step <= left {
+                left -= step;
+                grants[i] = Grant::UpTo(0);
+            }
+        }
+    }
+    // Then up, in the same order, a step at a time (the next layer at its base frame rate,
+    // then at its full frame rate), as far as the view can use and the budget allows.
     for &i in &order {
         let demand = &demands[i];
-        if let (Grant::Thinned, Some(thinned)) = (grants[i], demand.thinned_bitrate) {
-            let step = demand.cost(0).saturating_sub(thinned);
-            if step > left {
-                continue;
-            }
-            left -= step;
-            grants[i] = Grant::UpTo(0);
-        }
-        let Grant::UpTo(mut layer) = grants[i] else {
+        if grants[i] == Grant::Paused {
             continue;
-        };
-        while layer < demand.wanted {
-            let step = demand.cost(layer + 1).saturating_sub(demand.cost(layer));
+        }
+        while let Some(next) = demand.step_up(grants[i]) {
+            let step = demand
+                .grant_cost(next)
+                .saturating_sub(demand.grant_cost(grants[i]));
             if step > left {
                 break;
             }
             left -= step;
-            layer += 1;
+            grants[i] = next;
         }
-        grants[i] = Grant::UpTo(layer);
     }
     grants
 }
@@ -210,12 +254,13 @@ pub const RISE_NUMERATOR: u64 = 4;
 /// See [`RISE_NUMERATOR`].
 pub const RISE_DENOMINATOR: u64 = 5;
 
-/// Orders grants: paused lowest.
+/// Orders grants: paused lowest, then each layer at its base frame rate below it at its full
+/// frame rate.
 fn level(grant: Grant) -> i16 {
     match grant {
-        Grant::Paused => -2,
-        Grant::Thinned => -1,
-        Grant::UpTo(layer) => i16::from(layer),
+        Grant::Paused => -1,
+        Grant::Thinned(layer) => 2 * i16::from(layer),
+        Grant::UpTo(layer) => 2 * i16::from(layer) + 1,
     }
 }
 
@@ -305,7 +350,7 @@ mod tests {
             area,
             wanted,
             layer_bitrates: vec![150_000, 500_000, 1_500_000],
-            thinned_bitrate: None,
+            thinned_bitrates: Vec::new(),
             paused: false,
         }
     }
@@ -318,7 +363,7 @@ mod tests {
             area: 0,
             wanted: 0,
             layer_bitrates: vec![40_000],
-            thinned_bitrate: None,
+            thinned_bitrates: Vec::new(),
             paused: false,
         }
     }
@@ -380,20 +425,26 @@ mod tests {
     }
 
     #[test]
-    fn a_lower_frame_rate_comes_before_a_pause() {
+    fn a_lower_frame_rate_comes_before_a_lower_layer_and_a_pause() {
         let mut thin = video(Source::Camera, false, 640 * 360, 2);
-        thin.thinned_bitrate = Some(60_000);
+        thin.thinned_bitrates = vec![60_000, 200_000, 600_000];
         let mut other = thin.clone();
         other.area = 320 * 180;
+        other.wanted = 1;
         let demands = [thin, other];
         use Grant::*;
         let cases: &[(u64, [Grant; 2])] = &[
             (50_000, [Paused, Paused]),
-            (130_000, [Thinned, Thinned]),
-            (60_000 + 150_000, [UpTo(0), Thinned]),
-            (60_000 + 150_000 + 40_000, [UpTo(0), Thinned]),
+            (130_000, [Thinned(0), Thinned(0)]),
+            (60_000 + 150_000, [UpTo(0), Thinned(0)]),
+            (60_000 + 150_000 + 40_000, [UpTo(0), Thinned(0)]),
             (300_000, [UpTo(0), UpTo(0)]),
+            (350_000, [Thinned(1), UpTo(0)]),
             (650_000, [UpTo(1), UpTo(0)]),
+            (700_000, [UpTo(1), Thinned(1)]),
+            (1_000_000, [Thinned(2), Thinned(1)]),
+            (1_100_000, [Thinned(2), UpTo(1)]),
+            (2_000_000, [UpTo(2), UpTo(1)]),
         ];
         for (budget, expected) in cases {
             assert_eq!(

@@ -123,8 +123,8 @@ pub struct LayerStats {
     sizes: [AtomicU32; MAX_LAYERS],
     /// Bits per second, smoothed; the last value measured while the layer flowed.
     bitrates: [AtomicU64; MAX_LAYERS],
-    /// Bits per second of the lowest layer's temporal layer 0, when it has temporal layers.
-    thinned: AtomicU64,
+    /// Bits per second of each layer's temporal layer 0, when it has temporal layers.
+    thinned: [AtomicU64; MAX_LAYERS],
 }
 
 impl LayerStats {
@@ -152,9 +152,13 @@ impl LayerStats {
             .collect()
     }
 
-    /// The bitrate of the lowest layer at its lowest frame rate, when it has temporal layers.
-    pub fn thinned(&self) -> Option<u64> {
-        Some(self.thinned.load(Ordering::Relaxed)).filter(|&bps| bps > 0)
+    /// The bitrate of every layer at its lowest frame rate, lowest first (0: no temporal
+    /// layers, or never measured).
+    pub fn thinned(&self) -> Vec<u64> {
+        self.thinned[..usize::from(self.count())]
+            .iter()
+            .map(|rate| rate.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// The smallest layer that covers `view` (see [`Layers::for_view`]).
@@ -275,9 +279,10 @@ pub(crate) struct Counts {
     switches: u64,
     /// Bytes received per layer.
     layer_bytes: [u64; MAX_LAYERS],
-    /// Bytes of the lowest layer's temporal layer 0, and whether it has temporal layers.
-    thinned_bytes: u64,
-    temporal: bool,
+    /// Bytes of each layer's temporal layer 0, and which layers have temporal layers (bit
+    /// `1 << layer`).
+    thinned_bytes: [u64; MAX_LAYERS],
+    temporal: u8,
     /// Sum and number of audio levels (-dBov) read since the last tick.
     level_sum: u32,
     levels: u32,
@@ -365,9 +370,9 @@ impl Fanout {
             if bytes > 0 {
                 smooth_into(&layers.bitrates[layer], bytes);
             }
-        }
-        if counts.temporal {
-            smooth_into(&layers.thinned, counts.thinned_bytes);
+            if counts.temporal & (1 << layer) != 0 {
+                smooth_into(&layers.thinned[layer], counts.thinned_bytes[layer]);
+            }
         }
         stats
             .received_packets
@@ -474,7 +479,7 @@ impl Fanout {
                     slot.forwarder
                         .set_paused_for_bandwidth(grant == Grant::Paused);
                     slot.forwarder.set_max_temporal(match grant {
-                        Grant::Thinned => 0,
+                        Grant::Thinned(_) => 0,
                         _ => ALL_TEMPORAL_LAYERS,
                     });
                     slot.forwarder
@@ -634,7 +639,7 @@ impl Fanout {
         let wanted = self.layers.for_view(slot.view);
         let allowed = match slot.grant {
             Grant::UpTo(layer) => wanted.min(layer),
-            Grant::Thinned => 0,
+            Grant::Thinned(layer) => wanted.min(layer),
             Grant::Paused => wanted,
         };
         self.layers.live_target(allowed, now)
@@ -680,11 +685,12 @@ impl Fanout {
                 if let Some(size) = descriptor.keyframe_size(&packet.payload) {
                     self.layers.saw_size(layer, size);
                 }
-                if layer == 0 && descriptor.temporal.is_some() {
-                    self.pending.temporal = true;
+                if descriptor.temporal.is_some()
+                    && let Some(thinned) = self.pending.thinned_bytes.get_mut(usize::from(layer))
+                {
+                    self.pending.temporal |= 1 << layer;
                     if descriptor.temporal == Some(0) {
-                        self.pending.thinned_bytes +=
-                            (packet.payload.len() + RTP_HEADER_BYTES) as u64;
+                        *thinned += (packet.payload.len() + RTP_HEADER_BYTES) as u64;
                     }
                 }
             }

@@ -957,7 +957,7 @@ impl SubscribeTransport {
                         MediaKind::Video => layers.for_view(state.view),
                     },
                     layer_bitrates: layers.bitrates(),
-                    thinned_bitrate: layers.thinned(),
+                    thinned_bitrates: layers.thinned(),
                     paused: state.paused,
                 }
             })
@@ -1024,7 +1024,7 @@ impl SubscribeTransport {
             }
             let allocation = match next {
                 Grant::Paused => Allocation::Paused,
-                Grant::Thinned => Allocation::Lowered,
+                Grant::Thinned(_) => Allocation::Lowered,
                 Grant::UpTo(layer) if layer < demand.wanted => Allocation::Lowered,
                 Grant::UpTo(_) => Allocation::Full,
             };
