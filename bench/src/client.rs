@@ -28,7 +28,8 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
     RTCConfigurationBuilder, RTCIceGatheringState, RTCSessionDescription, Registry,
-    SettingEngineBuilder, register_default_interceptors,
+    SettingEngineBuilder, configure_nack, configure_rtcp_reports,
+    configure_simulcast_extension_headers, register_default_interceptors,
 };
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -283,12 +284,32 @@ async fn peer_connection(
     Ok((pc, gathered_rx))
 }
 
+/// What congestion control feedback a peer connection negotiates and sends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CongestionFeedback {
+    /// Transport-wide feedback (TWCC), as browsers do by default.
+    #[default]
+    Twcc,
+    /// No transport-wide feedback: only `goog-remb` is negotiated (on video, among the default
+    /// codecs' feedback), and the application sends REMB itself, as an older client would.
+    RembOnly,
+}
+
 /// A webrtc-rs peer connection on 127.0.0.1 with the default codecs and interceptors (what a
 /// browser negotiates and sends as feedback), events to `handler`, sockets from `runtime`
 /// (Tokio when `None`).
 pub async fn loopback_peer_connection(
     handler: Arc<dyn PeerConnectionEventHandler>,
     runtime: Option<Arc<dyn webrtc::runtime::Runtime>>,
+) -> Result<Arc<dyn PeerConnection>> {
+    loopback_peer_connection_with(handler, runtime, CongestionFeedback::Twcc).await
+}
+
+/// [`loopback_peer_connection`], with the congestion control feedback chosen.
+pub async fn loopback_peer_connection_with(
+    handler: Arc<dyn PeerConnectionEventHandler>,
+    runtime: Option<Arc<dyn webrtc::runtime::Runtime>>,
+    feedback: CongestionFeedback,
 ) -> Result<Arc<dyn PeerConnection>> {
     let mut engine = MediaEngine::default();
     engine.register_default_codecs()?;
@@ -302,7 +323,14 @@ pub async fn loopback_peer_connection(
     )?;
     // Keyframe requests reach the application only through an interceptor that marks them:
     // publishers answer them with a keyframe, as a browser's encoder does.
-    let registry = register_default_interceptors(Registry::new(), &mut engine)?.with(
+    let registry = match feedback {
+        CongestionFeedback::Twcc => register_default_interceptors(Registry::new(), &mut engine)?,
+        CongestionFeedback::RembOnly => {
+            configure_simulcast_extension_headers(&mut engine)?;
+            configure_rtcp_reports(configure_nack(Registry::new(), &mut engine))
+        }
+    }
+    .with(
         rtc::interceptor::Slot::from(14_000),
         sfu::FeedbackInterceptor::new(Arc::default()),
     );

@@ -136,6 +136,8 @@ pub(crate) struct Bandwidth {
     pub(crate) estimate: Arc<AtomicU64>,
     /// The allocation is holding the subscriber's video to the estimate: pace to it.
     pub(crate) limiting: AtomicBool,
+    /// The estimate is the subscriber's REMB (it sends no transport-wide feedback).
+    pub(crate) from_remb: Arc<AtomicBool>,
     /// Probe clusters sent, for the estimator to measure.
     pub(crate) probes: Arc<ProbeLog>,
 }
@@ -466,7 +468,8 @@ impl Egress {
             .with(
                 Slot::from(14_000),
                 FeedbackInterceptor::new(self.nacks.clone())
-                    .with_estimate(bandwidth.estimate.clone()),
+                    .with_estimate(bandwidth.estimate.clone())
+                    .with_remb_flag(bandwidth.from_remb.clone()),
             );
         if self.config.bandwidth_estimation {
             // Transport-wide congestion control feedback (TWCC) from the subscriber, for the

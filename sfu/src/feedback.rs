@@ -1,13 +1,17 @@
-//! RTCP feedback from subscribers: keyframe requests reach the application, NACKs are counted.
+//! RTCP feedback from subscribers: keyframe requests reach the application, NACKs are counted,
+//! and the connection's bandwidth estimate is kept (from TWCC, or REMB where that is all a
+//! client sends).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
@@ -22,7 +26,27 @@ pub struct FeedbackInterceptor {
     write_queue: VecDeque<TaggedPacket>,
     nacks: Arc<AtomicU64>,
     estimate: Option<Arc<Estimate>>,
+    /// Where the estimate comes from now.
+    source: EstimateSource,
+    /// Set while the estimate is the subscriber's REMB.
+    from_remb: Option<Arc<AtomicBool>>,
 }
+
+/// Where a connection's estimate comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EstimateSource {
+    /// The congestion controller below, until feedback says otherwise.
+    Controller,
+    /// The subscriber's REMB: it sent REMB and no transport-wide feedback, so the controller
+    /// has nothing to go on (a client that negotiated only `goog-remb`).
+    Remb,
+    /// The congestion controller, on the subscriber's transport-wide feedback: from then on
+    /// REMB is ignored (a client may send both; the send-side estimate sees more).
+    Twcc,
+}
+
+/// The lowest and highest estimate a REMB may set, bits per second.
+const REMB_RANGE: (u64, u64) = (crate::egress::MIN_ESTIMATE, crate::egress::MAX_ESTIMATE);
 
 impl FeedbackInterceptor {
     /// Counts NACK packets into `nacks`.
@@ -32,11 +56,21 @@ impl FeedbackInterceptor {
             write_queue: VecDeque::new(),
             nacks,
             estimate: None,
+            source: EstimateSource::Controller,
+            from_remb: None,
         }
     }
 
-    /// Also keeps the connection's send-side bandwidth estimate (bits per second) in `estimate`,
-    /// as the congestion controller below it announces it.
+    /// Also sets `from_remb` while the estimate is the subscriber's REMB (probing the link then
+    /// teaches nothing: only transport-wide feedback measures a probe).
+    pub fn with_remb_flag(mut self, from_remb: Arc<AtomicBool>) -> Self {
+        self.from_remb = Some(from_remb);
+        self
+    }
+
+    /// Also keeps the connection's bandwidth estimate (bits per second) in `estimate`: as the
+    /// congestion controller below it announces it, or, from a subscriber that sends REMB and
+    /// no transport-wide feedback, as its REMB says.
     pub fn with_estimate(mut self, estimate: Arc<Estimate>) -> Self {
         self.estimate = Some(estimate);
         self
@@ -57,9 +91,28 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackInterceptor {
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
         if let Some(estimate) = &self.estimate {
-            for attribute in &msg.message.attributes {
-                if let Attribute::TargetBitrateChanged { bits_per_second } = attribute {
-                    estimate.store(*bits_per_second as u64, Ordering::Relaxed);
+            if let Packet::Rtcp(packets) = &msg.message.packet {
+                for packet in packets {
+                    let any = packet.as_any();
+                    if any.is::<TransportLayerCc>() {
+                        self.source = EstimateSource::Twcc;
+                    } else if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>()
+                        && self.source != EstimateSource::Twcc
+                    {
+                        self.source = EstimateSource::Remb;
+                        let bps = (remb.bitrate.max(0.0) as u64).clamp(REMB_RANGE.0, REMB_RANGE.1);
+                        estimate.store(bps, Ordering::Relaxed);
+                    }
+                }
+            }
+            if let Some(from_remb) = &self.from_remb {
+                from_remb.store(self.source == EstimateSource::Remb, Ordering::Relaxed);
+            }
+            if self.source != EstimateSource::Remb {
+                for attribute in &msg.message.attributes {
+                    if let Attribute::TargetBitrateChanged { bits_per_second } = attribute {
+                        estimate.store(*bits_per_second as u64, Ordering::Relaxed);
+                    }
                 }
             }
         }

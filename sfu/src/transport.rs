@@ -970,7 +970,11 @@ impl SubscribeTransport {
                 .limiting
                 .store(budget.is_some(), Ordering::Relaxed);
         }
-        if budget.is_some() && unlimited > estimate {
+        let from_remb = self
+            .bandwidth
+            .as_ref()
+            .is_some_and(|bandwidth| bandwidth.from_remb.load(Ordering::Relaxed));
+        if budget.is_some() && unlimited > estimate && !from_remb {
             self.probe(estimate, now).await;
         }
         if self.recent_estimates.len() == RISE_EVIDENCE {

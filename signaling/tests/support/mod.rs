@@ -347,19 +347,22 @@ impl webrtc::runtime::Runtime for LossyRuntime {
 async fn peer_connection(
     media: Option<mpsc::UnboundedSender<Received>>,
 ) -> Result<(Arc<dyn PeerConnection>, watch::Receiver<bool>)> {
-    peer_connection_with(media, None).await
+    peer_connection_with(media, None, CongestionFeedback::Twcc).await
 }
 
 async fn peer_connection_with(
     media: Option<mpsc::UnboundedSender<Received>>,
     runtime: Option<Arc<dyn webrtc::runtime::Runtime>>,
+    feedback: CongestionFeedback,
 ) -> Result<(Arc<dyn PeerConnection>, watch::Receiver<bool>)> {
     let (gathered, gathered_rx) = watch::channel(false);
     let handler = Arc::new(Handler { gathered, media });
-    let pc = switchboard_bench::client::loopback_peer_connection(handler, runtime).await?;
+    let pc = switchboard_bench::client::loopback_peer_connection_with(handler, runtime, feedback)
+        .await?;
     Ok((pc, gathered_rx))
 }
 
+pub use switchboard_bench::client::CongestionFeedback;
 use switchboard_bench::client::local_sdp;
 
 /// What the socket task saw, other than media.
@@ -395,6 +398,16 @@ impl TestClient {
         Self::join_lossy(server, room, name, None).await
     }
 
+    /// Joins `room` as `name`, its subscribe connection sending `feedback`.
+    pub async fn join_with_feedback(
+        server: &signaling::Server,
+        room: &str,
+        name: &str,
+        feedback: CongestionFeedback,
+    ) -> Result<Self> {
+        Self::join_with(server, room, name, None, feedback).await
+    }
+
     /// Joins `room` as `name`; with `loss = Some((n, counter))` every n-th RTP datagram that
     /// reaches the subscribe connection is lost, counted in `counter`.
     pub async fn join_lossy(
@@ -402,6 +415,16 @@ impl TestClient {
         room: &str,
         name: &str,
         loss: Option<(u64, Arc<std::sync::atomic::AtomicU64>)>,
+    ) -> Result<Self> {
+        Self::join_with(server, room, name, loss, CongestionFeedback::Twcc).await
+    }
+
+    async fn join_with(
+        server: &signaling::Server,
+        room: &str,
+        name: &str,
+        loss: Option<(u64, Arc<std::sync::atomic::AtomicU64>)>,
+        feedback: CongestionFeedback,
     ) -> Result<Self> {
         let mut ws = connect(server, name, room).await?;
         send(&mut ws, json!({"type": "join", "name": name})).await?;
@@ -421,7 +444,7 @@ impl TestClient {
             }) as Arc<dyn webrtc::runtime::Runtime>
         });
         let (subscribe_pc, subscribe_gathered) =
-            peer_connection_with(Some(media_tx), runtime).await?;
+            peer_connection_with(Some(media_tx), runtime, feedback).await?;
         let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let (answers_tx, answers_rx) = mpsc::unbounded_channel();
@@ -643,6 +666,11 @@ impl TestClient {
 
     pub fn send(&self, message: Value) -> Result<()> {
         Ok(self.outgoing.send(message)?)
+    }
+
+    /// The subscribe connection's last answer, as sent to the server.
+    pub async fn subscribe_answer(&self) -> Option<String> {
+        Some(self.subscribe_pc.local_description().await?.sdp)
     }
 
     /// Waits for a signaling message of `kind`.
