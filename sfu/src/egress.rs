@@ -103,8 +103,11 @@ const MIN_PACER_BURST_BYTES: f64 = 2_500.0;
 /// NACKs it, or waits for a keyframe): the allocation lowers layers within a second, and a
 /// queue that grows without bound would only delay everything behind it.
 const MAX_PACER_DELAY: Duration = Duration::from_millis(500);
-/// A probe cluster is sent at this multiple of the estimate.
-pub(crate) const PROBE_FACTOR: f64 = 2.0;
+/// A probe cluster's padding is sent at this multiple of the estimate, on top of media that
+/// runs near the estimate while the allocation is limited: together about twice the estimate,
+/// what a probe asks the link to carry. Padding at twice the estimate on top of media made
+/// every probe about 2.7 times the link, and filled a shallow router queue that audio shares.
+pub(crate) const PROBE_FACTOR: f64 = 1.0;
 
 /// One forwarded packet for one subscription.
 pub(crate) struct Outgoing {

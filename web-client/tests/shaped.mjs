@@ -29,15 +29,15 @@ const report = (fields) => console.log(JSON.stringify({ shaped: fields.shaped, .
 /** @param {string[]} args */
 const rig = (...args) => execFileSync(RIG, args, { stdio: 'inherit' });
 /**
- * Server counters that explain a phase: keyframe requests, NACKs, probe clusters, video the
- * pacers dropped.
+ * Server counters that explain a phase: keyframe requests, NACKs and what answered them (resent,
+ * or too old to resend), probe clusters, video the pacers dropped.
  * @param {string} base
  */
 const serverCounters = async (base) => {
   const text = await (await fetch(`${base}/metrics`)).text();
   /** @type {Record<string, number>} */
   const out = {};
-  for (const name of ['keyframe_requests', 'nacks', 'egress_probes', 'egress_paced_drops']) {
+  for (const name of ['keyframe_requests', 'nacks', 'retransmitted_packets', 'nack_too_old', 'egress_probes', 'egress_paced_drops']) {
     out[name] = Number(new RegExp(`^switchboard_${name}(?:_total)? (\\d+)`, 'm').exec(text)?.[1] ?? 0);
   }
   return out;
@@ -261,12 +261,16 @@ async function main() {
     const linkAfter = linkStats();
     const linkDropPercent = (100 * (linkAfter.dropped - linkBefore.dropped)) / Math.max(1, linkAfter.sent - linkBefore.sent + linkAfter.dropped - linkBefore.dropped);
     const counters = counterDelta(countersBefore, await serverCounters(base));
-    report({ shaped: 'slow_link', kbps: received, linkDropPercent, counters, estimate: last.estimate, audioLossPercent: loss, widths: widths(last, publishers), allocations: last.allocations, keptSending: sent, frozenSeconds: frozen, events: events.map((e) => `${e.name}:${e.state}@${Math.round(e.at)}`) });
+    // Congestion control holds a link in a sawtooth (up until the queue pushes back, down a
+    // step): where it settles is the middle of the settled window, not its last second.
+    const estimates = settled.map((s) => s.estimate).sort((a, b) => a - b);
+    const medianEstimate = estimates[Math.floor(estimates.length / 2)];
+    report({ shaped: 'slow_link', kbps: received, linkDropPercent, counters, estimate: medianEstimate, estimateRange: [estimates[0], estimates.at(-1)], audioLossPercent: loss, widths: widths(last, publishers), allocations: last.allocations, keptSending: sent, frozenSeconds: frozen, events: events.map((e) => `${e.name}:${e.state}@${Math.round(e.at)}`) });
     check('the shaped subscriber hears every microphone with under 2 % loss', last.audios.length >= 2 && loss < 2, `${loss.toFixed(2)} % at worst over ${last.audios.length} microphones`);
     check('its videos are lowered or paused for the link', last.allocations.length > 0 && widths(last, publishers).every((w) => w < 640), `${JSON.stringify(last.allocations)}, widths ${widths(last, publishers)}`);
     check('the video on its stage is never paused after its first 5 s', sent.includes(STAGE), `${STAGE}: ${events.filter((e) => e.name === STAGE).map((e) => `${e.state}@${Math.round(e.at)}`).join(', ') || 'never changed'}`);
     check('after its first 5 s, no video it keeps receiving freezes for more than 1 s in all', sent.length > 0 && frozen.every((s) => s <= 1), `${sent.map((n, i) => `${n} ${frozen[i].toFixed(2)} s`).join(', ') || 'every video paused at some time'}`);
-    check('its estimate settles within 30 % of the 600 kbit/s link', last.estimate >= 420_000 && last.estimate <= 780_000, `${Math.round(last.estimate / 1000)} kbit/s, ${received} kbit/s received`);
+    check('its estimate settles within 30 % of the 600 kbit/s link', medianEstimate >= 420_000 && medianEstimate <= 780_000, `median ${Math.round(medianEstimate / 1000)} kbit/s over the settled 20 s (${Math.round(estimates[0] / 1000)}-${Math.round(estimates.at(-1) / 1000)}), ${received} kbit/s received`);
   });
 
   await step('5 Mbit/s: higher layers within 10 s', async () => {
