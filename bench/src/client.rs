@@ -217,9 +217,80 @@ async fn recv(ws: &mut Ws) -> Result<Value> {
     }
 }
 
+/// What one subscriber received, for the per-subscriber report (`--subscriber-rate`).
+#[derive(Debug, Default)]
+pub struct SubscriberStats {
+    /// Probe packets received.
+    pub received: AtomicU64,
+    /// Probe payload bytes received.
+    pub received_bytes: AtomicU64,
+    /// Probes missing inside a received stream.
+    pub gaps: AtomicU64,
+    /// The server's last `bandwidth` estimate for it, bits per second.
+    pub estimate: AtomicU64,
+    /// Videos the server says it pauses, and lowers, for this subscriber's link now.
+    pub paused: AtomicU64,
+    pub lowered: AtomicU64,
+    /// Keyframe waits: a stream lost a packet that no resend brought within [`RESEND_WAIT`], and
+    /// its picture stood still until the next keyframe.
+    pub keyframe_waits: AtomicU64,
+    /// Their total length, microseconds.
+    pub frozen_micros: AtomicU64,
+    /// Datagrams its shaped link dropped.
+    pub link_drops: Arc<AtomicU64>,
+}
+
+/// How long a lost packet may take to come back as a resend before its picture counts as
+/// frozen (a receiver's jitter buffer waits about this long).
+pub const RESEND_WAIT: Duration = Duration::from_millis(300);
+
+/// One received stream's picture: whether it waits for a keyframe.
+#[derive(Default)]
+struct Picture {
+    /// Probes missing since the first unfilled gap, and when it opened.
+    missing: u64,
+    gap_since: Option<Instant>,
+    /// Frozen since: a gap was never filled.
+    frozen_since: Option<Instant>,
+}
+
+impl Picture {
+    /// Notes a packet: `gap` probes just went missing before it, or it `filled` one; returns
+    /// a finished keyframe wait.
+    fn packet(&mut self, gap: u64, filled: bool, keyframe: bool, now: Instant) -> Option<Duration> {
+        if gap > 0 {
+            self.missing += gap;
+            self.gap_since.get_or_insert(now);
+        }
+        if filled {
+            self.missing = self.missing.saturating_sub(1);
+            if self.missing == 0 {
+                self.gap_since = None;
+            }
+        }
+        if self.frozen_since.is_none()
+            && self
+                .gap_since
+                .is_some_and(|since| now.duration_since(since) > RESEND_WAIT)
+        {
+            self.frozen_since = self.gap_since;
+        }
+        if keyframe {
+            self.missing = 0;
+            self.gap_since = None;
+            return self
+                .frozen_since
+                .take()
+                .map(|since| now.duration_since(since));
+        }
+        None
+    }
+}
+
 struct Handler {
     gathered: watch::Sender<bool>,
     tally: Option<Arc<Tally>>,
+    own: Option<Arc<SubscriberStats>>,
 }
 
 #[async_trait::async_trait]
@@ -234,10 +305,12 @@ impl PeerConnectionEventHandler for Handler {
         let Some(tally) = self.tally.clone() else {
             return;
         };
+        let own = self.own.clone();
         tokio::spawn(async move {
             let mut live = false;
             // The stream (publisher and layer) and number of the last probe.
             let mut last: Option<(u16, u64)> = None;
+            let mut picture = Picture::default();
             while let Some(event) = track.poll().await {
                 let TrackRemoteEvent::OnRtpPacket(packet) = event else {
                     continue;
@@ -250,13 +323,32 @@ impl PeerConnectionEventHandler for Handler {
                 }
                 let stream = u16::from_be_bytes([payload[4], payload[5]]);
                 let number = u64::from_be_bytes(payload[6..14].try_into().unwrap_or([0; 8]));
+                // A frame's first packet (S bit) of a keyframe (P bit 0): see send_video.
+                let keyframe = payload[0] & 0x10 != 0 && payload[1] & 0x01 == 0;
+                let mut gap = 0;
+                let mut filled = false;
                 if let Some((last_stream, last_number)) = last
                     && last_stream == stream
-                    && number > last_number + 1
+                    // A stream the server paused (for the subscriber's link) resumes at a
+                    // keyframe: what it skipped meanwhile was never sent, not lost.
+                    && !keyframe
                 {
-                    tally
-                        .gaps
-                        .fetch_add(number - last_number - 1, Ordering::Relaxed);
+                    gap = number.saturating_sub(last_number + 1);
+                    filled = number < last_number;
+                }
+                if gap > 0 {
+                    tally.gaps.fetch_add(gap, Ordering::Relaxed);
+                }
+                if let Some(own) = &own {
+                    if let Some(wait) = picture.packet(gap, filled, keyframe, Instant::now()) {
+                        own.keyframe_waits.fetch_add(1, Ordering::Relaxed);
+                        own.frozen_micros
+                            .fetch_add(wait.as_micros() as u64, Ordering::Relaxed);
+                    }
+                    own.gaps.fetch_add(gap, Ordering::Relaxed);
+                    own.received.fetch_add(1, Ordering::Relaxed);
+                    own.received_bytes
+                        .fetch_add(payload.len() as u64, Ordering::Relaxed);
                 }
                 if last.is_none_or(|(s, n)| s != stream || number > n) {
                     last = Some((stream, number));
@@ -279,8 +371,22 @@ impl PeerConnectionEventHandler for Handler {
 async fn peer_connection(
     tally: Option<Arc<Tally>>,
 ) -> Result<(Arc<dyn PeerConnection>, watch::Receiver<bool>)> {
+    peer_connection_for(tally, None, None).await
+}
+
+/// A peer connection tallying into `tally` and `own`, its sockets from `runtime`.
+async fn peer_connection_for(
+    tally: Option<Arc<Tally>>,
+    own: Option<Arc<SubscriberStats>>,
+    runtime: Option<Arc<dyn webrtc::runtime::Runtime>>,
+) -> Result<(Arc<dyn PeerConnection>, watch::Receiver<bool>)> {
     let (gathered, gathered_rx) = watch::channel(false);
-    let pc = loopback_peer_connection(Arc::new(Handler { gathered, tally }), None).await?;
+    let handler = Arc::new(Handler {
+        gathered,
+        tally,
+        own,
+    });
+    let pc = loopback_peer_connection(handler, runtime).await?;
     Ok((pc, gathered_rx))
 }
 
@@ -813,19 +919,32 @@ async fn payload_type(pc: &Arc<dyn PeerConnection>) -> Result<u8> {
     bail!("VP8 not negotiated")
 }
 
-/// Joins `room` and receives everything the server offers until `stop` turns true.
+/// Joins `room` and receives everything the server offers until `stop` turns true, through a
+/// link of `link_rate` bits per second when set ([`crate::shaping`]), counting what it
+/// receives into `tally` and `own`.
+#[allow(clippy::too_many_arguments)]
 pub async fn subscriber(
     base: String,
     room: String,
     index: u32,
     viewing: Viewing,
     tally: Arc<Tally>,
+    own: Arc<SubscriberStats>,
+    link_rate: Option<u64>,
     joined: tokio::sync::oneshot::Sender<Duration>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let Joined { mut ws, took } = join(&base, &room, &format!("subscriber-{index}")).await?;
     let _ = joined.send(took);
-    let (pc, mut gathered) = peer_connection(Some(tally)).await?;
+    let runtime = link_rate.map(|rate| {
+        Arc::new(crate::shaping::ShapedRuntime::new(
+            rate,
+            own.link_drops.clone(),
+        )) as Arc<dyn webrtc::runtime::Runtime>
+    });
+    let (pc, mut gathered) = peer_connection_for(Some(tally), Some(own.clone()), runtime).await?;
+    // How the server serves each video for this subscriber's link.
+    let mut allocations: std::collections::HashMap<String, String> = Default::default();
     loop {
         let message = tokio::select! {
             message = recv(&mut ws) => message?,
@@ -833,6 +952,23 @@ pub async fn subscriber(
         };
         if message["type"] == "offer" && message["transport"] == "subscribe" {
             answer_subscribe(&mut ws, &pc, &mut gathered, &message, viewing).await?;
+        } else if message["type"] == "bandwidth" {
+            own.estimate.store(
+                message["estimate"].as_u64().unwrap_or_default(),
+                Ordering::Relaxed,
+            );
+        } else if message["type"] == "allocation" {
+            let id = message["publicationId"].as_str().unwrap_or_default();
+            let state = message["state"].as_str().unwrap_or_default();
+            allocations.insert(id.to_owned(), state.to_owned());
+            let count = |wanted: &str| allocations.values().filter(|s| *s == wanted).count();
+            own.paused.store(count("paused") as u64, Ordering::Relaxed);
+            own.lowered
+                .store(count("lowered") as u64, Ordering::Relaxed);
+            own.estimate.store(
+                message["estimate"].as_u64().unwrap_or_default(),
+                Ordering::Relaxed,
+            );
         }
     }
     let _ = ws

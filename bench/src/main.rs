@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -108,6 +109,33 @@ struct Cli {
     /// size instead.
     #[arg(long, value_parser = parse_size, requires = "tile")]
     stage: Option<(u32, u32)>,
+    /// Fixed scenario: shape each subscriber's downlink to this rate (bits per second, with k
+    /// or M: `600k`, `5M`) in the generator's own socket layer, a queue of at most 100 ms as a
+    /// router's; the report then has a row per subscriber (estimate, delivered bitrate, loss,
+    /// keyframe waits).
+    #[arg(long, value_parser = parse_rate)]
+    subscriber_rate: Option<u64>,
+    /// With --subscriber-rate: shape only the first N subscribers (the rest are the unshaped
+    /// ones to compare with).
+    #[arg(long, requires = "subscriber_rate")]
+    shaped_subscribers: Option<u32>,
+}
+
+/// A rate in bits per second: `600000`, `600k`, `5M`.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.strip_suffix(['k', 'K']) {
+        Some(digits) => (digits, 1_000),
+        None => match text.strip_suffix('M') {
+            Some(digits) => (digits, 1_000_000),
+            None => (text, 1),
+        },
+    };
+    digits
+        .parse::<f64>()
+        .ok()
+        .map(|value| (value * unit as f64) as u64)
+        .filter(|bps| (10_000..=10_000_000_000).contains(bps))
+        .ok_or_else(|| format!("`{text}` is not a rate from 10k to 10000M bits per second"))
 }
 
 /// `WIDTHxHEIGHT`, e.g. `320x180`.
@@ -345,6 +373,8 @@ async fn ramp(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report:
                 index,
                 cli.viewing(),
                 tally.clone(),
+                Arc::default(),
+                None,
                 tx,
                 stop.clone(),
             )));
@@ -520,6 +550,8 @@ async fn storm(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report
             index,
             cli.viewing(),
             incumbents.clone(),
+            Arc::default(),
+            None,
             tx,
             stop.clone(),
         )));
@@ -547,6 +579,8 @@ async fn storm(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report
             cli.subscribers + index,
             cli.viewing(),
             newcomers.clone(),
+            Arc::default(),
+            None,
             tx,
             stop.clone(),
         )));
@@ -635,15 +669,23 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
         };
         tasks.push(task);
     }
+    let mut per_subscriber = Vec::new();
     for index in 0..if large_room { 0 } else { cli.subscribers } {
         let (tx, rx) = oneshot::channel();
         joins.push(rx);
+        let own = Arc::new(client::SubscriberStats::default());
+        let link = cli
+            .subscriber_rate
+            .filter(|_| cli.shaped_subscribers.is_none_or(|n| index < n));
+        per_subscriber.push((index, link, own.clone()));
         tasks.push(tokio::spawn(client::subscriber(
             base.to_owned(),
             cli.room.clone(),
             index,
             cli.viewing(),
             tally.clone(),
+            own,
+            link,
             tx,
             stop.clone(),
         )));
@@ -699,6 +741,20 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
     let start_bytes = tally.received_bytes.load(Ordering::Relaxed);
     let start_sent_bytes = tally.sent_bytes.load(Ordering::Relaxed);
     let start_gaps = tally.gaps.load(Ordering::Relaxed);
+    let snapshot = |own: &client::SubscriberStats| {
+        [
+            own.received.load(Ordering::Relaxed),
+            own.received_bytes.load(Ordering::Relaxed),
+            own.gaps.load(Ordering::Relaxed),
+            own.keyframe_waits.load(Ordering::Relaxed),
+            own.frozen_micros.load(Ordering::Relaxed),
+            own.link_drops.load(Ordering::Relaxed),
+        ]
+    };
+    let subscribers_at_start: Vec<[u64; 6]> = per_subscriber
+        .iter()
+        .map(|(_, _, own)| snapshot(own))
+        .collect();
     let start_forwarded = forwarded_packets(base).await;
     let start_server_cpu = server_pid.and_then(cpu_seconds);
     let start_own_cpu = cpu_seconds(&own_pid);
@@ -769,6 +825,35 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
     let received_bytes = tally.received_bytes.load(Ordering::Relaxed) - start_bytes;
     let sent_bytes = tally.sent_bytes.load(Ordering::Relaxed) - start_sent_bytes;
     let gaps = tally.gaps.load(Ordering::Relaxed) - start_gaps;
+    let subscribers = if cli.subscriber_rate.is_some() {
+        per_subscriber
+            .iter()
+            .zip(&subscribers_at_start)
+            .map(|((index, link, own), start)| {
+                let end = snapshot(own);
+                let [received, bytes, gaps, waits, frozen, drops]: [u64; 6] =
+                    std::array::from_fn(|i| end[i].saturating_sub(start[i]));
+                report::SubscriberRow {
+                    index: *index,
+                    link_bps: *link,
+                    estimate_bps: own.estimate.load(Ordering::Relaxed),
+                    delivered_bps: (bytes as f64 * 8.0 / measured) as u64,
+                    loss_percent: if received + gaps > 0 {
+                        gaps as f64 * 100.0 / (received + gaps) as f64
+                    } else {
+                        0.0
+                    },
+                    link_drops: drops,
+                    keyframe_waits: waits,
+                    frozen_s: frozen as f64 / 1e6,
+                    paused: own.paused.load(Ordering::Relaxed),
+                    lowered: own.lowered.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
@@ -858,5 +943,6 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
             generator_saturated: generator_cpu_percent.is_some_and(|p| p > 80.0),
         },
         seconds,
+        subscribers,
     })
 }

@@ -75,6 +75,31 @@ pub struct Report {
     pub config: Config,
     pub totals: Totals,
     pub seconds: Vec<Second>,
+    /// One row per subscriber, when some were shaped (`--subscriber-rate`).
+    pub subscribers: Vec<SubscriberRow>,
+}
+
+/// What one subscriber got over the measured window.
+#[derive(Debug, Serialize)]
+pub struct SubscriberRow {
+    pub index: u32,
+    /// Its link, bits per second; `None` when unshaped.
+    pub link_bps: Option<u64>,
+    /// The server's last estimate for it, bits per second (0: none sent).
+    pub estimate_bps: u64,
+    /// RTP payload delivered, bits per second.
+    pub delivered_bps: u64,
+    /// Probes missing in the streams it received.
+    pub loss_percent: f64,
+    /// Datagrams its link dropped (its queue was full).
+    pub link_drops: u64,
+    /// Times a stream's picture waited for a keyframe (a loss no resend repaired in 300 ms),
+    /// and for how long in all.
+    pub keyframe_waits: u64,
+    pub frozen_s: f64,
+    /// Videos the server pauses and lowers for its link at the end.
+    pub paused: u64,
+    pub lowered: u64,
 }
 
 fn opt(value: Option<f64>, unit: &str) -> String {
@@ -188,6 +213,33 @@ pub fn markdown(report: &Report) -> String {
             out,
             "\n**The load generator used more than 80 % of a core: it, not the server, may have limited this run.**"
         );
+    }
+    if !report.subscribers.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n## Per subscriber\n\n| subscriber | link | estimate | delivered | loss | link drops | keyframe waits | videos paused / lowered |\n|---|---|---|---|---|---|---|---|"
+        );
+        let kbps = |bps: u64| format!("{} kbit/s", bps / 1000);
+        for row in &report.subscribers {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {:.2} % | {} | {} ({:.1} s) | {} / {} |",
+                row.index,
+                row.link_bps.map_or("unshaped".into(), kbps),
+                if row.estimate_bps > 0 {
+                    kbps(row.estimate_bps)
+                } else {
+                    "none sent".into()
+                },
+                kbps(row.delivered_bps),
+                row.loss_percent,
+                row.link_drops,
+                row.keyframe_waits,
+                row.frozen_s,
+                row.paused,
+                row.lowered,
+            );
+        }
     }
     out
 }

@@ -204,6 +204,8 @@ pub struct SentPacket {
     pub sent_at: Option<Instant>,
     /// When it was last sent again for a NACK.
     pub resent_at: Option<Instant>,
+    /// How many times it was sent again.
+    pub resends: u8,
 }
 
 /// What to do with a NACKed packet.
@@ -211,7 +213,8 @@ pub struct SentPacket {
 pub enum Resend {
     /// Send it again.
     Now,
-    /// Not now: it is padding, or a copy is already on its way ([`RESEND_INTERVAL`]).
+    /// Not now: it is padding, a copy is already on its way ([`RESEND_INTERVAL`]), or it was
+    /// sent again [`MAX_RESENDS`] times already.
     Skip,
     /// Never: it is older than [`MAX_RESEND_AGE`], and only a keyframe repairs the picture.
     TooOld,
@@ -222,6 +225,11 @@ pub enum Resend {
 /// is repeated every round trip, and answering all of it multiplied the load many times over
 /// (measured: 18 Mbit/s of resends offered to a 600 kbit/s subscriber). As mediasoup does.
 pub const MAX_RESEND_AGE: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// A packet is sent again at most this many times: on a link that drops it twice more, more
+/// copies only crowd out what comes next (a receiver that NACKs every missing packet every
+/// round trip, as webrtc-rs's does, otherwise turned a 600 kbit/s link into mostly resends).
+pub const MAX_RESENDS: u8 = 2;
 
 /// A packet is sent again for a NACK at most this often: a receiver repeats its NACK every
 /// round trip until the packet comes, and on a congested link the first resend is still
@@ -292,7 +300,11 @@ impl Forwarder {
         let Some(params) = self.params.as_deref() else {
             return Vec::new();
         };
-        if count == 0 || self.held() || self.waiting_for_keyframe || !self.at_frame_end {
+        // A video paused for bandwidth carries probes too: when every video is paused and there
+        // is no microphone, it is the only way to learn that the link got faster. Nothing of it
+        // is being shown, so a frame it cut short does not matter.
+        let sending = !self.held() && !self.waiting_for_keyframe && self.at_frame_end;
+        if count == 0 || self.paused || !(sending || self.paused_for_bandwidth) {
             return Vec::new();
         }
         let Some((first, timestamp)) = self.numbers.reserve(count) else {
@@ -343,13 +355,15 @@ impl Forwarder {
         {
             return Resend::TooOld;
         }
-        if sent
-            .resent_at
-            .is_some_and(|at| now.saturating_duration_since(at) < RESEND_INTERVAL)
+        if sent.resends >= MAX_RESENDS
+            || sent
+                .resent_at
+                .is_some_and(|at| now.saturating_duration_since(at) < RESEND_INTERVAL)
         {
             return Resend::Skip;
         }
         sent.resent_at = Some(now);
+        sent.resends += 1;
         Resend::Now
     }
 
@@ -564,6 +578,7 @@ impl Forwarder {
             padding: false,
             sent_at: Some(now),
             resent_at: None,
+            resends: 0,
         });
         let mut out = rtp::Packet {
             header: packet.header.clone(),
@@ -818,6 +833,18 @@ mod tests {
             Resend::Skip,
             "a NACK for padding is not answered"
         );
+        // Paused for bandwidth, even inside a frame: the probe still goes.
+        forwarder
+            .forward(&packet(7, 4, &[0x00, 0xCC]), 0, now)
+            .expect("inside a frame");
+        assert!(forwarder.padding(3).is_empty(), "no padding inside a frame");
+        forwarder.set_paused_for_bandwidth(true);
+        assert_eq!(forwarder.padding(3).len(), 3, "a paused video can probe");
+        forwarder.set_paused(true);
+        assert!(
+            forwarder.padding(3).is_empty(),
+            "but not one its subscriber paused"
+        );
         assert_eq!(
             forwarder.resend(after, now),
             Resend::Now,
@@ -829,6 +856,11 @@ mod tests {
             "but not again while that copy is on its way"
         );
         assert_eq!(forwarder.resend(after, now + RESEND_INTERVAL), Resend::Now);
+        assert_eq!(
+            forwarder.resend(after, now + RESEND_INTERVAL * 2),
+            Resend::Skip,
+            "nor a third time"
+        );
         assert_eq!(
             forwarder.resend(after, now + MAX_RESEND_AGE * 2),
             Resend::TooOld,

@@ -1,0 +1,255 @@
+//! A subscriber's downlink shaped in the generator's own socket layer: what the server sends a
+//! shaped subscriber waits in a queue served at the link's rate and is dropped when that queue
+//! holds more than [`QUEUE_DELAY`], as a router's buffer in front of a slow link (tc's tbf with
+//! `latency 100ms`, without its burst). Uplink (feedback) goes out unshaped.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use webrtc::runtime::{
+    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, RecvMeta, Runtime,
+    TokioRuntime, Transmit,
+};
+
+/// The deepest the link's queue gets: longer waits are dropped.
+pub const QUEUE_DELAY: Duration = Duration::from_millis(100);
+/// Bytes a datagram takes on the wire beyond its UDP payload (UDP, IPv4, Ethernet).
+const WIRE_OVERHEAD: usize = 8 + 20 + 14;
+/// Largest datagram read.
+const MAX_DATAGRAM: usize = 2048;
+
+/// Tokio, with every UDP socket's receive side shaped to `rate_bps`.
+#[derive(Debug)]
+pub struct ShapedRuntime {
+    rate_bps: u64,
+    /// Datagrams the link dropped (its queue was full).
+    pub dropped: Arc<AtomicU64>,
+}
+
+impl ShapedRuntime {
+    /// A runtime whose sockets receive at most `rate_bps` bits per second, counting what the
+    /// link drops into `dropped`.
+    pub fn new(rate_bps: u64, dropped: Arc<AtomicU64>) -> Self {
+        Self {
+            rate_bps: rate_bps.max(1),
+            dropped,
+        }
+    }
+}
+
+/// One datagram on its way through the link.
+struct InFlight {
+    due: Instant,
+    from: SocketAddr,
+    data: Vec<u8>,
+}
+
+struct Link {
+    queue: VecDeque<InFlight>,
+    /// When the link finishes sending what it holds.
+    free_at: Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    buffer: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct ShapedSocket {
+    socket: tokio::net::UdpSocket,
+    bytes_per_second: f64,
+    link: Mutex<Link>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("queued", &self.queue.len())
+            .finish()
+    }
+}
+
+impl ShapedSocket {
+    /// Moves what the socket has into the link, dropping what the queue has no room for.
+    fn admit(&self, cx: &mut Context<'_>, link: &mut Link) -> io::Result<()> {
+        loop {
+            let Link { buffer, .. } = link;
+            let mut buf = tokio::io::ReadBuf::new(buffer);
+            let from = match self.socket.poll_recv_from(cx, &mut buf) {
+                Poll::Ready(Ok(from)) => from,
+                Poll::Ready(Err(err)) => return Err(err),
+                Poll::Pending => return Ok(()),
+            };
+            let data = buf.filled().to_vec();
+            let now = Instant::now();
+            let start = link.free_at.max(now);
+            if start.duration_since(now) > QUEUE_DELAY {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let wire = (data.len() + WIRE_OVERHEAD) as f64 / self.bytes_per_second;
+            let due = start + Duration::from_secs_f64(wire);
+            link.free_at = due;
+            link.queue.push_back(InFlight { due, from, data });
+        }
+    }
+}
+
+impl AsyncUdpSocket for ShapedSocket {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    fn poll_send(&self, cx: &mut Context<'_>, transmit: &Transmit<'_>) -> Poll<io::Result<usize>> {
+        self.socket
+            .poll_send_to(cx, transmit.contents, transmit.destination)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [io::IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let Ok(mut link) = self.link.lock() else {
+            return Poll::Ready(Err(io::Error::other("shaped link poisoned")));
+        };
+        if let Err(err) = self.admit(cx, &mut link) {
+            return Poll::Ready(Err(err));
+        }
+        let now = Instant::now();
+        match link.queue.front() {
+            Some(next) if next.due <= now => {
+                let Some(datagram) = link.queue.pop_front() else {
+                    return Poll::Pending;
+                };
+                let (Some(buf), Some(slot)) = (bufs.first_mut(), meta.first_mut()) else {
+                    return Poll::Ready(Ok(0));
+                };
+                let len = datagram.data.len().min(buf.len());
+                buf[..len].copy_from_slice(&datagram.data[..len]);
+                let mut m = RecvMeta::default();
+                m.addr = datagram.from;
+                m.len = len;
+                m.stride = len.max(1);
+                *slot = m;
+                Poll::Ready(Ok(1))
+            }
+            Some(next) => {
+                // Wake when the head of the queue is through the link.
+                let due = tokio::time::Instant::from_std(next.due);
+                let timer = link
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                timer.as_mut().reset(due);
+                let _ = timer.as_mut().poll(cx);
+                Poll::Pending
+            }
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Runtime for ShapedRuntime {
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) -> Box<dyn JoinHandle> {
+        TokioRuntime.spawn(future)
+    }
+
+    fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+        socket.set_nonblocking(true)?;
+        Ok(Arc::new(ShapedSocket {
+            socket: tokio::net::UdpSocket::from_std(socket)?,
+            bytes_per_second: self.rate_bps as f64 / 8.0,
+            link: Mutex::new(Link {
+                queue: VecDeque::new(),
+                free_at: Instant::now(),
+                timer: None,
+                buffer: vec![0; MAX_DATAGRAM],
+            }),
+            dropped: self.dropped.clone(),
+        }))
+    }
+
+    fn wrap_tcp_listener(
+        &self,
+        listener: std::net::TcpListener,
+    ) -> io::Result<Arc<dyn AsyncTcpListener>> {
+        TokioRuntime.wrap_tcp_listener(listener)
+    }
+
+    fn connect_tcp<'a>(
+        &'a self,
+        remote_addr: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Arc<dyn AsyncTcpStream>>> + Send + 'a>> {
+        TokioRuntime.connect_tcp(remote_addr)
+    }
+
+    fn resolve_host<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        TokioRuntime.resolve_host(host)
+    }
+
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        TokioRuntime.sleep(duration)
+    }
+
+    fn interval(&self, period: Duration) -> Box<dyn AsyncInterval> {
+        TokioRuntime.interval(period)
+    }
+
+    fn block_on(&self, future: Pin<Box<dyn Future<Output = ()> + '_>>) {
+        TokioRuntime.block_on(future)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 60 datagrams of 1,000 bytes sent at once (few enough for the kernel's socket buffer)
+    /// through a 1 Mbit/s link: about 100 ms of them get through the queue, the rest are
+    /// dropped, and what arrives comes at the link's rate.
+    #[tokio::test]
+    async fn a_burst_is_served_at_the_rate_and_what_does_not_fit_is_dropped() -> io::Result<()> {
+        let runtime = ShapedRuntime::new(1_000_000, Arc::default());
+        let receiver = runtime.wrap_udp_socket(std::net::UdpSocket::bind("127.0.0.1:0")?)?;
+        let to = receiver.local_addr()?;
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        for _ in 0..60 {
+            sender.send_to(&[7u8; 1_000], to)?;
+        }
+        let started = Instant::now();
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut received = 0;
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(300), receiver.recv_from(&mut buf)).await
+        {
+            received += 1;
+        }
+        let took = started.elapsed().saturating_sub(Duration::from_millis(300));
+        let dropped = runtime.dropped.load(Ordering::Relaxed);
+        assert_eq!(
+            received + dropped,
+            60,
+            "every datagram arrives or is dropped"
+        );
+        // 1 Mbit/s is 1,042 bytes of wire per 8.3 ms: 100 ms of queue holds about 12.
+        assert!(
+            (10..=16).contains(&received),
+            "{received} arrived, {dropped} dropped"
+        );
+        assert!(
+            took >= Duration::from_millis(80),
+            "{received} datagrams took {took:?}: faster than the link"
+        );
+        Ok(())
+    }
+}
