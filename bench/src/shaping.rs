@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use webrtc::runtime::{
@@ -51,20 +51,53 @@ struct InFlight {
     data: Vec<u8>,
 }
 
+/// The link's queue, filled by the socket's reader task as datagrams arrive (so each is timed
+/// when it arrives, not when the client gets round to reading) and emptied by the client.
+#[derive(Default)]
 struct Link {
     queue: VecDeque<InFlight>,
     /// When the link finishes sending what it holds.
-    free_at: Instant,
+    free_at: Option<Instant>,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    buffer: Vec<u8>,
+    /// The client waiting for a datagram.
+    waker: Option<Waker>,
+    /// The socket failed with this.
+    failed: Option<io::ErrorKind>,
+}
+
+impl Link {
+    /// Admits a datagram that arrived `now`, or drops it when the queue is full; true when
+    /// admitted.
+    fn admit(
+        &mut self,
+        data: Vec<u8>,
+        from: SocketAddr,
+        bytes_per_second: f64,
+        now: Instant,
+    ) -> bool {
+        let start = self.free_at.map_or(now, |free| free.max(now));
+        if start.duration_since(now) > QUEUE_DELAY {
+            return false;
+        }
+        let wire = (data.len() + WIRE_OVERHEAD) as f64 / bytes_per_second;
+        let due = start + Duration::from_secs_f64(wire);
+        self.free_at = Some(due);
+        self.queue.push_back(InFlight { due, from, data });
+        true
+    }
 }
 
 #[derive(Debug)]
 struct ShapedSocket {
-    socket: tokio::net::UdpSocket,
-    bytes_per_second: f64,
-    link: Mutex<Link>,
-    dropped: Arc<AtomicU64>,
+    socket: Arc<tokio::net::UdpSocket>,
+    link: Arc<Mutex<Link>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ShapedSocket {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl std::fmt::Debug for Link {
@@ -75,28 +108,34 @@ impl std::fmt::Debug for Link {
     }
 }
 
-impl ShapedSocket {
-    /// Moves what the socket has into the link, dropping what the queue has no room for.
-    fn admit(&self, cx: &mut Context<'_>, link: &mut Link) -> io::Result<()> {
-        loop {
-            let Link { buffer, .. } = link;
-            let mut buf = tokio::io::ReadBuf::new(buffer);
-            let from = match self.socket.poll_recv_from(cx, &mut buf) {
-                Poll::Ready(Ok(from)) => from,
-                Poll::Ready(Err(err)) => return Err(err),
-                Poll::Pending => return Ok(()),
-            };
-            let data = buf.filled().to_vec();
-            let now = Instant::now();
-            let start = link.free_at.max(now);
-            if start.duration_since(now) > QUEUE_DELAY {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
+/// Reads the socket as fast as datagrams come and puts them through the link.
+async fn read_into(
+    socket: Arc<tokio::net::UdpSocket>,
+    link: Arc<Mutex<Link>>,
+    bytes_per_second: f64,
+    dropped: Arc<AtomicU64>,
+) {
+    let mut buffer = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let received = socket.recv_from(&mut buffer).await;
+        let Ok(mut link) = link.lock() else {
+            return;
+        };
+        match received {
+            Ok((len, from)) => {
+                let data = buffer[..len].to_vec();
+                if !link.admit(data, from, bytes_per_second, Instant::now()) {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
             }
-            let wire = (data.len() + WIRE_OVERHEAD) as f64 / self.bytes_per_second;
-            let due = start + Duration::from_secs_f64(wire);
-            link.free_at = due;
-            link.queue.push_back(InFlight { due, from, data });
+            Err(err) => link.failed = Some(err.kind()),
+        }
+        if let Some(waker) = link.waker.take() {
+            waker.wake();
+        }
+        if link.failed.is_some() {
+            return;
         }
     }
 }
@@ -120,9 +159,6 @@ impl AsyncUdpSocket for ShapedSocket {
         let Ok(mut link) = self.link.lock() else {
             return Poll::Ready(Err(io::Error::other("shaped link poisoned")));
         };
-        if let Err(err) = self.admit(cx, &mut link) {
-            return Poll::Ready(Err(err));
-        }
         let now = Instant::now();
         match link.queue.front() {
             Some(next) if next.due <= now => {
@@ -141,6 +177,9 @@ impl AsyncUdpSocket for ShapedSocket {
                 *slot = m;
                 Poll::Ready(Ok(1))
             }
+            _ if link.failed.is_some() => Poll::Ready(Err(io::Error::from(
+                link.failed.unwrap_or(io::ErrorKind::Other),
+            ))),
             Some(next) => {
                 // Wake when the head of the queue is through the link.
                 let due = tokio::time::Instant::from_std(next.due);
@@ -151,7 +190,10 @@ impl AsyncUdpSocket for ShapedSocket {
                 let _ = timer.as_mut().poll(cx);
                 Poll::Pending
             }
-            None => Poll::Pending,
+            None => {
+                link.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
         }
     }
 }
@@ -163,16 +205,18 @@ impl Runtime for ShapedRuntime {
 
     fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
         socket.set_nonblocking(true)?;
+        let socket = Arc::new(tokio::net::UdpSocket::from_std(socket)?);
+        let link = Arc::new(Mutex::new(Link::default()));
+        let reader = tokio::spawn(read_into(
+            socket.clone(),
+            link.clone(),
+            self.rate_bps as f64 / 8.0,
+            self.dropped.clone(),
+        ));
         Ok(Arc::new(ShapedSocket {
-            socket: tokio::net::UdpSocket::from_std(socket)?,
-            bytes_per_second: self.rate_bps as f64 / 8.0,
-            link: Mutex::new(Link {
-                queue: VecDeque::new(),
-                free_at: Instant::now(),
-                timer: None,
-                buffer: vec![0; MAX_DATAGRAM],
-            }),
-            dropped: self.dropped.clone(),
+            socket,
+            link,
+            reader,
         }))
     }
 

@@ -92,9 +92,10 @@ impl Demand {
             .filter(|&bps| bps > 0)
     }
 
-    /// What `grant` costs.
-    fn grant_cost(&self, grant: Grant) -> u64 {
+    /// What `grant` costs (nothing while the subscriber paused it itself).
+    pub fn grant_cost(&self, grant: Grant) -> u64 {
         match grant {
+            _ if self.paused => 0,
             Grant::Paused => 0,
             Grant::Thinned(layer) => self.thinned_cost(layer).unwrap_or(self.cost(layer)),
             Grant::UpTo(layer) => self.cost(layer),

@@ -103,11 +103,11 @@ const MIN_PACER_BURST_BYTES: f64 = 2_500.0;
 /// NACKs it, or waits for a keyframe): the allocation lowers layers within a second, and a
 /// queue that grows without bound would only delay everything behind it.
 const MAX_PACER_DELAY: Duration = Duration::from_millis(500);
-/// A probe cluster's padding is sent at this multiple of the estimate, on top of media that
-/// runs near the estimate while the allocation is limited: together about twice the estimate,
-/// what a probe asks the link to carry. Padding at twice the estimate on top of media made
-/// every probe about 2.7 times the link, and filled a shallow router queue that audio shares.
-pub(crate) const PROBE_FACTOR: f64 = 1.0;
+/// A probe cluster asks the link to carry this multiple of the estimate: its padding goes at
+/// that rate less what the subscriber receives already ([`Bandwidth::probe_rate`]). Padding at
+/// twice the estimate on top of the media made every probe about 2.7 times the link, and
+/// filled a shallow router queue that audio shares.
+pub(crate) const PROBE_FACTOR: u64 = 2;
 
 /// One forwarded packet for one subscription.
 pub(crate) struct Outgoing {
@@ -141,6 +141,9 @@ pub(crate) struct Bandwidth {
     pub(crate) limiting: AtomicBool,
     /// The estimate is the subscriber's REMB (it sends no transport-wide feedback).
     pub(crate) from_remb: Arc<AtomicBool>,
+    /// The rate of the next probe cluster's padding, bits per second: twice the estimate less
+    /// what the allocation sends (0: the estimate).
+    pub(crate) probe_rate: AtomicU64,
     /// Probe clusters sent, for the estimator to measure.
     pub(crate) probes: Arc<ProbeLog>,
 }
@@ -643,8 +646,13 @@ impl Conn {
 
     /// Bytes per second a probe cluster leaves at.
     fn probe_rate(&self) -> Option<f64> {
-        let estimate = self.bandwidth.as_ref()?.estimate.load(Ordering::Relaxed);
-        (estimate > 0).then(|| estimate as f64 * PROBE_FACTOR / 8.0)
+        let bandwidth = self.bandwidth.as_ref()?;
+        let estimate = bandwidth.estimate.load(Ordering::Relaxed);
+        let rate = match bandwidth.probe_rate.load(Ordering::Relaxed) {
+            0 => estimate,
+            rate => rate,
+        };
+        (rate > 0).then(|| rate as f64 / 8.0)
     }
 
     /// Hands one packet to the connection (interceptors, SRTP) and queues what it writes.

@@ -17,7 +17,7 @@
 //!   back-off, so a link raised from 600 kbit/s to 5 Mbit/s took half a minute to be believed.
 //! - **Probes lift it.** Growth limited by what is sent cannot find a faster link on its own, so
 //!   the egress engine sends short probe clusters (padding-only packets which, with the media,
-//!   go at about twice the estimate)
+//!   go at twice the estimate)
 //!   when the allocation wants more than the estimate; their measured arrival rate sets the
 //!   estimate directly, as upstream's probe controller does.
 //! - **Loss** above 10 % lowers it in proportion; below 2 % the loss limit recovers by 8 % a

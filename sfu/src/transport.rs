@@ -975,7 +975,17 @@ impl SubscribeTransport {
             .as_ref()
             .is_some_and(|bandwidth| bandwidth.from_remb.load(Ordering::Relaxed));
         if budget.is_some() && unlimited > estimate && !from_remb {
-            self.probe(estimate, now).await;
+            // What the subscriber receives now, so that padding and media together probe at
+            // twice the estimate: with every video paused the padding is all of it.
+            let sending: u64 = ids
+                .iter()
+                .zip(&demands)
+                .filter_map(|(id, demand)| {
+                    let grant = self.subscriptions.get(id)?.steady.grant();
+                    Some(demand.grant_cost(grant))
+                })
+                .sum();
+            self.probe(estimate, sending, now).await;
         }
         if self.recent_estimates.len() == RISE_EVIDENCE {
             self.recent_estimates.pop_front();
@@ -1048,7 +1058,7 @@ impl SubscribeTransport {
     /// more than the estimate, and only a rate the link has shown raises it. Probes go every
     /// second while they raise the estimate, less often (up to [`MAX_PROBE_INTERVAL`]) while
     /// they do not.
-    async fn probe(&mut self, estimate: u64, now: Instant) {
+    async fn probe(&mut self, estimate: u64, sending: u64, now: Instant) {
         if self.next_probe.is_some_and(|at| now < at) {
             return;
         }
@@ -1076,7 +1086,13 @@ impl SubscribeTransport {
         else {
             return;
         };
-        let bytes = (estimate as f64 * PROBE_FACTOR * PROBE_DURATION.as_secs_f64() / 8.0) as usize;
+        let padding_bps = (estimate * PROBE_FACTOR)
+            .saturating_sub(sending)
+            .max(estimate / 2);
+        if let Some(bandwidth) = &self.bandwidth {
+            bandwidth.probe_rate.store(padding_bps, Ordering::Relaxed);
+        }
+        let bytes = (padding_bps as f64 * PROBE_DURATION.as_secs_f64() / 8.0) as usize;
         let _ = state.publication.commands.try_send(FanoutCommand::Probe {
             key: state.key,
             bytes: bytes.max(MIN_PROBE_BYTES),
