@@ -252,12 +252,24 @@ struct Picture {
     gap_since: Option<Instant>,
     /// Frozen since: a gap was never filled.
     frozen_since: Option<Instant>,
+    /// When the last packet came.
+    last_at: Option<Instant>,
 }
+
+/// A stream silent this long was paused by the server (for the subscriber's link), and a
+/// paused video is not a frozen one: the app says so on its tile.
+const PAUSED_AFTER: Duration = Duration::from_secs(1);
 
 impl Picture {
     /// Notes a packet: `gap` probes just went missing before it, or it `filled` one; returns
     /// a finished keyframe wait.
     fn packet(&mut self, gap: u64, filled: bool, keyframe: bool, now: Instant) -> Option<Duration> {
+        let previous = self.last_at.replace(now);
+        // A freeze that ran into a pause ended when the pause began.
+        let frozen_until = match previous {
+            Some(at) if now.duration_since(at) > PAUSED_AFTER => at,
+            _ => now,
+        };
         if gap > 0 {
             self.missing += gap;
             self.gap_since.get_or_insert(now);
@@ -281,7 +293,7 @@ impl Picture {
             return self
                 .frozen_since
                 .take()
-                .map(|since| now.duration_since(since));
+                .map(|since| frozen_until.saturating_duration_since(since));
         }
         None
     }

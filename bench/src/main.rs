@@ -112,7 +112,7 @@ struct Cli {
     /// Fixed scenario: shape each subscriber's downlink to this rate (bits per second, with k
     /// or M: `600k`, `5M`) in the generator's own socket layer, a queue of at most 100 ms as a
     /// router's; the report then has a row per subscriber (estimate, delivered bitrate, loss,
-    /// keyframe waits).
+    /// keyframe waits), measured from 5 s after every subscription delivers.
     #[arg(long, value_parser = parse_rate)]
     subscriber_rate: Option<u64>,
     /// With --subscriber-rate: shape only the first N subscribers (the rest are the unshaped
@@ -120,6 +120,9 @@ struct Cli {
     #[arg(long, requires = "subscriber_rate")]
     shaped_subscribers: Option<u32>,
 }
+
+/// With --subscriber-rate, measuring starts this long after every subscription delivers.
+const SHAPED_SETTLE: Duration = Duration::from_secs(5);
 
 /// A rate in bits per second: `600000`, `600k`, `5M`.
 fn parse_rate(text: &str) -> Result<u64, String> {
@@ -725,6 +728,11 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let time_to_media = warmup.elapsed();
+    if cli.subscriber_rate.is_some() {
+        // A shaped subscriber's first seconds are its estimate finding the link (everything
+        // is sent until the network pushes back): measure it settled, as the browser rig does.
+        tokio::time::sleep(SHAPED_SETTLE).await;
+    }
 
     let bar = if cli.quiet {
         ProgressBar::hidden()
