@@ -144,6 +144,10 @@ pub(crate) struct Bandwidth {
     /// The rate of the next probe cluster's padding, bits per second: twice the estimate less
     /// what the allocation sends (0: the estimate).
     pub(crate) probe_rate: AtomicU64,
+    /// The lowest estimate of the last two seconds, bits per second (0: none yet): what video
+    /// is paced to. A probe can lift the estimate past the link for a moment; pacing to that
+    /// let bursts overflow the link's queue (audio and all) before the estimate came down.
+    pub(crate) pace_estimate: AtomicU64,
     /// Probe clusters sent, for the estimator to measure.
     pub(crate) probes: Arc<ProbeLog>,
 }
@@ -640,7 +644,11 @@ impl Conn {
         if !bandwidth.limiting.load(Ordering::Relaxed) {
             return None;
         }
-        let estimate = bandwidth.estimate.load(Ordering::Relaxed);
+        let estimate = match bandwidth.pace_estimate.load(Ordering::Relaxed) {
+            0 => bandwidth.estimate.load(Ordering::Relaxed),
+            // A fall shows at once, a rise once it has lasted.
+            lowest => lowest.min(bandwidth.estimate.load(Ordering::Relaxed)),
+        };
         (estimate > 0).then(|| estimate as f64 * PACING_FACTOR / 8.0)
     }
 

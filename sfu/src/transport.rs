@@ -997,6 +997,11 @@ impl SubscribeTransport {
             .copied()
             .min()
             .unwrap_or(estimate);
+        if let Some(bandwidth) = &self.bandwidth {
+            bandwidth
+                .pace_estimate
+                .store(lowest_recent, Ordering::Relaxed);
+        }
         let keeps = allocate(
             budget.map(|bps| bps * KEEP_NUMERATOR / KEEP_DENOMINATOR),
             &demands,
