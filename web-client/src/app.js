@@ -160,12 +160,16 @@ async function capturePreview() {
   try {
     preview = await captureMedia(micSelect.value || true, cameraSelect.value || true);
     previewVideo.srcObject = preview;
-    showError(null);
+    // Only the preview's own error goes away: a refused join (a taken name) must stay readable.
+    if (errorBox.dataset.from === 'preview') showError(null);
     await fillDeviceSelects();
   } catch (err) {
     previewVideo.srcObject = null;
     // A failed join says more than a preview that could not start again after it.
-    if (errorBox.hidden) showError(/** @type {any} */ (err));
+    if (errorBox.hidden) {
+      showError(/** @type {any} */ (err));
+      errorBox.dataset.from = 'preview';
+    }
   }
 }
 
@@ -521,12 +525,14 @@ function showError(err) {
     errorBox.hidden = true;
     errorBox.textContent = '';
     delete errorBox.dataset.code;
+    delete errorBox.dataset.from;
     return;
   }
   const code = err.code ?? '';
   const text = FRIENDLY_ERRORS[code] ?? err.message ?? 'Something went wrong.';
   errorBox.textContent = code ? `${text} (${code})` : text;
   errorBox.dataset.code = code;
+  delete errorBox.dataset.from;
   errorBox.hidden = false;
 }
 

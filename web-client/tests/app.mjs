@@ -289,7 +289,10 @@ async function main() {
   await step('a taken name gets an understandable error', async () => {
     const dup = await openPage('dup', base, `${base}/?room=${ROOM}&name=ANN&autojoin=1`);
     const shown = await eventually(dup, () => /already uses that name/.test(document.getElementById('error')?.textContent ?? ''), null, 15_000);
-    check('a taken name says so in words (and shows the code)', shown, (await dup.textContent('#error')) ?? '');
+    // The camera preview restarts after the refusal: the error must still be there to read.
+    await sleep(2000);
+    const still = /already uses that name/.test((await dup.textContent('#error')) ?? '');
+    check('a taken name says so in words (and shows the code), and stays on screen', shown && still, (await dup.textContent('#error')) ?? '');
     await dup.context().close();
   });
 
