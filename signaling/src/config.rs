@@ -1,6 +1,7 @@
 //! Server configuration: embedded defaults, then an optional TOML file, then `SWITCHBOARD_*`
 //! environment variables, then command-line flags, each overriding the one before.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -57,10 +58,37 @@ pub struct Config {
     /// Seconds a signaling socket may stay open without joining a room; then it is closed
     /// (close code 1008). Default 10.
     pub join_timeout_secs: u64,
-    /// Secret that signs tokens. Default: random at each start (tokens die with the process).
-    pub jwt_secret: Option<String>,
-    /// When set, `POST /auth/token` requires `Authorization: Bearer <api_key>`. Default: none.
-    pub api_key: Option<String>,
+    /// Open HTTP connections and signaling sockets in all; more are closed at once. Held to
+    /// half the open-file limit, so that media sockets always have room. Default 10,000.
+    pub max_connections: usize,
+    /// Open HTTP connections and signaling sockets from one address (one /64 for IPv6).
+    /// Default 256.
+    pub max_connections_per_address: usize,
+    /// Seconds a client has to send a request's headers; then the connection is closed.
+    /// Default 10.
+    pub header_read_timeout_secs: u64,
+    /// Signaling sockets one token may hold open at once. Default 4.
+    pub max_sockets_per_token: usize,
+    /// Joins per second from one address, after a burst of five seconds' worth. Default 10.
+    pub max_joins_per_second_per_address: f64,
+    /// Joins per second into one room, after a burst of five seconds' worth. Default 10.
+    pub max_joins_per_second_per_room: f64,
+    /// Rooms open at once; a join that would open another is refused (`server_full`).
+    /// Default 1,000.
+    pub max_rooms: usize,
+    /// API keys, name to secret (at least 32 bytes). They sign tokens, and a caller presenting
+    /// one (HTTP Basic) may mint tokens and administer rooms. Without any, the server runs in the
+    /// development posture and binds loopback only. Default: none.
+    pub api_keys: BTreeMap<String, String>,
+    /// A bearer token that reads `/metrics` (an API key does too). Default: none.
+    pub metrics_token: Option<String>,
+    /// A second address serving only `/metrics`, without credentials (an internal network).
+    /// Default: none.
+    pub metrics_bind: Option<SocketAddr>,
+    /// Origins whose pages may open signaling sockets (`https://app.example.com`; `*` for any).
+    /// Empty: any origin in the development posture, the server's own origin otherwise.
+    /// Default: empty.
+    pub allowed_origins: Vec<String>,
     /// Token lifetime in seconds. Default 86,400.
     pub token_ttl_secs: u64,
     /// `tracing` filter, e.g. `info` or `signaling=debug,sfu=debug`. Default
@@ -84,8 +112,17 @@ impl Default for Config {
             mesh_max: 3,
             mesh_hold_secs: 10,
             join_timeout_secs: 10,
-            jwt_secret: None,
-            api_key: None,
+            max_connections: 10_000,
+            max_connections_per_address: 256,
+            header_read_timeout_secs: 10,
+            max_sockets_per_token: 4,
+            max_joins_per_second_per_address: 10.0,
+            max_joins_per_second_per_room: 10.0,
+            max_rooms: 1000,
+            api_keys: BTreeMap::new(),
+            metrics_token: None,
+            metrics_bind: None,
+            allowed_origins: Vec::new(),
             token_ttl_secs: 86_400,
             log_level: DEFAULT_LOG_LEVEL.into(),
             log_format: LogFormat::Text,
@@ -97,8 +134,12 @@ impl Default for Config {
 #[derive(Debug, Default, clap::Parser, Serialize)]
 #[command(name = "switchboard", version, about = "Switchboard SFU media server")]
 pub struct Cli {
+    /// What to do instead of serving.
+    #[command(subcommand)]
+    #[serde(skip)]
+    pub command: Option<Command>,
     /// TOML configuration file.
-    #[arg(long, short, env = "SWITCHBOARD_CONFIG")]
+    #[arg(long, short, env = "SWITCHBOARD_CONFIG", global = true)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// HTTP and WebSocket listen address [default: 127.0.0.1:8080].
@@ -145,10 +186,6 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join_timeout_secs: Option<u64>,
-    /// API key required to mint tokens.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub api_key: Option<String>,
     /// Log filter [default: info, with webrtc-rs at warn].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -159,7 +196,72 @@ pub struct Cli {
     pub log_format: Option<LogFormat>,
 }
 
+/// Commands besides serving.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Prints a token signed with one of the configured API keys, for scripts and tests.
+    Token {
+        /// The userId.
+        #[arg(long)]
+        user: String,
+        /// The room.
+        #[arg(long)]
+        room: String,
+        /// The API key that signs it [default: the first by name].
+        #[arg(long)]
+        key: Option<String>,
+        /// Seconds it stays valid [default: token_ttl_secs].
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+        /// Grant administering the room.
+        #[arg(long)]
+        room_admin: bool,
+        /// Grant listing every room.
+        #[arg(long)]
+        room_list: bool,
+    },
+}
+
+/// How open the server is, decided by its bind address and API keys (docs/operations.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Posture {
+    /// No API keys, loopback only: anyone on this machine may mint tokens and read `/metrics`.
+    Development,
+    /// API keys configured: minting, room listing, administration and `/metrics` need
+    /// credentials.
+    Production,
+}
+
+/// Why a configuration cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum PostureError {
+    #[error(
+        "binding {0} (reachable from other machines) needs API keys: set api_keys (name = secret) in the configuration file or SWITCHBOARD_API_KEYS, or bind a loopback address for development"
+    )]
+    NoKeys(SocketAddr),
+    #[error("API key {0:?} has a secret shorter than {min} bytes", min = crate::auth::MIN_SECRET_BYTES)]
+    ShortSecret(String),
+}
+
 impl Config {
+    /// The posture this configuration runs in, or why it may not run at all.
+    pub fn posture(&self) -> Result<Posture, PostureError> {
+        if let Some((name, _)) = self
+            .api_keys
+            .iter()
+            .find(|(_, secret)| secret.len() < crate::auth::MIN_SECRET_BYTES)
+        {
+            return Err(PostureError::ShortSecret(name.clone()));
+        }
+        if !self.api_keys.is_empty() {
+            return Ok(Posture::Production);
+        }
+        if !self.bind.ip().is_loopback() {
+            return Err(PostureError::NoKeys(self.bind));
+        }
+        Ok(Posture::Development)
+    }
+
     /// Layers defaults < TOML file < environment < flags.
     pub fn load(cli: &Cli) -> Result<Self, Box<figment::Error>> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));

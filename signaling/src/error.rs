@@ -95,6 +95,12 @@ pub enum SignalError {
     /// The room is at its participant limit.
     #[error("the room is full ({0} participants)")]
     RoomFull(usize),
+    /// The server hosts as many rooms as it may, and this join would open another.
+    #[error("the server hosts its limit of {0} rooms: no new room can open now")]
+    TooManyRooms(usize),
+    /// Joins come faster than allowed from this address or into this room.
+    #[error("too many joins {0} in a short time: try again in a second")]
+    JoinRateLimited(&'static str),
     /// A media connection of the participant to the server failed (ICE or DTLS): it leaves.
     #[error("your media connection to the server failed: leaving the room")]
     MediaFailed,
@@ -129,12 +135,15 @@ impl SignalError {
             | CandidateRefused(_) => ErrorCode::BadRequest,
             UnknownPeer(_) => ErrorCode::UnknownPeer,
             InvalidSdp(_) => ErrorCode::InvalidSdp,
-            RelayRateLimited | ControlRateLimited(_) | ChatRateLimited | RoomChatRateLimited => {
-                ErrorCode::RateLimited
-            }
+            RelayRateLimited
+            | ControlRateLimited(_)
+            | ChatRateLimited
+            | RoomChatRateLimited
+            | JoinRateLimited(_) => ErrorCode::RateLimited,
             NameTaken(_) => ErrorCode::NameTaken,
             FrameTooLarge(_) => ErrorCode::TooLarge,
             RoomFull(_) => ErrorCode::RoomFull,
+            TooManyRooms(_) => ErrorCode::ServerFull,
             SubscribeGone | MediaTransport(_) | MediaFailed => ErrorCode::Internal,
         }
     }
@@ -155,6 +164,11 @@ mod tests {
             (SignalError::InvalidSdp("no media".into()), "invalid_sdp"),
             (SignalError::NameTaken("Ann".into()), "name_taken"),
             (SignalError::RoomFull(100), "room_full"),
+            (SignalError::TooManyRooms(1000), "server_full"),
+            (
+                SignalError::JoinRateLimited("into this room"),
+                "rate_limited",
+            ),
             (SignalError::SubscribeGone, "internal"),
         ];
         for (error, code) in rows {

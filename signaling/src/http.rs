@@ -1,19 +1,24 @@
 //! The HTTP surface: tokens, the signaling socket, health, room listing, metrics, web client.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use rust_embed::RustEmbed;
 use serde::Deserialize;
 use tower_http::cors::{Any, CorsLayer};
 
+use crate::auth::{Claims, Grants, Presented, same_secret};
+use crate::config::Posture;
+use crate::listener::ConnectionSlot;
 use crate::protocol::{ErrorCode, MAX_FRAME_BYTES};
 use crate::state::AppState;
 
@@ -27,18 +32,17 @@ struct WebClient;
 
 /// The router with every endpoint.
 pub fn router(state: AppState) -> Router {
-    // Any page may import the SDK (/src/*) and, while minting is open (no API key), ask for a
-    // token: docs/sdk.md. Nothing else is readable cross-origin (/api/rooms and /metrics list
-    // rooms and names), and no credentials or Authorization header ever are: an API key
-    // belongs on a backend, never in a page.
+    // Any page may import the SDK (/src/*) and, in the development posture, ask for a token:
+    // docs/sdk.md. Nothing else is readable cross-origin (/api/rooms and /metrics list rooms
+    // and names), and no credentials or Authorization header ever are: an API key belongs on a
+    // backend, never in a page.
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods([Method::GET, Method::POST])
         .allow_headers([header::CONTENT_TYPE]);
-    let mint = if state.config.api_key.is_none() {
-        post(mint_token).layer(cors.clone())
-    } else {
-        post(mint_token)
+    let mint = match state.posture {
+        Posture::Development => post(mint_token).layer(cors.clone()),
+        Posture::Production => post(mint_token),
     };
     Router::new()
         .route("/auth/token", mint)
@@ -51,6 +55,68 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The router of `metrics_bind`: `/metrics` alone, without credentials.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .with_state(state)
+}
+
+/// Who a request says it is.
+enum Credential {
+    /// A configured API key.
+    ApiKey,
+    /// A valid token.
+    Token(Claims),
+    /// `metrics_token`.
+    MetricsToken,
+}
+
+fn credential(state: &AppState, headers: &HeaderMap) -> Option<Credential> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    match Presented::parse(value)? {
+        Presented::ApiKey { key, secret } => state
+            .auth
+            .check_api_key(&key, &secret)
+            .then_some(Credential::ApiKey),
+        Presented::Bearer(bearer) => {
+            if let Some(metrics_token) = &state.config.metrics_token
+                && same_secret(metrics_token, &bearer)
+            {
+                return Some(Credential::MetricsToken);
+            }
+            state.auth.verify(&bearer).ok().map(Credential::Token)
+        }
+    }
+}
+
+fn unauthorized(message: impl Into<String>) -> Response {
+    error_response(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
+}
+
+/// Whether a page from the request's `Origin` may open a signaling socket. Clients that are not
+/// browsers send no `Origin`; a browser always does, and cannot forge it.
+fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let allowed = &state.config.allowed_origins;
+    if allowed.is_empty() && state.posture == Posture::Development {
+        return true;
+    }
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    // The server's own pages.
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    origin
+        .split_once("://")
+        .is_some_and(|(_, authority)| host.is_some_and(|h| h.eq_ignore_ascii_case(authority)))
+}
+
 fn error_response(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
     let body = serde_json::json!({"error": {"code": code, "message": message.into()}});
     (status, axum::Json(body)).into_response()
@@ -61,6 +127,8 @@ fn error_response(status: StatusCode, code: ErrorCode, message: impl Into<String
 struct TokenRequest {
     user_id: String,
     room: String,
+    #[serde(default)]
+    grants: Grants,
 }
 
 fn valid_label(value: &str) -> bool {
@@ -68,18 +136,12 @@ fn valid_label(value: &str) -> bool {
 }
 
 async fn mint_token(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(key) = &state.config.api_key {
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if presented != Some(key.as_str()) {
-            return error_response(
-                StatusCode::UNAUTHORIZED,
-                ErrorCode::Unauthorized,
-                "this server requires `Authorization: Bearer <api key>` to mint tokens",
-            );
-        }
+    if state.posture == Posture::Production
+        && !matches!(credential(&state, &headers), Some(Credential::ApiKey))
+    {
+        return unauthorized(
+            "this server mints tokens only for an API key: `Authorization: Basic base64(key:secret)`",
+        );
     }
     let request: TokenRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
@@ -87,7 +149,9 @@ async fn mint_token(State(state): State<AppState>, headers: HeaderMap, body: Byt
             return error_response(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::BadRequest,
-                format!("expected {{\"userId\": string, \"room\": string}}: {err}"),
+                format!(
+                    "expected {{\"userId\": string, \"room\": string, \"grants\"?: {{\"roomAdmin\"?: bool, \"roomList\"?: bool}}}}: {err}"
+                ),
             );
         }
     };
@@ -98,7 +162,10 @@ async fn mint_token(State(state): State<AppState>, headers: HeaderMap, body: Byt
             "userId and room are 1 to 64 characters, not only spaces",
         );
     }
-    match state.auth.mint(request.user_id.trim(), request.room.trim()) {
+    match state
+        .auth
+        .mint(request.user_id.trim(), request.room.trim(), request.grants)
+    {
         Ok(token) => axum::Json(serde_json::json!({ "token": token })).into_response(),
         Err(err) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -111,8 +178,18 @@ async fn mint_token(State(state): State<AppState>, headers: HeaderMap, body: Byt
 async fn signal(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    slot: Option<Extension<Arc<ConnectionSlot>>>,
+    connect_info: Option<Extension<ConnectInfo<SocketAddr>>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    if !origin_allowed(&state, &headers) {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            ErrorCode::ForbiddenOrigin,
+            "pages from this origin may not use this server (allowed_origins)",
+        );
+    }
     let Some(token) = query.get("token") else {
         return error_response(
             StatusCode::UNAUTHORIZED,
@@ -134,20 +211,58 @@ async fn signal(
         Ok(upgrade) => upgrade,
         Err(rejection) => return rejection.into_response(),
     };
+    let Some(token_socket) = state.limits.open_socket(token) else {
+        return error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            format!(
+                "this token has {} signaling sockets open already",
+                state.config.max_sockets_per_token
+            ),
+        );
+    };
+    let peer = connect_info.map(|Extension(ConnectInfo(addr))| addr.ip());
     // Frames up to 1 MiB are read so that anything over the protocol's 64 KiB gets a
     // `too_large` reply instead of a dropped connection.
     upgrade
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| crate::ws::serve(socket, state, claims))
+        .on_upgrade(move |socket| async move {
+            // The socket keeps its connection's and its token's places for as long as it lives.
+            let _places = (slot, token_socket);
+            crate::ws::serve(socket, state, claims, peer).await
+        })
 }
 
-async fn list_rooms(State(state): State<AppState>) -> Response {
+async fn list_rooms(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    match credential(&state, &headers) {
+        Some(Credential::ApiKey) => {}
+        Some(Credential::Token(claims)) if claims.grants.room_list => {}
+        _ => {
+            return unauthorized(
+                "listing rooms needs an API key (Basic) or a token with the roomList grant (Bearer)",
+            );
+        }
+    }
     let rooms: Vec<_> = state.rooms.rooms().iter().map(|r| r.snapshot()).collect();
     axum::Json(serde_json::json!({ "rooms": rooms })).into_response()
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if state.posture == Posture::Production
+        && !matches!(
+            credential(&state, &headers),
+            Some(Credential::ApiKey | Credential::MetricsToken)
+        )
+    {
+        return unauthorized(
+            "metrics need `Authorization: Bearer <metrics_token>` or an API key, or metrics_bind",
+        );
+    }
+    render_metrics(State(state)).await
+}
+
+async fn render_metrics(State(state): State<AppState>) -> Response {
     match crate::metrics::render(&state) {
         Ok(body) => (
             [(

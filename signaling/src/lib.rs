@@ -12,6 +12,8 @@ pub mod budget;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod protocol;
 pub mod room;
@@ -19,6 +21,7 @@ pub mod state;
 pub mod ws;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -56,23 +59,55 @@ async fn announce_speakers(state: AppState) {
 impl Server {
     /// Binds `config.bind` and serves until [`Server::shutdown`].
     pub async fn start(config: Config) -> std::io::Result<Self> {
+        let posture = config
+            .posture()
+            .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?;
+        if posture == config::Posture::Development {
+            tracing::warn!(
+                "development posture: no API keys, so anyone who can reach {} may mint tokens, list rooms with them and read /metrics; set api_keys before binding a public address",
+                config.bind
+            );
+        }
         let listener = TcpListener::bind(config.bind).await?;
+        let metrics_listener = match config.metrics_bind {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
         let addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state = AppState::new(config, shutdown_rx.clone());
         // The shared media socket opens now, so a taken UDP port stops the start with a clear
         // error rather than failing every later join.
         state.sfu.start_egress().map_err(std::io::Error::other)?;
+        let limits = state.connections.limits();
+        tracing::info!(
+            max_connections = limits.max_connections,
+            per_address = limits.max_per_address,
+            header_read_timeout = ?limits.header_read_timeout,
+            "connection limits"
+        );
         let app = http::router(state.clone());
         tokio::spawn(announce_speakers(state.clone()));
-        let mut stop = shutdown_rx;
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|stop| *stop).await;
-                })
-                .await
-        });
+        if let Some(metrics_listener) = metrics_listener {
+            tracing::info!(addr = %metrics_listener.local_addr()?, "metrics listening");
+            let connections = Arc::new(listener::Connections::new(listener::ConnectionLimits {
+                max_connections: 64,
+                max_per_address: 16,
+                header_read_timeout: Duration::from_secs(10),
+            }));
+            tokio::spawn(listener::serve(
+                metrics_listener,
+                http::metrics_router(state.clone()),
+                connections,
+                shutdown_rx.clone(),
+            ));
+        }
+        let task = tokio::spawn(listener::serve(
+            listener,
+            app,
+            state.connections.clone(),
+            shutdown_rx,
+        ));
         Ok(Self {
             addr,
             shutdown,

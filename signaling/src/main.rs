@@ -2,13 +2,35 @@
 
 use anyhow::Context;
 use clap::Parser;
-use signaling::config::{Cli, Config, LogFormat};
+use signaling::auth::{Grants, TokenAuthority};
+use signaling::config::{Cli, Command, Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load(&cli).context("configuration")?;
+    if let Some(Command::Token {
+        user,
+        room,
+        key,
+        ttl_secs,
+        room_admin,
+        room_list,
+    }) = &cli.command
+    {
+        return print_token(
+            &config,
+            user,
+            room,
+            key.as_deref(),
+            *ttl_secs,
+            Grants {
+                room_admin: *room_admin,
+                room_list: *room_list,
+            },
+        );
+    }
     let filter = EnvFilter::try_new(&config.log_level)
         .with_context(|| format!("log_level `{}`", config.log_level))?;
     let subscriber = tracing_subscriber::fmt()
@@ -51,5 +73,36 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         result = tokio::signal::ctrl_c() => result.context("SIGINT handler")?,
         _ = terminate.recv() => {}
     }
+    Ok(())
+}
+
+/// `switchboard token`: a token signed with a configured API key, on stdout.
+fn print_token(
+    config: &Config,
+    user: &str,
+    room: &str,
+    key: Option<&str>,
+    ttl_secs: Option<u64>,
+    grants: Grants,
+) -> anyhow::Result<()> {
+    if config.api_keys.is_empty() {
+        anyhow::bail!(
+            "no API keys configured: a token signed now would be valid nowhere (set api_keys in the configuration file or SWITCHBOARD_API_KEYS)"
+        );
+    }
+    config.posture().context("configuration")?;
+    let authority = TokenAuthority::new(&config.api_keys, config.token_ttl_secs);
+    let key = match key {
+        Some(key) => key.to_owned(),
+        None => config.api_keys.keys().next().cloned().unwrap_or_default(),
+    };
+    let token = authority.mint_with(
+        &key,
+        user,
+        room,
+        grants,
+        ttl_secs.unwrap_or(config.token_ttl_secs),
+    )?;
+    println!("{token}");
     Ok(())
 }

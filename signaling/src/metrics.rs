@@ -73,6 +73,42 @@ fn signaling_rows(state: &AppState, rooms: &[RoomSnapshot]) -> Vec<Row> {
             "Subscribe negotiator tasks alive",
             state.tasks.negotiators.load(Relaxed),
         ),
+        (
+            Kind::Gauge,
+            "http_connections",
+            "HTTP connections and signaling sockets open now",
+            state.connections.open() as u64,
+        ),
+        (
+            Kind::Counter,
+            "http_connections_refused_at_limit",
+            "Connections closed at once: max_connections were open",
+            state.connections.refused_total.load(Relaxed),
+        ),
+        (
+            Kind::Counter,
+            "http_connections_refused_per_address",
+            "Connections closed at once: their address had max_connections_per_address open",
+            state.connections.refused_per_address.load(Relaxed),
+        ),
+        (
+            Kind::Counter,
+            "signaling_sockets_refused_per_token",
+            "Signaling sockets refused: their token had max_sockets_per_token open",
+            state.limits.refused_sockets.load(Relaxed),
+        ),
+        (
+            Kind::Counter,
+            "joins_rate_limited",
+            "Joins refused for coming too fast from one address or into one room",
+            state.limits.refused_joins.load(Relaxed),
+        ),
+        (
+            Kind::Counter,
+            "http_accept_errors",
+            "Failed accepts (most often: no file descriptor left)",
+            state.connections.accept_errors.load(Relaxed),
+        ),
     ]
 }
 

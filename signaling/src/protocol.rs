@@ -33,8 +33,12 @@ pub enum ErrorCode {
     NameTaken,
     /// The room is at its participant limit.
     RoomFull,
-    /// The token is missing, invalid or expired (HTTP only).
+    /// The server hosts its limit of rooms, and the join would open another.
+    ServerFull,
+    /// The token or API key is missing, invalid or expired, or grants too little (HTTP only).
     Unauthorized,
+    /// The request's `Origin` is not allowed to use this server (HTTP only).
+    ForbiddenOrigin,
     /// Too many messages relayed to other participants in a short time.
     RateLimited,
     /// The server is shutting down.

@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::auth::TokenAuthority;
-use crate::config::Config;
+use crate::config::{Config, Posture};
+use crate::limits::SignalingLimits;
+use crate::listener::{ConnectionLimits, Connections};
 use crate::room::{RoomPolicy, RoomRegistry, SWITCH_TIMEOUT};
 
 /// Shared by every handler; cheap to clone.
@@ -22,10 +24,16 @@ pub struct AppState {
     pub auth: TokenAuthority,
     /// The configuration in force.
     pub config: Arc<Config>,
+    /// How open the server is.
+    pub posture: Posture,
     /// Turns true when the server is shutting down.
     pub shutdown: watch::Receiver<bool>,
     /// Signaling tasks alive now.
     pub tasks: Arc<LiveTasks>,
+    /// Open HTTP connections and signaling sockets, within their limits.
+    pub connections: Arc<Connections>,
+    /// Sockets per token and joins per address and per room.
+    pub limits: Arc<SignalingLimits>,
 }
 
 /// Signaling tasks alive now, by kind: what a leak would show first.
@@ -43,15 +51,36 @@ impl AppState {
         Self {
             rooms: Arc::new(RoomRegistry::new(RoomPolicy {
                 max_participants: config.max_participants,
+                max_rooms: config.max_rooms,
                 mesh_max: config.mesh_max,
                 mesh_hold: Duration::from_secs(config.mesh_hold_secs),
                 switch_timeout: SWITCH_TIMEOUT,
             })),
             sfu: sfu::Sfu::new(config.sfu_config()),
-            auth: TokenAuthority::new(config.jwt_secret.as_deref(), config.token_ttl_secs),
+            auth: TokenAuthority::new(&config.api_keys, config.token_ttl_secs),
+            limits: Arc::new(SignalingLimits::new(&config)),
+            connections: Arc::new(Connections::new(ConnectionLimits {
+                max_connections: connection_cap(config.max_connections),
+                max_per_address: config.max_connections_per_address.max(1),
+                header_read_timeout: Duration::from_secs(config.header_read_timeout_secs.max(1)),
+            })),
+            // `Server::start` refuses a configuration without a posture; anything else that
+            // builds state from one gets the closed one.
+            posture: config.posture().unwrap_or(Posture::Production),
             config: Arc::new(config),
             shutdown,
             tasks: Arc::default(),
         }
+    }
+}
+
+/// `wanted`, held to half the open-file limit: past that, accepting more connections would
+/// starve media sockets (and the accept loop) of descriptors.
+fn connection_cap(wanted: usize) -> usize {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, _)) => wanted
+            .min(usize::try_from(soft / 2).unwrap_or(usize::MAX))
+            .max(1),
+        Err(_) => wanted,
     }
 }

@@ -1,6 +1,7 @@
 //! One task per signaling socket: decodes frames, drives the participant's transports, relays
 //! room events, and cleans up on every way out.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,8 @@ struct Membership {
 struct Session {
     state: AppState,
     claims: Claims,
+    /// The client's address, for limits per address.
+    peer: Option<IpAddr>,
     outbound: Outbound,
     /// Events of the current SFU transports; replaced with them, so that a closed transport's
     /// late events are never mistaken for the current one's.
@@ -123,14 +126,14 @@ enum Flow {
 }
 
 /// Serves one upgraded socket until the client leaves, goes silent, or the server stops.
-pub async fn serve(socket: WebSocket, state: AppState, claims: Claims) {
+pub async fn serve(socket: WebSocket, state: AppState, claims: Claims, peer: Option<IpAddr>) {
     let tasks = state.tasks.clone();
     let _alive = sfu::TaskGuard::new(&tasks.sessions);
     let span = tracing::info_span!("session", room = %claims.room, user = %claims.sub, participant = tracing::field::Empty);
-    run(socket, state, claims).instrument(span).await
+    run(socket, state, claims, peer).instrument(span).await
 }
 
-async fn run(socket: WebSocket, state: AppState, claims: Claims) {
+async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<IpAddr>) {
     let (mut sink, mut stream) = socket.split();
     let (outbound, mut outbound_rx) = Outbound::new(OUTBOUND_QUEUE);
     let kick = outbound.clone();
@@ -138,6 +141,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims) {
     let mut session = Session {
         state,
         claims,
+        peer,
         outbound,
         sfu_events: None,
         membership: None,
@@ -572,6 +576,10 @@ impl Session {
             return Err(SignalError::BadName);
         }
         let name = name.trim().to_owned();
+        self.state
+            .limits
+            .join(self.peer, &self.claims.room)
+            .map_err(SignalError::JoinRateLimited)?;
         let participant = ParticipantId::random();
         // A participant who will be in SFU mode gets its transports before it enters: once in,
         // it must be able to take offers, and a failure must not show up as a join and a leave.
@@ -611,6 +619,7 @@ impl Session {
                 return Err(match err {
                     JoinError::NameTaken => SignalError::NameTaken(name),
                     JoinError::RoomFull(limit) => SignalError::RoomFull(limit),
+                    JoinError::TooManyRooms(limit) => SignalError::TooManyRooms(limit),
                 });
             }
         };

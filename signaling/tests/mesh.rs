@@ -96,10 +96,7 @@ async fn expect_mode_patiently(
 }
 
 async fn room_json(server: &signaling::Server, room: &str) -> Result<Value> {
-    let rooms: Value = reqwest::get(format!("http://{}/api/rooms", server.addr))
-        .await?
-        .json()
-        .await?;
+    let rooms = support::list_rooms(server).await?;
     rooms["rooms"]
         .as_array()
         .and_then(|list| list.iter().find(|r| r["name"] == room).cloned())

@@ -241,10 +241,7 @@ async fn taken_names_and_full_rooms_are_refused_and_the_room_is_unharmed() -> Re
 
     let peer_joined = recv_type(&mut ann, "peer_joined", WAIT).await?;
     ensure!(peer_joined["name"] == "Bob", "{peer_joined}");
-    let rooms: Value = reqwest::get(format!("http://{}/api/rooms", server.addr))
-        .await?
-        .json()
-        .await?;
+    let rooms = support::list_rooms(&server).await?;
     let participants = rooms["rooms"][0]["participants"]
         .as_array()
         .cloned()

@@ -225,7 +225,11 @@ async fn only_the_sdk_and_open_token_minting_are_readable_from_other_origins() -
     let keyed = signaling::Server::start(signaling::Config {
         bind: "127.0.0.1:0".parse()?,
         media_ip: Some("127.0.0.1".parse()?),
-        api_key: Some("secret".into()),
+        api_keys: [(
+            "backend".to_owned(),
+            "a-secret-of-at-least-thirty-two-bytes".to_owned(),
+        )]
+        .into(),
         log_level: "warn".into(),
         ..signaling::Config::default()
     })

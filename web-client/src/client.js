@@ -393,7 +393,18 @@ export class Room extends Emitter {
       this.#session = { base, room, name, joinTimeoutMs };
       const token = await fetchToken(base, name, room);
       await this.#socket.open(base, token);
-      await this.#join(name, joinTimeoutMs);
+      const deadline = Date.now() + joinTimeoutMs;
+      for (;;) {
+        try {
+          await this.#join(name, Math.max(1000, deadline - Date.now()));
+          break;
+        } catch (err) {
+          // Joins are limited per address and per room: in a crowd arriving at once, wait a moment.
+          const limited = err instanceof SwitchboardError && err.code === 'rate_limited';
+          if (!limited || Date.now() + 1000 > deadline || this.state !== 'connecting') throw err;
+          await new Promise((r) => setTimeout(r, 1000));
+        }
+      }
     } catch (err) {
       this.#close(err instanceof SwitchboardError ? err.code : 'connect_failed', false);
       throw err;

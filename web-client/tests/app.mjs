@@ -9,7 +9,7 @@ import { createServer } from 'node:http';
 import { connect as tcpConnect, createServer as createTcpServer } from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { check, fakeScreenPicker, launchBrowser, openPage, outDir, restartServer, run, sleep, startServer, step } from './harness.mjs';
+import { check, fakeScreenPicker, fetchRooms, launchBrowser, openPage, outDir, restartServer, run, sleep, startServer, step } from './harness.mjs';
 
 const ROOM = 'Standup';
 const TOTAL_TIMEOUT_MS = 150_000;
@@ -374,7 +374,7 @@ async function main() {
       check('after a network drop the page reconnects by itself', back && events === 'reconnecting → reconnected', `events: ${events}, ${((Date.now() - dropped) / 1000).toFixed(1)} s`);
       // The server took the new connection for the same person at once: no ghost for 7 s.
       const seen = await eventually(bob, () => [...document.querySelectorAll('.tile.remote .label')].filter((l) => l.textContent === 'Roamer').length === 1, null, 5000);
-      const room = await (await fetch(`${base}/api/rooms`)).json();
+      const room = await (await fetchRooms(base)).json();
       const roamers = room.rooms.find((/** @type {any} */ r) => r.name === ROOM)?.participants.filter((/** @type {any} */ p) => p.name === 'Roamer').length;
       check('the others see Roamer once, and the server holds one Roamer, not a ghost', seen && roamers === 1, `server: ${roamers} Roamer(s), ${((Date.now() - dropped) / 1000).toFixed(1)} s after the drop`);
       const media = await eventually(bob, () => {

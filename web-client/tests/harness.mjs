@@ -87,6 +87,23 @@ export async function step(name, fn) {
   }
 }
 
+/**
+ * GET /api/rooms with a token that grants listing rooms (minted openly: the server runs in the
+ * development posture).
+ * @param {string} base
+ * @returns {Promise<Response>}
+ */
+export async function fetchRooms(base) {
+  const minted = await fetch(`${base}/auth/token`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ userId: 'operator', room: 'any', grants: { roomList: true } }),
+    signal: AbortSignal.timeout(5000),
+  });
+  const { token } = await minted.json();
+  return fetch(`${base}/api/rooms`, { headers: { authorization: `Bearer ${token}` }, signal: AbortSignal.timeout(5000) });
+}
+
 export const sleep = (/** @type {number} */ ms) => new Promise((r) => setTimeout(r, ms));
 
 function freePort() {

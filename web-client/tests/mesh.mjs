@@ -3,7 +3,7 @@
 // Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/mesh.mjs
 // Environment: see harness.mjs.
 import path from 'node:path';
-import { check, launchBrowser, openPage, outDir, run, sleep, startServer, step } from './harness.mjs';
+import { check, fetchRooms, launchBrowser, openPage, outDir, run, sleep, startServer, step } from './harness.mjs';
 
 const ROOM = 'mesh';
 const HOLD_SECS = 3;
@@ -256,7 +256,7 @@ async function metrics(base) {
  * @returns {Promise<any>} the test room in /api/rooms
  */
 async function roomInfo(base) {
-  const json = await (await fetch(`${base}/api/rooms`)).json();
+  const json = await (await fetchRooms(base)).json();
   return json.rooms.find((/** @type {any} */ r) => r.name === ROOM) ?? null;
 }
 

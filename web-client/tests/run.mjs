@@ -5,6 +5,7 @@
 import path from 'node:path';
 import {
   check,
+  fetchRooms,
   launchBrowser,
   openPage as openBrowserPage,
   outDir,
@@ -183,7 +184,7 @@ async function main() {
   );
 
   await step('GET /api/rooms lists the room with all participants', async () => {
-    const res = await fetch(`${base}/api/rooms`, { signal: AbortSignal.timeout(5000) });
+    const res = await fetchRooms(base);
     const json = await res.json();
     const count = participantsInRoom(json, ROOM);
     check(

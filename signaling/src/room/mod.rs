@@ -26,6 +26,7 @@ use sfu::{ParticipantId, Publication, PublicationId};
 use tokio::sync::{Notify, mpsc, watch};
 
 use self::mode::{ModeChange, ModePolicy, ModeSwitch};
+use crate::auth::same_secret;
 use crate::protocol::{ChatMessage, Mode, ModePhase, PeerInfo, ServerMessage, SpeakerInfo};
 
 /// Chat messages a room keeps for those who join later.
@@ -50,6 +51,8 @@ pub const SWITCH_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct RoomPolicy {
     /// Participants a room admits.
     pub max_participants: usize,
+    /// Rooms the server hosts at once.
+    pub max_rooms: usize,
     /// Largest mesh room; 0 means always SFU.
     pub mesh_max: usize,
     /// How long an SFU room must stay at `mesh_max` or fewer before it returns to mesh.
@@ -262,6 +265,8 @@ pub enum JoinError {
     NameTaken,
     /// The room is at its limit.
     RoomFull(usize),
+    /// The server hosts its limit of rooms and this one is not open.
+    TooManyRooms(usize),
 }
 
 /// What a new participant needs to know.
@@ -293,15 +298,6 @@ async fn run_timer(room: Weak<Room>, mut deadlines: watch::Receiver<Option<Insta
             return; // The room is gone.
         }
     }
-}
-
-/// Compares two secrets in time independent of where they differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }
 
 fn send(outbound: &Outbound, message: ServerMessage) {
@@ -764,6 +760,10 @@ impl RoomRegistry {
         } = joiner;
         let mut rooms = self.lock();
         let policy = self.policy;
+        let key = room_name.to_lowercase();
+        if !rooms.contains_key(&key) && rooms.len() >= policy.max_rooms {
+            return Err(JoinError::TooManyRooms(policy.max_rooms));
+        }
         let room = rooms
             .entry(room_name.to_lowercase())
             .or_insert_with(|| Room::new(room_name, policy))

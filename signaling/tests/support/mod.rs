@@ -68,6 +68,30 @@ pub async fn token(server: &signaling::Server, user: &str, room: &str) -> Result
         .ok_or_else(|| anyhow!("no token in {body}"))
 }
 
+/// `GET /api/rooms`, with a token that grants listing rooms (minted openly: the development
+/// posture).
+pub async fn list_rooms(server: &signaling::Server) -> Result<Value> {
+    let http = reqwest::Client::new();
+    let body: Value = http
+        .post(format!("http://{}/auth/token", server.addr))
+        .json(&json!({"userId": "operator", "room": "any", "grants": {"roomList": true}}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = body["token"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no token in {body}"))?;
+    Ok(http
+        .get(format!("http://{}/api/rooms", server.addr))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
 /// A bare signaling socket, for protocol tests.
 pub async fn connect(server: &signaling::Server, user: &str, room: &str) -> Result<Ws> {
     let token = token(server, user, room).await?;
