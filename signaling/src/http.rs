@@ -5,12 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::Path;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Extension, Router};
 use rust_embed::RustEmbed;
 use serde::Deserialize;
@@ -50,6 +51,11 @@ pub fn router(state: AppState) -> Router {
         .route("/ws/signal", get(signal))
         .route("/healthz", get(|| async { "ok" }))
         .route("/api/rooms", get(list_rooms))
+        .route("/api/rooms/{room}", delete(end_room))
+        .route(
+            "/api/rooms/{room}/participants/{participant}",
+            delete(remove_participant),
+        )
         .route("/metrics", get(metrics))
         .fallback(get(web_client))
         .with_state(state)
@@ -246,6 +252,61 @@ async fn list_rooms(State(state): State<AppState>, headers: HeaderMap) -> Respon
     }
     let rooms: Vec<_> = state.rooms.rooms().iter().map(|r| r.snapshot()).collect();
     axum::Json(serde_json::json!({ "rooms": rooms })).into_response()
+}
+
+/// Whether the request may administer `room`: an API key, or a token for that room with the
+/// `roomAdmin` grant.
+fn may_administer(state: &AppState, headers: &HeaderMap, room: &str) -> bool {
+    match credential(state, headers) {
+        Some(Credential::ApiKey) => true,
+        Some(Credential::Token(claims)) => {
+            claims.grants.room_admin && claims.room.to_lowercase() == room.to_lowercase()
+        }
+        _ => false,
+    }
+}
+
+fn not_admin() -> Response {
+    unauthorized(
+        "administering a room needs an API key (Basic) or a token for that room with the roomAdmin grant (Bearer)",
+    )
+}
+
+fn unknown(message: String) -> Response {
+    error_response(StatusCode::NOT_FOUND, ErrorCode::UnknownRoom, message)
+}
+
+/// `DELETE /api/rooms/{room}`: everyone in the room is told `room_ended` and disconnected.
+async fn end_room(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !may_administer(&state, &headers, &room) {
+        return not_admin();
+    }
+    if !state.rooms.end_room(&room) {
+        return unknown(format!("no room {room:?} is open"));
+    }
+    tracing::info!(%room, "room ended by an admin");
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// `DELETE /api/rooms/{room}/participants/{participant}`: that participant is told `removed` and
+/// disconnected.
+async fn remove_participant(
+    State(state): State<AppState>,
+    Path((room, participant)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if !may_administer(&state, &headers, &room) {
+        return not_admin();
+    }
+    if !state.rooms.remove_participant(&room, &participant) {
+        return unknown(format!("no participant {participant:?} in room {room:?}"));
+    }
+    tracing::info!(%room, %participant, "participant removed by an admin");
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {

@@ -27,6 +27,8 @@ pub enum ErrorCode {
     InvalidState,
     /// `peerId` names nobody in this room.
     UnknownPeer,
+    /// (HTTP only) the room named is not open, or has no such participant.
+    UnknownRoom,
     /// The SDP could not be parsed or applied.
     InvalidSdp,
     /// The display name is taken in this room.
@@ -43,6 +45,12 @@ pub enum ErrorCode {
     RateLimited,
     /// The server is shutting down.
     ServerShutdown,
+    /// A newer connection of the same client resumed this session; this socket closes.
+    Replaced,
+    /// An admin removed the participant from the room; the socket closes.
+    Removed,
+    /// An admin ended the room; the socket closes.
+    RoomEnded,
     /// The server failed.
     Internal,
 }

@@ -189,6 +189,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
                     // Applied before the client hears of it: its next message may rely on it.
                     if let Err(err) = session.apply_mode(*mode, *phase).await {
                         let _ = send_json(&mut sink, &ServerMessage::error(err.code(), err.to_string(), None)).await;
+                        close = Some(CloseFrame { code: 1011, reason: Utf8Bytes::from_static("media connections failed") });
                         break;
                     }
                 }
@@ -201,6 +202,8 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
                 }
             }
             why = kick.kicked() => {
+                let (error, message) = why.error();
+                let _ = send_json(&mut sink, &ServerMessage::error(error, message, None)).await;
                 let (code, reason) = why.close();
                 close = Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) });
                 break;

@@ -298,3 +298,116 @@ async fn joins_are_rate_limited_per_room_and_rooms_are_capped() -> Result<()> {
     server.shutdown().await?;
     Ok(())
 }
+
+/// Reads until the socket closes; the last `error` before the close and the close code.
+async fn until_closed(ws: &mut Ws) -> Result<(Option<Value>, Option<u16>)> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut error = None;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await? {
+            Some(Ok(Message::Text(text))) => {
+                let message: Value = serde_json::from_str(&text)?;
+                if message["type"] == "error" {
+                    error = Some(message);
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Ok((error, frame.map(|f| u16::from(f.code))));
+            }
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => return Ok((error, None)),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_admin_removes_a_participant_and_ends_a_room() -> Result<()> {
+    let server = signaling::Server::start(keyed_config()?).await?;
+    let base = format!("http://{}", server.addr);
+    let http = reqwest::Client::new();
+    let mut members = Vec::new();
+    for name in ["Ann", "Bob", "Cat"] {
+        let token = mint(&server, json!({})).await?;
+        let mut ws = open_socket(&server, &token, None).await?;
+        send(&mut ws, json!({"type": "join", "name": name})).await?;
+        let joined = recv_type(&mut ws, "joined", Duration::from_secs(5)).await?;
+        let id = joined["participantId"].as_str().context("id")?.to_owned();
+        members.push((ws, id));
+    }
+    let bob_id = members[1].1.clone();
+    let remove = format!("{base}/api/rooms/standup/participants/{bob_id}");
+
+    // Nobody, a plain participant, and an admin of another room may not.
+    let plain = mint(&server, json!({})).await?;
+    for auth in [None, Some(plain)] {
+        let mut request = http.delete(&remove);
+        if let Some(token) = auth {
+            request = request.bearer_auth(token);
+        }
+        ensure!(request.send().await?.status() == StatusCode::UNAUTHORIZED);
+    }
+    let body: Value = http
+        .post(format!("{base}/auth/token"))
+        .basic_auth(KEY, Some(SECRET))
+        .json(&json!({"userId": "host", "room": "Elsewhere", "grants": {"roomAdmin": true}}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let elsewhere = body["token"].as_str().context("token")?.to_owned();
+    ensure!(
+        http.delete(&remove)
+            .bearer_auth(&elsewhere)
+            .send()
+            .await?
+            .status()
+            == StatusCode::UNAUTHORIZED,
+        "an admin of another room removed someone here"
+    );
+
+    // The room's admin removes Bob: Bob is told and closed; the others see him leave.
+    let admin = mint(&server, json!({"roomAdmin": true})).await?;
+    let removed = http.delete(&remove).bearer_auth(&admin).send().await?;
+    ensure!(
+        removed.status() == StatusCode::NO_CONTENT,
+        "{}",
+        removed.status()
+    );
+    let (error, code) = until_closed(&mut members[1].0).await?;
+    ensure!(
+        error.as_ref().is_some_and(|e| e["code"] == "removed") && code == Some(1000),
+        "Bob got {error:?} and close {code:?}"
+    );
+    let left = recv_type(&mut members[0].0, "peer_left", Duration::from_secs(5)).await?;
+    ensure!(left["peerId"] == bob_id.as_str(), "{left}");
+    let again = http.delete(&remove).bearer_auth(&admin).send().await?;
+    ensure!(again.status() == StatusCode::NOT_FOUND);
+    let body: Value = again.json().await?;
+    ensure!(body["error"]["code"] == "unknown_room", "{body}");
+
+    // An API key ends the room: everyone left is told and closed, and the room is gone.
+    let ended = http
+        .delete(format!("{base}/api/rooms/Standup"))
+        .basic_auth(KEY, Some(SECRET))
+        .send()
+        .await?;
+    ensure!(ended.status() == StatusCode::NO_CONTENT);
+    for index in [0, 2] {
+        let (error, code) = until_closed(&mut members[index].0).await?;
+        ensure!(
+            error.as_ref().is_some_and(|e| e["code"] == "room_ended") && code == Some(1000),
+            "member {index} got {error:?} and close {code:?}"
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !server.state().rooms.rooms().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(
+        server.state().rooms.rooms().is_empty(),
+        "the ended room is still open"
+    );
+    server.shutdown().await?;
+    Ok(())
+}

@@ -47,6 +47,10 @@ const chatInput = /** @type {HTMLInputElement} */ ($('chat-input'));
 /** What people read for each error code; the code itself is shown too, for support. */
 const FRIENDLY_ERRORS = /** @type {Record<string, string>} */ ({
   name_taken: 'Someone in this room already uses that name. Pick another one.',
+  removed: 'You were removed from the room.',
+  room_ended: 'The room was ended for everyone.',
+  replaced: 'You joined this room from somewhere else, so this window left it.',
+  server_full: 'The server cannot open another room now. Try again later.',
   room_full: 'This room is full.',
   media_unavailable:
     'Your camera or microphone is blocked or missing. Allow access in the browser to be seen and heard; you can still join to watch and listen.',

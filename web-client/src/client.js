@@ -151,6 +151,9 @@
 import { SwitchboardError } from './errors.js';
 import { LocalMedia, captureMedia } from './devices.js';
 import { SignalingSocket, fetchToken, retryFor } from './signaling.js';
+
+/** Errors after which the server closes the socket and the session must not come back. */
+const FINAL_CODES = ['removed', 'room_ended', 'replaced'];
 import { SfuPath } from './sfu.js';
 import { MeshPaths } from './mesh.js';
 import { ModeSwitcher } from './mode.js';
@@ -760,6 +763,13 @@ export class Room extends Emitter {
     if (this.#joinWaiter && (event.requestType === 'join' || !event.requestType)) {
       this.#joinWaiter.reject(new SwitchboardError(event.code, event.message, event.requestType));
       this.#joinWaiter = null;
+    }
+    // The server ends this session for good (an admin, or a newer connection of this client):
+    // reconnecting would undo the admin's action, or push out the newer connection.
+    if (FINAL_CODES.includes(event.code)) {
+      this.emit('error', event);
+      this.#close(event.code, true);
+      return;
     }
     // The server refused a publish offer: roll it back so later changes can be offered.
     if (event.code === 'invalid_sdp' && event.requestType === 'offer') this.#sfu.rollbackPublishOffer();

@@ -435,6 +435,29 @@ async function main() {
     check('no error is left on screen after reconnecting', !errorShown, (await ann.locator('#error').textContent()) ?? '');
     await ann.screenshot({ path: path.join(outDir, 'app-reconnected.png') });
   });
+
+  await step('an admin removes a participant, who is told and stays out', async () => {
+    const annId = await ann.evaluate(() => /** @type {any} */ (window).__switchboard.participantId);
+    const minted = await fetch(`${base}/auth/token`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ userId: 'host', room: ROOM, grants: { roomAdmin: true } }),
+    });
+    const { token } = await minted.json();
+    const res = await fetch(`${base}/api/rooms/${encodeURIComponent(ROOM)}/participants/${annId}`, {
+      method: 'DELETE',
+      headers: { authorization: `Bearer ${token}` },
+    });
+    check('DELETE /api/rooms/{room}/participants/{id} with a roomAdmin token removes Ann', res.status === 204, `status ${res.status}`);
+    const told = await eventually(ann, () => /removed you|were removed/.test(document.getElementById('error')?.textContent ?? ''), null, 10_000);
+    check("Ann's page says she was removed", told, (await ann.textContent('#error')) ?? '');
+    const gone = await eventually(bob, () => ![...document.querySelectorAll('.tile.remote .label')].some((l) => l.textContent === 'Ann'), null, 10_000);
+    // Ann's page must not reconnect by itself: that would undo the admin's action.
+    await sleep(3000);
+    const state = await ann.evaluate(() => /** @type {any} */ (window).__switchboard?.state);
+    const back = await bob.evaluate(() => [...document.querySelectorAll('.tile.remote .label')].some((l) => l.textContent === 'Ann'));
+    check("Bob drops Ann's tile, and Ann does not come back by herself", gone && !back && state === 'closed', `Ann's room state: ${state}`);
+  });
 }
 
 await run(main, TOTAL_TIMEOUT_MS);

@@ -27,7 +27,9 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use self::mode::{ModeChange, ModePolicy, ModeSwitch};
 use crate::auth::same_secret;
-use crate::protocol::{ChatMessage, Mode, ModePhase, PeerInfo, ServerMessage, SpeakerInfo};
+use crate::protocol::{
+    ChatMessage, ErrorCode, Mode, ModePhase, PeerInfo, ServerMessage, SpeakerInfo,
+};
 
 /// Chat messages a room keeps for those who join later.
 pub const CHAT_HISTORY: usize = 100;
@@ -112,6 +114,10 @@ pub enum Kick {
     NotReading,
     /// A resumed join of the same client took its place.
     Replaced,
+    /// An admin removed it from the room.
+    Removed,
+    /// An admin ended the room.
+    RoomEnded,
 }
 
 impl Kick {
@@ -120,6 +126,24 @@ impl Kick {
         match self {
             Kick::NotReading => (1008, "not reading: too many messages queued"),
             Kick::Replaced => (1000, "replaced by a resumed session"),
+            Kick::Removed => (1000, "removed from the room"),
+            Kick::RoomEnded => (1000, "the room was ended"),
+        }
+    }
+
+    /// The `error` the client is sent before the close.
+    pub fn error(self) -> (ErrorCode, &'static str) {
+        match self {
+            Kick::NotReading => (
+                ErrorCode::RateLimited,
+                "more than 1024 server messages were waiting unread: disconnected",
+            ),
+            Kick::Replaced => (
+                ErrorCode::Replaced,
+                "a newer connection of yours resumed this session",
+            ),
+            Kick::Removed => (ErrorCode::Removed, "an admin removed you from the room"),
+            Kick::RoomEnded => (ErrorCode::RoomEnded, "an admin ended the room"),
         }
     }
 }
@@ -161,7 +185,8 @@ impl Outbound {
         self.end(Kick::Replaced);
     }
 
-    fn end(&self, why: Kick) {
+    /// Asks the participant's session to end, saying why.
+    pub fn end(&self, why: Kick) {
         if let Ok(mut reason) = self.kick_reason.lock() {
             reason.get_or_insert(why);
         }
@@ -860,6 +885,32 @@ impl RoomRegistry {
                 rooms.remove(&key);
             }
         }
+    }
+
+    /// Ends every session in `room_name` (an admin action); false when there is no such room.
+    /// Each member leaves as its session closes.
+    pub fn end_room(&self, room_name: &str) -> bool {
+        let Some(room) = self.lock().get(&room_name.to_lowercase()).cloned() else {
+            return false;
+        };
+        for member in &room.lock().members {
+            member.outbound.end(Kick::RoomEnded);
+        }
+        true
+    }
+
+    /// Ends the session of participant `id` in `room_name` (an admin action); false when the
+    /// room has no such participant.
+    pub fn remove_participant(&self, room_name: &str, id: &str) -> bool {
+        let Some(room) = self.lock().get(&room_name.to_lowercase()).cloned() else {
+            return false;
+        };
+        let state = room.lock();
+        let Some(member) = state.members.iter().find(|m| m.id.as_str() == id) else {
+            return false;
+        };
+        member.outbound.end(Kick::Removed);
+        true
     }
 
     /// Every room, for `/api/rooms` and `/metrics`.
