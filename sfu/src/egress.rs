@@ -160,6 +160,17 @@ pub(crate) struct FeedbackRoute {
 
 type Reply<T> = oneshot::Sender<Result<T, SfuError>>;
 
+/// A subscribe connection's local ICE credentials: the ufrag routes a new address's STUN to
+/// it, the password proves the STUN came from its peer.
+pub(crate) struct IceCredentials {
+    pub(crate) ufrag: String,
+    pub(crate) pwd: String,
+}
+
+/// Remote addresses one subscribe connection is reached from at most (a client's host,
+/// server-reflexive and relayed candidates, over IPv4 and IPv6); a new one replaces the oldest.
+const MAX_ADDRESSES_PER_CONNECTION: usize = 8;
+
 /// A subscribe offer's SDP and each sender's `mid`.
 pub(crate) type OfferReply = (String, Vec<(String, RTCRtpSenderId)>);
 
@@ -169,7 +180,7 @@ pub(crate) enum EgressInput {
     Open {
         conn: ConnId,
         pc: Box<RTCPeerConnection>,
-        ufrag: String,
+        credentials: IceCredentials,
         participant: ParticipantId,
         events: mpsc::UnboundedSender<SfuEvent>,
         /// Present when the connection estimates its bandwidth: its video is then paced.
@@ -220,6 +231,12 @@ pub struct EgressStats {
     pub send_errors: AtomicU64,
     /// Inbound datagrams from an address no connection knows, dropped.
     pub unrouted_datagrams: AtomicU64,
+    /// STUN requests from a new address that named a connection's ufrag but failed its
+    /// MESSAGE-INTEGRITY check (spoofed, or a stale client), dropped without remembering the
+    /// address.
+    pub unverified_stun: AtomicU64,
+    /// Remote addresses routed to a connection now.
+    pub routed_addresses: AtomicU64,
     /// Forwarded packets a subscriber's connection refused (not yet connected, closed).
     pub write_errors: AtomicU64,
     /// Subscribe connections open now.
@@ -427,6 +444,7 @@ impl Egress {
         let (control, inputs) = mpsc::channel(CONTROL_QUEUE);
         let backlog = Arc::new(Backlog::default());
         let stats = Arc::new(EgressStats::default());
+        let crypto = rtc::crypto::default_provider().map_err(io::Error::other)?;
         let engine = Engine {
             socket,
             state,
@@ -446,6 +464,7 @@ impl Egress {
             pace: 0.0,
             scratch: Vec::with_capacity(MAX_GSO_BYTES),
             stats: stats.clone(),
+            crypto,
         };
         tokio::spawn(engine.run().instrument(tracing::info_span!("egress")));
         Ok(Self {
@@ -465,8 +484,11 @@ impl Egress {
     /// Runs in the caller's task, so key generation never holds up forwarding.
     pub(crate) fn build_connection(
         &self,
-    ) -> Result<(RTCPeerConnection, String, Option<Arc<Bandwidth>>), SfuError> {
-        let ufrag = random_token(16);
+    ) -> Result<(RTCPeerConnection, IceCredentials, Option<Arc<Bandwidth>>), SfuError> {
+        let credentials = IceCredentials {
+            ufrag: random_token(16),
+            pwd: random_token(32),
+        };
         let mut engine = MediaEngine::default();
         engine.register_default_codecs().map_err(SfuError::WebRtc)?;
         let bandwidth = Arc::new(Bandwidth::default());
@@ -519,7 +541,7 @@ impl Egress {
                 );
         }
         let settings = crate::transport::ice_settings(&self.config)
-            .with_ice_credentials(ufrag.clone(), random_token(32))
+            .with_ice_credentials(credentials.ufrag.clone(), credentials.pwd.clone())
             .build();
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
@@ -547,7 +569,7 @@ impl Egress {
             pc.add_local_candidate(init).map_err(SfuError::WebRtc)?;
         }
         let bandwidth = self.config.bandwidth_estimation.then_some(bandwidth);
-        Ok((pc, ufrag, bandwidth))
+        Ok((pc, credentials, bandwidth))
     }
 
     pub(crate) fn next_conn_id(&self) -> ConnId {
@@ -620,6 +642,9 @@ struct Conn {
     participant: ParticipantId,
     events: mpsc::UnboundedSender<SfuEvent>,
     ufrag: String,
+    /// The local ICE password: a STUN request from a new address must be signed with it before
+    /// the address is routed here.
+    ice_pwd: String,
     /// Subscriber RTCP routes, by the local track id (the publication id).
     feedback: HashMap<String, FeedbackRoute>,
     /// Remote addresses routed to this connection.
@@ -790,6 +815,8 @@ struct Pending {
 
 struct Engine {
     socket: tokio::net::UdpSocket,
+    /// Checks MESSAGE-INTEGRITY of STUN from new addresses.
+    crypto: Arc<dyn rtc::crypto::RTCCryptoProvider>,
     state: UdpSocketState,
     wildcard: bool,
     port: u16,
@@ -930,13 +957,13 @@ impl Engine {
             EgressInput::Open {
                 conn,
                 pc,
-                ufrag,
+                credentials,
                 participant,
                 events,
                 bandwidth,
                 reply,
             } => {
-                self.open(conn, *pc, ufrag, participant, events, bandwidth);
+                self.open(conn, *pc, credentials, participant, events, bandwidth);
                 let _ = reply.send(Ok(()));
             }
             EgressInput::AddTrack {
@@ -1061,12 +1088,13 @@ impl Engine {
         &mut self,
         id: ConnId,
         pc: RTCPeerConnection,
-        ufrag: String,
+        credentials: IceCredentials,
         participant: ParticipantId,
         events: mpsc::UnboundedSender<SfuEvent>,
         bandwidth: Option<Arc<Bandwidth>>,
     ) {
         let span = tracing::info_span!("subscribe", participant = %participant);
+        let IceCredentials { ufrag, pwd } = credentials;
         self.by_ufrag.insert(ufrag.clone(), id);
         self.conns.insert(
             id,
@@ -1075,6 +1103,7 @@ impl Engine {
                 participant,
                 events,
                 ufrag,
+                ice_pwd: pwd,
                 feedback: HashMap::new(),
                 addrs: Vec::new(),
                 deadline: None,
@@ -1105,6 +1134,9 @@ impl Engine {
         for addr in &conn.addrs {
             self.by_addr.remove(addr);
         }
+        self.stats
+            .routed_addresses
+            .fetch_sub(conn.addrs.len() as u64, Ordering::Relaxed);
         self.stats.connections.fetch_sub(1, Ordering::Relaxed);
         tracing::debug!(parent: &conn.span, "subscribe connection closed");
     }
@@ -1388,10 +1420,22 @@ impl Engine {
                     return None;
                 };
                 let id = *id;
-                self.by_addr.insert(peer, (id, local_ip));
-                if let Some(conn) = self.conns.get_mut(&id) {
-                    conn.addrs.push(peer);
+                let conn = self.conns.get_mut(&id)?;
+                // STUN first, state after: anyone who learns a ufrag (it is in the SDP) could
+                // otherwise make the engine remember any number of spoofed addresses.
+                if !stun_integrity_ok(datagram, &conn.ice_pwd, self.crypto.crypto()) {
+                    self.stats.unverified_stun.fetch_add(1, Ordering::Relaxed);
+                    return None;
                 }
+                if conn.addrs.len() >= MAX_ADDRESSES_PER_CONNECTION {
+                    // The oldest address is the likeliest to be dead (the client moved on).
+                    let oldest = conn.addrs.remove(0);
+                    self.by_addr.remove(&oldest);
+                } else {
+                    self.stats.routed_addresses.fetch_add(1, Ordering::Relaxed);
+                }
+                conn.addrs.push(peer);
+                self.by_addr.insert(peer, (id, local_ip));
                 id
             }
         };
@@ -1610,6 +1654,20 @@ pub(crate) fn stun_local_ufrag(datagram: &[u8]) -> Option<&str> {
     None
 }
 
+/// Whether a STUN message carries a MESSAGE-INTEGRITY made with `pwd` (the short-term
+/// credential of RFC 8489 9.1). Runs only for datagrams from addresses not yet routed.
+pub(crate) fn stun_integrity_ok(
+    datagram: &[u8],
+    pwd: &str,
+    crypto: &dyn rtc::crypto::RTCCrypto,
+) -> bool {
+    let mut message = rtc::stun::message::Message::new();
+    if message.unmarshal_binary(datagram).is_err() {
+        return false;
+    }
+    rtc::stun::integrity::MessageIntegrity::check(&mut message, pwd.as_bytes(), crypto).is_ok()
+}
+
 /// ICE ufrag and password characters (RFC 8839: ice-char is ALPHA / DIGIT / "+" / "/").
 fn random_token(len: usize) -> String {
     use rand::Rng;
@@ -1677,6 +1735,50 @@ mod tests {
         msg.extend_from_slice(&[7; 12]);
         msg.extend_from_slice(&attrs);
         msg
+    }
+
+    fn signed_binding_request(username: &str, pwd: &str) -> Vec<u8> {
+        use rtc::stun::attributes::ATTR_USERNAME;
+        use rtc::stun::fingerprint::FINGERPRINT;
+        use rtc::stun::integrity::MessageIntegrity;
+        use rtc::stun::message::{BINDING_REQUEST, Message, TransactionId};
+        use rtc::stun::textattrs::TextAttribute;
+        let provider = rtc::crypto::default_provider().expect("crypto");
+        let mut message = Message::new();
+        message
+            .build(&[
+                Box::new(BINDING_REQUEST),
+                Box::new(TransactionId::new()),
+                Box::new(TextAttribute::new(ATTR_USERNAME, username.to_owned())),
+                Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
+                    pwd.to_owned(),
+                    provider.crypto(),
+                )),
+                Box::new(FINGERPRINT),
+            ])
+            .expect("build");
+        message.raw
+    }
+
+    #[test]
+    fn only_stun_signed_with_the_connection_s_password_passes() {
+        let provider = rtc::crypto::default_provider().expect("crypto");
+        let crypto = provider.crypto();
+        let signed = signed_binding_request("server:client", "the-right-password");
+        assert_eq!(stun_local_ufrag(&signed), Some("server"));
+        assert!(stun_integrity_ok(&signed, "the-right-password", crypto));
+        assert!(!stun_integrity_ok(&signed, "a-wrong-password", crypto));
+        // Named correctly but unsigned (what a spoofer who read the SDP can send).
+        assert!(!stun_integrity_ok(
+            &binding_request("server:client"),
+            "the-right-password",
+            crypto
+        ));
+        assert!(!stun_integrity_ok(&[0x80; 40], "the-right-password", crypto));
+        let mut tampered = signed.clone();
+        let last = tampered.len() - 13;
+        tampered[last] ^= 1;
+        assert!(!stun_integrity_ok(&tampered, "the-right-password", crypto));
     }
 
     #[test]

@@ -730,12 +730,12 @@ impl SubscribeTransport {
         let egress = shared.egress()?;
         let conn = egress.next_conn_id();
         let owner = participant.clone();
-        let (pc, ufrag, bandwidth) = egress.build_connection()?;
+        let (pc, credentials, bandwidth) = egress.build_connection()?;
         egress
             .call(|reply| EgressInput::Open {
                 conn,
                 pc: Box::new(pc),
-                ufrag,
+                credentials,
                 participant: owner,
                 events,
                 bandwidth: bandwidth.clone(),

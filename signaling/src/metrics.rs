@@ -228,6 +228,18 @@ fn media_rows(state: &AppState) -> Vec<Row> {
                 egress.unrouted_datagrams.load(Relaxed),
             ),
             (
+                Kind::Counter,
+                "egress_unverified_stun",
+                "STUN requests from a new address that named a connection but failed its MESSAGE-INTEGRITY",
+                egress.unverified_stun.load(Relaxed),
+            ),
+            (
+                Kind::Gauge,
+                "egress_routed_addresses",
+                "Remote addresses routed to a subscribe connection now (at most 8 per connection)",
+                egress.routed_addresses.load(Relaxed),
+            ),
+            (
                 Kind::Gauge,
                 "egress_backlog",
                 "Forwarded copies waiting in the egress engine after its last round",

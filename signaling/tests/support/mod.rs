@@ -692,6 +692,11 @@ impl TestClient {
         Ok(self.outgoing.send(message)?)
     }
 
+    /// The server's last offer on the subscribe connection.
+    pub async fn subscribe_offer(&self) -> Option<String> {
+        Some(self.subscribe_pc.remote_description().await?.sdp)
+    }
+
     /// The subscribe connection's last answer, as sent to the server.
     pub async fn subscribe_answer(&self) -> Option<String> {
         Some(self.subscribe_pc.local_description().await?.sdp)
