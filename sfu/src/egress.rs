@@ -1774,7 +1774,11 @@ mod tests {
             "the-right-password",
             crypto
         ));
-        assert!(!stun_integrity_ok(&[0x80; 40], "the-right-password", crypto));
+        assert!(!stun_integrity_ok(
+            &[0x80; 40],
+            "the-right-password",
+            crypto
+        ));
         let mut tampered = signed.clone();
         let last = tampered.len() - 13;
         tampered[last] ^= 1;

@@ -47,7 +47,11 @@ async fn spoofed_stun_from_many_addresses_is_not_remembered() -> Result<()> {
         .trim()
         .to_owned();
     let egress = server.state().sfu.egress_stats().context("no egress")?;
-    let target = server.state().sfu.egress_addr().context("no egress address")?;
+    let target = server
+        .state()
+        .sfu
+        .egress_addr()
+        .context("no egress address")?;
     let routed_before = egress.routed_addresses.load(Relaxed);
 
     for _ in 0..SPOOFED_ADDRESSES {
