@@ -31,6 +31,12 @@ use crate::state::AppState;
 #[include = "app/**"]
 struct WebClient;
 
+/// Bytes a signaling socket reads at a time (tungstenite's default is 128 KiB).
+const WS_READ_BUFFER_BYTES: usize = 8 * 1024;
+/// Bytes queued toward a client that does not read before the socket fails: a few of the
+/// largest messages (a subscribe offer for a room of 100 is about 200 KiB).
+const WS_MAX_WRITE_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
 /// The router with every endpoint.
 pub fn router(state: AppState) -> Router {
     // Any page may import the SDK (/src/*) and, in the development posture, ask for a token:
@@ -233,6 +239,11 @@ async fn signal(
     upgrade
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
+        // Small buffers: an idle socket costs what it holds, and a stranger may open many.
+        // Messages are flushed one by one anyway; a larger frame grows the read buffer.
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_write_buffer_size(WS_MAX_WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| async move {
             // The socket keeps its connection's and its token's places for as long as it lives.
             let _places = (slot, token_socket);
