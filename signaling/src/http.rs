@@ -20,7 +20,7 @@ use tower_http::cors::{Any, CorsLayer};
 use crate::auth::{Claims, Grants, Presented, same_secret};
 use crate::config::Posture;
 use crate::listener::ConnectionSlot;
-use crate::protocol::{ErrorCode, MAX_FRAME_BYTES};
+use crate::protocol::{ErrorCode, MAX_FRAME_BYTES, MAX_TRACK_ID_BYTES};
 use crate::state::AppState;
 
 #[derive(RustEmbed)]
@@ -61,6 +61,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/rooms/{room}/participants/{participant}",
             delete(remove_participant),
+        )
+        .route(
+            "/api/rooms/{room}/participants/{participant}/mute",
+            post(mute_participant),
         )
         .route("/metrics", get(metrics))
         .fallback(get(web_client))
@@ -317,6 +321,55 @@ async fn remove_participant(
         return unknown(format!("no participant {participant:?} in room {room:?}"));
     }
     tracing::info!(%room, %participant, "participant removed by an admin");
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MuteRequest {
+    track_id: String,
+}
+
+/// `POST /api/rooms/{room}/participants/{participant}/mute` `{"trackId": ...}`: the track is
+/// muted for everyone and its publisher is asked to turn it off (it may turn it on again; nobody
+/// can turn on someone else's microphone).
+async fn mute_participant(
+    State(state): State<AppState>,
+    Path((room, participant)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !may_administer(&state, &headers, &room) {
+        return not_admin();
+    }
+    let request = match serde_json::from_slice::<MuteRequest>(&body) {
+        Ok(request)
+            if !request.track_id.is_empty() && request.track_id.len() <= MAX_TRACK_ID_BYTES =>
+        {
+            request
+        }
+        Ok(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                format!("trackId is 1 to {MAX_TRACK_ID_BYTES} bytes"),
+            );
+        }
+        Err(err) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                format!("expected {{\"trackId\": string}}: {err}"),
+            );
+        }
+    };
+    if !state
+        .rooms
+        .mute_by_admin(&room, &participant, &request.track_id)
+    {
+        return unknown(format!("no participant {participant:?} in room {room:?}"));
+    }
+    tracing::info!(%room, %participant, track = %request.track_id, "track muted by an admin");
     StatusCode::NO_CONTENT.into_response()
 }
 

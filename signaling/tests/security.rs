@@ -366,8 +366,46 @@ async fn an_admin_removes_a_participant_and_ends_a_room() -> Result<()> {
         "an admin of another room removed someone here"
     );
 
-    // The room's admin removes Bob: Bob is told and closed; the others see him leave.
+    // The room's admin mutes Bob's microphone: everyone hears of it, Bob too (his client turns
+    // it off). Nobody else may; an empty track id is refused.
     let admin = mint(&server, json!({"roomAdmin": true})).await?;
+    let mute = format!("{remove}/mute");
+    let body = json!({"trackId": "bob-mic"});
+    ensure!(
+        http.post(&mute).json(&body).send().await?.status() == StatusCode::UNAUTHORIZED,
+        "muted without credentials"
+    );
+    ensure!(
+        http.post(&mute)
+            .bearer_auth(&admin)
+            .json(&json!({"trackId": ""}))
+            .send()
+            .await?
+            .status()
+            == StatusCode::BAD_REQUEST
+    );
+    let muted = http
+        .post(&mute)
+        .bearer_auth(&admin)
+        .json(&body)
+        .send()
+        .await?;
+    ensure!(
+        muted.status() == StatusCode::NO_CONTENT,
+        "{}",
+        muted.status()
+    );
+    for index in [0, 1] {
+        let told = recv_type(&mut members[index].0, "mute", Duration::from_secs(5)).await?;
+        ensure!(
+            told["peerId"] == bob_id.as_str()
+                && told["trackId"] == "bob-mic"
+                && told["muted"] == true,
+            "member {index} was told {told}"
+        );
+    }
+
+    // The room's admin removes Bob: Bob is told and closed; the others see him leave.
     let removed = http.delete(&remove).bearer_auth(&admin).send().await?;
     ensure!(
         removed.status() == StatusCode::NO_CONTENT,

@@ -272,6 +272,10 @@ async function join(roomName, name) {
     qualityBadge.textContent = `${rtt} · ${q.lossPercent}% loss · ↑${q.sendKbps} ↓${q.receiveKbps} kbit/s`;
     qualityBadge.title = `Connection ${q.quality}: round trip ${rtt}, ${q.lossPercent}% of incoming packets lost`;
   });
+  current.on('mutedByAdmin', ({ kind }) => {
+    renderControls();
+    statusLine.textContent = kind === 'audio' ? 'The host muted your microphone.' : 'The host turned off your camera.';
+  });
   current.on('modeChanged', () => renderStatus());
   current.on('chatMessage', (/** @type {ChatMessage} */ m) => appendChat(m, current));
   current.on('error', (e) => showError(e));

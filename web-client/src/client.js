@@ -896,6 +896,15 @@ export class Room extends Emitter {
   /** @param {any} msg */
   #onRemoteMute(msg) {
     const muted = !!msg.muted;
+    if (msg.peerId === this.participantId) {
+      // An admin muted one of our tracks: turn it off as the user would (they may turn it on).
+      const kind = this.#media.kindOf(String(msg.trackId));
+      if (muted && kind && this.#media.enabled(kind)) {
+        this.#setEnabled(kind, false);
+        this.emit('mutedByAdmin', { trackId: String(msg.trackId), kind });
+      }
+      return;
+    }
     if (msg.trackId) this.#remoteMuted.set(`${msg.peerId}|${msg.trackId}`, muted);
     for (const sub of this.#sfu.subscriptions.values()) {
       if (sub.publicationId === msg.publicationId) sub.muted = muted;

@@ -101,6 +101,16 @@ export class LocalMedia {
     return this.stream?.getTracks().some((t) => t.kind === kind && t.enabled) ?? false;
   }
 
+  /**
+   * The kind of the local camera or microphone track announced as `trackId`, if there is one.
+   * @param {string} trackId
+   * @returns {'audio' | 'video' | null}
+   */
+  kindOf(trackId) {
+    const track = this.stream?.getTracks().find((t) => this.announcedId(t) === trackId);
+    return track ? /** @type {'audio' | 'video'} */ (track.kind) : null;
+  }
+
   /** The announced ids of local tracks that are disabled now. */
   mutedIds() {
     return (this.stream?.getTracks() ?? []).filter((t) => !t.enabled).map((t) => this.announcedId(t));

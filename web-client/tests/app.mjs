@@ -444,6 +444,19 @@ async function main() {
       body: JSON.stringify({ userId: 'host', room: ROOM, grants: { roomAdmin: true } }),
     });
     const { token } = await minted.json();
+    // First the host mutes Ann's microphone: her page turns it off and says so.
+    const micId = await bob.evaluate((id) => {
+      const ann = /** @type {any} */ (window).__switchboard.participants.get(id);
+      return [...(ann?.tracks.values() ?? [])].find((t) => t.kind === 'audio')?.trackId;
+    }, annId);
+    const muteRes = await fetch(`${base}/api/rooms/${encodeURIComponent(ROOM)}/participants/${annId}/mute`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ trackId: micId }),
+    });
+    const micOff = await eventually(ann, () => /** @type {any} */ (window).__switchboard.microphoneEnabled === false, null, 5000);
+    const notice = (await ann.textContent('#status')) ?? '';
+    check("POST .../mute turns Ann's microphone off on her page, which says so", muteRes.status === 204 && micOff && /muted your microphone/.test(notice), `status ${muteRes.status}, mic id ${micId}, "${notice}"`);
     const res = await fetch(`${base}/api/rooms/${encodeURIComponent(ROOM)}/participants/${annId}`, {
       method: 'DELETE',
       headers: { authorization: `Bearer ${token}` },

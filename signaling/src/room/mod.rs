@@ -512,9 +512,24 @@ impl Room {
 
     /// Records a mute change and tells the others when the track is being published.
     pub fn set_muted(&self, participant: &ParticipantId, track_id: &str, muted: bool) {
+        self.mute_and_tell(participant.as_str(), track_id, muted, false);
+    }
+
+    /// An admin mutes a participant's track: everyone is told, the participant too (its client
+    /// turns the track off, and its user may turn it on again). False when there is no such
+    /// participant.
+    pub fn mute_by_admin(&self, participant: &str, track_id: &str) -> bool {
+        self.mute_and_tell(participant, track_id, true, true)
+    }
+
+    fn mute_and_tell(&self, participant: &str, track_id: &str, muted: bool, to_self: bool) -> bool {
         let mut state = self.lock();
-        let Some(member) = state.members.iter_mut().find(|m| &m.id == participant) else {
-            return;
+        let Some(member) = state
+            .members
+            .iter_mut()
+            .find(|m| m.id.as_str() == participant)
+        else {
+            return false;
         };
         let published = member
             .published
@@ -525,19 +540,24 @@ impl Room {
             && !member.muted.contains_key(track_id)
             && member.muted.len() >= MAX_UNPUBLISHED_MUTES
         {
-            return; // A client naming ever new tracks must not grow this map without bound.
+            return false; // A client naming ever new tracks must not grow this map without bound.
         }
         member.muted.insert(track_id.to_owned(), muted);
         let message = ServerMessage::Mute {
-            peer_id: participant.to_string(),
+            peer_id: participant.to_owned(),
             track_id: track_id.to_owned(),
             source: published.as_ref().map(|p| p.1),
             publication_id: published.map(|p| p.0),
             muted,
         };
-        for other in state.members.iter().filter(|m| &m.id != participant) {
+        for other in state
+            .members
+            .iter()
+            .filter(|m| to_self || m.id.as_str() != participant)
+        {
             send(&other.outbound, message.clone());
         }
+        true
     }
 
     fn is_muted(&self, publication: &Publication) -> bool {
@@ -911,6 +931,15 @@ impl RoomRegistry {
         };
         member.outbound.end(Kick::Removed);
         true
+    }
+
+    /// Mutes a participant's track in `room_name` (an admin action); false when the room has no
+    /// such participant.
+    pub fn mute_by_admin(&self, room_name: &str, participant: &str, track_id: &str) -> bool {
+        let Some(room) = self.lock().get(&room_name.to_lowercase()).cloned() else {
+            return false;
+        };
+        room.mute_by_admin(participant, track_id)
     }
 
     /// Every room, for `/api/rooms` and `/metrics`.
