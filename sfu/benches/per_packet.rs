@@ -113,12 +113,19 @@ fn allocations_per_call(mut op: impl FnMut()) -> f64 {
 
 fn forwarder_rewrite(c: &mut Criterion) {
     let mut forwarder = forwarder(42);
-    let packets: Vec<rtp::Packet> = (0..1024).map(video_packet).collect();
+    let mut packets: Vec<rtp::Packet> = (0..1024).map(video_packet).collect();
     let now = Instant::now();
     let mut i = 0usize;
+    let mut seq = 0u16;
+    // The publisher's numbers run on (cycling back to the first packet's number would make
+    // every lap a late packet).
     let mut next = || {
         i = (i + 1) % packets.len();
-        black_box(forwarder.forward(&packets[i], 0, now).ok());
+        seq = seq.wrapping_add(1);
+        let packet = &mut packets[i];
+        packet.header.sequence_number = seq;
+        packet.header.timestamp = u32::from(seq / 6) * 3000;
+        black_box(forwarder.forward(packet, 0, now).ok());
     };
     println!(
         "forwarder/rewrite: {:.2} allocations per packet",
@@ -152,13 +159,17 @@ fn forwarder_switched(c: &mut Criterion) {
     let _ = forwarder.forward(&layer_packet(1, 1, 100), 0, now);
     forwarder.set_target(1);
     let _ = forwarder.forward(&layer_packet(2, 1, 9000), 1, now);
-    let packets: Vec<rtp::Packet> = (0..1024)
+    let mut packets: Vec<rtp::Packet> = (0..1024)
         .map(|seq| layer_packet(2, seq + 2, 9000 + seq / 6))
         .collect();
     let mut i = 0usize;
+    let mut seq = 1u16;
     let mut next = || {
         i = (i + 1) % packets.len();
-        black_box(forwarder.forward(&packets[i], 1, now).ok());
+        seq = seq.wrapping_add(1);
+        let packet = &mut packets[i];
+        packet.header.sequence_number = seq;
+        black_box(forwarder.forward(packet, 1, now).ok());
     };
     println!(
         "forwarder/rewrite_switched: {:.2} allocations per packet",

@@ -1632,7 +1632,7 @@ fn route_feedback(route: &FeedbackRoute, packets: &[Box<dyn rtc::rtcp::Packet>])
 
 /// The local ufrag a STUN request names (`USERNAME` is `local:remote` as the receiver sees it),
 /// or `None` when the datagram is not a STUN message with one.
-pub(crate) fn stun_local_ufrag(datagram: &[u8]) -> Option<&str> {
+pub fn stun_local_ufrag(datagram: &[u8]) -> Option<&str> {
     const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
     const USERNAME: u16 = 0x0006;
     if datagram.len() < 20 || datagram[0] & 0xC0 != 0 || datagram[4..8] != MAGIC_COOKIE {
@@ -1656,11 +1656,7 @@ pub(crate) fn stun_local_ufrag(datagram: &[u8]) -> Option<&str> {
 
 /// Whether a STUN message carries a MESSAGE-INTEGRITY made with `pwd` (the short-term
 /// credential of RFC 8489 9.1). Runs only for datagrams from addresses not yet routed.
-pub(crate) fn stun_integrity_ok(
-    datagram: &[u8],
-    pwd: &str,
-    crypto: &dyn rtc::crypto::RTCCrypto,
-) -> bool {
+pub fn stun_integrity_ok(datagram: &[u8], pwd: &str, crypto: &dyn rtc::crypto::RTCCrypto) -> bool {
     let mut message = rtc::stun::message::Message::new();
     if message.unmarshal_binary(datagram).is_err() {
         return false;

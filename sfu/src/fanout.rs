@@ -736,7 +736,8 @@ impl Fanout {
                     DropReason::NotNegotiated
                     | DropReason::Paused
                     | DropReason::OtherLayer
-                    | DropReason::TemporalLayer,
+                    | DropReason::TemporalLayer
+                    | DropReason::TooLate,
                 ) => {}
             }
         }

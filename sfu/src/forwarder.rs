@@ -35,6 +35,9 @@ pub enum DropReason {
     OtherLayer,
     /// A temporal layer above the subscription's target.
     TemporalLayer,
+    /// It arrived after its place in the outgoing sequence was closed (it was skipped, or is
+    /// older than the numbers remembered).
+    TooLate,
 }
 
 /// What the subscriber negotiated for this subscription.
@@ -81,9 +84,29 @@ impl ForwarderParams {
 
 /// Maps a publisher's sequence numbers and timestamps onto one continuous outgoing stream, even
 /// when the publisher's source restarts with a new SSRC or packets are dropped for a subscriber.
+///
+/// The offset between the two changes (a packet skipped, padding reserved, a new source), so a
+/// packet that arrives late is given the number it was due when its place went by, remembered per
+/// source sequence number; one whose place is not remembered, or was skipped, is dropped rather
+/// than given a number another packet already has (found by fuzzing: a late packet after
+/// padding took a padding packet's number).
 #[derive(Clone, Debug, Default)]
 pub struct SeqTsMap {
     state: Option<SeqTsState>,
+}
+
+/// Source sequence numbers whose outgoing number is remembered, for packets arriving late.
+const SEQ_HISTORY: usize = 512;
+
+/// What became of one source sequence number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum SeqFate {
+    #[default]
+    Unknown,
+    /// Sent, or its place held (it has not arrived yet): this outgoing number is its own.
+    Numbered(u16),
+    /// Dropped for this subscriber: the outgoing sequence closed over it.
+    Skipped,
 }
 
 #[derive(Clone, Debug)]
@@ -95,6 +118,8 @@ struct SeqTsState {
     last_out_seq: u16,
     last_out_ts: u32,
     last_out_at: Instant,
+    /// By source sequence number modulo [`SEQ_HISTORY`]: the number and its fate.
+    history: Box<[(u16, SeqFate)]>,
 }
 
 /// True when `a` comes after `b` in 16-bit serial number arithmetic (RFC 1982).
@@ -102,9 +127,51 @@ fn seq_newer(a: u16, b: u16) -> bool {
     a != b && a.wrapping_sub(b) < 0x8000
 }
 
+impl SeqTsState {
+    fn new(ssrc: u32, seq: u16, ts: u32, now: Instant) -> Self {
+        Self {
+            source_ssrc: ssrc,
+            seq_offset: 0,
+            ts_offset: 0,
+            highest_in_seq: seq.wrapping_sub(1),
+            last_out_seq: seq.wrapping_sub(1),
+            last_out_ts: ts,
+            last_out_at: now,
+            history: vec![(0, SeqFate::Unknown); SEQ_HISTORY].into_boxed_slice(),
+        }
+    }
+
+    fn remember(&mut self, seq: u16, fate: SeqFate) {
+        self.history[usize::from(seq) % SEQ_HISTORY] = (seq, fate);
+    }
+
+    fn fate(&self, seq: u16) -> SeqFate {
+        match self.history[usize::from(seq) % SEQ_HISTORY] {
+            (remembered, fate) if remembered == seq => fate,
+            _ => SeqFate::Unknown,
+        }
+    }
+
+    /// `seq` is the newest yet: the numbers it jumps over keep their places at today's offset.
+    fn advance_to(&mut self, seq: u16) {
+        let gap = seq.wrapping_sub(self.highest_in_seq).wrapping_sub(1);
+        let held = usize::from(gap).min(SEQ_HISTORY - 1) as u16;
+        for back in 1..=held {
+            let missing = seq.wrapping_sub(back);
+            self.remember(
+                missing,
+                SeqFate::Numbered(missing.wrapping_add(self.seq_offset)),
+            );
+        }
+        self.highest_in_seq = seq;
+    }
+}
+
 impl SeqTsMap {
-    /// Rewrites one packet's numbers. `clock_rate` (Hz) turns the silence across a source
-    /// change into a timestamp step, so the subscriber's jitter buffer sees real time pass.
+    /// Rewrites one packet's numbers, or `None` when the packet came too late to have one (its
+    /// place was skipped or is no longer remembered). `clock_rate` (Hz) turns the silence across
+    /// a source change into a timestamp step, so the subscriber's jitter buffer sees real time
+    /// pass.
     pub fn map(
         &mut self,
         ssrc: u32,
@@ -112,7 +179,7 @@ impl SeqTsMap {
         ts: u32,
         now: Instant,
         clock_rate: u32,
-    ) -> (u16, u32) {
+    ) -> Option<(u16, u32)> {
         let state = match &mut self.state {
             Some(state) if state.source_ssrc == ssrc => state,
             Some(state) => {
@@ -124,29 +191,31 @@ impl SeqTsMap {
                 state.seq_offset = state.last_out_seq.wrapping_add(1).wrapping_sub(seq);
                 state.ts_offset = state.last_out_ts.wrapping_add(ts_step).wrapping_sub(ts);
                 state.highest_in_seq = seq.wrapping_sub(1);
+                // The old source's numbers mean nothing for the new one (no allocation here).
+                state.history.fill((0, SeqFate::Unknown));
                 state
             }
-            None => self.state.insert(SeqTsState {
-                source_ssrc: ssrc,
-                seq_offset: 0,
-                ts_offset: 0,
-                highest_in_seq: seq.wrapping_sub(1),
-                last_out_seq: seq.wrapping_sub(1),
-                last_out_ts: ts,
-                last_out_at: now,
-            }),
+            None => self.state.insert(SeqTsState::new(ssrc, seq, ts, now)),
         };
-        let out_seq = seq.wrapping_add(state.seq_offset);
+        let out_seq = if seq_newer(seq, state.highest_in_seq) {
+            state.advance_to(seq);
+            let out_seq = seq.wrapping_add(state.seq_offset);
+            state.remember(seq, SeqFate::Numbered(out_seq));
+            out_seq
+        } else {
+            // Late, or a duplicate: only the number its place was given.
+            match state.fate(seq) {
+                SeqFate::Numbered(out_seq) => out_seq,
+                SeqFate::Skipped | SeqFate::Unknown => return None,
+            }
+        };
         let out_ts = ts.wrapping_add(state.ts_offset);
-        if seq_newer(seq, state.highest_in_seq) {
-            state.highest_in_seq = seq;
-        }
         if seq_newer(out_seq, state.last_out_seq) {
             state.last_out_seq = out_seq;
             state.last_out_ts = out_ts;
             state.last_out_at = now;
         }
-        (out_seq, out_ts)
+        Some((out_seq, out_ts))
     }
 
     /// Takes the next `count` outgoing sequence numbers for packets of our own (padding), so
@@ -171,7 +240,8 @@ impl SeqTsMap {
             && state.source_ssrc == ssrc
             && seq_newer(seq, state.highest_in_seq)
         {
-            state.highest_in_seq = seq;
+            state.advance_to(seq);
+            state.remember(seq, SeqFate::Skipped);
             state.seq_offset = state.seq_offset.wrapping_sub(1);
         }
     }
@@ -558,13 +628,15 @@ impl Forwarder {
             self.vp8.drop_picture(descriptor);
             return Err(DropReason::TemporalLayer);
         }
-        let (seq, ts) = self.numbers.map(
+        let Some((seq, ts)) = self.numbers.map(
             source.ssrc,
             source.sequence_number,
             source.timestamp,
             now,
             self.clock_rate,
-        );
+        ) else {
+            return Err(DropReason::TooLate);
+        };
         let payload = match &descriptor {
             Some(descriptor) => self.vp8.munge(&packet.payload, descriptor),
             None => packet.payload.clone(),
@@ -652,7 +724,7 @@ mod tests {
     fn mapped(map: &mut SeqTsMap, rows: &[(u32, u16, u32, u64)]) -> Vec<(u16, u32)> {
         let start = Instant::now();
         rows.iter()
-            .map(|&(ssrc, seq, ts, at_ms)| {
+            .filter_map(|&(ssrc, seq, ts, at_ms)| {
                 map.map(ssrc, seq, ts, start + Duration::from_millis(at_ms), 90_000)
             })
             .collect()
@@ -720,11 +792,51 @@ mod tests {
     fn skipped_packets_leave_no_hole() {
         let mut map = SeqTsMap::default();
         let now = Instant::now();
-        assert_eq!(map.map(1, 500, 0, now, 90_000).0, 500);
+        let out = |map: &mut SeqTsMap, seq| map.map(1, seq, 9000, now, 90_000).map(|o| o.0);
+        assert_eq!(out(&mut map, 500), Some(500));
         map.skip(1, 501);
         map.skip(1, 502);
-        assert_eq!(map.map(1, 503, 9000, now, 90_000).0, 501);
-        assert_eq!(map.map(1, 504, 9000, now, 90_000).0, 502);
+        assert_eq!(out(&mut map, 503), Some(501));
+        assert_eq!(out(&mut map, 504), Some(502));
+        // A skipped packet that comes again has no number left: it must not take 503's.
+        assert_eq!(out(&mut map, 502), None);
+    }
+
+    #[test]
+    fn a_late_packet_keeps_its_place_across_skips_and_padding() {
+        let mut map = SeqTsMap::default();
+        let now = Instant::now();
+        let out = |map: &mut SeqTsMap, seq| map.map(1, seq, 0, now, 90_000).map(|o| o.0);
+        assert_eq!(out(&mut map, 10), Some(10));
+        // 11 is late; 12 arrives and holds 11's place.
+        assert_eq!(out(&mut map, 12), Some(12));
+        map.skip(1, 13);
+        assert_eq!(out(&mut map, 14), Some(13));
+        // 11 arrives: its own place, not 12 (what today's offset would give it).
+        assert_eq!(out(&mut map, 11), Some(11));
+        // A duplicate keeps its number.
+        assert_eq!(out(&mut map, 14), Some(13));
+        // Padding takes 14..=16; a late duplicate of 12 still gets 12, never a padding number.
+        assert_eq!(map.reserve(3).map(|r| r.0), Some(14));
+        assert_eq!(out(&mut map, 12), Some(12));
+        assert_eq!(out(&mut map, 15), Some(17));
+    }
+
+    #[test]
+    fn a_late_packet_of_a_replaced_source_is_dropped() {
+        let mut map = SeqTsMap::default();
+        let now = Instant::now();
+        let out = |map: &mut SeqTsMap, ssrc, seq| map.map(ssrc, seq, 0, now, 90_000).map(|o| o.0);
+        assert_eq!(out(&mut map, 1, 7), Some(7));
+        assert_eq!(map.reserve(14).map(|r| r.0), Some(8));
+        assert_eq!(out(&mut map, 2, 8), Some(22));
+        // Older than the new source's first packet: its place would be a padding number.
+        assert_eq!(out(&mut map, 2, 0), None);
+        // And nothing older than the history is numbered again.
+        for seq in 9..1000 {
+            out(&mut map, 2, seq);
+        }
+        assert_eq!(out(&mut map, 2, 100), None);
     }
 
     fn packet(ssrc: u32, seq: u16, payload: &'static [u8]) -> rtp::Packet {
@@ -1030,7 +1142,13 @@ mod simulcast_tests {
             .0
     }
 
+    std::thread_local! {
+        /// Each layer's last sequence number: a publisher's numbers run on across `run` calls.
+        static SEQS: std::cell::Cell<[u16; 3]> = const { std::cell::Cell::new([1000, 20_000, 40_000]) };
+    }
+
     fn configured() -> Forwarder {
+        SEQS.set([1000, 20_000, 40_000]);
         let mut forwarder = Forwarder::new(MediaKind::Video, "video/VP8", 90_000);
         forwarder.set_layered(true);
         forwarder.configure(ForwarderParams::new(0xABCD, 100, &[], &[]));
@@ -1042,14 +1160,14 @@ mod simulcast_tests {
     /// `(layer, outgoing seq, outgoing picture id)`.
     fn run(forwarder: &mut Forwarder, rows: &[(u8, u16, u8, bool)]) -> Vec<(u8, u16, u16)> {
         let now = Instant::now();
-        let mut seqs = [1000u16, 20_000, 40_000];
         rows.iter()
             .filter_map(|&(layer, picture, tid, key)| {
-                let seq = &mut seqs[usize::from(layer)];
-                *seq += 1;
+                let mut seqs = SEQS.get();
+                seqs[usize::from(layer)] += 1;
+                SEQS.set(seqs);
                 let packet = vp8(
                     10 + u32::from(layer),
-                    *seq,
+                    seqs[usize::from(layer)],
                     picture + 5000 * u16::from(layer),
                     tid,
                     key,

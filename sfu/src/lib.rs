@@ -45,6 +45,16 @@ use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
 use tokio::sync::mpsc;
 
 pub use config::SfuConfig;
+
+/// What the fuzz targets in `fuzz/` drive directly: parsers of what strangers send (STUN on the
+/// shared port, SDP). Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::egress::{stun_integrity_ok, stun_local_ufrag};
+    pub use crate::transport::{
+        extmap, sections_not_sending, simulcast_rids, with_video_bandwidth,
+    };
+}
 pub use egress::EgressStats;
 pub use fanout::{LayerStats, PublicationStats};
 pub use feedback::{FeedbackInterceptor, KeyframeThrottle};

@@ -60,7 +60,7 @@ pub const MAX_PUBLISH_SECTIONS: usize = 8;
 
 /// `(uri, id)` of every `a=extmap` line in an SDP. BUNDLE requires one id per URI across the
 /// whole session, so a session-wide list is exact.
-pub(crate) fn extmap(sdp: &str) -> Vec<(String, u16)> {
+pub fn extmap(sdp: &str) -> Vec<(String, u16)> {
     let mut out: Vec<(String, u16)> = Vec::new();
     for line in sdp.lines() {
         let Some(rest) = line.trim_end().strip_prefix("a=extmap:") else {
@@ -84,7 +84,7 @@ pub(crate) fn extmap(sdp: &str) -> Vec<(String, u16)> {
 /// stacks) in every video section of the answer sent to it. Only the copy sent to the client
 /// carries them; the bandwidth lines limit what the remote sends, not what we do. A simulcast
 /// section gets half as much again, for its lower layers.
-pub(crate) fn with_video_bandwidth(sdp: &str, bits_per_second: u64) -> String {
+pub fn with_video_bandwidth(sdp: &str, bits_per_second: u64) -> String {
     let mut out = String::with_capacity(sdp.len() + 64);
     let mut in_video = false;
     let mut cap = bits_per_second;
@@ -277,7 +277,7 @@ pub struct DeclaredTrack {
 /// The rids each media section of an offer sends as simulcast (`a=simulcast:send`, RFC 8853), by
 /// `mid`, in the offer's order. Of alternatives (`a,b`) the first is taken; paused streams
 /// (`~a`) count too, as they may be resumed.
-pub(crate) fn simulcast_rids(sdp: &str) -> Vec<(String, Vec<String>)> {
+pub fn simulcast_rids(sdp: &str) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
     let mut mid: Option<String> = None;
     let mut rids: Option<Vec<String>> = None;
@@ -313,7 +313,7 @@ pub(crate) fn simulcast_rids(sdp: &str) -> Vec<(String, Vec<String>)> {
 
 /// The `mid`s of an offer's sections on which its sender sends nothing: rejected (port 0),
 /// `a=inactive` or `a=recvonly`.
-pub(crate) fn sections_not_sending(sdp: &str) -> Vec<String> {
+pub fn sections_not_sending(sdp: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut current: Option<(bool, Option<String>)> = None;
     let mut finish = |section: Option<(bool, Option<String>)>| {
