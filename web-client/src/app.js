@@ -304,7 +304,10 @@ async function join(roomName, name) {
   previewVideo.srcObject = null;
   try {
     // Without camera and microphone (blocked), join to watch and listen.
-    await current.connect(location.origin, { room: roomName, name, stream: stream ?? undefined, audio: false, video: false });
+    // A link from the operator's backend carries the token (a server with API keys mints none
+    // for pages).
+    const token = params.get('token') ?? undefined;
+    await current.connect(location.origin, { room: roomName, name, stream: stream ?? undefined, audio: false, video: false, token });
   } catch (err) {
     if (room !== current) return;
     reset();

@@ -76,6 +76,8 @@
  * @property {MediaStream} [stream]  local media already captured (a preview): used instead of
  *   capturing, and stopped when the room is left
  * @property {number} [joinTimeoutMs=15000]
+ * @property {string} [token]  a token your backend minted (a server with API keys mints none for
+ *   pages): used for the join and for reconnecting, instead of asking `/auth/token`
  *
  * @typedef {object} ConnectionQuality  Measured over the last two seconds, all connections.
  * @property {number | null} rttMs  round-trip time to the server or the peers (the worst)
@@ -254,7 +256,7 @@ export class Room extends Emitter {
   /** Mute states by `peerId|trackId`, shared by both paths. @type {Map<string, boolean>} */
   #remoteMuted = new Map();
   /** What a reconnect needs: where, who, and the secret that replaces our lost self. */
-  /** @type {{base: URL, room: string, name: string, joinTimeoutMs: number} | null} */
+  /** @type {{base: URL, room: string, name: string, joinTimeoutMs: number, token?: string} | null} */
   #session = null;
   /** @type {string | null} */ #resumeToken = null;
   /** Participants whose video the app does not show (off screen). @type {Set<string>} */
@@ -378,7 +380,7 @@ export class Room extends Emitter {
    * @param {string} serverUrl
    * @param {ConnectOptions} options
    */
-  async connect(serverUrl, { room, name, audio = true, video = true, stream: given, joinTimeoutMs = 15000 }) {
+  async connect(serverUrl, { room, name, audio = true, video = true, stream: given, joinTimeoutMs = 15000, token: minted }) {
     if (this.state !== 'new') throw new Error('Room.connect may be called once');
     this.state = 'connecting';
     const base = new URL(serverUrl);
@@ -393,8 +395,8 @@ export class Room extends Emitter {
         this.#media.adopt(stream);
         this.emit('localStream', stream);
       }
-      this.#session = { base, room, name, joinTimeoutMs };
-      const token = await fetchToken(base, name, room);
+      this.#session = { base, room, name, joinTimeoutMs, token: minted };
+      const token = minted ?? (await fetchToken(base, name, room));
       await this.#socket.open(base, token);
       const deadline = Date.now() + joinTimeoutMs;
       for (;;) {
@@ -615,7 +617,7 @@ export class Room extends Emitter {
     const result = await retryFor(
       RECONNECT_WINDOW_MS,
       async (deadline) => {
-        const token = await fetchToken(session.base, session.name, session.room);
+        const token = session.token ?? (await fetchToken(session.base, session.name, session.room));
         // Left meanwhile: no socket, no join (it would seat a phantom).
         if (stopped()) return;
         await this.#socket.open(session.base, token);

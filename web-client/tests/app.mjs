@@ -9,7 +9,7 @@ import { createServer } from 'node:http';
 import { connect as tcpConnect, createServer as createTcpServer } from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { check, fakeScreenPicker, fetchRooms, launchBrowser, openPage, outDir, restartServer, run, sleep, startServer, step } from './harness.mjs';
+import { check, fakeScreenPicker, fetchRooms, launchBrowser, openPage, outDir, restartServer, run, sleep, startServer, step, stopServer } from './harness.mjs';
 
 const ROOM = 'Standup';
 const TOTAL_TIMEOUT_MS = 150_000;
@@ -470,6 +470,33 @@ async function main() {
     const state = await ann.evaluate(() => /** @type {any} */ (window).__switchboard?.state);
     const back = await bob.evaluate(() => [...document.querySelectorAll('.tile.remote .label')].some((l) => l.textContent === 'Ann'));
     check("Bob drops Ann's tile, and Ann does not come back by herself", gone && !back && state === 'closed', `Ann's room state: ${state}`);
+  });
+
+  await step('with API keys, the app joins from a link that carries a token, and only so', async () => {
+    for (const page of [bob, cat]) await page.context().close();
+    await stopServer();
+    const secret = 'a-secret-of-at-least-thirty-two-bytes';
+    process.env.SWITCHBOARD_API_KEYS = `{backend="${secret}"}`;
+    const keyed = await startServer('app-keyed.log', []);
+    delete process.env.SWITCHBOARD_API_KEYS;
+    const minted = await fetch(`${keyed}/auth/token`, {
+      method: 'POST',
+      headers: { authorization: `Basic ${btoa(`backend:${secret}`)}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ userId: 'zed', room: 'Vault' }),
+    });
+    const { token } = await minted.json();
+    const stranger = await openPage('stranger', keyed, `${keyed}/?room=Vault&name=Nobody&autojoin=1`);
+    const refused = await eventually(stranger, () => /not allowed/.test(document.getElementById('error')?.textContent ?? ''), null, 15_000);
+    check('a page without a token is told it is not allowed (the server mints none for pages)', refused, (await stranger.textContent('#error')) ?? '');
+    const zed = await openPage('zed', keyed, `${keyed}/?room=Vault&name=Zed&autojoin=1&token=${encodeURIComponent(token)}`);
+    const joined = await zed
+      .waitForFunction(() => /** @type {any} */ (window).__switchboard?.state === 'joined', null, { timeout: 15_000 })
+      .then(
+        () => true,
+        () => false,
+      );
+    check('a page opened from a link with a backend-minted token joins', minted.status === 200 && joined, `mint status ${minted.status}`);
+    for (const page of [stranger, zed]) await page.context().close();
   });
 }
 
