@@ -117,6 +117,15 @@ pub fn quantile_ms(counts: &[u64], quantile: f64) -> Option<f64> {
     None
 }
 
+/// Where a run stands. Clients send while `Running`; at `Quiet` they stop sending but stay, so
+/// what is in flight still arrives and is counted; at `Leave` they go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    Quiet,
+    Leave,
+}
+
 /// Counters every synthetic participant writes to.
 pub struct Tally {
     /// RTP packets publishers handed to their connection.
@@ -577,7 +586,7 @@ impl Publishing {
         index: u16,
         shape: VideoShape,
         tally: Arc<Tally>,
-        stop: watch::Receiver<bool>,
+        stop: watch::Receiver<Phase>,
     ) -> Result<tokio::task::JoinHandle<()>> {
         self.pc
             .set_remote_description(RTCSessionDescription::answer(answer_sdp.clone())?)
@@ -678,7 +687,7 @@ pub async fn publisher(
     shape: VideoShape,
     tally: Arc<Tally>,
     started: tokio::sync::oneshot::Sender<Duration>,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Phase>,
 ) -> Result<()> {
     let Joined { mut ws, took } = join(&base, &room, &format!("publisher-{index}")).await?;
     let publishing = offer_publish(&mut ws, index, shape.simulcast).await?;
@@ -691,7 +700,9 @@ pub async fn publisher(
             bail!("publish refused: {message}");
         }
     };
-    let sending = publishing.start(answer, index, shape, tally, stop).await?;
+    let sending = publishing
+        .start(answer, index, shape, tally, stop.clone())
+        .await?;
     let _ = started.send(took);
     // Signaling stays read (pings answered, `layers` obeyed) while media flows.
     let active = publishing.active.clone();
@@ -703,6 +714,8 @@ pub async fn publisher(
         }
     });
     let _ = sending.await;
+    // Closing at once could drop what is still queued to leave: stay until told to leave.
+    let _ = stop.wait_for(|phase| *phase == Phase::Leave).await;
     keepalive.abort();
     let _ = publishing.pc.close().await;
     Ok(())
@@ -719,7 +732,7 @@ pub async fn participant(
     viewing: Viewing,
     tally: Arc<Tally>,
     joined: tokio::sync::oneshot::Sender<Duration>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Phase>,
 ) -> Result<()> {
     let Joined { mut ws, took } = join(&base, &room, &format!("participant-{index}")).await?;
     let _ = joined.send(took);
@@ -729,7 +742,7 @@ pub async fn participant(
     loop {
         let message = tokio::select! {
             message = recv(&mut ws) => message?,
-            _ = stop.changed() => break,
+            _ = stop.wait_for(|phase| *phase == Phase::Leave) => break,
         };
         match (message["type"].as_str(), message["transport"].as_str()) {
             (Some("answer"), Some("publish")) => {
@@ -749,6 +762,8 @@ pub async fn participant(
         }
     }
     if let Some(sending) = sending {
+        // Done already when the run went quiet first; a run that failed leaves at once.
+        sending.abort();
         let _ = sending.await;
     }
     let _ = ws
@@ -805,7 +820,7 @@ async fn send_video(
     index: u16,
     shape: VideoShape,
     tally: Arc<Tally>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Phase>,
 ) {
     let top_frame_bytes = usize::try_from(shape.bitrate / 8 / u64::from(shape.fps.max(1)))
         .unwrap_or(MAX_PAYLOAD)
@@ -854,7 +869,7 @@ async fn send_video(
     let mut frame = 0u64;
     let filler = Bytes::from(vec![0xA5u8; MAX_PAYLOAD]);
     let mut buf = BytesMut::with_capacity(MAX_PAYLOAD * 64);
-    'frames: while !*stop.borrow() {
+    'frames: while *stop.borrow() == Phase::Running {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.changed() => break,
@@ -944,7 +959,7 @@ pub async fn subscriber(
     own: Arc<SubscriberStats>,
     link_rate: Option<u64>,
     joined: tokio::sync::oneshot::Sender<Duration>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Phase>,
 ) -> Result<()> {
     let Joined { mut ws, took } = join(&base, &room, &format!("subscriber-{index}")).await?;
     let _ = joined.send(took);
@@ -960,7 +975,7 @@ pub async fn subscriber(
     loop {
         let message = tokio::select! {
             message = recv(&mut ws) => message?,
-            _ = stop.changed() => break,
+            _ = stop.wait_for(|phase| *phase == Phase::Leave) => break,
         };
         if message["type"] == "offer" && message["transport"] == "subscribe" {
             answer_subscribe(&mut ws, &pc, &mut gathered, &message, viewing).await?;

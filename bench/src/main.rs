@@ -338,7 +338,7 @@ fn spawn_publishers(
     cli: &Cli,
     base: &str,
     tally: &std::sync::Arc<Tally>,
-    stop: &watch::Receiver<bool>,
+    stop: &watch::Receiver<client::Phase>,
 ) -> Vec<tokio::task::JoinHandle<Result<()>>> {
     let shape = cli.shape();
     (0..cli.publishers)
@@ -364,7 +364,7 @@ const RAMP_MAX_P99_MS: f64 = 50.0;
 
 async fn ramp(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::RampReport> {
     let tally = Tally::new();
-    let (stop_tx, stop) = watch::channel(false);
+    let (stop_tx, stop) = watch::channel(client::Phase::Running);
     let mut tasks = spawn_publishers(cli, base, &tally, &stop);
     let own_pid = std::process::id().to_string();
     let bar = if cli.quiet {
@@ -463,7 +463,7 @@ async fn ramp(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report:
         largest_held = Some(subscribers);
     }
     bar.finish_and_clear();
-    let _ = stop_tx.send(true);
+    let _ = stop_tx.send(client::Phase::Leave);
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
@@ -553,7 +553,7 @@ async fn wait_live(tally: &Tally, tracks: u64) -> bool {
 async fn storm(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::StormReport> {
     // Publishers count what they send, incumbents and newcomers what they receive, apart.
     let (publishing, incumbents, newcomers) = (Tally::new(), Tally::new(), Tally::new());
-    let (stop_tx, stop) = watch::channel(false);
+    let (stop_tx, stop) = watch::channel(client::Phase::Running);
     let mut tasks = spawn_publishers(cli, base, &publishing, &stop);
     for index in 0..cli.subscribers {
         let (tx, _rx) = oneshot::channel();
@@ -614,7 +614,7 @@ async fn storm(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report
     let during = window
         .close(&publishing, &incumbents, cli.subscribers, server_pid)
         .await;
-    let _ = stop_tx.send(true);
+    let _ = stop_tx.send(client::Phase::Leave);
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
@@ -641,7 +641,7 @@ async fn storm(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report
 
 async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::Report> {
     let tally = Tally::new();
-    let (stop_tx, stop) = watch::channel(false);
+    let (stop_tx, stop) = watch::channel(client::Phase::Running);
     let shape = cli.shape();
     let mut tasks = Vec::new();
     let mut joins = Vec::new();
@@ -708,7 +708,7 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
         match tokio::time::timeout(Duration::from_secs(60), rx).await {
             Ok(Ok(took)) => join_ms.push(took.as_secs_f64() * 1000.0),
             _ => {
-                let _ = stop_tx.send(true);
+                let _ = stop_tx.send(client::Phase::Leave);
                 let failed = tasks.into_iter().find(|t| t.is_finished());
                 let why = match failed {
                     Some(task) => format!("{:?}", task.await),
@@ -723,14 +723,14 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
     let warmup = Instant::now();
     while tally.live_tracks.load(Ordering::Relaxed) < expected_tracks {
         if warmup.elapsed() > Duration::from_secs(60) {
-            let _ = stop_tx.send(true);
+            let _ = stop_tx.send(client::Phase::Leave);
             bail!(
                 "only {} of {expected_tracks} subscriptions delivered media within 60 s",
                 tally.live_tracks.load(Ordering::Relaxed)
             );
         }
         if let Some(failed) = tasks.iter().position(|t| t.is_finished()) {
-            let _ = stop_tx.send(true);
+            let _ = stop_tx.send(client::Phase::Leave);
             let task = tasks.swap_remove(failed);
             let outcome = task.await;
             bail!("a participant stopped during warm-up: {outcome:?}");
@@ -835,10 +835,11 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
     let end_forwarded = forwarded_packets(base).await;
     let end_server_cpu = server_pid.and_then(cpu_seconds);
     let end_own_cpu = cpu_seconds(&own_pid);
-    // Stop sending, then let what is in flight arrive before counting losses.
-    let _ = stop_tx.send(true);
-    let sent = tally.sent.load(Ordering::Relaxed) - start_sent;
+    // Stop sending, then let what is in flight arrive before counting losses: everyone stays
+    // connected meanwhile (a subscriber gone at once would lose the last packets in flight).
+    let _ = stop_tx.send(client::Phase::Quiet);
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let sent = tally.sent.load(Ordering::Relaxed) - start_sent;
     let received = tally.received.load(Ordering::Relaxed) - start_received;
     let received_bytes = tally.received_bytes.load(Ordering::Relaxed) - start_bytes;
     let sent_bytes = tally.sent_bytes.load(Ordering::Relaxed) - start_sent_bytes;
@@ -872,6 +873,7 @@ async fn run(cli: &Cli, base: &str, server_pid: Option<&str>) -> Result<report::
     } else {
         Vec::new()
     };
+    let _ = stop_tx.send(client::Phase::Leave);
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }

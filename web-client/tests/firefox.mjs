@@ -196,6 +196,10 @@ function sizeVideo({ name, size }) {
 async function checkLayersFollowSize(publisher, publisherName, publisherLabel, viewer, viewerLabel) {
   /** @type {{rid: string, width: number, bytes: number}[]} */
   let layers = [];
+  // Watched large, so the server wants the top layer: a layer nobody watches may be paused
+  // before the publisher's bandwidth estimate ever let it start (Firefox starts low).
+  // @ts-ignore
+  await viewer.evaluate(sizeVideo, { name: publisherName, size: [1280, 720] });
   const layered = await until(publisher, async () => {
     const sent = await /** @type {any} */ (window).__sentLayers();
     return sent.length >= 2 && sent.every((/** @type {any} */ l) => l.bytes > 0);
