@@ -28,9 +28,11 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
     RTCConfigurationBuilder, RTCIceGatheringState, RTCSessionDescription, Registry,
-    SettingEngineBuilder, configure_nack, configure_rtcp_reports,
+    SettingEngineBuilder, SrtpProtectionProfile, configure_nack, configure_rtcp_reports,
     configure_simulcast_extension_headers, register_default_interceptors,
 };
+
+use crate::shaping::ClientRuntime;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -52,6 +54,47 @@ pub struct VideoShape {
     pub keyframe_interval: Duration,
     /// Three simulcast layers, `q`, `h` and `f`, as a browser sends a camera.
     pub simulcast: bool,
+    /// When keyframes are sent.
+    pub keyframes: Keyframes,
+}
+
+/// When a synthetic publisher sends a keyframe.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Keyframes {
+    /// At its interval, and when the server asks (at most every 300 ms), as browsers do.
+    #[default]
+    OnRequest,
+    /// Only at its interval, as some encoders do: a subscriber that lost a packet waits.
+    Interval,
+}
+
+/// The SRTP protection profile a subscriber offers (the server uses what is offered).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Srtp {
+    /// AEAD_AES_128_GCM, what Chromium and Firefox negotiate.
+    #[default]
+    AesGcm,
+    /// AES_CM_128_HMAC_SHA1_80, the profile every WebRTC endpoint must offer.
+    AesCm,
+}
+
+impl Srtp {
+    fn profile(self) -> SrtpProtectionProfile {
+        match self {
+            Self::AesGcm => SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
+            Self::AesCm => SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80,
+        }
+    }
+}
+
+/// How the bench's subscribers receive.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Receiving {
+    /// Let the kernel coalesce datagrams (UDP GRO), which no browser does.
+    pub gro: bool,
+    pub srtp: Srtp,
 }
 
 /// Simulcast layers: rid and share of the top layer's bitrate (a browser's camera sends about
@@ -143,6 +186,19 @@ pub struct Tally {
     pub live_tracks: AtomicU64,
     /// One-way latency of received probes.
     pub latency: Histogram,
+    /// The measured window as probe send times (microseconds since the epoch), so senders and
+    /// receivers agree on which probes it holds: from `window_from` (0 until it opens) until
+    /// `window_to`.
+    window_from: AtomicU64,
+    window_to: AtomicU64,
+    /// Probes sent in the window.
+    pub window_sent: AtomicU64,
+    /// Distinct probes of the window received, per subscriber and stream: a resend or a
+    /// duplicate of one that arrived counts once.
+    pub window_received: AtomicU64,
+    /// Copies received of probes that had arrived already (resends whose original came too,
+    /// duplicates).
+    pub duplicates: AtomicU64,
 }
 
 impl Tally {
@@ -156,7 +212,79 @@ impl Tally {
             gaps: AtomicU64::new(0),
             live_tracks: AtomicU64::new(0),
             latency: Histogram::new(),
+            window_from: AtomicU64::new(0),
+            window_to: AtomicU64::new(u64::MAX),
+            window_sent: AtomicU64::new(0),
+            window_received: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
         })
+    }
+
+    /// Starts the measured window: probes sent from now on count.
+    pub fn open_window(&self) {
+        self.window_from
+            .store(now_micros().max(1), Ordering::Relaxed);
+    }
+
+    /// Ends the measured window: probes sent from now on do not count.
+    pub fn close_window(&self) {
+        self.window_to.store(now_micros(), Ordering::Relaxed);
+    }
+
+    /// Whether a probe sent at `sent_at` belongs to the measured window.
+    fn in_window(&self, sent_at: u64) -> bool {
+        let from = self.window_from.load(Ordering::Relaxed);
+        from != 0 && sent_at >= from && sent_at < self.window_to.load(Ordering::Relaxed)
+    }
+}
+
+/// How many probe numbers back [`Seen`] remembers: resends come within a second (the server
+/// answers NACKs only for younger packets), and a stream sends a few hundred a second.
+const SEEN_SPAN: u64 = 4096;
+
+/// The probe numbers of one received stream seen lately, so each counts once.
+struct Seen {
+    highest: Option<u64>,
+    bits: Box<[u64; (SEEN_SPAN / 64) as usize]>,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Self {
+            highest: None,
+            bits: Box::new([0; (SEEN_SPAN / 64) as usize]),
+        }
+    }
+}
+
+impl Seen {
+    /// True the first time `number` arrives. One more than [`SEEN_SPAN`] behind the newest is
+    /// not counted (it cannot be told from a duplicate, and loss is not to be flattered).
+    fn first(&mut self, number: u64) -> bool {
+        let bit = |n: u64| ((n % SEEN_SPAN) / 64) as usize;
+        let mask = |n: u64| 1u64 << (n % 64);
+        match self.highest {
+            Some(highest) if number > highest => {
+                // The slots the window moves over held numbers it no longer covers.
+                if number - highest >= SEEN_SPAN {
+                    self.bits.fill(0);
+                } else {
+                    for n in highest + 1..number {
+                        self.bits[bit(n)] &= !mask(n);
+                    }
+                }
+                self.highest = Some(number);
+            }
+            Some(highest) if highest - number >= SEEN_SPAN => return false,
+            Some(_) => {
+                if self.bits[bit(number)] & mask(number) != 0 {
+                    return false;
+                }
+            }
+            None => self.highest = Some(number),
+        }
+        self.bits[bit(number)] |= mask(number);
+        true
     }
 }
 
@@ -332,6 +460,8 @@ impl PeerConnectionEventHandler for Handler {
             // The stream (publisher and layer) and number of the last probe.
             let mut last: Option<(u16, u64)> = None;
             let mut picture = Picture::default();
+            // Per stream (a simulcast track's layers are streams of their own).
+            let mut seen: Vec<(u16, Seen)> = Vec::new();
             while let Some(event) = track.poll().await {
                 let TrackRemoteEvent::OnRtpPacket(packet) = event else {
                     continue;
@@ -375,6 +505,20 @@ impl PeerConnectionEventHandler for Handler {
                     last = Some((stream, number));
                 }
                 let sent_at = u64::from_be_bytes(payload[14..22].try_into().unwrap_or([0; 8]));
+                let first = match seen.iter_mut().find(|(s, _)| *s == stream) {
+                    Some((_, numbers)) => numbers.first(number),
+                    None => {
+                        let mut numbers = Seen::default();
+                        numbers.first(number);
+                        seen.push((stream, numbers));
+                        true
+                    }
+                };
+                if !first {
+                    tally.duplicates.fetch_add(1, Ordering::Relaxed);
+                } else if tally.in_window(sent_at) {
+                    tally.window_received.fetch_add(1, Ordering::Relaxed);
+                }
                 tally.latency.record(now_micros().saturating_sub(sent_at));
                 tally.received.fetch_add(1, Ordering::Relaxed);
                 tally
@@ -392,14 +536,16 @@ impl PeerConnectionEventHandler for Handler {
 async fn peer_connection(
     tally: Option<Arc<Tally>>,
 ) -> Result<(Arc<dyn PeerConnection>, watch::Receiver<bool>)> {
-    peer_connection_for(tally, None, None).await
+    peer_connection_for(tally, None, None, Srtp::default()).await
 }
 
-/// A peer connection tallying into `tally` and `own`, its sockets from `runtime`.
+/// A peer connection tallying into `tally` and `own`, its sockets from `runtime`, offering
+/// `srtp`.
 async fn peer_connection_for(
     tally: Option<Arc<Tally>>,
     own: Option<Arc<SubscriberStats>>,
     runtime: Option<Arc<dyn webrtc::runtime::Runtime>>,
+    srtp: Srtp,
 ) -> Result<(Arc<dyn PeerConnection>, watch::Receiver<bool>)> {
     let (gathered, gathered_rx) = watch::channel(false);
     let handler = Arc::new(Handler {
@@ -407,7 +553,8 @@ async fn peer_connection_for(
         tally,
         own,
     });
-    let pc = loopback_peer_connection(handler, runtime).await?;
+    let pc =
+        loopback_peer_connection_with(handler, runtime, CongestionFeedback::Twcc, srtp).await?;
     Ok((pc, gathered_rx))
 }
 
@@ -429,14 +576,16 @@ pub async fn loopback_peer_connection(
     handler: Arc<dyn PeerConnectionEventHandler>,
     runtime: Option<Arc<dyn webrtc::runtime::Runtime>>,
 ) -> Result<Arc<dyn PeerConnection>> {
-    loopback_peer_connection_with(handler, runtime, CongestionFeedback::Twcc).await
+    loopback_peer_connection_with(handler, runtime, CongestionFeedback::Twcc, Srtp::default()).await
 }
 
-/// [`loopback_peer_connection`], with the congestion control feedback chosen.
+/// [`loopback_peer_connection`], with the congestion control feedback and the SRTP profile
+/// chosen.
 pub async fn loopback_peer_connection_with(
     handler: Arc<dyn PeerConnectionEventHandler>,
     runtime: Option<Arc<dyn webrtc::runtime::Runtime>>,
     feedback: CongestionFeedback,
+    srtp: Srtp,
 ) -> Result<Arc<dyn PeerConnection>> {
     let mut engine = MediaEngine::default();
     engine.register_default_codecs()?;
@@ -471,6 +620,7 @@ pub async fn loopback_peer_connection_with(
         .with_setting_engine(
             SettingEngineBuilder::new()
                 .with_include_loopback_candidate(true)
+                .with_srtp_protection_profiles(vec![srtp.profile()])
                 .build(),
         )
         .with_interceptor_registry(registry)
@@ -730,13 +880,20 @@ pub async fn participant(
     index: u16,
     shape: VideoShape,
     viewing: Viewing,
+    receiving: Receiving,
     tally: Arc<Tally>,
     joined: tokio::sync::oneshot::Sender<Duration>,
     mut stop: watch::Receiver<Phase>,
 ) -> Result<()> {
     let Joined { mut ws, took } = join(&base, &room, &format!("participant-{index}")).await?;
     let _ = joined.send(took);
-    let (subscribe, mut gathered) = peer_connection(Some(tally.clone())).await?;
+    let (subscribe, mut gathered) = peer_connection_for(
+        Some(tally.clone()),
+        None,
+        Some(Arc::new(ClientRuntime::unshaped(receiving.gro))),
+        receiving.srtp,
+    )
+    .await?;
     let publishing = offer_publish(&mut ws, index, shape.simulcast).await?;
     let mut sending = None;
     loop {
@@ -875,7 +1032,8 @@ async fn send_video(
             _ = stop.changed() => break,
         }
         let now = tokio::time::Instant::now();
-        let answer_request = requested.load(Ordering::Relaxed)
+        let answer_request = shape.keyframes == Keyframes::OnRequest
+            && requested.load(Ordering::Relaxed)
             && last_keyframe.is_none_or(|last| now - last >= Duration::from_millis(300));
         let keyframe = frame % keyframe_every == 0 || answer_request;
         if keyframe {
@@ -901,7 +1059,8 @@ async fn send_video(
                 buf.put_u16(MAGIC);
                 buf.put_u16(stream.id);
                 buf.put_u64(stream.number);
-                buf.put_u64(now_micros());
+                let sent_at = now_micros();
+                buf.put_u64(sent_at);
                 buf.extend_from_slice(&filler[..size - 2 - PROBE_BYTES]);
                 let mut header = rtp::Header {
                     version: 2,
@@ -928,6 +1087,9 @@ async fn send_video(
                 }
                 tally.sent.fetch_add(1, Ordering::Relaxed);
                 tally.sent_bytes.fetch_add(size as u64, Ordering::Relaxed);
+                if tally.in_window(sent_at) {
+                    tally.window_sent.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         frame += 1;
@@ -955,6 +1117,7 @@ pub async fn subscriber(
     room: String,
     index: u32,
     viewing: Viewing,
+    receiving: Receiving,
     tally: Arc<Tally>,
     own: Arc<SubscriberStats>,
     link_rate: Option<u64>,
@@ -963,13 +1126,17 @@ pub async fn subscriber(
 ) -> Result<()> {
     let Joined { mut ws, took } = join(&base, &room, &format!("subscriber-{index}")).await?;
     let _ = joined.send(took);
-    let runtime = link_rate.map(|rate| {
-        Arc::new(crate::shaping::ShapedRuntime::new(
-            rate,
-            own.link_drops.clone(),
-        )) as Arc<dyn webrtc::runtime::Runtime>
-    });
-    let (pc, mut gathered) = peer_connection_for(Some(tally), Some(own.clone()), runtime).await?;
+    let runtime = match link_rate {
+        Some(rate) => ClientRuntime::shaped(rate, own.link_drops.clone()),
+        None => ClientRuntime::unshaped(receiving.gro),
+    };
+    let (pc, mut gathered) = peer_connection_for(
+        Some(tally),
+        Some(own.clone()),
+        Some(Arc::new(runtime)),
+        receiving.srtp,
+    )
+    .await?;
     // How the server serves each video for this subscriber's link.
     let mut allocations: std::collections::HashMap<String, String> = Default::default();
     loop {
@@ -1006,3 +1173,31 @@ pub async fn subscriber(
 }
 
 use webrtc::media_stream::Track as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resend or duplicate of a probe that arrived counts once; one that fills a gap counts;
+    /// one too far behind the newest cannot be told apart and does not count.
+    #[test]
+    fn each_probe_number_counts_once() {
+        let mut seen = Seen::default();
+        let firsts: Vec<bool> = [1, 2, 2, 5, 3, 4, 3, 5]
+            .into_iter()
+            .map(|n| seen.first(n))
+            .collect();
+        assert_eq!(
+            firsts,
+            [true, true, false, true, true, true, false, false]
+        );
+        // Most of a span ahead: 3's slot now stands for SEEN_SPAN + 3, which has not come.
+        assert!(seen.first(SEEN_SPAN + 4));
+        assert!(seen.first(SEEN_SPAN + 3), "a gap filled late counts");
+        assert!(!seen.first(SEEN_SPAN + 3));
+        assert!(!seen.first(3), "too old to tell from a duplicate");
+        // Far ahead: everything before is forgotten.
+        assert!(seen.first(10 * SEEN_SPAN));
+        assert!(seen.first(10 * SEEN_SPAN - 1));
+    }
+}

@@ -26,6 +26,12 @@ pub struct Config {
     pub tile: Option<(u32, u32)>,
     /// The size of the one video shown on a stage, if any.
     pub stage: Option<(u32, u32)>,
+    /// Subscribers let the kernel coalesce received datagrams (no browser does).
+    pub gro: bool,
+    /// The SRTP protection profile subscribers offered.
+    pub srtp: crate::client::Srtp,
+    /// When publishers sent keyframes.
+    pub publisher_keyframes: crate::client::Keyframes,
 }
 
 /// One second of the run.
@@ -46,9 +52,16 @@ pub struct Second {
 pub struct Totals {
     pub sent_packets: u64,
     pub expected_packets: u64,
+    /// Distinct probes of the window received (per subscriber and stream).
     pub received_packets: u64,
-    pub lost_packets: u64,
+    /// Expected less received, not clamped.
+    pub lost_packets: i64,
     pub loss_percent: f64,
+    /// Probes missing between those received in each stream (sequence gaps), the measure
+    /// where a subscriber receives only some of what is sent (simulcast).
+    pub gap_lost_packets: u64,
+    /// Copies of probes received more than once (resends whose original came, duplicates).
+    pub duplicate_packets: u64,
     pub forwarded_pps: Option<f64>,
     pub received_mbps: f64,
     /// Payload received per receiving participant (its downlink).
@@ -165,8 +178,12 @@ pub fn markdown(report: &Report) -> String {
         (
             "loss",
             format!(
-                "{:.3} % ({} of {} packets)",
-                t.loss_percent, t.lost_packets, t.expected_packets
+                "{:.3} % ({} of {} packets; {} in sequence gaps, {} duplicates)",
+                t.loss_percent,
+                t.lost_packets,
+                t.expected_packets,
+                t.gap_lost_packets,
+                t.duplicate_packets
             ),
         ),
         (

@@ -1,12 +1,15 @@
-//! A subscriber's downlink shaped in the generator's own socket layer: what the server sends a
-//! shaped subscriber waits in a queue served at the link's rate and is dropped when that queue
-//! holds more than [`QUEUE_DELAY`], as a router's buffer in front of a slow link (tc's tbf with
-//! `latency 100ms`, without its burst). Uplink (feedback) goes out unshaped.
+//! How the bench's clients receive: as a browser does, one datagram per read (no UDP GRO, which
+//! would hand over a whole GSO batch at once and flatter the server's per-packet cost), and for a
+//! shaped subscriber through a downlink in the generator's own socket layer: what the server sends
+//! waits in a queue served at the link's rate and is dropped when that queue holds more than
+//! [`QUEUE_DELAY`], as a router's buffer in front of a slow link (tc's tbf with `latency 100ms`,
+//! without its burst). Uplink (feedback) goes out unshaped.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,21 +28,53 @@ const WIRE_OVERHEAD: usize = 8 + 20 + 14;
 /// Largest datagram read.
 const MAX_DATAGRAM: usize = 2048;
 
-/// Tokio, with every UDP socket's receive side shaped to `rate_bps`.
+/// Tokio, with every UDP socket's receive side as a client of the bench wants it.
 #[derive(Debug)]
-pub struct ShapedRuntime {
-    rate_bps: u64,
-    /// Datagrams the link dropped (its queue was full).
-    pub dropped: Arc<AtomicU64>,
+pub struct ClientRuntime {
+    /// The downlink's rate in bits per second, and where to count what it drops.
+    link: Option<(u64, Arc<AtomicU64>)>,
+    /// Let the kernel coalesce received datagrams (UDP GRO), as no browser does.
+    gro: bool,
 }
 
-impl ShapedRuntime {
-    /// A runtime whose sockets receive at most `rate_bps` bits per second, counting what the
-    /// link drops into `dropped`.
-    pub fn new(rate_bps: u64, dropped: Arc<AtomicU64>) -> Self {
+impl ClientRuntime {
+    /// Sockets that receive as a browser does: one datagram per read, unless `gro`.
+    pub fn unshaped(gro: bool) -> Self {
+        Self { link: None, gro }
+    }
+
+    /// Sockets that receive at most `rate_bps` bits per second, counting what the link drops
+    /// into `dropped` (one datagram per read).
+    pub fn shaped(rate_bps: u64, dropped: Arc<AtomicU64>) -> Self {
         Self {
-            rate_bps: rate_bps.max(1),
-            dropped,
+            link: Some((rate_bps.max(1), dropped)),
+            gro: false,
+        }
+    }
+}
+
+/// Turns UDP GRO off on `fd` (quinn-udp turns it on where the kernel has it).
+fn disable_gro(fd: RawFd) -> io::Result<()> {
+    let off: libc::c_int = 0;
+    // SAFETY: `fd` is an open UDP socket, and the option's value is a c_int of the size given.
+    let result = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&raw const off).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        let err = io::Error::last_os_error();
+        // A kernel without UDP GRO never coalesces anyway.
+        if err.raw_os_error() == Some(libc::ENOPROTOOPT) {
+            Ok(())
+        } else {
+            Err(err)
         }
     }
 }
@@ -198,20 +233,29 @@ impl AsyncUdpSocket for ShapedSocket {
     }
 }
 
-impl Runtime for ShapedRuntime {
+impl Runtime for ClientRuntime {
     fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) -> Box<dyn JoinHandle> {
         TokioRuntime.spawn(future)
     }
 
     fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+        let Some((rate_bps, dropped)) = &self.link else {
+            let fd = socket.as_raw_fd();
+            // The wrapper owns the socket from here, so `fd` stays open while it lives.
+            let wrapped = TokioRuntime.wrap_udp_socket(socket)?;
+            if !self.gro {
+                disable_gro(fd)?;
+            }
+            return Ok(wrapped);
+        };
         socket.set_nonblocking(true)?;
         let socket = Arc::new(tokio::net::UdpSocket::from_std(socket)?);
         let link = Arc::new(Mutex::new(Link::default()));
         let reader = tokio::spawn(read_into(
             socket.clone(),
             link.clone(),
-            self.rate_bps as f64 / 8.0,
-            self.dropped.clone(),
+            *rate_bps as f64 / 8.0,
+            dropped.clone(),
         ));
         Ok(Arc::new(ShapedSocket {
             socket,
@@ -263,7 +307,8 @@ mod tests {
     /// dropped, and what arrives comes at the link's rate.
     #[tokio::test]
     async fn a_burst_is_served_at_the_rate_and_what_does_not_fit_is_dropped() -> io::Result<()> {
-        let runtime = ShapedRuntime::new(1_000_000, Arc::default());
+        let dropped = Arc::new(AtomicU64::new(0));
+        let runtime = ClientRuntime::shaped(1_000_000, dropped.clone());
         let receiver = runtime.wrap_udp_socket(std::net::UdpSocket::bind("127.0.0.1:0")?)?;
         let to = receiver.local_addr()?;
         let sender = std::net::UdpSocket::bind("127.0.0.1:0")?;
@@ -279,7 +324,7 @@ mod tests {
             received += 1;
         }
         let took = started.elapsed().saturating_sub(Duration::from_millis(300));
-        let dropped = runtime.dropped.load(Ordering::Relaxed);
+        let dropped = dropped.load(Ordering::Relaxed);
         assert_eq!(
             received + dropped,
             60,
@@ -294,6 +339,52 @@ mod tests {
             took >= Duration::from_millis(80),
             "{received} datagrams took {took:?}: faster than the link"
         );
+        Ok(())
+    }
+
+    /// Three datagrams sent as one GSO batch, as the server sends a subscriber's packets: a
+    /// browser-like socket reads three datagrams, one with GRO reads them as one batch.
+    #[tokio::test]
+    async fn without_gro_a_batch_arrives_datagram_by_datagram() -> io::Result<()> {
+        let sender = TokioRuntime.wrap_udp_socket(std::net::UdpSocket::bind("127.0.0.1:0")?)?;
+        if sender.max_gso_segments() < 3 {
+            return Ok(()); // No GSO here: nothing could be batched.
+        }
+        for gro in [false, true] {
+            let receiver = ClientRuntime::unshaped(gro)
+                .wrap_udp_socket(std::net::UdpSocket::bind("127.0.0.1:0")?)?;
+            let contents = [7u8; 3_000];
+            let transmit = Transmit {
+                destination: receiver.local_addr()?,
+                ecn: None,
+                contents: &contents,
+                segment_size: Some(1_000),
+                src_ip: None,
+            };
+            std::future::poll_fn(|cx| sender.poll_send(cx, &transmit)).await?;
+            let mut buffer = vec![0u8; 64 * 1_500];
+            let mut meta = [RecvMeta::default(); 1];
+            let mut reads = Vec::new();
+            while reads.iter().sum::<usize>() < 3_000 {
+                let read = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    std::future::poll_fn(|cx| {
+                        let mut bufs = [io::IoSliceMut::new(&mut buffer)];
+                        receiver.poll_recv(cx, &mut bufs, &mut meta)
+                    }),
+                )
+                .await??;
+                assert_eq!(read, 1);
+                assert_eq!(meta[0].stride, 1_000, "each datagram keeps its size");
+                reads.push(meta[0].len);
+            }
+            if gro {
+                // What made the bench flatter the server: the batch read at once.
+                assert_eq!(reads, vec![3_000], "one read of the whole batch with GRO");
+            } else {
+                assert_eq!(reads, vec![1_000; 3], "one datagram per read without GRO");
+            }
+        }
         Ok(())
     }
 }

@@ -381,8 +381,13 @@ async fn peer_connection_with(
 ) -> Result<(Arc<dyn PeerConnection>, watch::Receiver<bool>)> {
     let (gathered, gathered_rx) = watch::channel(false);
     let handler = Arc::new(Handler { gathered, media });
-    let pc = switchboard_bench::client::loopback_peer_connection_with(handler, runtime, feedback)
-        .await?;
+    let pc = switchboard_bench::client::loopback_peer_connection_with(
+        handler,
+        runtime,
+        feedback,
+        switchboard_bench::client::Srtp::default(),
+    )
+    .await?;
     Ok((pc, gathered_rx))
 }
 
