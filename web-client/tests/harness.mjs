@@ -123,7 +123,9 @@ function freePort() {
  * @param {string} logName  the log file in tests/out
  * @param {string[]} args
  * @param {number} [port]  0 for a free one
- * @param {string} [host]  the address to bind: `0.0.0.0` to be reachable from other namespaces
+ * @param {string} [host]  the address to bind and reach it at: a loopback-range address on a
+ *   shaped link's server side (127.1.N.1) is reachable from that link's namespace too, and keeps
+ *   the server in its development posture (loopback only, no API keys)
  */
 export async function startServer(logName, args, port = 0, host = '127.0.0.1') {
   if (!existsSync(serverBin)) throw new Error(`server binary not found: ${serverBin}`);
@@ -151,7 +153,7 @@ export async function startServer(logName, args, port = 0, host = '127.0.0.1') {
   child.on('exit', (code, signal) => (exited = `server exited (code ${code}, signal ${signal})`));
   child.on('error', (err) => (exited = `server failed to start: ${err.message}`));
 
-  const base = `http://127.0.0.1:${port}`;
+  const base = `http://${host}:${port}`;
   const deadline = Date.now() + 20_000;
   while (Date.now() < deadline) {
     if (exited) throw new Error(exited);

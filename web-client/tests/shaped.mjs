@@ -185,11 +185,12 @@ async function main() {
     }
   });
   const started = await step('server starts, reachable through the shaped link', async () => {
-    base = await startServer('shaped-server.log', ['--mesh-max', '0'], 0, '0.0.0.0');
+    // On the link's server-side address: the shaped namespace reaches it through the link,
+    // everyone else here over loopback.
+    base = await startServer('shaped-server.log', ['--mesh-max', '0'], 0, `127.1.${LINK}.1`);
     check('server starts', true, base);
   });
   if (!started) return;
-  const shapedBase = base.replace('127.0.0.1', `127.1.${LINK}.1`);
   const bench = spawn(
     benchBin,
     ['--url', base, '--room', ROOM, '--publishers', `${BENCH_PUBLISHERS}`, '--subscribers', '0', '--simulcast',
@@ -209,7 +210,7 @@ async function main() {
   }
   const carol = await openPage('shaped-carol', base, `${base}/healthz`);
   await carol.evaluate(joinRoom, { room: ROOM, name: 'carol', publish: false });
-  const dave = await openPage('shaped-dave', shapedBase, `${shapedBase}/healthz`, undefined, shapedBrowser);
+  const dave = await openPage('shaped-dave', base, `${base}/healthz`, undefined, shapedBrowser);
   await dave.evaluate(joinRoom, { room: ROOM, name: 'dave', publish: false });
   // Everyone in: the two pages, the bench's publishers, each subscriber sees the other.
   const everyone = 2 + BENCH_PUBLISHERS + 1;
