@@ -1187,10 +1187,7 @@ mod tests {
             .into_iter()
             .map(|n| seen.first(n))
             .collect();
-        assert_eq!(
-            firsts,
-            [true, true, false, true, true, true, false, false]
-        );
+        assert_eq!(firsts, [true, true, false, true, true, true, false, false]);
         // Most of a span ahead: 3's slot now stands for SEEN_SPAN + 3, which has not come.
         assert!(seen.first(SEEN_SPAN + 4));
         assert!(seen.first(SEEN_SPAN + 3), "a gap filled late counts");

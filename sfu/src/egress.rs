@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -49,36 +49,21 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::estimator::{Estimator, ProbeLog};
-use crate::fanout::{FanoutCommand, SubscriptionKey};
+use crate::admission::{Backlog, MediaSender, ROUND_COPIES};
+use crate::connection::{TransportKind, ice_settings};
+use crate::estimator::{Estimator, INITIAL_ESTIMATE, MAX_ESTIMATE, MIN_ESTIMATE, ProbeLog};
+use crate::exchange::{Class, ConnId, FeedbackRoute, Outgoing, SubscriberFeedback};
 use crate::feedback::FeedbackInterceptor;
 use crate::ids::ParticipantId;
-use crate::transport::TransportKind;
 use crate::{SfuConfig, SfuError, SfuEvent};
-
-/// Key of one subscribe connection inside the engine.
-pub(crate) type ConnId = u64;
 
 /// Forwarded batches the engine's media queue holds (one per published packet).
 const MEDIA_QUEUE: usize = 8192;
 /// Commands its control queue holds. A separate queue, so media never waits behind a storm of
 /// joins' offers and answers.
 const CONTROL_QUEUE: usize = 1024;
-/// How far behind the engine may fall before fanouts drop further packets (and ask for a
-/// keyframe): a server past its capacity sheds load at once instead of building a queue that
-/// every subscriber waits behind. The engine turns this into a number of waiting copies from
-/// the time it has lately taken per copy, so a starved engine admits fewer.
-const BACKLOG_BUDGET: Duration = Duration::from_millis(40);
-/// Bounds of that number of copies (the lower one is a round's worth).
-const MIN_BACKLOG_COPIES: usize = ROUND_COPIES;
-const MAX_BACKLOG_COPIES: usize = 65_536;
-/// Copies admitted before the engine has measured itself: 40 ms at 5 µs per copy.
-const INITIAL_BACKLOG_COPIES: usize = 8192;
 /// Forwarded batches taken in one round before the engine writes and sends them.
 const MAX_INPUTS_PER_ROUND: usize = 256;
-/// Forwarded copies taken in one round (about 10 ms of work): after a round the engine lets
-/// the fanouts and publish connections run, so a busy engine never starves its own sources.
-const ROUND_COPIES: usize = 2048;
 /// Commands (offers, answers, opening and closing connections) handled in one round: each
 /// costs up to a millisecond of SDP work, and a storm of joins must not stall forwarding.
 const MAX_COMMANDS_PER_ROUND: usize = 4;
@@ -109,29 +94,6 @@ const MAX_PACER_DELAY: Duration = Duration::from_millis(500);
 /// filled a shallow router queue that audio shares.
 pub(crate) const PROBE_FACTOR: u64 = 2;
 
-/// One forwarded packet for one subscription.
-pub(crate) struct Outgoing {
-    pub(crate) conn: ConnId,
-    pub(crate) sender: RTCRtpSenderId,
-    pub(crate) packet: rtp::Packet,
-    pub(crate) class: Class,
-}
-
-/// How the engine's per-subscriber pacer treats a packet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Class {
-    /// Sent at once, ahead of any video waiting: audio is small and must never wait.
-    Audio,
-    /// Paced to the subscriber's estimate while its allocation is limited.
-    Video,
-    /// Video sent again for a NACK: ahead of video waiting in the pacer (a picture the
-    /// receiver already holds part of is worth more than the next), dropped when the pacer
-    /// holds [`MAX_PACER_DELAY`] already (the receiver asks again, or for a keyframe).
-    Resend,
-    /// Part of a probe cluster (padding after recent video), sent at its own rate.
-    Probe,
-}
-
 /// What the engine and the allocation share about one subscriber's bandwidth.
 #[derive(Debug, Default)]
 pub(crate) struct Bandwidth {
@@ -150,12 +112,6 @@ pub(crate) struct Bandwidth {
     pub(crate) pace_estimate: AtomicU64,
     /// Probe clusters sent, for the estimator to measure.
     pub(crate) probes: Arc<ProbeLog>,
-}
-
-/// Where a subscriber's RTCP about one subscription goes.
-pub(crate) struct FeedbackRoute {
-    pub(crate) commands: mpsc::Sender<FanoutCommand>,
-    pub(crate) key: SubscriptionKey,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, SfuError>>;
@@ -253,145 +209,16 @@ pub struct EgressStats {
     pub probes_sent: AtomicU64,
 }
 
-/// How much of the engine's backlog a batch may fill.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Admission {
-    /// Twice the limit: audio (losing a voice hurts more than losing a picture), and the rest of
-    /// a video frame whose first packet was admitted, so overload sheds whole frames.
-    Priority,
-    /// The limit: the first packet of a video frame.
-    Normal,
-}
-
-/// Why forwarded copies were not taken.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Refused {
-    /// The engine is behind by its backlog limit (or its queue is full).
-    Overloaded,
-    /// The engine has stopped.
-    Closed,
-}
-
-/// The way into the engine's queue, with the count of forwarded copies waiting in it.
+/// The way into the engine: forwarded media (through admission) and commands.
 #[derive(Clone)]
 pub(crate) struct EgressSender {
-    media: mpsc::Sender<Vec<Outgoing>>,
+    pub(crate) media: MediaSender,
     control: mpsc::Sender<EgressInput>,
-    backlog: Arc<Backlog>,
-}
-
-/// Forwarded copies handed over and not yet written, and how many may be.
-#[derive(Debug)]
-pub(crate) struct Backlog {
-    waiting: AtomicUsize,
-    limit: AtomicUsize,
-}
-
-impl Default for Backlog {
-    fn default() -> Self {
-        Self {
-            waiting: AtomicUsize::new(0),
-            limit: AtomicUsize::new(INITIAL_BACKLOG_COPIES),
-        }
-    }
-}
-
-impl Backlog {
-    /// Records that `copies` took `elapsed` to write and send: the limit becomes what fits in
-    /// [`BACKLOG_BUDGET`] at the recent pace (a moving average, so one slow round does not
-    /// close the door).
-    fn measured(&self, copies: usize, elapsed: Duration, pace: &mut f64) {
-        if copies == 0 {
-            return;
-        }
-        let per_copy = elapsed.as_secs_f64() / copies as f64;
-        *pace = if *pace == 0.0 {
-            per_copy
-        } else {
-            0.8 * *pace + 0.2 * per_copy
-        };
-        let limit = (BACKLOG_BUDGET.as_secs_f64() / pace.max(1e-9)).round() as usize;
-        self.limit.store(
-            limit.clamp(MIN_BACKLOG_COPIES, MAX_BACKLOG_COPIES),
-            Ordering::Relaxed,
-        );
-    }
 }
 
 impl EgressSender {
-    pub(crate) fn new(
-        media: mpsc::Sender<Vec<Outgoing>>,
-        control: mpsc::Sender<EgressInput>,
-        backlog: Arc<Backlog>,
-    ) -> Self {
-        Self {
-            media,
-            control,
-            backlog,
-        }
-    }
-
-    /// Hands over forwarded copies unless the engine is too far behind.
-    pub(crate) fn try_forward(&self, mut packets: Vec<Outgoing>) -> Result<(), Refused> {
-        let copies = packets.len();
-        if self.try_forward_some(&mut packets, Admission::Normal)? < copies {
-            return Err(Refused::Overloaded);
-        }
-        Ok(())
-    }
-
-    /// Hands over as many of `packets` as the engine's backlog has room for, from the front, and
-    /// returns how many; the rest stay in `packets`. So an overloaded engine keeps serving the
-    /// same subscribers fully instead of every subscriber losing packets (and, for video,
-    /// waiting for keyframes) in turn.
-    pub(crate) fn try_forward_some(
-        &self,
-        packets: &mut Vec<Outgoing>,
-        admission: Admission,
-    ) -> Result<usize, Refused> {
-        let waiting = &self.backlog.waiting;
-        let limit = self.backlog.limit.load(Ordering::Relaxed);
-        let limit = match admission {
-            Admission::Priority => limit * 2,
-            Admission::Normal => limit,
-        };
-        let wanted = packets.len();
-        let mut admitted = 0;
-        let _ = waiting.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
-            admitted = wanted.min(limit.saturating_sub(now));
-            (admitted > 0).then_some(now + admitted)
-        });
-        if admitted == 0 {
-            return if self.media.is_closed() {
-                Err(Refused::Closed)
-            } else {
-                Ok(0)
-            };
-        }
-        let taken = if admitted < wanted {
-            let rest = packets.split_off(admitted);
-            std::mem::replace(packets, rest)
-        } else {
-            std::mem::take(packets)
-        };
-        match self.media.try_send(taken) {
-            Ok(()) => Ok(admitted),
-            Err(err) => {
-                waiting.fetch_sub(admitted, Ordering::Relaxed);
-                match err {
-                    mpsc::error::TrySendError::Full(_) => Ok(0),
-                    mpsc::error::TrySendError::Closed(_) => Err(Refused::Closed),
-                }
-            }
-        }
-    }
-
-    pub(crate) fn same_engine(&self, other: &EgressSender) -> bool {
-        self.media.same_channel(&other.media)
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        self.media.is_closed()
+    fn new(media: MediaSender, control: mpsc::Sender<EgressInput>) -> Self {
+        Self { media, control }
     }
 
     pub(crate) async fn send(&self, input: EgressInput) -> Result<(), SfuError> {
@@ -468,7 +295,7 @@ impl Egress {
         };
         tokio::spawn(engine.run().instrument(tracing::info_span!("egress")));
         Ok(Self {
-            input: EgressSender::new(media, control, backlog),
+            input: EgressSender::new(MediaSender::new(media, backlog), control),
             stats,
             next_conn: Arc::new(AtomicU64::new(1)),
             local_addr,
@@ -540,7 +367,7 @@ impl Egress {
                     .build(),
                 );
         }
-        let settings = crate::transport::ice_settings(&self.config)
+        let settings = ice_settings(&self.config)
             .with_ice_credentials(credentials.ufrag.clone(), credentials.pwd.clone())
             .build();
         let mut pc = RTCPeerConnectionBuilder::new()
@@ -628,14 +455,6 @@ fn announced_addresses(config: &SfuConfig, local: SocketAddr) -> Vec<SocketAddr>
     }
     out
 }
-
-/// Where a subscriber's bandwidth estimate starts, bits per second: enough for audio and low
-/// video layers, so nobody starts frozen, and it grows from there.
-pub const INITIAL_ESTIMATE: u64 = 1_000_000;
-/// The lowest estimate: audio always fits.
-pub const MIN_ESTIMATE: u64 = 100_000;
-/// The highest estimate: more than any room sends one subscriber.
-pub const MAX_ESTIMATE: u64 = 100_000_000;
 
 struct Conn {
     pc: RTCPeerConnection,
@@ -1604,8 +1423,8 @@ async fn send_now(
     Err(io::ErrorKind::WouldBlock.into())
 }
 
-/// Passes a subscriber's keyframe requests and NACKs to the publication's fanout. `try_send`:
-/// feedback is advisory, and the engine never waits on a fanout.
+/// Passes a subscriber's keyframe requests and NACKs to the publication's fanout (advisory:
+/// the engine never waits on a fanout).
 fn route_feedback(route: &FeedbackRoute, packets: &[Box<dyn rtc::rtcp::Packet>]) {
     let mut seqs = Vec::new();
     let mut keyframe = false;
@@ -1618,15 +1437,10 @@ fn route_feedback(route: &FeedbackRoute, packets: &[Box<dyn rtc::rtcp::Packet>])
         }
     }
     if !seqs.is_empty() {
-        let _ = route.commands.try_send(FanoutCommand::Nack {
-            key: route.key,
-            seqs,
-        });
+        route.send(SubscriberFeedback::Nack(seqs));
     }
     if keyframe {
-        let _ = route
-            .commands
-            .try_send(FanoutCommand::KeyframeRequest { key: route.key });
+        route.send(SubscriberFeedback::KeyframeRequest);
     }
 }
 
@@ -1677,43 +1491,6 @@ fn random_token(len: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn copies(n: usize) -> Vec<Outgoing> {
-        (0..n)
-            .map(|_| Outgoing {
-                conn: 1,
-                sender: RTCRtpSenderId::default(),
-                packet: rtp::Packet::default(),
-                class: Class::Video,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn fanouts_are_refused_once_the_engine_is_a_backlog_behind_and_admitted_once_it_catches_up() {
-        let (media, mut queue) = mpsc::channel(MEDIA_QUEUE);
-        let (control, _commands) = mpsc::channel(CONTROL_QUEUE);
-        let backlog = Arc::new(Backlog::default());
-        let sender = EgressSender::new(media, control, backlog.clone());
-        let batch = 512;
-        let fit = INITIAL_BACKLOG_COPIES / batch;
-        for _ in 0..fit {
-            assert_eq!(sender.try_forward(copies(batch)), Ok(()));
-        }
-        // Nothing partial: a batch that would pass the limit is refused whole, and not counted.
-        assert_eq!(sender.try_forward(copies(batch)), Err(Refused::Overloaded));
-        assert_eq!(backlog.waiting.load(Ordering::Relaxed), fit * batch);
-        // The engine writes one batch (and says so): there is room for one more.
-        let Ok(taken) = queue.try_recv() else {
-            panic!("the first batch is not in the queue");
-        };
-        backlog.waiting.fetch_sub(taken.len(), Ordering::Relaxed);
-        assert_eq!(sender.try_forward(copies(batch)), Ok(()));
-        // An engine that has stopped refuses even when there is room.
-        backlog.waiting.store(0, Ordering::Relaxed);
-        drop(queue);
-        assert_eq!(sender.try_forward(copies(1)), Err(Refused::Closed));
-    }
 
     fn binding_request(username: &str) -> Vec<u8> {
         let mut attrs = Vec::new();
@@ -1779,61 +1556,6 @@ mod tests {
         let last = tampered.len() - 13;
         tampered[last] ^= 1;
         assert!(!stun_integrity_ok(&tampered, "the-right-password", crypto));
-    }
-
-    #[test]
-    fn an_engine_with_room_for_some_copies_takes_those_and_leaves_the_rest() {
-        let (media, mut queue) = mpsc::channel(MEDIA_QUEUE);
-        let (control, _commands) = mpsc::channel(CONTROL_QUEUE);
-        let backlog = Arc::new(Backlog::default());
-        backlog
-            .waiting
-            .store(INITIAL_BACKLOG_COPIES - 100, Ordering::Relaxed);
-        let sender = EgressSender::new(media, control, backlog.clone());
-        let mut batch = copies(300);
-        let admitted = sender.try_forward_some(&mut batch, Admission::Normal);
-        assert_eq!(admitted, Ok(100));
-        assert_eq!(batch.len(), 200, "the refused copies are handed back");
-        assert!(matches!(queue.try_recv(), Ok(taken) if taken.len() == 100));
-        assert_eq!(
-            backlog.waiting.load(Ordering::Relaxed),
-            INITIAL_BACKLOG_COPIES
-        );
-        // Full: nothing is taken, nothing is lost from the batch, and it is not an error.
-        assert_eq!(
-            sender.try_forward_some(&mut batch, Admission::Normal),
-            Ok(0)
-        );
-        assert_eq!(batch.len(), 200);
-        // Audio and the rest of a started frame may use twice the backlog.
-        assert_eq!(
-            sender.try_forward_some(&mut batch, Admission::Priority),
-            Ok(200)
-        );
-    }
-
-    #[test]
-    fn a_slower_engine_admits_fewer_copies() {
-        let backlog = Backlog::default();
-        let mut pace = 0.0;
-        // 5 µs per copy: 40 ms is 8000 copies.
-        backlog.measured(2000, Duration::from_millis(10), &mut pace);
-        assert_eq!(backlog.limit.load(Ordering::Relaxed), 8000);
-        // Starved to a fifth of the pace, it converges on a fifth of the copies.
-        for _ in 0..40 {
-            backlog.measured(2000, Duration::from_millis(50), &mut pace);
-        }
-        let limit = backlog.limit.load(Ordering::Relaxed);
-        assert!(
-            (1600..=1700).contains(&limit) || limit == MIN_BACKLOG_COPIES,
-            "{limit}"
-        );
-        // Never below one round, never above the cap.
-        backlog.measured(10, Duration::from_secs(10), &mut pace);
-        assert_eq!(backlog.limit.load(Ordering::Relaxed), MIN_BACKLOG_COPIES);
-        let mut fast = 0.0;
-        backlog.measured(1_000_000, Duration::from_millis(1), &mut fast);
-        assert_eq!(backlog.limit.load(Ordering::Relaxed), MAX_BACKLOG_COPIES);
     }
 
     #[test]

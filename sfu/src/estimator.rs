@@ -32,6 +32,14 @@ use rtc::interceptor::{
     InterGroupDelay, PacketReport, RateCalculator, Usage,
 };
 
+/// Where a subscriber's bandwidth estimate starts, bits per second: enough for audio and low
+/// video layers, so nobody starts frozen, and it grows from there.
+pub const INITIAL_ESTIMATE: u64 = 1_000_000;
+/// The lowest estimate: audio always fits.
+pub const MIN_ESTIMATE: u64 = 100_000;
+/// The highest estimate: more than any room sends one subscriber.
+pub const MAX_ESTIMATE: u64 = 100_000_000;
+
 /// Bytes a packet takes on the wire beyond its RTP size (what feedback reports): the SRTP tag,
 /// UDP, IPv4 and Ethernet headers. Rates here are wire rates, which is what a link carries; it
 /// matters most for small packets (audio, probe padding).

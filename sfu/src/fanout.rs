@@ -16,8 +16,9 @@ use tokio::sync::mpsc;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
 use crate::SfuEvent;
+use crate::admission::{Admission, MediaSender, Refused};
 use crate::allocation::Grant;
-use crate::egress::{Admission, Class, ConnId, EgressSender, Outgoing, Refused};
+use crate::exchange::{Class, ConnId, FeedbackRoute, Outgoing, SubscriberFeedback};
 use crate::feedback::KeyframeThrottle;
 use crate::forwarder::{
     ALL_TEMPORAL_LAYERS, DropReason, Forwarder, ForwarderParams, PacketCache, Resend,
@@ -28,6 +29,21 @@ use crate::vp8::Vp8Descriptor;
 
 /// Key of one subscription inside its fanout.
 pub(crate) type SubscriptionKey = u64;
+
+/// Where one subscription's RTCP from the engine reaches its fanout, as commands.
+pub(crate) fn feedback_route(
+    commands: mpsc::Sender<FanoutCommand>,
+    key: SubscriptionKey,
+) -> FeedbackRoute {
+    FeedbackRoute::new(move |feedback| {
+        let command = match feedback {
+            SubscriberFeedback::Nack(seqs) => FanoutCommand::Nack { key, seqs },
+            SubscriberFeedback::KeyframeRequest => FanoutCommand::KeyframeRequest { key },
+        };
+        // Advisory: a full queue drops it, and the subscriber asks again.
+        let _ = commands.try_send(command);
+    })
+}
 
 /// Changes to a fanout, sent by subscribe transports.
 pub(crate) enum FanoutCommand {
@@ -169,7 +185,7 @@ impl LayerStats {
 
 /// Where one subscription's packets go: a sender of a connection in the egress engine.
 pub(crate) struct Route {
-    pub(crate) egress: EgressSender,
+    pub(crate) egress: MediaSender,
     pub(crate) conn: ConnId,
     pub(crate) sender: rtc::rtp_transceiver::RTCRtpSenderId,
 }
@@ -698,7 +714,7 @@ impl Fanout {
         let mut batch: Vec<Outgoing> = Vec::with_capacity(slots.len());
         let class = self.class();
         // Every slot shares one engine today; a slot of another engine gets its own message.
-        let mut egress: Option<&EgressSender> = None;
+        let mut egress: Option<&MediaSender> = None;
         self.in_batch.clear();
         let mut others = Vec::new();
         let mut probing = Vec::new();

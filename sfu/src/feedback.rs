@@ -46,7 +46,10 @@ enum EstimateSource {
 }
 
 /// The lowest and highest estimate a REMB may set, bits per second.
-const REMB_RANGE: (u64, u64) = (crate::egress::MIN_ESTIMATE, crate::egress::MAX_ESTIMATE);
+const REMB_RANGE: (u64, u64) = (
+    crate::estimator::MIN_ESTIMATE,
+    crate::estimator::MAX_ESTIMATE,
+);
 
 impl FeedbackInterceptor {
     /// Counts NACK packets into `nacks`.

@@ -23,10 +23,13 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod admission;
 pub mod allocation;
 mod config;
+mod connection;
 mod egress;
 pub mod estimator;
+mod exchange;
 mod fanout;
 mod feedback;
 pub mod forwarder;
@@ -55,13 +58,14 @@ pub mod fuzzing {
         extmap, sections_not_sending, simulcast_rids, with_video_bandwidth,
     };
 }
+pub use connection::TransportKind;
 pub use egress::EgressStats;
 pub use fanout::{LayerStats, PublicationStats};
 pub use feedback::{FeedbackInterceptor, KeyframeThrottle};
 pub use ids::{MediaKind, ParticipantId, PublicationId, Source};
 pub use transport::{
     AUDIO_LEVEL_URI, Allocation, AllocationChange, DeclaredTrack, MAX_PUBLISH_SECTIONS,
-    OfferedSubscription, PublishTransport, SubscribeTransport, TransportKind,
+    OfferedSubscription, PublishTransport, SubscribeTransport,
 };
 pub use webrtc::peer_connection::RTCIceCandidateInit;
 

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use rtc::ice::mdns::MulticastDnsMode;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -22,18 +21,19 @@ use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
     RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState,
-    RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
-    register_default_interceptors,
+    RTCPeerConnectionState, RTCSessionDescription, Registry, register_default_interceptors,
 };
 
 use crate::allocation::{
     Allocator, Demand, Grant, KEEP_DENOMINATOR, KEEP_NUMERATOR, RISE_DENOMINATOR, RISE_NUMERATOR,
     Steady, allocate, unlimited_cost,
 };
-use crate::egress::{Bandwidth, ConnId, Egress, EgressInput, FeedbackRoute, PROBE_FACTOR};
+use crate::connection::{TransportKind, ice_settings};
+use crate::egress::{Bandwidth, Egress, EgressInput, PROBE_FACTOR};
+use crate::exchange::ConnId;
 use crate::fanout::{
     AUDIO_CACHE_PACKETS, Counts, Dynacast, Fanout, FanoutCommand, FanoutOwner, PublicationStats,
-    Route, SubscriptionKey, VIDEO_CACHE_PACKETS,
+    Route, SubscriptionKey, VIDEO_CACHE_PACKETS, feedback_route,
 };
 use crate::feedback::KeyframeThrottle;
 use crate::forwarder::{ForwarderParams, PacketCache};
@@ -41,15 +41,6 @@ use crate::ids::{MediaKind, ParticipantId, PublicationId, Source};
 use crate::keyframe::VideoCodec;
 use crate::layers::Layers;
 use crate::{Publication, SfuError, SfuEvent, Shared};
-
-/// Which of a participant's two connections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TransportKind {
-    /// The connection the participant sends media on.
-    Publish,
-    /// The connection the participant receives media on.
-    Subscribe,
-}
 
 const GATHERING_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -165,23 +156,6 @@ impl PeerConnectionEventHandler for TransportHandler {
             shared.start_publication(track).await;
         }
     }
-}
-
-/// ICE settings of every server connection. Waiting for a "better" pair than the first
-/// peer-reflexive or server-reflexive one (webrtc-rs waits 1 s and 0.5 s by default) only delays
-/// a server whose own candidates never change.
-pub(crate) fn ice_settings(config: &crate::SfuConfig) -> SettingEngineBuilder {
-    SettingEngineBuilder::new()
-        // The server announces IP addresses and resolves none: an mDNS socket per connection
-        // would cost a file descriptor and answer nobody.
-        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
-        .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
-        .with_srflx_acceptance_min_wait(Some(Duration::ZERO))
-        .with_ice_timeouts(
-            Some(config.ice_disconnected_timeout),
-            Some(config.ice_failed_timeout),
-            Some(config.ice_keepalive_interval),
-        )
 }
 
 /// A publish connection on webrtc-rs (subscribe connections live in the egress engine).
@@ -807,10 +781,7 @@ impl SubscribeTransport {
         );
         let key = NEXT_SUBSCRIPTION_KEY.fetch_add(1, Ordering::Relaxed);
         let conn = self.conn;
-        let feedback = FeedbackRoute {
-            commands: publication.commands.clone(),
-            key,
-        };
+        let feedback = feedback_route(publication.commands.clone(), key);
         let sender = self
             .egress
             .call(|reply| EgressInput::AddTrack {
@@ -825,7 +796,7 @@ impl SubscribeTransport {
             .send(FanoutCommand::Add {
                 key,
                 route: Route {
-                    egress: self.egress.input.clone(),
+                    egress: self.egress.input.media.clone(),
                     conn,
                     sender,
                 },
