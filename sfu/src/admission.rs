@@ -171,7 +171,7 @@ mod tests {
     fn copies(n: usize) -> Vec<Outgoing> {
         (0..n)
             .map(|_| Outgoing {
-                conn: 1,
+                conn: crate::exchange::ConnId(1),
                 sender: RTCRtpSenderId::default(),
                 packet: rtp::Packet::default(),
                 class: Class::Video,

@@ -400,7 +400,7 @@ impl Egress {
     }
 
     pub(crate) fn next_conn_id(&self) -> ConnId {
-        self.next_conn.fetch_add(1, Ordering::Relaxed)
+        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Sends a command and waits for its reply.

@@ -2,12 +2,27 @@
 //! media plane, which imports none of them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rtc::rtp;
 use rtc::rtp_transceiver::RTCRtpSenderId;
 
 /// A subscribe connection in the egress engine.
-pub(crate) type ConnId = u64;
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct ConnId(pub(crate) u64);
+
+/// One subscription: a publication forwarded to one subscriber, as its fanout and its
+/// subscriber's transport both know it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct SubscriptionId(u64);
+
+impl SubscriptionId {
+    /// An id no other subscription in this process has.
+    pub(crate) fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
 
 /// One forwarded packet for one subscription.
 pub(crate) struct Outgoing {

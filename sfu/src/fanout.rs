@@ -18,7 +18,7 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use crate::SfuEvent;
 use crate::admission::{Admission, MediaSender, Refused};
 use crate::allocation::Grant;
-use crate::exchange::{Class, ConnId, FeedbackRoute, Outgoing, SubscriberFeedback};
+use crate::exchange::{Class, ConnId, FeedbackRoute, Outgoing, SubscriberFeedback, SubscriptionId};
 use crate::feedback::KeyframeThrottle;
 use crate::forwarder::{
     ALL_TEMPORAL_LAYERS, DropReason, Forwarder, ForwarderParams, PacketCache, Resend,
@@ -27,13 +27,10 @@ use crate::ids::{MediaKind, ParticipantId, PublicationId};
 use crate::layers::{Layers, MAX_LAYERS};
 use crate::vp8::Vp8Descriptor;
 
-/// Key of one subscription inside its fanout.
-pub(crate) type SubscriptionKey = u64;
-
 /// Where one subscription's RTCP from the engine reaches its fanout, as commands.
 pub(crate) fn feedback_route(
     commands: mpsc::Sender<FanoutCommand>,
-    key: SubscriptionKey,
+    key: SubscriptionId,
 ) -> FeedbackRoute {
     FeedbackRoute::new(move |feedback| {
         let command = match feedback {
@@ -48,44 +45,44 @@ pub(crate) fn feedback_route(
 /// Changes to a fanout, sent by subscribe transports.
 pub(crate) enum FanoutCommand {
     Add {
-        key: SubscriptionKey,
+        key: SubscriptionId,
         route: Route,
     },
     Configure {
-        key: SubscriptionKey,
+        key: SubscriptionId,
         params: Box<ForwarderParams>,
     },
     Remove {
-        key: SubscriptionKey,
+        key: SubscriptionId,
     },
     /// A subscriber asked for a keyframe (PLI or FIR).
     KeyframeRequest {
-        key: SubscriptionKey,
+        key: SubscriptionId,
     },
     /// A subscriber lost these outgoing sequence numbers.
     Nack {
-        key: SubscriptionKey,
+        key: SubscriptionId,
         seqs: Vec<u16>,
     },
     /// Stop or resume forwarding to one subscription (its video is off screen).
     Pause {
-        key: SubscriptionKey,
+        key: SubscriptionId,
         paused: bool,
     },
     /// The size one subscriber shows this video at (device pixels); `None` for no limit.
     View {
-        key: SubscriptionKey,
+        key: SubscriptionId,
         size: Option<(u16, u16)>,
     },
     /// What the subscriber's bandwidth allows this subscription.
     Grant {
-        key: SubscriptionKey,
+        key: SubscriptionId,
         grant: Grant,
     },
     /// Send a probe cluster of about `bytes` of padding on this subscription (the subscriber
     /// discards it; its feedback shows what its link carries).
     Probe {
-        key: SubscriptionKey,
+        key: SubscriptionId,
         bytes: usize,
     },
     /// The publisher stopped sending on this media section (a re-offer made it inactive): the
@@ -191,7 +188,7 @@ pub(crate) struct Route {
 }
 
 struct Slot {
-    key: SubscriptionKey,
+    key: SubscriptionId,
     forwarder: Forwarder,
     route: Route,
     /// The size the subscriber shows this video at.
@@ -522,7 +519,7 @@ impl Fanout {
     /// the last one sent, now if that ended a frame, else after the next that does (padding
     /// inside a frame would split it). Duplicates of sent packets would not do: SRTP's replay
     /// protection drops them before congestion control counts them.
-    fn probe(&mut self, key: SubscriptionKey, bytes: usize, slots: &mut [Slot]) {
+    fn probe(&mut self, key: SubscriptionId, bytes: usize, slots: &mut [Slot]) {
         let Some(slot) = slots.iter_mut().find(|slot| slot.key == key) else {
             return;
         };
@@ -553,7 +550,7 @@ impl Fanout {
 
     /// Answers a NACK from the publication's cache; the layer being forwarded when some packet
     /// was gone, so the subscriber can only recover with a keyframe of it.
-    fn retransmit(&mut self, key: SubscriptionKey, seqs: &[u16], slots: &mut [Slot]) -> Option<u8> {
+    fn retransmit(&mut self, key: SubscriptionId, seqs: &[u16], slots: &mut [Slot]) -> Option<u8> {
         let slot = slots.iter_mut().find(|slot| slot.key == key)?;
         let (mut sent_again, mut missed, mut too_old) = (0u64, 0u64, 0u64);
         let now = Instant::now();

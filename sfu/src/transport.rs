@@ -5,7 +5,7 @@
 //! only, so they never collide.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -30,10 +30,10 @@ use crate::allocation::{
 };
 use crate::connection::{TransportKind, ice_settings};
 use crate::egress::{Bandwidth, Egress, EgressInput, PROBE_FACTOR};
-use crate::exchange::ConnId;
+use crate::exchange::{ConnId, SubscriptionId};
 use crate::fanout::{
     AUDIO_CACHE_PACKETS, Counts, Dynacast, Fanout, FanoutCommand, FanoutOwner, PublicationStats,
-    Route, SubscriptionKey, VIDEO_CACHE_PACKETS, feedback_route,
+    Route, VIDEO_CACHE_PACKETS, feedback_route,
 };
 use crate::feedback::KeyframeThrottle;
 use crate::forwarder::{ForwarderParams, PacketCache};
@@ -599,7 +599,7 @@ impl PublishTransport {
 // Subscribe
 
 struct SubscriptionState {
-    key: SubscriptionKey,
+    key: SubscriptionId,
     publication: Publication,
     sender: RTCRtpSenderId,
     ssrc: u32,
@@ -678,8 +678,6 @@ pub struct SubscribeTransport {
     span: tracing::Span,
     closed: bool,
 }
-
-static NEXT_SUBSCRIPTION_KEY: AtomicU64 = AtomicU64::new(1);
 
 /// A subscription rises only when the estimates of this many allocations in a row (about two
 /// seconds) allow it: a probe that overshoots for a moment does not raise layers that the next
@@ -779,7 +777,7 @@ impl SubscribeTransport {
                 ..Default::default()
             }],
         );
-        let key = NEXT_SUBSCRIPTION_KEY.fetch_add(1, Ordering::Relaxed);
+        let key = SubscriptionId::next();
         let conn = self.conn;
         let feedback = feedback_route(publication.commands.clone(), key);
         let sender = self
@@ -904,7 +902,7 @@ impl SubscribeTransport {
         let now = Instant::now();
         // Oldest subscription first, so that equal demands are served in the same order every
         // time (a map's order could swap them and flap both).
-        let mut ids: Vec<(SubscriptionKey, PublicationId)> = self
+        let mut ids: Vec<(SubscriptionId, PublicationId)> = self
             .subscriptions
             .iter()
             .filter(|(_, state)| state.configured)
