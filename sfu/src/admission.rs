@@ -27,11 +27,27 @@ pub(crate) const ROUND_COPIES: usize = 2048;
 /// How much of the engine's backlog a batch may fill.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Admission {
-    /// Twice the limit: audio (losing a voice hurts more than losing a picture), and the rest of
-    /// a video frame whose first packet was admitted, so overload sheds whole frames.
+    /// Twice the limit: audio (losing a voice hurts more than losing a picture).
     Priority,
-    /// The limit: the first packet of a video frame.
+    /// [`FRAME_REST_FACTOR`] times the limit: the rest of a video frame whose first packet was
+    /// admitted. A frame cut short wastes what was sent of it and leaves its subscriber waiting
+    /// for a keyframe (seconds, with an encoder that ignores requests), and a keyframe is ten or
+    /// more times a frame, to everyone at once.
+    FrameRest,
+    /// The limit, not counting the rest of frames already admitted (they are owed, and drain):
+    /// the first packet of a video frame.
     Normal,
+}
+
+/// How far past the limit the rest of admitted frames may fill the backlog: at most 320 ms of
+/// the engine's work, a moment's delay against a picture lost for seconds.
+const FRAME_REST_FACTOR: usize = 8;
+
+/// Forwarded copies for the engine, as one admission took them.
+pub(crate) struct MediaBatch {
+    pub(crate) copies: Vec<Outgoing>,
+    /// They are the rest of admitted frames ([`Admission::FrameRest`]).
+    pub(crate) frame_rest: bool,
 }
 
 /// Why forwarded copies were not taken.
@@ -47,7 +63,7 @@ pub(crate) enum Refused {
 /// in it.
 #[derive(Clone)]
 pub(crate) struct MediaSender {
-    media: mpsc::Sender<Vec<Outgoing>>,
+    media: mpsc::Sender<MediaBatch>,
     backlog: Arc<Backlog>,
 }
 
@@ -55,6 +71,8 @@ pub(crate) struct MediaSender {
 #[derive(Debug)]
 pub(crate) struct Backlog {
     pub(crate) waiting: AtomicUsize,
+    /// Of those, the rest of admitted frames.
+    pub(crate) frame_rest: AtomicUsize,
     pub(crate) limit: AtomicUsize,
 }
 
@@ -62,12 +80,20 @@ impl Default for Backlog {
     fn default() -> Self {
         Self {
             waiting: AtomicUsize::new(0),
+            frame_rest: AtomicUsize::new(0),
             limit: AtomicUsize::new(INITIAL_BACKLOG_COPIES),
         }
     }
 }
 
 impl Backlog {
+    /// Records that the engine took `copies`, `frame_rest` of them the rest of admitted frames;
+    /// returns how many still wait.
+    pub(crate) fn processed(&self, copies: usize, frame_rest: usize) -> usize {
+        self.frame_rest.fetch_sub(frame_rest, Ordering::Relaxed);
+        self.waiting.fetch_sub(copies, Ordering::Relaxed) - copies
+    }
+
     /// Records that `copies` took `elapsed` to write and send: the limit becomes what fits in
     /// [`BACKLOG_BUDGET`] at the recent pace (a moving average, so one slow round does not
     /// close the door).
@@ -90,7 +116,7 @@ impl Backlog {
 }
 
 impl MediaSender {
-    pub(crate) fn new(media: mpsc::Sender<Vec<Outgoing>>, backlog: Arc<Backlog>) -> Self {
+    pub(crate) fn new(media: mpsc::Sender<MediaBatch>, backlog: Arc<Backlog>) -> Self {
         Self { media, backlog }
     }
 
@@ -116,7 +142,8 @@ impl MediaSender {
         let limit = self.backlog.limit.load(Ordering::Relaxed);
         let limit = match admission {
             Admission::Priority => limit * 2,
-            Admission::Normal => limit,
+            Admission::FrameRest => limit * FRAME_REST_FACTOR,
+            Admission::Normal => limit + self.backlog.frame_rest.load(Ordering::Relaxed),
         };
         let wanted = packets.len();
         let mut admitted = 0;
@@ -137,9 +164,24 @@ impl MediaSender {
         } else {
             std::mem::take(packets)
         };
-        match self.media.try_send(taken) {
+        let frame_rest = admission == Admission::FrameRest;
+        if frame_rest {
+            self.backlog
+                .frame_rest
+                .fetch_add(admitted, Ordering::Relaxed);
+        }
+        let batch = MediaBatch {
+            copies: taken,
+            frame_rest,
+        };
+        match self.media.try_send(batch) {
             Ok(()) => Ok(admitted),
             Err(err) => {
+                if frame_rest {
+                    self.backlog
+                        .frame_rest
+                        .fetch_sub(admitted, Ordering::Relaxed);
+                }
                 waiting.fetch_sub(admitted, Ordering::Relaxed);
                 match err {
                     mpsc::error::TrySendError::Full(_) => Ok(0),
@@ -196,7 +238,7 @@ mod tests {
         let Ok(taken) = queue.try_recv() else {
             panic!("the first batch is not in the queue");
         };
-        backlog.waiting.fetch_sub(taken.len(), Ordering::Relaxed);
+        backlog.processed(taken.copies.len(), 0);
         assert_eq!(sender.try_forward(copies(batch)), Ok(()));
         // An engine that has stopped refuses even when there is room.
         backlog.waiting.store(0, Ordering::Relaxed);
@@ -216,7 +258,7 @@ mod tests {
         let admitted = sender.try_forward_some(&mut batch, Admission::Normal);
         assert_eq!(admitted, Ok(100));
         assert_eq!(batch.len(), 200, "the refused copies are handed back");
-        assert!(matches!(queue.try_recv(), Ok(taken) if taken.len() == 100));
+        assert!(matches!(queue.try_recv(), Ok(taken) if taken.copies.len() == 100));
         assert_eq!(
             backlog.waiting.load(Ordering::Relaxed),
             INITIAL_BACKLOG_COPIES
@@ -227,11 +269,57 @@ mod tests {
             Ok(0)
         );
         assert_eq!(batch.len(), 200);
-        // Audio and the rest of a started frame may use twice the backlog.
+        // Audio may use twice the backlog.
         assert_eq!(
             sender.try_forward_some(&mut batch, Admission::Priority),
             Ok(200)
         );
+    }
+
+    /// A keyframe's burst to every subscriber is owed once its first packets went out: it may
+    /// fill the backlog well past the limit, and the next frames' first packets are measured
+    /// against the limit without it, so the subscribers being served keep being served.
+    #[test]
+    fn the_rest_of_admitted_frames_does_not_shut_out_the_next_frames() {
+        let (media, mut queue) = mpsc::channel(MEDIA_QUEUE);
+        let backlog = Arc::new(Backlog::default());
+        let sender = MediaSender::new(media, backlog.clone());
+        let limit = INITIAL_BACKLOG_COPIES;
+        let mut first = copies(limit / 2);
+        assert_eq!(
+            sender.try_forward_some(&mut first, Admission::Normal),
+            Ok(limit / 2)
+        );
+        // The rest of that frame: far more than the limit, up to its own bound.
+        let mut rest = copies(FRAME_REST_FACTOR * limit);
+        assert_eq!(
+            sender.try_forward_some(&mut rest, Admission::FrameRest),
+            Ok(FRAME_REST_FACTOR * limit - limit / 2)
+        );
+        assert_eq!(
+            sender.try_forward_some(&mut rest, Admission::FrameRest),
+            Ok(0)
+        );
+        // A new frame's first packets still find the room the limit leaves beside what is owed.
+        let mut next = copies(limit);
+        assert_eq!(
+            sender.try_forward_some(&mut next, Admission::Normal),
+            Ok(limit / 2)
+        );
+        // As the engine takes the owed copies, the count of them falls with the backlog.
+        let mut taken = 0;
+        while let Ok(batch) = queue.try_recv() {
+            let rest = if batch.frame_rest {
+                batch.copies.len()
+            } else {
+                0
+            };
+            taken += batch.copies.len();
+            backlog.processed(batch.copies.len(), rest);
+        }
+        assert_eq!(taken, FRAME_REST_FACTOR * limit + limit / 2);
+        assert_eq!(backlog.waiting.load(Ordering::Relaxed), 0);
+        assert_eq!(backlog.frame_rest.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -49,7 +49,7 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::admission::{Backlog, MediaSender, ROUND_COPIES};
+use crate::admission::{Backlog, MediaBatch, MediaSender, ROUND_COPIES};
 use crate::connection::{TransportKind, ice_settings};
 use crate::estimator::{Estimator, INITIAL_ESTIMATE, MAX_ESTIMATE, MIN_ESTIMATE, ProbeLog};
 use crate::exchange::{Class, ConnId, FeedbackRoute, Outgoing, SubscriberFeedback};
@@ -285,6 +285,7 @@ impl Egress {
             by_addr: HashMap::new(),
             pending: Vec::new(),
             queued: Vec::new(),
+            queued_frame_rest: 0,
             paced: Vec::new(),
             next_paced: None,
             backlog: backlog.clone(),
@@ -641,7 +642,7 @@ struct Engine {
     port: u16,
     announced: Vec<SocketAddr>,
     inputs: mpsc::Receiver<EgressInput>,
-    media: mpsc::Receiver<Vec<Outgoing>>,
+    media: mpsc::Receiver<MediaBatch>,
     conns: HashMap<ConnId, Conn>,
     by_ufrag: HashMap<String, ConnId>,
     /// Remote address -> (connection, the local IP it reached us on).
@@ -649,6 +650,8 @@ struct Engine {
     pending: Vec<Pending>,
     /// Forwarded copies received and not yet written.
     queued: Vec<Outgoing>,
+    /// Of those, the rest of admitted frames.
+    queued_frame_rest: usize,
     /// Connections whose pacer holds something, and when the first of them is due.
     paced: Vec<ConnId>,
     next_paced: Option<Instant>,
@@ -677,8 +680,8 @@ impl Engine {
             let mut batches = 0;
             while batches < MAX_INPUTS_PER_ROUND && self.queued.len() < ROUND_COPIES {
                 match self.media.try_recv() {
-                    Ok(mut packets) => {
-                        self.queued.append(&mut packets);
+                    Ok(batch) => {
+                        self.take(batch);
                         batches += 1;
                     }
                     Err(_) => break,
@@ -730,9 +733,9 @@ impl Engine {
                 .min(self.next_paced.unwrap_or(next_housekeeping));
             tokio::select! {
                 biased;
-                packets = self.media.recv() => {
-                    if let Some(mut packets) = packets {
-                        self.queued.append(&mut packets);
+                batch = self.media.recv() => {
+                    if let Some(batch) = batch {
+                        self.take(batch);
                     }
                 }
                 input = self.inputs.recv() => match input {
@@ -969,6 +972,14 @@ impl Engine {
 
     /// The per-packet path: the queued copies, grouped by subscriber (stable, so each keeps its
     /// order), go through their subscriber's connection (interceptors, SRTP) and out.
+    /// Queues a batch a fanout handed over.
+    fn take(&mut self, mut batch: MediaBatch) {
+        if batch.frame_rest {
+            self.queued_frame_rest += batch.copies.len();
+        }
+        self.queued.append(&mut batch.copies);
+    }
+
     async fn forward_queued(&mut self) {
         if self.queued.is_empty() {
             return;
@@ -1049,7 +1060,9 @@ impl Engine {
             }
         }
         self.flush().await;
-        let left = self.backlog.waiting.fetch_sub(copies, Ordering::Relaxed) - copies;
+        let left = self
+            .backlog
+            .processed(copies, std::mem::take(&mut self.queued_frame_rest));
         self.backlog
             .measured(copies, started.elapsed(), &mut self.pace);
         self.stats.backlog.store(left as u64, Ordering::Relaxed);

@@ -765,7 +765,7 @@ impl Fanout {
             let continues_frame = self.frame_timestamp == Some(packet.header.timestamp);
             let admission = match self.kind {
                 MediaKind::Audio => Admission::Priority,
-                MediaKind::Video if continues_frame => Admission::Priority,
+                MediaKind::Video if continues_frame => Admission::FrameRest,
                 MediaKind::Video => Admission::Normal,
             };
             match tx.try_forward_some(&mut batch, admission) {
