@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::Path;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, Query, State};
@@ -36,6 +38,9 @@ const WS_READ_BUFFER_BYTES: usize = 8 * 1024;
 /// Bytes queued toward a client that does not read before the socket fails: a few of the
 /// largest messages (a subscribe offer for a room of 100 is about 200 KiB).
 const WS_MAX_WRITE_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Bytes a request body may have: a token request or a mute is well under 1 KiB.
+pub const MAX_REQUEST_BODY_BYTES: usize = 16 * 1024;
 
 /// The router with every endpoint.
 pub fn router(state: AppState) -> Router {
@@ -68,7 +73,25 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/metrics", get(metrics))
         .fallback(get(web_client))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
         .with_state(state)
+}
+
+/// Why a request's body could not be read: `too_large` past [`MAX_REQUEST_BODY_BYTES`].
+fn body_error(rejection: BytesRejection) -> Response {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooLarge,
+            format!("a request body may have at most {MAX_REQUEST_BODY_BYTES} bytes"),
+        )
+    } else {
+        error_response(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            rejection.body_text(),
+        )
+    }
 }
 
 /// The router of `metrics_bind`: `/metrics` alone, without credentials.
@@ -151,7 +174,11 @@ fn valid_label(value: &str) -> bool {
     !value.trim().is_empty() && value.chars().count() <= 64
 }
 
-async fn mint_token(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn mint_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     if state.posture == Posture::Production
         && !matches!(credential(&state, &headers), Some(Credential::ApiKey))
     {
@@ -159,6 +186,10 @@ async fn mint_token(State(state): State<AppState>, headers: HeaderMap, body: Byt
             "this server mints tokens only for an API key: `Authorization: Basic base64(key:secret)`",
         );
     }
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return body_error(rejection),
+    };
     let request: TokenRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(err) => {
@@ -337,11 +368,15 @@ async fn mute_participant(
     State(state): State<AppState>,
     Path((room, participant)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     if !may_administer(&state, &headers, &room) {
         return not_admin();
     }
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return body_error(rejection),
+    };
     let request = match serde_json::from_slice::<MuteRequest>(&body) {
         Ok(request)
             if !request.track_id.is_empty() && request.track_id.len() <= MAX_TRACK_ID_BYTES =>

@@ -449,3 +449,28 @@ async fn an_admin_removes_a_participant_and_ends_a_room() -> Result<()> {
     server.shutdown().await?;
     Ok(())
 }
+
+/// A request body past the limit gets a clear error, and the server goes on serving.
+#[tokio::test]
+async fn an_oversized_request_body_is_refused_with_too_large() -> Result<()> {
+    let server = support::start_server(10).await?;
+    let url = format!("http://{}/auth/token", server.addr);
+    let http = reqwest::Client::new();
+    let oversized =
+        json!({"userId": "x".repeat(signaling::http::MAX_REQUEST_BODY_BYTES), "room": "r"});
+    let refused = http.post(&url).json(&oversized).send().await?;
+    ensure!(
+        refused.status() == StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        refused.status()
+    );
+    let body: Value = refused.json().await?;
+    ensure!(body["error"]["code"] == "too_large", "{body}");
+    let served = http
+        .post(&url)
+        .json(&json!({"userId": "ann", "room": "r"}))
+        .send()
+        .await?;
+    ensure!(served.status().is_success(), "{}", served.status());
+    Ok(())
+}
