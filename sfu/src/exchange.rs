@@ -41,7 +41,7 @@ pub(crate) enum Class {
     Video,
     /// Video sent again for a NACK: ahead of video waiting in the pacer (a picture the
     /// receiver already holds part of is worth more than the next), dropped when the pacer
-    /// holds the most it may (`MAX_PACER_DELAY` in the engine) (the receiver asks again, or for a keyframe).
+    /// already holds the most it may (the receiver asks again, or for a keyframe).
     Resend,
     /// Part of a probe cluster (padding after recent video), sent at its own rate.
     Probe,
