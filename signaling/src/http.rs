@@ -74,6 +74,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(get(web_client))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            count_errors,
+        ))
         .with_state(state)
 }
 
@@ -158,7 +162,16 @@ fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
 
 fn error_response(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
     let body = serde_json::json!({"error": {"code": code, "message": message.into()}});
-    (status, axum::Json(body)).into_response()
+    // The code rides along for `count_errors`, which sees every reply.
+    (status, Extension(code), axum::Json(body)).into_response()
+}
+
+/// Counts each error reply by its code, for `/metrics`.
+async fn count_errors(State(state): State<AppState>, response: Response) -> Response {
+    if let Some(code) = response.extensions().get::<ErrorCode>() {
+        state.refusals.http.add(*code);
+    }
+    response
 }
 
 #[derive(Deserialize)]

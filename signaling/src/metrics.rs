@@ -9,8 +9,37 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::protocol::ErrorCode;
 use crate::room::RoomSnapshot;
 use crate::state::AppState;
+
+/// Refusals by error code: every `error` a signaling socket sends, and every HTTP error reply.
+/// Nothing is logged per refusal at the default level; these say how many there were.
+#[derive(Debug, Default)]
+pub struct ErrorCounts {
+    counts: [std::sync::atomic::AtomicU64; ErrorCode::ALL.len()],
+}
+
+impl ErrorCounts {
+    /// Counts one refusal with `code`.
+    pub fn add(&self, code: ErrorCode) {
+        self.counts[code as usize].fetch_add(1, Relaxed);
+    }
+
+    /// How many refusals had `code`.
+    pub fn get(&self, code: ErrorCode) -> u64 {
+        self.counts[code as usize].load(Relaxed)
+    }
+}
+
+/// The refusals the server has sent, by where they went.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    /// `error` messages on signaling sockets.
+    pub signaling: ErrorCounts,
+    /// HTTP error replies (`{"error": {...}}`).
+    pub http: ErrorCounts,
+}
 
 /// Whether a figure can go down (a gauge) or only up (a counter).
 #[derive(Clone, Copy)]
@@ -28,7 +57,8 @@ pub fn render(state: &AppState) -> Result<String, std::fmt::Error> {
     let rooms: Vec<RoomSnapshot> = state.rooms.rooms().iter().map(|r| r.snapshot()).collect();
     register_rows(&mut registry, &signaling_rows(state, &rooms));
     register_rows(&mut registry, &media_rows(state));
-    register_room_families(&mut registry, &rooms);
+    register_mode_families(&mut registry, state, &rooms);
+    register_error_families(&mut registry, &state.refusals);
     let mut body = String::new();
     encode(&mut body, &registry)?;
     Ok(body)
@@ -270,48 +300,58 @@ fn media_rows(state: &AppState) -> Vec<Row> {
 
 type Labels = Vec<(String, String)>;
 
-/// Figures labelled by room and mode.
-fn register_room_families(registry: &mut Registry, rooms: &[RoomSnapshot]) {
+fn register_error_families(registry: &mut Registry, refusals: &Refusals) {
+    for (name, help, counts) in [
+        (
+            "signaling_errors",
+            "`error` messages sent on signaling sockets, by code",
+            &refusals.signaling,
+        ),
+        ("http_errors", "HTTP error replies, by code", &refusals.http),
+    ] {
+        let family: Family<Labels, Counter> = Family::default();
+        for code in ErrorCode::ALL {
+            family
+                .get_or_create(&vec![("code".into(), code.as_str().into())])
+                .inc_by(counts.get(code));
+        }
+        registry.register(name, help, family);
+    }
+}
+
+/// Figures labelled by mode. No figure is labelled by room: a room's name is its participants'
+/// business, and whoever may read `/metrics` need not be allowed to list rooms (`/api/rooms`
+/// has them, per room, for an admin).
+fn register_mode_families(registry: &mut Registry, state: &AppState, rooms: &[RoomSnapshot]) {
     let by_mode: Family<Labels, Gauge> = Family::default();
-    let room_participants: Family<Labels, Gauge> = Family::default();
-    let room_switches: Family<Labels, Counter> = Family::default();
+    let participants_by_mode: Family<Labels, Gauge> = Family::default();
     for mode in ["mesh", "sfu"] {
-        by_mode
-            .get_or_create(&vec![("mode".into(), mode.into())])
-            .set(0);
+        let labels = vec![("mode".into(), mode.into())];
+        by_mode.get_or_create(&labels).set(0);
+        participants_by_mode.get_or_create(&labels).set(0);
     }
     for room in rooms {
-        by_mode
-            .get_or_create(&vec![("mode".into(), room.mode.into())])
-            .inc();
+        let labels = vec![("mode".into(), room.mode.into())];
+        by_mode.get_or_create(&labels).inc();
         let count = i64::try_from(room.participants.len()).unwrap_or(i64::MAX);
-        room_participants
-            .get_or_create(&vec![
-                ("room".into(), room.name.clone()),
-                ("mode".into(), room.mode.into()),
-            ])
-            .set(count);
-        for (to, value) in [
-            ("sfu", room.switches_to_sfu),
-            ("mesh", room.switches_to_mesh),
-        ] {
-            room_switches
-                .get_or_create(&vec![
-                    ("room".into(), room.name.clone()),
-                    ("to".into(), to.into()),
-                ])
-                .inc_by(value);
-        }
+        participants_by_mode.get_or_create(&labels).inc_by(count);
+    }
+    let switches: Family<Labels, Counter> = Family::default();
+    let (to_sfu, to_mesh) = state.rooms.switch_totals();
+    for (to, value) in [("sfu", to_sfu), ("mesh", to_mesh)] {
+        switches
+            .get_or_create(&vec![("to".into(), to.into())])
+            .inc_by(value);
     }
     registry.register("rooms_by_mode", "Rooms open now, by mode", by_mode);
     registry.register(
-        "room_participants",
-        "Participants in each room now, labelled with the room's mode",
-        room_participants,
+        "participants_by_mode",
+        "Participants now, by their room's mode",
+        participants_by_mode,
     );
     registry.register(
-        "room_mode_switches",
-        "Mode switches of each open room so far, by the mode switched to",
-        room_switches,
+        "mode_switches",
+        "Mode switches of every room since the server started, by the mode switched to",
+        switches,
     );
 }

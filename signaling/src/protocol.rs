@@ -53,6 +53,58 @@ pub enum ErrorCode {
     RoomEnded,
     /// The server failed.
     Internal,
+    /// The participant's token does not grant this (publishing, subscribing).
+    NotAllowed,
+}
+
+impl ErrorCode {
+    /// Every code, in declaration order: `ALL[code as usize] == code`.
+    pub const ALL: [ErrorCode; 19] = [
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownType,
+        ErrorCode::TooLarge,
+        ErrorCode::InvalidState,
+        ErrorCode::UnknownPeer,
+        ErrorCode::UnknownRoom,
+        ErrorCode::InvalidSdp,
+        ErrorCode::NameTaken,
+        ErrorCode::RoomFull,
+        ErrorCode::ServerFull,
+        ErrorCode::Unauthorized,
+        ErrorCode::ForbiddenOrigin,
+        ErrorCode::RateLimited,
+        ErrorCode::ServerShutdown,
+        ErrorCode::Replaced,
+        ErrorCode::Removed,
+        ErrorCode::RoomEnded,
+        ErrorCode::Internal,
+        ErrorCode::NotAllowed,
+    ];
+
+    /// The wire name (`bad_request`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::InvalidState => "invalid_state",
+            ErrorCode::UnknownPeer => "unknown_peer",
+            ErrorCode::UnknownRoom => "unknown_room",
+            ErrorCode::InvalidSdp => "invalid_sdp",
+            ErrorCode::NameTaken => "name_taken",
+            ErrorCode::RoomFull => "room_full",
+            ErrorCode::ServerFull => "server_full",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::ForbiddenOrigin => "forbidden_origin",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::ServerShutdown => "server_shutdown",
+            ErrorCode::Replaced => "replaced",
+            ErrorCode::Removed => "removed",
+            ErrorCode::RoomEnded => "room_ended",
+            ErrorCode::Internal => "internal",
+            ErrorCode::NotAllowed => "not_allowed",
+        }
+    }
 }
 
 /// Which of a participant's two connections a message is about.
@@ -577,6 +629,15 @@ impl ServerMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_code_is_listed_once_under_its_wire_name() {
+        for (index, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(*code as usize, index);
+            let wire = serde_json::to_value(code).unwrap_or_default();
+            assert_eq!(wire, code.as_str());
+        }
+    }
 
     #[test]
     fn decoding_tells_each_mistake_apart() {

@@ -11,6 +11,7 @@ use crate::auth::TokenAuthority;
 use crate::config::{Config, Posture};
 use crate::limits::SignalingLimits;
 use crate::listener::{ConnectionLimits, Connections};
+use crate::metrics::Refusals;
 use crate::room::{RoomPolicy, RoomRegistry, SWITCH_TIMEOUT};
 
 /// Shared by every handler; cheap to clone.
@@ -34,6 +35,8 @@ pub struct AppState {
     pub connections: Arc<Connections>,
     /// Sockets per token and joins per address and per room.
     pub limits: Arc<SignalingLimits>,
+    /// Refusals sent, by code, for `/metrics`.
+    pub refusals: Arc<Refusals>,
 }
 
 /// Signaling tasks alive now, by kind: what a leak would show first.
@@ -70,6 +73,7 @@ impl AppState {
             config: Arc::new(config),
             shutdown,
             tasks: Arc::default(),
+            refusals: Arc::default(),
         }
     }
 }

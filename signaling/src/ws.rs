@@ -17,6 +17,7 @@ use tracing::Instrument;
 use crate::auth::Claims;
 use crate::budget::Budget;
 use crate::error::SignalError;
+use crate::metrics::ErrorCounts;
 use crate::protocol::{
     CHAT_BURST, CHAT_PER_SECOND, CandidateInit, ClientMessage, ErrorCode, MAX_CHAT_CHARS,
     MAX_FRAME_BYTES, MAX_TRACK_ID_BYTES, MAX_TRACKS, MAX_VIEW_PIXELS, Mode, ModePhase,
@@ -152,6 +153,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
         close: None,
         chat_budget: Budget::new(CHAT_BURST, CHAT_PER_SECOND),
     };
+    let refusals = session.state.refusals.clone();
     let mut liveness = tokio::time::interval(LIVENESS_CHECK);
     let opened = Instant::now();
     let join_timeout = Duration::from_secs(session.state.config.join_timeout_secs);
@@ -178,7 +180,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
                     tracing::debug!(%err, "socket error");
                     if is_too_large(&err) {
                         let err = SignalError::FrameTooLarge(MAX_FRAME_BYTES);
-                        let _ = send_json(&mut sink, &ServerMessage::error(err.code(), err.to_string(), None)).await;
+                        let _ = send_json(&mut sink, &refusals.signaling, &ServerMessage::error(err.code(), err.to_string(), None)).await;
                         close = Some(CloseFrame { code: 1009, reason: Utf8Bytes::from_static("message too big") });
                     }
                     break;
@@ -188,7 +190,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
                 if let ToSession::Mode { mode, phase, .. } = &entry {
                     // Applied before the client hears of it: its next message may rely on it.
                     if let Err(err) = session.apply_mode(*mode, *phase).await {
-                        let _ = send_json(&mut sink, &ServerMessage::error(err.code(), err.to_string(), None)).await;
+                        let _ = send_json(&mut sink, &refusals.signaling, &ServerMessage::error(err.code(), err.to_string(), None)).await;
                         close = Some(CloseFrame { code: 1011, reason: Utf8Bytes::from_static("media connections failed") });
                         break;
                     }
@@ -197,13 +199,13 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
                     tracing::debug!("a message for closed SFU connections dropped");
                     continue;
                 };
-                if send_json(&mut sink, &message).await.is_err() {
+                if send_json(&mut sink, &refusals.signaling, &message).await.is_err() {
                     break;
                 }
             }
             why = kick.kicked() => {
                 let (error, message) = why.error();
-                let _ = send_json(&mut sink, &ServerMessage::error(error, message, None)).await;
+                let _ = send_json(&mut sink, &refusals.signaling, &ServerMessage::error(error, message, None)).await;
                 let (code, reason) = why.close();
                 close = Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) });
                 break;
@@ -218,7 +220,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
                     // A socket that never joins only holds memory and a descriptor.
                     let err = SignalError::JoinTimeout(join_timeout.as_secs());
                     tracing::debug!("no join before the deadline");
-                    let _ = send_json(&mut sink, &ServerMessage::error(err.code(), err.to_string(), None)).await;
+                    let _ = send_json(&mut sink, &refusals.signaling, &ServerMessage::error(err.code(), err.to_string(), None)).await;
                     close = Some(CloseFrame { code: 1008, reason: Utf8Bytes::from_static("no join") });
                     break;
                 }
@@ -235,7 +237,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
                 }
             }
             _ = shutdown.changed() => {
-                let _ = send_json(&mut sink, &ServerMessage::error(ErrorCode::ServerShutdown, "server shutting down", None)).await;
+                let _ = send_json(&mut sink, &refusals.signaling, &ServerMessage::error(ErrorCode::ServerShutdown, "server shutting down", None)).await;
                 close = Some(CloseFrame { code: 1001, reason: Utf8Bytes::from_static("server shutting down") });
                 break;
             }
@@ -255,7 +257,10 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
         let Some(message) = to_client(entry, None) else {
             continue;
         };
-        if send_json(&mut sink, &message).await.is_err() {
+        if send_json(&mut sink, &refusals.signaling, &message)
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -275,10 +280,13 @@ fn is_too_large(err: &axum::Error) -> bool {
 
 /// Writes one message. A client that does not read for [`PEER_TIMEOUT`] (its TCP window full)
 /// counts as gone: a write never blocks the session for longer.
-async fn send_json<S>(sink: &mut S, message: &ServerMessage) -> Result<(), ()>
+async fn send_json<S>(sink: &mut S, errors: &ErrorCounts, message: &ServerMessage) -> Result<(), ()>
 where
     S: SinkExt<Message> + Unpin,
 {
+    if let ServerMessage::Error { code, .. } = message {
+        errors.add(*code);
+    }
     let Ok(text) = serde_json::to_string(message) else {
         return Ok(());
     };

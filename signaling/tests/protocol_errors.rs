@@ -76,6 +76,17 @@ async fn malformed_messages_get_bad_request_or_unknown_type() -> Result<()> {
     )
     .await?;
     still_works(&mut ws).await?;
+    // Each refusal is counted by code (and none is logged at the default level).
+    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
+        .await?
+        .text()
+        .await?;
+    for expected in [
+        r#"switchboard_signaling_errors_total{code="bad_request"} 11"#,
+        r#"switchboard_signaling_errors_total{code="unknown_type"} 2"#,
+    ] {
+        ensure!(metrics.contains(expected), "{expected} in:\n{metrics}");
+    }
     server.shutdown().await?;
     Ok(())
 }

@@ -472,5 +472,16 @@ async fn an_oversized_request_body_is_refused_with_too_large() -> Result<()> {
         .send()
         .await?;
     ensure!(served.status().is_success(), "{}", served.status());
+    // Counted, not logged: an operator sees how many were refused.
+    let metrics = http
+        .get(format!("http://{}/metrics", server.addr))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        metrics.contains(r#"switchboard_http_errors_total{code="too_large"} 1"#),
+        "{metrics}"
+    );
     Ok(())
 }

@@ -19,6 +19,7 @@ pub use negotiator::{NegotiatorCommand, run_negotiator};
 pub use snapshot::{ParticipantSnapshot, PublicationSnapshot, RoomSnapshot};
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -643,10 +644,7 @@ impl Room {
                     .map(|p| {
                         (
                             member.id.clone(),
-                            p.publication
-                                .stats
-                                .loudness
-                                .load(std::sync::atomic::Ordering::Relaxed),
+                            p.publication.stats.loudness.load(Ordering::Relaxed),
                         )
                     })
             })
@@ -752,6 +750,9 @@ impl Room {
 pub struct RoomRegistry {
     rooms: Mutex<HashMap<String, Arc<Room>>>,
     policy: RoomPolicy,
+    /// Mode switches (to SFU, to mesh) of rooms that have closed: with the open rooms' own, the
+    /// server's totals. Changed only under `rooms`' lock, so a total read under it is whole.
+    closed_switches: [AtomicU64; 2],
 }
 
 impl RoomRegistry {
@@ -760,6 +761,7 @@ impl RoomRegistry {
         Self {
             rooms: Mutex::new(HashMap::new()),
             policy,
+            closed_switches: Default::default(),
         }
     }
 
@@ -899,12 +901,30 @@ impl RoomRegistry {
         let mut state = room.lock();
         room.remove_member(&mut state, id);
         if state.members.is_empty() {
+            let (to_sfu, to_mesh) = state.mode.switch_counts();
             drop(state);
             let key = room.name.to_lowercase();
             if rooms.get(&key).is_some_and(|r| Arc::ptr_eq(r, room)) {
                 rooms.remove(&key);
+                self.closed_switches[0].fetch_add(to_sfu, Ordering::Relaxed);
+                self.closed_switches[1].fetch_add(to_mesh, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Mode switches since the server started, to SFU and to mesh, of every room open or closed.
+    pub fn switch_totals(&self) -> (u64, u64) {
+        let rooms = self.lock();
+        rooms.values().fold(
+            (
+                self.closed_switches[0].load(Ordering::Relaxed),
+                self.closed_switches[1].load(Ordering::Relaxed),
+            ),
+            |(to_sfu, to_mesh), room| {
+                let (sfu, mesh) = room.lock().mode.switch_counts();
+                (to_sfu + sfu, to_mesh + mesh)
+            },
+        )
     }
 
     /// Ends every session in `room_name` (an admin action); false when there is no such room.
