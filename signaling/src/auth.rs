@@ -22,14 +22,38 @@ pub const MIN_SECRET_BYTES: usize = 32;
 /// The key name of the development posture's random secret.
 pub const DEVELOPMENT_KEY: &str = "development";
 
-/// What a token allows beyond joining its room (join, publish and subscribe are always allowed).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What a token allows in its room. Joining is always allowed; publishing and subscribing are
+/// unless the token says otherwise (a viewer's token: `{"publish": false}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct Grants {
+    /// Send media (camera, microphone, screen). Default true.
+    pub publish: bool,
+    /// Receive the others' media. Default true.
+    pub subscribe: bool,
     /// Administer the token's room (`/api/rooms/{room}`): see docs/operations.md.
     pub room_admin: bool,
     /// List every room (`GET /api/rooms`).
     pub room_list: bool,
+}
+
+impl Default for Grants {
+    fn default() -> Self {
+        Self {
+            publish: true,
+            subscribe: true,
+            room_admin: false,
+            room_list: false,
+        }
+    }
+}
+
+impl Grants {
+    /// Only the SFU can hold a participant to these grants: in a mesh, media flows between
+    /// browsers, out of the server's reach.
+    pub fn needs_sfu(&self) -> bool {
+        !self.publish || !self.subscribe
+    }
 }
 
 /// What a token carries.
@@ -46,7 +70,7 @@ pub struct Claims {
     /// Not valid before, seconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
-    /// What it allows beyond joining.
+    /// What it allows in the room.
     #[serde(default, skip_serializing_if = "is_default")]
     pub grants: Grants,
 }
@@ -316,8 +340,9 @@ mod tests {
             60,
         );
         let grants = Grants {
+            publish: false,
             room_admin: true,
-            room_list: false,
+            ..Grants::default()
         };
         let token = authority
             .mint_with("k2", "ann", "r", grants, 60)

@@ -213,6 +213,12 @@ pub enum Command {
         /// Seconds it stays valid [default: token_ttl_secs].
         #[arg(long)]
         ttl_secs: Option<u64>,
+        /// Deny sending media (a viewer).
+        #[arg(long)]
+        no_publish: bool,
+        /// Deny receiving the others' media.
+        #[arg(long)]
+        no_subscribe: bool,
         /// Grant administering the room.
         #[arg(long)]
         room_admin: bool,

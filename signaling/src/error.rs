@@ -104,6 +104,10 @@ pub enum SignalError {
     /// A media connection of the participant to the server failed (ICE or DTLS): it leaves.
     #[error("your media connection to the server failed: leaving the room")]
     MediaFailed,
+    /// The token does not grant what the message asks (publishing, or a mesh connection for a
+    /// participant only the SFU can hold to its grants).
+    #[error("your token does not allow {0}")]
+    NotAllowed(&'static str),
     /// The participant's subscribe negotiator has ended (its connections are closing).
     #[error("subscribe connection is gone")]
     SubscribeGone,
@@ -144,6 +148,7 @@ impl SignalError {
             FrameTooLarge(_) => ErrorCode::TooLarge,
             RoomFull(_) => ErrorCode::RoomFull,
             TooManyRooms(_) => ErrorCode::ServerFull,
+            NotAllowed(_) => ErrorCode::NotAllowed,
             SubscribeGone | MediaTransport(_) | MediaFailed => ErrorCode::Internal,
         }
     }
@@ -170,6 +175,7 @@ mod tests {
                 "rate_limited",
             ),
             (SignalError::SubscribeGone, "internal"),
+            (SignalError::NotAllowed("publishing"), "not_allowed"),
         ];
         for (error, code) in rows {
             let wire = serde_json::to_value(error.code()).unwrap_or_default();

@@ -15,6 +15,8 @@ async fn main() -> anyhow::Result<()> {
         room,
         key,
         ttl_secs,
+        no_publish,
+        no_subscribe,
         room_admin,
         room_list,
     }) = &cli.command
@@ -26,6 +28,8 @@ async fn main() -> anyhow::Result<()> {
             key.as_deref(),
             *ttl_secs,
             Grants {
+                publish: !*no_publish,
+                subscribe: !*no_subscribe,
                 room_admin: *room_admin,
                 room_list: *room_list,
             },

@@ -494,6 +494,9 @@ pub enum ServerMessage {
         ice_servers: Vec<IceServer>,
         /// The highest video bitrate to send, in bits per second.
         max_video_bitrate: u64,
+        /// What your token allows: without `publish`, offers on the publish connection are
+        /// refused; without `subscribe`, the server offers you nothing.
+        grants: crate::auth::Grants,
         /// [`PROTOCOL_VERSION`].
         protocol: u32,
     },

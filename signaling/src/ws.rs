@@ -395,6 +395,11 @@ impl Session {
         make: impl FnOnce(String) -> ServerMessage,
     ) -> Result<(), SignalError> {
         let membership = self.membership()?;
+        if self.claims.grants.needs_sfu() {
+            return Err(SignalError::NotAllowed(
+                "mesh connections: your grants are kept by the server's connections",
+            ));
+        }
         let (room, from) = (membership.room.clone(), membership.participant.clone());
         let message = make(from.to_string());
         // Everything relayed counts (SDP, `tracks`, candidates), as it will be sent.
@@ -431,6 +436,9 @@ impl Session {
                 let link = self.sfu_link()?;
                 if transport != Some(TransportName::Publish) {
                     return Err(SignalError::OfferNotForPublish);
+                }
+                if !self.claims.grants.publish {
+                    return Err(SignalError::NotAllowed("publishing"));
                 }
                 let link_id = link.id;
                 let answer = link
@@ -511,6 +519,9 @@ impl Session {
             }
             ClientMessage::Mute { track_id, muted } => {
                 check_track_id(&track_id)?;
+                if !self.claims.grants.publish {
+                    return Err(SignalError::NotAllowed("publishing"));
+                }
                 let recipients = self.membership()?.room.member_count().saturating_sub(1);
                 // Sent to every other member: its bytes count once per recipient.
                 let bytes = (RELAY_MESSAGE_BYTES + track_id.len()) * recipients;
@@ -595,7 +606,8 @@ impl Session {
         // A participant who will be in SFU mode gets its transports before it enters: once in,
         // it must be able to take offers, and a failure must not show up as a join and a leave.
         let mut transports = None;
-        if self.state.rooms.mode_for_join(&self.claims.room) == Mode::Sfu {
+        let grants = self.claims.grants;
+        if self.state.rooms.mode_for_join(&self.claims.room, grants) == Mode::Sfu {
             transports = Some(self.open_transports(&participant).await?);
         }
         let config = &self.state.config;
@@ -606,6 +618,7 @@ impl Session {
                 name: &name,
                 user: &self.claims.sub,
                 resume: resume.as_deref(),
+                grants,
             },
             self.outbound.clone(),
             |room, mode, peers, chat, resume_token| ServerMessage::Joined {
@@ -618,6 +631,7 @@ impl Session {
                 resume_token: resume_token.to_owned(),
                 ice_servers: config.ice_servers.clone(),
                 max_video_bitrate: config.max_video_bitrate,
+                grants,
                 protocol: PROTOCOL_VERSION,
             },
         );

@@ -2,7 +2,7 @@
 // grid of tiles, a large stage for screen shares, chat, a participant list and a connection badge.
 // Every remote <video> is watched by the SDK (room.observeVideo), so that each comes in the layer
 // its size needs: small tiles a small one, the stage the full one.
-import { Room, captureMedia, listDevices } from './client.js';
+import { Room, captureMedia, listDevices, tokenGrants } from './client.js';
 
 /** @typedef {import('./client.js').RemoteTrack} RemoteTrack */
 /** @typedef {import('./client.js').ChatMessage} ChatMessage */
@@ -159,6 +159,9 @@ function startPreview() {
 
 async function capturePreview() {
   if (room) return;
+  // A link for watching only: its token allows no sending, so no camera is asked for.
+  const token = params.get('token');
+  if (token && tokenGrants(token)?.publish === false) return;
   for (const track of preview?.getTracks() ?? []) track.stop();
   preview = null;
   try {
@@ -209,7 +212,12 @@ async function join(roomName, name) {
   // For end-to-end tests and the console.
   Object.assign(window, { __switchboard: current });
 
-  current.on('localStream', (/** @type {MediaStream} */ stream) => {
+  current.on('localStream', (/** @type {MediaStream | null} */ stream) => {
+    if (!stream) {
+      localTile?.el.remove();
+      localTile = null;
+      return;
+    }
     localTile ??= createTile('local', `${name} (you)`, true);
     setTracks(localTile.video, stream.getVideoTracks());
   });
@@ -569,12 +577,15 @@ function renderStatus() {
   // Discreet: how media flows is the server's business, but worth a glance when debugging.
   const mode = room.mode === 'mesh' ? 'peer-to-peer' : 'via server';
   const switching = room.switching ? ' (switching)' : '';
-  statusLine.textContent = `${room.roomName ?? ''} · ${others + 1} participant${others ? 's' : ''} · ${mode}${switching}`;
+  const watching = room.canPublish ? '' : ' · watching only';
+  statusLine.textContent = `${room.roomName ?? ''} · ${others + 1} participant${others ? 's' : ''}${watching} · ${mode}${switching}`;
   statusLine.dataset.mode = room.mode;
 }
 
 function renderControls() {
   if (!room) return;
+  // A viewer's token allows no sending: nothing to turn on.
+  for (const button of [micButton, cameraButton, shareButton]) button.hidden = !room.canPublish;
   const mic = room.microphoneEnabled;
   const cam = room.cameraEnabled;
   const sharing = !!room.screenTrack;

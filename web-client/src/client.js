@@ -152,7 +152,7 @@
 
 import { SwitchboardError } from './errors.js';
 import { LocalMedia, captureMedia } from './devices.js';
-import { SignalingSocket, fetchToken, retryFor } from './signaling.js';
+import { SignalingSocket, fetchToken, grantsOf, retryFor, tokenGrants } from './signaling.js';
 
 /** Errors after which the server closes the socket and the session must not come back. */
 const FINAL_CODES = ['removed', 'room_ended', 'replaced'];
@@ -164,6 +164,7 @@ import { VideoViews } from './views.js';
 
 export { SwitchboardError } from './errors.js';
 export { listDevices, captureMedia } from './devices.js';
+export { tokenGrants } from './signaling.js';
 
 export const PROTOCOL_VERSION = 1;
 
@@ -232,6 +233,19 @@ export class Room extends Emitter {
   /** @type {string | null} */ roomName = null;
   /** @type {string | null} */ name = null;
   /** @type {RTCIceServer[]} */ iceServers = [];
+  /**
+   * Whether this participant's token lets it send media. A viewer's (`publish: false`) does not:
+   * its camera and microphone are released once the room is joined, and it shares no screen.
+   */
+  get canPublish() {
+    return this.grants.publish;
+  }
+  /** Whether this participant's token lets it receive the others' media. */
+  get canSubscribe() {
+    return this.grants.subscribe;
+  }
+  /** What this participant's token allows, as `joined` said. @type {import('./signaling.js').Grants} */
+  grants = grantsOf(undefined);
   /** @type {Map<string, Participant>} remote participants by peerId */
   participants = new Map();
   /** @type {'new' | 'connecting' | 'joined' | 'reconnecting' | 'closed'} */
@@ -385,6 +399,12 @@ export class Room extends Emitter {
     this.state = 'connecting';
     const base = new URL(serverUrl);
     try {
+      // A viewer's token (no `publish` grant) sends nothing: no camera or microphone is asked for.
+      if (minted && tokenGrants(minted)?.publish === false) {
+        for (const track of given?.getTracks() ?? []) track.stop();
+        given = undefined;
+        audio = video = false;
+      }
       // Media first: whichever mode the room is in, connections are made with the tracks in them.
       if (given || audio || video) {
         const stream = given ?? (await captureMedia(audio, video));
@@ -458,6 +478,7 @@ export class Room extends Emitter {
    */
   async startScreenShare(track) {
     if (this.state !== 'joined') throw new SwitchboardError('invalid_state', 'join a room first');
+    if (!this.canPublish) throw new SwitchboardError('not_allowed', 'your token does not allow publishing');
     const shared = await this.#media.startScreen(track);
     const stream = this.#media.screenStream;
     if (!shared || !stream) return;
@@ -743,6 +764,11 @@ export class Room extends Emitter {
     this.#resumeToken = typeof msg.resumeToken === 'string' ? msg.resumeToken : null;
     this.maxVideoBitrate = Number(msg.maxVideoBitrate) > 0 ? Number(msg.maxVideoBitrate) : null;
     this.#switcher.mode = msg.mode === 'mesh' ? 'mesh' : 'sfu';
+    this.grants = grantsOf(msg.grants);
+    if (!this.canPublish && this.#media.stream) {
+      this.#media.release();
+      this.emit('localStream', null);
+    }
     // The server knows nothing of mutes made before this join (or before a reconnect).
     for (const trackId of this.#media.mutedIds()) this.#send({ type: 'mute', trackId, muted: true });
     if (this.mode === 'sfu') this.#sfu.start();

@@ -198,4 +198,12 @@ export class LocalMedia {
     for (const track of this.stream?.getTracks() ?? []) track.stop();
     this.screenTrack?.stop();
   }
+
+  /** Stops every local track and forgets them: nothing will be sent. */
+  release() {
+    this.stop();
+    this.stream = null;
+    this.screenTrack = null;
+    this.screenStream = null;
+  }
 }

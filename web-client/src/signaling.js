@@ -22,6 +22,44 @@ export const FATAL_CODES = ['name_taken', 'room_full', 'unauthorized', 'bad_requ
  * @property {() => void} invalid  the server sent something that is not JSON
  */
 
+/**
+ * @typedef {object} Grants  What a token allows in its room (docs/protocol.md, section 1).
+ * @property {boolean} publish  send camera, microphone and screen
+ * @property {boolean} subscribe  receive the others' media
+ * @property {boolean} roomAdmin
+ * @property {boolean} roomList
+ */
+
+/**
+ * What `token` grants, read from its payload (anyone holding a token can read it; only the server
+ * checks its signature), or null when it is not a token. Missing grants are the defaults.
+ * @param {string} token
+ * @returns {Grants | null}
+ */
+export function tokenGrants(token) {
+  try {
+    const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const claims = JSON.parse(atob(part.padEnd(Math.ceil(part.length / 4) * 4, '=')));
+    return grantsOf(claims.grants);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Grants as the server sends them (`joined.grants`, a token's `grants`), with defaults filled in.
+ * @param {any} grants
+ * @returns {Grants}
+ */
+export function grantsOf(grants) {
+  return {
+    publish: grants?.publish !== false,
+    subscribe: grants?.subscribe !== false,
+    roomAdmin: grants?.roomAdmin === true,
+    roomList: grants?.roomList === true,
+  };
+}
+
 export class SignalingSocket {
   /** @type {WebSocket | null} */ #ws = null;
   /** Incoming messages are handled one at a time, in arrival order. @type {Promise<unknown>} */

@@ -496,7 +496,39 @@ async function main() {
         () => false,
       );
     check('a page opened from a link with a backend-minted token joins', minted.status === 200 && joined, `mint status ${minted.status}`);
-    for (const page of [stranger, zed]) await page.context().close();
+
+    // A link for watching only: the token denies publishing.
+    const viewing = await fetch(`${keyed}/auth/token`, {
+      method: 'POST',
+      headers: { authorization: `Basic ${btoa(`backend:${secret}`)}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ userId: 'yan', room: 'Vault', grants: { publish: false } }),
+    });
+    const viewerToken = (await viewing.json()).token;
+    const yan = await openPage('yan', keyed, `${keyed}/?room=Vault&name=Yan&autojoin=1&token=${encodeURIComponent(viewerToken)}`, () => {
+      const w = /** @type {any} */ (window);
+      w.__cameraRequests = 0;
+      const original = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+      navigator.mediaDevices.getUserMedia = (constraints) => (w.__cameraRequests++, original(constraints));
+    });
+    const seesZed = await eventually(yan, () => {
+      const tile = [...document.querySelectorAll('.tile.remote')].find((t) => t.querySelector('.label')?.textContent === 'Zed');
+      const video = /** @type {HTMLVideoElement | null | undefined} */ (tile?.querySelector('video'));
+      return !!video && video.videoWidth > 0;
+    }, null, 20_000);
+    const viewer = await yan.evaluate(() => ({
+      requests: /** @type {any} */ (window).__cameraRequests,
+      localTile: !!document.querySelector('.tile.local'),
+      buttons: ['mic', 'camera', 'share'].filter((id) => !document.getElementById(id)?.hidden),
+      status: document.getElementById('status')?.textContent ?? '',
+    }));
+    check(
+      'a viewer link joins without asking for a camera, offers nothing to send, and decodes the others',
+      seesZed && viewer.requests === 0 && !viewer.localTile && viewer.buttons.length === 0 && /watching only/.test(viewer.status),
+      JSON.stringify(viewer),
+    );
+    const zedMode = await zed.evaluate(() => /** @type {any} */ (window).__switchboard?.mode);
+    check('the room of two with a viewer runs through the server', zedMode === 'sfu', `Zed's mode: ${zedMode}`);
+    for (const page of [stranger, zed, yan]) await page.context().close();
   });
 }
 

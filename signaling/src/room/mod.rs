@@ -27,7 +27,7 @@ use sfu::{ParticipantId, Publication, PublicationId};
 use tokio::sync::{Notify, mpsc, watch};
 
 use self::mode::{ModeChange, ModePolicy, ModeSwitch};
-use crate::auth::same_secret;
+use crate::auth::{Grants, same_secret};
 use crate::protocol::{
     ChatMessage, ErrorCode, Mode, ModePhase, PeerInfo, ServerMessage, SpeakerInfo,
 };
@@ -237,6 +237,8 @@ struct Member {
     published: Vec<Published>,
     /// Track id -> muted, as last told by the participant (also before its media arrives).
     muted: HashMap<String, bool>,
+    /// What its token allows: one denied subscribing is never subscribed to anything.
+    grants: Grants,
 }
 
 struct RoomState {
@@ -282,6 +284,8 @@ pub struct Joiner<'a> {
     pub user: &'a str,
     /// The `resumeToken` it presented, if any.
     pub resume: Option<&'a str>,
+    /// What its token allows.
+    pub grants: Grants,
 }
 
 /// Why a join was refused.
@@ -437,6 +441,9 @@ impl Room {
             return Vec::new();
         };
         member.negotiator = Some(negotiator);
+        if !member.grants.subscribe {
+            return Vec::new();
+        }
         state
             .members
             .iter()
@@ -482,7 +489,7 @@ impl Room {
                     publication: publication.clone(),
                     track_id,
                 });
-            } else {
+            } else if member.grants.subscribe {
                 notify.extend(member.negotiator.clone());
             }
         }
@@ -765,9 +772,10 @@ impl RoomRegistry {
         }
     }
 
-    /// The mode a participant joining `room_name` now would find. A guess (others may join or
-    /// leave meanwhile), used to open SFU connections before joining when they will be needed.
-    pub fn mode_for_join(&self, room_name: &str) -> Mode {
+    /// The mode a participant with `grants` joining `room_name` now would find. A guess (others
+    /// may join or leave meanwhile), used to open SFU connections before joining when they will
+    /// be needed.
+    pub fn mode_for_join(&self, room_name: &str, grants: Grants) -> Mode {
         let mesh_max = self.policy.mesh_max;
         if mesh_max == 0 {
             return Mode::Sfu;
@@ -776,8 +784,11 @@ impl RoomRegistry {
         match rooms.get(&room_name.to_lowercase()) {
             Some(room) => {
                 let state = room.lock();
-                state.mode.mode_for_newcomer(state.members.len())
+                state
+                    .mode
+                    .mode_for_newcomer(state.members.len(), grants.needs_sfu())
             }
+            None if grants.needs_sfu() => Mode::Sfu,
             None => Mode::Mesh,
         }
     }
@@ -804,6 +815,7 @@ impl RoomRegistry {
             name,
             user,
             resume,
+            grants,
         } = joiner;
         let mut rooms = self.lock();
         let policy = self.policy;
@@ -861,7 +873,9 @@ impl RoomRegistry {
                 name: m.name.clone(),
             })
             .collect();
-        let mode = state.mode.mode_for_newcomer(state.members.len());
+        let mode = state
+            .mode
+            .mode_for_newcomer(state.members.len(), grants.needs_sfu());
         let chat = state.chat.iter().cloned().collect();
         let resume_token = format!("{:032x}", rand::random::<u128>());
         send(
@@ -877,11 +891,14 @@ impl RoomRegistry {
             negotiator: None,
             published: Vec::new(),
             muted: HashMap::new(),
+            grants,
         });
         // A switch is announced before the newcomer, so that nobody opens a mesh connection to
         // a participant of an SFU room.
         let members = Room::member_ids(&state);
-        let changes = state.mode.joined(&members, id, Instant::now());
+        let changes = state
+            .mode
+            .joined(&members, id, grants.needs_sfu(), Instant::now());
         room.announce(&state, changes);
         debug_assert_eq!(state.mode.mode(), mode);
         let announcement = ServerMessage::PeerJoined {

@@ -9,7 +9,9 @@
 //! the room has stayed small for the hold time. A switch waits for a `ready` from everyone who was
 //! in the room when it began (not the newcomer who caused it), at most `switch_timeout`: a switch
 //! to SFU then settles anyway; a switch to mesh that timed out means the mesh cannot connect, so
-//! the room returns to SFU and stays there, as it does after a `mesh_failed`.
+//! the room returns to SFU and stays there, as it does after a `mesh_failed`. A participant whose
+//! token denies publishing or subscribing keeps the room in SFU mode while it is there: only the
+//! server can hold it to that.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -69,6 +71,8 @@ pub struct ModeSwitch {
     hold_until: Option<Instant>,
     /// A mesh could not connect: the room stays in SFU mode for as long as it exists.
     mesh_blocked: bool,
+    /// Members the mesh cannot hold to their grants: while any is in, the room uses the SFU.
+    sfu_only: HashSet<ParticipantId>,
     switches_to_sfu: u64,
     switches_to_mesh: u64,
 }
@@ -87,6 +91,7 @@ impl ModeSwitch {
             generation: 0,
             hold_until: None,
             mesh_blocked: false,
+            sfu_only: HashSet::new(),
             switches_to_sfu: 0,
             switches_to_mesh: 0,
         }
@@ -112,14 +117,20 @@ impl ModeSwitch {
         (self.switches_to_sfu, self.switches_to_mesh)
     }
 
-    /// The mode someone joining a room of `members` participants enters in.
-    pub fn mode_for_newcomer(&self, members: usize) -> Mode {
+    /// The mode someone joining a room of `members` participants enters in; `needs_sfu` when
+    /// its grants keep the room in SFU mode.
+    pub fn mode_for_newcomer(&self, members: usize, needs_sfu: bool) -> Mode {
         let mesh_max = self.policy.mesh_max;
-        if self.mode == Mode::Mesh && mesh_max > 0 && members >= mesh_max {
+        if self.mode == Mode::Mesh && mesh_max > 0 && (members >= mesh_max || needs_sfu) {
             Mode::Sfu // This join makes the room outgrow mesh.
         } else {
             self.mode
         }
+    }
+
+    /// True when the room's size and members allow a mesh.
+    fn mesh_fits(&self, members: usize) -> bool {
+        members <= self.policy.mesh_max && self.sfu_only.is_empty()
     }
 
     /// True when a switch has waited past its deadline for someone's `ready`.
@@ -136,16 +147,20 @@ impl ModeSwitch {
         }
     }
 
-    /// `newcomer` joined; `members` is everyone in the room now, the newcomer included.
+    /// `newcomer` joined; `members` is everyone in the room now, the newcomer included;
+    /// `needs_sfu` when its grants keep the room in SFU mode.
     pub fn joined(
         &mut self,
         members: &[ParticipantId],
         newcomer: &ParticipantId,
+        needs_sfu: bool,
         now: Instant,
     ) -> Vec<ModeChange> {
         let mut out = Vec::new();
-        let mesh_max = self.policy.mesh_max;
-        if mesh_max == 0 || members.len() <= mesh_max {
+        if needs_sfu {
+            self.sfu_only.insert(newcomer.clone());
+        }
+        if self.policy.mesh_max == 0 || self.mesh_fits(members.len()) {
             return out;
         }
         self.hold_until = None;
@@ -158,14 +173,14 @@ impl ModeSwitch {
     /// Someone left; `members` is everyone still in the room.
     pub fn left(&mut self, members: &[ParticipantId], now: Instant) -> Vec<ModeChange> {
         let mut out = Vec::new();
+        self.sfu_only.retain(|id| members.contains(id));
         self.settle_if_done(members, &mut out);
         let count = members.len();
-        let mesh_max = self.policy.mesh_max;
         if self.mode == Mode::Sfu
-            && mesh_max > 0
+            && self.policy.mesh_max > 0
             && !self.mesh_blocked
             && count > 0
-            && count <= mesh_max
+            && self.mesh_fits(count)
             && self.hold_until.is_none()
         {
             self.hold_until = Some(now + self.policy.mesh_hold);
@@ -232,11 +247,7 @@ impl ModeSwitch {
         if hold_due && self.hold_until.is_some_and(|at| at <= now) {
             self.hold_until = None;
             let count = members.len();
-            if self.mode == Mode::Sfu
-                && !self.mesh_blocked
-                && count > 0
-                && count <= self.policy.mesh_max
-            {
+            if self.mode == Mode::Sfu && !self.mesh_blocked && count > 0 && self.mesh_fits(count) {
                 self.begin(Mode::Mesh, members, None, now, &mut out);
             }
         }
@@ -325,7 +336,7 @@ mod tests {
         let mut room = ModeSwitch::new(policy(3));
         let all = ids(n);
         for i in 0..n {
-            assert!(room.joined(&all[..=i], &all[i], t0).is_empty());
+            assert!(room.joined(&all[..=i], &all[i], false, t0).is_empty());
         }
         (room, all)
     }
@@ -334,7 +345,7 @@ mod tests {
     fn switching_up(t0: Instant) -> (ModeSwitch, Vec<ParticipantId>) {
         let (mut room, _) = mesh_of(3, t0);
         let all = ids(4);
-        room.joined(&all, &all[3], t0);
+        room.joined(&all, &all[3], false, t0);
         (room, all)
     }
 
@@ -350,11 +361,11 @@ mod tests {
         let t0 = Instant::now();
         let (room, _) = mesh_of(3, t0);
         assert_eq!(room.mode(), Mode::Mesh);
-        assert_eq!(room.mode_for_newcomer(3), Mode::Sfu);
+        assert_eq!(room.mode_for_newcomer(3, false), Mode::Sfu);
         let mut sfu = ModeSwitch::new(policy(0));
         let all = ids(5);
         for i in 0..5 {
-            assert!(sfu.joined(&all[..=i], &all[i], t0).is_empty());
+            assert!(sfu.joined(&all[..=i], &all[i], false, t0).is_empty());
         }
         assert!(sfu.left(&all[..1], t0).is_empty());
         assert_eq!(
@@ -370,7 +381,10 @@ mod tests {
         let t0 = Instant::now();
         let (mut room, _) = mesh_of(3, t0);
         let all = ids(4);
-        assert_eq!(room.joined(&all, &all[3], t0), [switching(Mode::Sfu, 1)]);
+        assert_eq!(
+            room.joined(&all, &all[3], false, t0),
+            [switching(Mode::Sfu, 1)]
+        );
         assert!(room.switching());
         assert_eq!(room.next_deadline(), Some(t0 + TIMEOUT));
         // The newcomer is not waited for; its ready changes nothing.
@@ -454,7 +468,10 @@ mod tests {
             all[2].clone(),
             ids(5)[4].clone(),
         ];
-        assert!(room.joined(&back, &back[3], t1 + HOLD / 2).is_empty());
+        assert!(
+            room.joined(&back, &back[3], false, t1 + HOLD / 2)
+                .is_empty()
+        );
         assert_eq!(room.next_deadline(), None);
         assert!(room.tick(&back, t1 + HOLD).is_empty());
         assert_eq!(room.mode(), Mode::Sfu);
@@ -495,7 +512,7 @@ mod tests {
         // In an SFU room (a link left waiting by a switch to SFU) it says nothing.
         let (mut grown, _) = mesh_of(3, t0);
         let four = ids(4);
-        grown.joined(&four, &four[3], t0);
+        grown.joined(&four, &four[3], false, t0);
         assert_eq!(grown.mesh_failed(&four, t0), None);
         assert!(!grown.mesh_blocked());
     }
@@ -509,6 +526,36 @@ mod tests {
         room.left(one, t1);
         assert_eq!(
             room.tick(one, t1 + HOLD),
+            [switching(Mode::Mesh, 2), settled(Mode::Mesh, 2)]
+        );
+    }
+
+    #[test]
+    fn a_participant_the_mesh_cannot_hold_to_its_grants_keeps_the_room_in_sfu_while_there() {
+        let t0 = Instant::now();
+        let (mut room, two) = mesh_of(2, t0);
+        let all = ids(3);
+        let viewer = &all[2];
+        assert_eq!(room.mode_for_newcomer(2, true), Mode::Sfu);
+        assert_eq!(
+            room.joined(&all, viewer, true, t0),
+            [switching(Mode::Sfu, 1)],
+            "a room of three with a viewer switches to SFU"
+        );
+        for id in &two {
+            room.ready(&all, id, Mode::Sfu, Some(1));
+        }
+        assert!(!room.switching());
+        // Someone else leaving does not bring the mesh back while the viewer is in.
+        let (viewer_and_one, t1) = (vec![two[0].clone(), viewer.clone()], t0 + HOLD);
+        assert!(room.left(&viewer_and_one, t1).is_empty());
+        assert_eq!(room.next_deadline(), None, "no return to mesh planned");
+        // Once the viewer has gone, the room returns to mesh after the hold.
+        let t2 = t1 + Duration::from_secs(1);
+        room.left(&two[..1], t2);
+        assert_eq!(room.next_deadline(), Some(t2 + HOLD));
+        assert_eq!(
+            room.tick(&two[..1], t2 + HOLD),
             [switching(Mode::Mesh, 2), settled(Mode::Mesh, 2)]
         );
     }

@@ -55,9 +55,19 @@ pub async fn start_mesh_server(mesh_max: usize, hold_secs: u64) -> Result<signal
 }
 
 pub async fn token(server: &signaling::Server, user: &str, room: &str) -> Result<String> {
+    token_granting(server, user, room, json!({})).await
+}
+
+/// A token with `grants` (minted openly: the development posture).
+pub async fn token_granting(
+    server: &signaling::Server,
+    user: &str,
+    room: &str,
+    grants: Value,
+) -> Result<String> {
     let body: Value = reqwest::Client::new()
         .post(format!("http://{}/auth/token", server.addr))
-        .json(&json!({"userId": user, "room": room}))
+        .json(&json!({"userId": user, "room": room, "grants": grants}))
         .send()
         .await?
         .json()
@@ -94,7 +104,17 @@ pub async fn list_rooms(server: &signaling::Server) -> Result<Value> {
 
 /// A bare signaling socket, for protocol tests.
 pub async fn connect(server: &signaling::Server, user: &str, room: &str) -> Result<Ws> {
-    let token = token(server, user, room).await?;
+    connect_granting(server, user, room, json!({})).await
+}
+
+/// A bare signaling socket whose token carries `grants`.
+pub async fn connect_granting(
+    server: &signaling::Server,
+    user: &str,
+    room: &str,
+    grants: Value,
+) -> Result<Ws> {
+    let token = token_granting(server, user, room, grants).await?;
     let (ws, _) =
         tokio_tungstenite::connect_async(format!("ws://{}/ws/signal?token={token}", server.addr))
             .await?;
@@ -427,6 +447,17 @@ impl TestClient {
         Self::join_lossy(server, room, name, None).await
     }
 
+    /// Joins `room` as `name` with a token carrying `grants`.
+    pub async fn join_granted(
+        server: &signaling::Server,
+        room: &str,
+        name: &str,
+        grants: Value,
+    ) -> Result<Self> {
+        let ws = connect_granting(server, name, room, grants).await?;
+        Self::join_on(ws, name, None, CongestionFeedback::Twcc).await
+    }
+
     /// Joins `room` as `name`, its subscribe connection sending `feedback`.
     pub async fn join_with_feedback(
         server: &signaling::Server,
@@ -455,7 +486,16 @@ impl TestClient {
         loss: Option<(u64, Arc<std::sync::atomic::AtomicU64>)>,
         feedback: CongestionFeedback,
     ) -> Result<Self> {
-        let mut ws = connect(server, name, room).await?;
+        let ws = connect(server, name, room).await?;
+        Self::join_on(ws, name, loss, feedback).await
+    }
+
+    async fn join_on(
+        mut ws: Ws,
+        name: &str,
+        loss: Option<(u64, Arc<std::sync::atomic::AtomicU64>)>,
+        feedback: CongestionFeedback,
+    ) -> Result<Self> {
         send(&mut ws, json!({"type": "join", "name": name})).await?;
         let joined = recv_type(&mut ws, "joined", Duration::from_secs(5)).await?;
         let participant_id = joined["participantId"]
