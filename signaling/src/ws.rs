@@ -14,7 +14,7 @@ use sfu::{
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::auth::Claims;
+use crate::auth::{Claims, Grants};
 use crate::budget::Budget;
 use crate::error::SignalError;
 use crate::metrics::ErrorCounts;
@@ -139,20 +139,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
     let (outbound, mut outbound_rx) = Outbound::new(OUTBOUND_QUEUE);
     let kick = outbound.clone();
     let mut shutdown = state.shutdown.clone();
-    let mut session = Session {
-        state,
-        claims,
-        peer,
-        outbound,
-        sfu_events: None,
-        membership: None,
-        relay_budget: Budget::new(RELAY_BURST, RELAY_PER_SECOND),
-        relay_bytes: Budget::new(RELAY_BYTES_BURST, RELAY_BYTES_PER_SECOND),
-        ending: false,
-        sfu_links_opened: 0,
-        close: None,
-        chat_budget: Budget::new(CHAT_BURST, CHAT_PER_SECOND),
-    };
+    let mut session = Session::new(state, claims, peer, outbound);
     let refusals = session.state.refusals.clone();
     let mut liveness = tokio::time::interval(LIVENESS_CHECK);
     let opened = Instant::now();
@@ -343,6 +330,23 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl Session {
+    fn new(state: AppState, claims: Claims, peer: Option<IpAddr>, outbound: Outbound) -> Self {
+        Session {
+            state,
+            claims,
+            peer,
+            outbound,
+            sfu_events: None,
+            membership: None,
+            relay_budget: Budget::new(RELAY_BURST, RELAY_PER_SECOND),
+            relay_bytes: Budget::new(RELAY_BYTES_BURST, RELAY_BYTES_PER_SECOND),
+            ending: false,
+            sfu_links_opened: 0,
+            close: None,
+            chat_budget: Budget::new(CHAT_BURST, CHAT_PER_SECOND),
+        }
+    }
+
     fn reply(&self, message: ServerMessage) {
         self.outbound.send(message);
     }
@@ -875,6 +879,88 @@ impl Session {
             link.publish.close().await;
         }
         tracing::info!("left");
+    }
+}
+
+/// What the dispatcher fuzz target in `fuzz/` drives: sessions of one room without sockets,
+/// each message handled as a socket's would be. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Sessions of one room, fed text frames.
+    pub struct Dispatcher {
+        sessions: Vec<Option<(Session, mpsc::Receiver<ToSession>)>>,
+    }
+
+    impl Dispatcher {
+        /// One session per entry of `grants`, each with a token for `room`.
+        pub fn new(state: &AppState, room: &str, grants: &[Grants]) -> Self {
+            let sessions = grants
+                .iter()
+                .enumerate()
+                .map(|(index, grants)| {
+                    let claims = Claims {
+                        sub: format!("user-{index}"),
+                        room: room.to_owned(),
+                        iat: 0,
+                        exp: u64::MAX,
+                        nbf: None,
+                        grants: *grants,
+                    };
+                    let (outbound, queue) = Outbound::new(OUTBOUND_QUEUE);
+                    Some((Session::new(state.clone(), claims, None, outbound), queue))
+                })
+                .collect();
+            Self { sessions }
+        }
+
+        /// Session `index` receives `text`; what the server queues for every session is taken
+        /// off its queue (mode changes applied first, as a socket does). False once that
+        /// session has ended.
+        pub async fn text(&mut self, index: usize, text: &str) -> bool {
+            let Some(slot) = self.sessions.get_mut(index) else {
+                return false;
+            };
+            let Some((session, _)) = slot else {
+                return false;
+            };
+            if let Flow::Leave = session.handle_text(text).await {
+                if let Some((mut session, _)) = slot.take() {
+                    session.leave().await;
+                }
+                return false;
+            }
+            self.drain().await;
+            true
+        }
+
+        async fn drain(&mut self) {
+            for slot in &mut self.sessions {
+                let Some((session, queue)) = slot else {
+                    continue;
+                };
+                while let Ok(entry) = queue.try_recv() {
+                    if let ToSession::Mode { mode, phase, .. } = entry
+                        && session.apply_mode(mode, phase).await.is_err()
+                    {
+                        if let Some((mut session, _)) = slot.take() {
+                            session.leave().await;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+
+        /// Every session leaves, as its socket closing would make it.
+        pub async fn leave_all(mut self) {
+            for slot in &mut self.sessions {
+                if let Some((mut session, _)) = slot.take() {
+                    session.leave().await;
+                }
+            }
+        }
     }
 }
 
