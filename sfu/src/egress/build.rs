@@ -1,0 +1,129 @@
+//! Building a subscribe connection: codecs, header extensions, interceptors (TWCC, sender
+//! reports, congestion control), ICE credentials and a host candidate on the shared socket.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use rtc::interceptor::{
+    CongestionControlBuilder, Registry, SenderReportBuilder, Slot, TwccSenderBuilder,
+};
+use rtc::peer_connection::RTCPeerConnection;
+use rtc::peer_connection::RTCPeerConnectionBuilder;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::configuration::media_engine::MediaEngine;
+use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpHeaderExtensionCapability, RtpCodecKind, TYPE_RTCP_FB_TRANSPORT_CC,
+};
+
+use super::{Bandwidth, Egress, IceCredentials};
+use crate::SfuError;
+use crate::connection::ice_settings;
+use crate::estimator::{Estimator, INITIAL_ESTIMATE, MAX_ESTIMATE, MIN_ESTIMATE};
+use crate::feedback::FeedbackInterceptor;
+
+impl Egress {
+    /// Builds a subscribe connection for this engine: its ICE ufrag (returned too, for routing),
+    /// its certificate and a host candidate on the shared socket for every announced address;
+    /// also where its bandwidth estimate (bits per second, 0 until the first one) is kept.
+    /// Runs in the caller's task, so key generation never holds up forwarding.
+    pub(crate) fn build_connection(
+        &self,
+    ) -> Result<(RTCPeerConnection, IceCredentials, Option<Arc<Bandwidth>>), SfuError> {
+        let credentials = IceCredentials {
+            ufrag: random_token(16),
+            pwd: random_token(32),
+        };
+        let mut engine = MediaEngine::default();
+        engine.register_default_codecs().map_err(SfuError::WebRtc)?;
+        let bandwidth = Arc::new(Bandwidth::default());
+        // Sender reports (the server receives nothing here, so it has nothing to report on,
+        // and every interceptor is a copy of each packet); NACKs are answered by the fanout
+        // from one cache per publication, through the feedback interceptor.
+        let mut registry = Registry::new()
+            .with(Slot::SenderReport, SenderReportBuilder::new().build())
+            .with(
+                Slot::from(14_000),
+                FeedbackInterceptor::new(self.nacks.clone())
+                    .with_estimate(bandwidth.estimate.clone())
+                    .with_remb_flag(bandwidth.from_remb.clone()),
+            );
+        if self.config.bandwidth_estimation {
+            // Transport-wide congestion control feedback (TWCC) from the subscriber, for the
+            // estimate of what its network carries: transport-wide sequence numbers on what
+            // leaves, and our estimator on the feedback (crate::estimator), without rtc's pacer:
+            // the engine paces each subscriber itself. The feedback interceptor keeps the
+            // estimate.
+            for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
+                engine.register_feedback(
+                    RTCPFeedback {
+                        typ: TYPE_RTCP_FB_TRANSPORT_CC.to_owned(),
+                        parameter: String::new(),
+                    },
+                    kind,
+                );
+                engine
+                    .register_header_extension(
+                        RTCRtpHeaderExtensionCapability {
+                            uri: crate::forwarder::TRANSPORT_SCOPED_EXTENSIONS[0].to_owned(),
+                        },
+                        kind,
+                        None,
+                    )
+                    .map_err(SfuError::WebRtc)?;
+            }
+            registry = registry
+                .with(Slot::TwccSender, TwccSenderBuilder::new().build())
+                .with(
+                    Slot::CongestionControl,
+                    CongestionControlBuilder::new(Estimator::new(
+                        INITIAL_ESTIMATE as f64,
+                        MIN_ESTIMATE as f64,
+                        MAX_ESTIMATE as f64,
+                        bandwidth.probes.clone(),
+                    ))
+                    .build(),
+                );
+        }
+        let settings = ice_settings(&self.config)
+            .with_ice_credentials(credentials.ufrag.clone(), credentials.pwd.clone())
+            .build();
+        let mut pc = RTCPeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(engine)
+            .with_setting_engine(settings)
+            .with_interceptor_registry(registry)
+            .build(Instant::now())
+            .map_err(SfuError::WebRtc)?;
+        for addr in self.announced.iter() {
+            let candidate = CandidateHostConfig {
+                base_config: CandidateConfig {
+                    network: "udp".to_owned(),
+                    address: addr.ip().to_string(),
+                    port: addr.port(),
+                    component: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .new_candidate_host()
+            .map_err(|err| SfuError::LocalCandidate(err.to_string()))?;
+            let init = RTCIceCandidate::from(&candidate)
+                .to_json()
+                .map_err(SfuError::WebRtc)?;
+            pc.add_local_candidate(init).map_err(SfuError::WebRtc)?;
+        }
+        let bandwidth = self.config.bandwidth_estimation.then_some(bandwidth);
+        Ok((pc, credentials, bandwidth))
+    }
+}
+
+/// ICE ufrag and password characters (RFC 8839: ice-char is ALPHA / DIGIT / "+" / "/").
+pub(super) fn random_token(len: usize) -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
+}

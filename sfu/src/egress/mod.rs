@@ -1,0 +1,286 @@
+//! The egress engine: every subscribe connection's peer connection, driven sans-I/O (the `rtc`
+//! core, no webrtc-rs driver task) by one task over one shared UDP socket.
+//!
+//! Why: forwarding through a webrtc-rs driver costs a task hop, a channel, a lock and a full
+//! driver-loop turn per packet per subscriber, then one `sendmsg` per datagram. Here a fanout
+//! hands the engine one message per published packet (all its subscriptions' rewritten copies);
+//! the engine encrypts each copy in its subscriber's connection and sends what has accumulated
+//! when its input runs dry, with one UDP GSO `sendmsg` per subscriber where the kernel offers it.
+//!
+//! One socket serves every subscribe connection. Inbound datagrams are routed by source address;
+//! the first one from an address must be a STUN request whose USERNAME names the connection's
+//! ICE ufrag (RFC 8445 7.2.2), which the engine chose itself.
+//!
+//! Here: the handle others hold ([`Egress`], [`EgressSender`]), its commands and counters. The
+//! loop is in `engine.rs`, the socket and the routing of datagrams in `socket.rs`, pacing in
+//! `pacer.rs`, and how a subscribe connection is built in `build.rs`.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use quinn_udp::UdpSocketState;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::RTCPeerConnection;
+use rtc::peer_connection::transport::RTCIceCandidateInit;
+use rtc::rtp_transceiver::RTCRtpSenderId;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use crate::admission::{Backlog, MediaSender};
+use crate::estimator::ProbeLog;
+use crate::exchange::{ConnId, FeedbackRoute};
+use crate::ids::ParticipantId;
+use crate::{SfuConfig, SfuError, SfuEvent};
+
+mod build;
+mod engine;
+mod pacer;
+mod socket;
+
+use engine::Engine;
+use socket::announced_addresses;
+pub use socket::{stun_integrity_ok, stun_local_ufrag};
+
+/// Forwarded batches the engine's media queue holds (one per published packet).
+const MEDIA_QUEUE: usize = 8192;
+/// Commands its control queue holds. A separate queue, so media never waits behind a storm of
+/// joins' offers and answers.
+const CONTROL_QUEUE: usize = 1024;
+/// Forwarded batches taken in one round before the engine writes and sends them.
+const MAX_INPUTS_PER_ROUND: usize = 256;
+/// Commands (offers, answers, opening and closing connections) handled in one round: each
+/// costs up to a millisecond of SDP work, and a storm of joins must not stall forwarding.
+const MAX_COMMANDS_PER_ROUND: usize = 4;
+/// Receive calls (each up to `quinn_udp::BATCH_SIZE` datagrams) in one round.
+const MAX_READS_PER_ROUND: usize = 4;
+/// Largest datagram accepted on the shared socket (one MTU with room to spare).
+const DATAGRAM_BUFFER: usize = 2048;
+/// Every connection's timers are re-read at least this often, so a timer armed by a write (a
+/// sender report's first schedule) is never missed for long.
+const HOUSEKEEPING: Duration = Duration::from_millis(20);
+/// UDP GSO payload limit per `sendmsg`.
+const MAX_GSO_BYTES: usize = 65_000;
+/// A probe cluster asks the link to carry this multiple of the estimate: its padding goes at
+/// that rate less what the subscriber receives already ([`Bandwidth::probe_rate`]). Padding at
+/// twice the estimate on top of the media made every probe about 2.7 times the link, and
+/// filled a shallow router queue that audio shares.
+pub(crate) const PROBE_FACTOR: u64 = 2;
+
+/// What the engine and the allocation share about one subscriber's bandwidth.
+#[derive(Debug, Default)]
+pub(crate) struct Bandwidth {
+    /// The send-side estimate, bits per second (0: none yet).
+    pub(crate) estimate: Arc<AtomicU64>,
+    /// The allocation is holding the subscriber's video to the estimate: pace to it.
+    pub(crate) limiting: AtomicBool,
+    /// The estimate is the subscriber's REMB (it sends no transport-wide feedback).
+    pub(crate) from_remb: Arc<AtomicBool>,
+    /// The rate of the next probe cluster's padding, bits per second: twice the estimate less
+    /// what the allocation sends (0: the estimate).
+    pub(crate) probe_rate: AtomicU64,
+    /// The lowest estimate of the last two seconds, bits per second (0: none yet): what video
+    /// is paced to. A probe can lift the estimate past the link for a moment; pacing to that
+    /// let bursts overflow the link's queue (audio and all) before the estimate came down.
+    pub(crate) pace_estimate: AtomicU64,
+    /// Probe clusters sent, for the estimator to measure.
+    pub(crate) probes: Arc<ProbeLog>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, SfuError>>;
+
+/// A subscribe connection's local ICE credentials: the ufrag routes a new address's STUN to
+/// it, the password proves the STUN came from its peer.
+pub(crate) struct IceCredentials {
+    pub(crate) ufrag: String,
+    pub(crate) pwd: String,
+}
+
+/// Remote addresses one subscribe connection is reached from at most (a client's host,
+/// server-reflexive and relayed candidates, over IPv4 and IPv6); a new one replaces the oldest.
+const MAX_ADDRESSES_PER_CONNECTION: usize = 8;
+
+/// A subscribe offer's SDP and each sender's `mid`.
+pub(crate) type OfferReply = (String, Vec<(String, RTCRtpSenderId)>);
+
+/// Commands to the engine (forwarded packets travel on their own queue).
+pub(crate) enum EgressInput {
+    /// A connection built by the caller (certificate and all), so the engine does no such work.
+    Open {
+        conn: ConnId,
+        pc: Box<RTCPeerConnection>,
+        credentials: IceCredentials,
+        participant: ParticipantId,
+        events: mpsc::UnboundedSender<SfuEvent>,
+        /// Present when the connection estimates its bandwidth: its video is then paced.
+        bandwidth: Option<Arc<Bandwidth>>,
+        reply: Reply<()>,
+    },
+    AddTrack {
+        conn: ConnId,
+        track: Box<MediaStreamTrack>,
+        feedback: FeedbackRoute,
+        reply: Reply<RTCRtpSenderId>,
+    },
+    RemoveTrack {
+        conn: ConnId,
+        sender: RTCRtpSenderId,
+        track_id: String,
+        reply: Reply<()>,
+    },
+    CreateOffer {
+        conn: ConnId,
+        reply: Reply<OfferReply>,
+    },
+    /// Applies an answer; replies with the payload type negotiated for each `(sender, mime)`.
+    ApplyAnswer {
+        conn: ConnId,
+        sdp: String,
+        wanted: Vec<(RTCRtpSenderId, String)>,
+        reply: Reply<Vec<Option<u8>>>,
+    },
+    AddCandidate {
+        conn: ConnId,
+        candidate: RTCIceCandidateInit,
+        reply: Reply<()>,
+    },
+    Close {
+        conn: ConnId,
+    },
+}
+
+/// Counters of the engine, read by metrics.
+#[derive(Debug, Default)]
+pub struct EgressStats {
+    /// Datagrams sent on the shared socket.
+    pub datagrams_sent: AtomicU64,
+    /// `sendmsg` calls that sent them (fewer than datagrams where GSO batches).
+    pub send_calls: AtomicU64,
+    /// Datagrams the kernel refused (buffer full after waiting, or an error).
+    pub send_errors: AtomicU64,
+    /// Inbound datagrams from an address no connection knows, dropped.
+    pub unrouted_datagrams: AtomicU64,
+    /// STUN requests from a new address that named a connection's ufrag but failed its
+    /// MESSAGE-INTEGRITY check (spoofed, or a stale client), dropped without remembering the
+    /// address.
+    pub unverified_stun: AtomicU64,
+    /// Remote addresses routed to a connection now.
+    pub routed_addresses: AtomicU64,
+    /// Forwarded packets a subscriber's connection refused (not yet connected, closed).
+    pub write_errors: AtomicU64,
+    /// Subscribe connections open now.
+    pub connections: AtomicU64,
+    /// Forwarded copies admitted and not yet written, as of the last round.
+    pub backlog: AtomicU64,
+    /// How many may be: what the engine can write in its 40 ms budget at its recent pace.
+    pub backlog_limit: AtomicU64,
+    /// Video packets dropped because a subscriber's pacer held more than it could send in
+    /// [`MAX_PACER_DELAY`] (its link is slower than what was allocated, for the moment), and
+    /// NACK resends dropped because the pacer already held that much.
+    pub paced_drops: AtomicU64,
+    /// Probe clusters sent (to find out whether a subscriber's link carries more).
+    pub probes_sent: AtomicU64,
+}
+
+/// The way into the engine: forwarded media (through admission) and commands.
+#[derive(Clone)]
+pub(crate) struct EgressSender {
+    pub(crate) media: MediaSender,
+    control: mpsc::Sender<EgressInput>,
+}
+
+impl EgressSender {
+    fn new(media: MediaSender, control: mpsc::Sender<EgressInput>) -> Self {
+        Self { media, control }
+    }
+
+    pub(crate) async fn send(&self, input: EgressInput) -> Result<(), SfuError> {
+        self.control
+            .send(input)
+            .await
+            .map_err(|_| SfuError::EngineStopped)
+    }
+
+    pub(crate) fn try_send(&self, input: EgressInput) -> bool {
+        self.control.try_send(input).is_ok()
+    }
+}
+
+/// A handle to the running engine. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Egress {
+    pub(crate) input: EgressSender,
+    pub(crate) stats: Arc<EgressStats>,
+    next_conn: Arc<AtomicU64>,
+    pub(crate) local_addr: SocketAddr,
+    announced: Arc<Vec<SocketAddr>>,
+    config: Arc<SfuConfig>,
+    nacks: Arc<AtomicU64>,
+}
+
+impl Egress {
+    /// Binds the shared socket and starts the engine task. Needs a Tokio runtime.
+    pub(crate) fn start(config: &SfuConfig, nacks: Arc<AtomicU64>) -> io::Result<Self> {
+        let ip = config
+            .media_ip
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let std_socket = std::net::UdpSocket::bind(SocketAddr::new(ip, config.udp_port))?;
+        std_socket.set_nonblocking(true)?;
+        let sock = socket2::SockRef::from(&std_socket);
+        // The kernel caps these at net.core.{r,w}mem_max; a smaller buffer still works.
+        if let Err(err) = sock.set_recv_buffer_size(config.socket_buffer_bytes) {
+            tracing::warn!(%err, "could not set the media socket receive buffer");
+        }
+        if let Err(err) = sock.set_send_buffer_size(config.socket_buffer_bytes) {
+            tracing::warn!(%err, "could not set the media socket send buffer");
+        }
+        let state = UdpSocketState::new((&std_socket).into())?;
+        let socket = tokio::net::UdpSocket::from_std(std_socket)?;
+        let local_addr = socket.local_addr()?;
+        let announced = announced_addresses(config, local_addr);
+        let announced_for_builder = announced.clone();
+        tracing::info!(%local_addr, ?announced, gso = state.max_gso_segments(), "subscribe media socket open");
+        let (media, media_queue) = mpsc::channel(MEDIA_QUEUE);
+        let (control, inputs) = mpsc::channel(CONTROL_QUEUE);
+        let backlog = Arc::new(Backlog::default());
+        let stats = Arc::new(EgressStats::default());
+        let crypto = rtc::crypto::default_provider().map_err(io::Error::other)?;
+        let engine = Engine::new(
+            socket,
+            state,
+            ip.is_unspecified(),
+            local_addr.port(),
+            announced,
+            (inputs, media_queue),
+            backlog.clone(),
+            stats.clone(),
+            crypto,
+        );
+        tokio::spawn(engine.run().instrument(tracing::info_span!("egress")));
+        Ok(Self {
+            input: EgressSender::new(MediaSender::new(media, backlog), control),
+            stats,
+            next_conn: Arc::new(AtomicU64::new(1)),
+            local_addr,
+            announced: Arc::new(announced_for_builder),
+            config: Arc::new(config.clone()),
+            nacks,
+        })
+    }
+
+    pub(crate) fn next_conn_id(&self) -> ConnId {
+        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Sends a command and waits for its reply.
+    pub(crate) async fn call<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> EgressInput,
+    ) -> Result<T, SfuError> {
+        let (reply, answer) = oneshot::channel();
+        self.input.send(make(reply)).await?;
+        answer.await.map_err(|_| SfuError::EngineStopped)?
+    }
+}
