@@ -42,6 +42,14 @@ pub struct Config {
     pub udp_port: u16,
     /// ICE servers handed to clients. Default: none.
     pub ice_servers: Vec<IceServer>,
+    /// TURN URLs handed to clients with short-lived credentials signed with `turn_secret`
+    /// (`turn:host:3478?transport=udp`, `...?transport=tcp`, `turns:host:443?transport=tcp`).
+    /// Default: none.
+    pub turn_urls: Vec<String>,
+    /// The secret shared with the TURN server (coturn's `static-auth-secret`). Default: none.
+    pub turn_secret: Option<String>,
+    /// How long a TURN credential stays valid, in seconds. Default 86,400.
+    pub turn_ttl_secs: u64,
     /// Participants a room admits. Default 100.
     pub max_participants: usize,
     /// Highest video bitrate a publisher is asked to send, in bits per second. Default 2,500,000.
@@ -106,6 +114,9 @@ impl Default for Config {
             public_ip: None,
             udp_port: 0,
             ice_servers: Vec::new(),
+            turn_urls: Vec::new(),
+            turn_secret: None,
+            turn_ttl_secs: 86_400,
             max_participants: 100,
             max_video_bitrate: 2_500_000,
             bandwidth_estimation: true,
@@ -247,6 +258,8 @@ pub enum PostureError {
     NoKeys(SocketAddr),
     #[error("API key {0:?} has a secret shorter than {min} bytes", min = crate::auth::MIN_SECRET_BYTES)]
     ShortSecret(String),
+    #[error("turn_urls and turn_secret go together: set both, or neither")]
+    TurnHalfConfigured,
 }
 
 impl Config {
@@ -258,6 +271,9 @@ impl Config {
             .find(|(_, secret)| secret.len() < crate::auth::MIN_SECRET_BYTES)
         {
             return Err(PostureError::ShortSecret(name.clone()));
+        }
+        if self.turn_urls.is_empty() != self.turn_secret.is_none() {
+            return Err(PostureError::TurnHalfConfigured);
         }
         if !self.api_keys.is_empty() {
             return Ok(Posture::Production);
@@ -367,6 +383,27 @@ mod tests {
             let cli = Cli::parse_from(["switchboard", "--config", "bad.toml"]);
             let err = Config::load(&cli).expect_err("typo must be refused");
             assert!(err.to_string().contains("max_participant"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn turn_urls_and_secret_come_from_the_environment_and_only_together() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "SWITCHBOARD_TURN_URLS",
+                r#"["turn:127.0.0.1:3478?transport=udp"]"#,
+            );
+            let cli = Cli::parse_from(["switchboard"]);
+            let config = Config::load(&cli).map_err(|e| e.to_string())?;
+            assert_eq!(config.turn_urls, ["turn:127.0.0.1:3478?transport=udp"]);
+            assert!(matches!(
+                config.posture(),
+                Err(PostureError::TurnHalfConfigured)
+            ));
+            jail.set_env("SWITCHBOARD_TURN_SECRET", "shared");
+            let config = Config::load(&cli).map_err(|e| e.to_string())?;
+            assert!(config.posture().is_ok());
             Ok(())
         });
     }

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod room;
 pub mod state;
+pub mod turn;
 pub mod ws;
 
 use std::net::SocketAddr;

@@ -633,7 +633,12 @@ impl Session {
                 peers,
                 chat,
                 resume_token: resume_token.to_owned(),
-                ice_servers: config.ice_servers.clone(),
+                ice_servers: config
+                    .ice_servers
+                    .iter()
+                    .cloned()
+                    .chain(crate::turn::ice_server(config, &self.claims.sub))
+                    .collect(),
                 max_video_bitrate: config.max_video_bitrate,
                 grants,
                 protocol: PROTOCOL_VERSION,
