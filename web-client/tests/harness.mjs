@@ -104,6 +104,20 @@ export async function fetchRooms(base) {
   return fetch(`${base}/api/rooms`, { headers: { authorization: `Bearer ${token}` }, signal: AbortSignal.timeout(5000) });
 }
 
+/**
+ * Runs in a page (`page.evaluate(joinInPage, {room, name})`): joins `room` with the SDK's
+ * defaults, keeps the Room as `window.__room`, and says what `joined` said.
+ * @param {{room: string, name: string}} arg
+ */
+export async function joinInPage({ room, name }) {
+  const w = /** @type {any} */ (window);
+  const sdk = await import('/src/client.js');
+  const r = new sdk.Room();
+  w.__room = r;
+  await r.connect(location.origin, { room, name });
+  return { participantId: r.participantId, mode: r.mode, iceServers: r.iceServers };
+}
+
 export const sleep = (/** @type {number} */ ms) => new Promise((r) => setTimeout(r, ms));
 
 function freePort() {

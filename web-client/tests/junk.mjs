@@ -7,23 +7,13 @@
 import dgram from 'node:dgram';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
-import { check, launchBrowser, openPage, outDir, run, sleep, startServer, step } from './harness.mjs';
+import { check, joinInPage, launchBrowser, openPage, outDir, run, sleep, startServer, step } from './harness.mjs';
 
 const ROOM = 'junk';
 const SECONDS = 10;
 const PER_SECOND = 100_000;
 const TOTAL_TIMEOUT_MS = 120_000;
 const LOG = 'junk-server.log';
-
-/** @param {{room: string, name: string}} arg */
-async function joinRoom({ room, name }) {
-  const w = /** @type {any} */ (window);
-  const sdk = await import('/src/client.js');
-  const r = new sdk.Room();
-  w.__room = r;
-  await r.connect(location.origin, { room, name });
-  return r.participantId;
-}
 
 /** In a page: the server's media ports, from both connections' remote descriptions. */
 function serverPorts() {
@@ -102,7 +92,7 @@ async function main() {
   const pages = [];
   for (const name of ['ann', 'bob']) {
     const page = await openPage(`junk-${name}`, base, `${base}/healthz`);
-    await page.evaluate(joinRoom, { room: ROOM, name });
+    await page.evaluate(joinInPage, { room: ROOM, name });
     pages.push(page);
   }
   await sleep(4000);

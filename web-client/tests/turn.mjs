@@ -7,7 +7,7 @@
 import { spawn } from 'node:child_process';
 import { createWriteStream, mkdirSync } from 'node:fs';
 import path from 'node:path';
-import { check, launchBrowser, openPage, outDir, run, sleep, startServer, step, stopServer } from './harness.mjs';
+import { check, joinInPage, launchBrowser, openPage, outDir, run, sleep, startServer, step, stopServer } from './harness.mjs';
 
 const SECRET = 'a-secret-shared-with-the-turn-server';
 const TURN_PORT = 3479;
@@ -25,16 +25,6 @@ function relayOnly() {
       w.__pcs.push(this);
     }
   };
-}
-
-/** @param {{room: string, name: string}} arg */
-async function joinRoom({ room, name }) {
-  const w = /** @type {any} */ (window);
-  const sdk = await import('/src/client.js');
-  const r = new sdk.Room();
-  w.__room = r;
-  await r.connect(location.origin, { room, name });
-  return { mode: r.mode, iceServers: r.iceServers };
 }
 
 /** In a page: decoded video frames, and the candidate types of the pairs in use. */
@@ -82,7 +72,7 @@ async function callThroughTurn(base, room, expectMode) {
   const pages = [];
   for (const name of ['Ann', 'Bob']) {
     const page = await openPage(`turn-${expectMode}-${name}`, base, `${base}/?room=none`, relayOnly);
-    const joined = await page.evaluate(joinRoom, { room, name });
+    const joined = await page.evaluate(joinInPage, { room, name });
     pages.push({ name, page, joined });
   }
   const handed = pages[0].joined.iceServers.find((/** @type {any} */ s) => s.urls.some((/** @type {string} */ u) => u.startsWith('turn:')));
@@ -133,7 +123,7 @@ async function main() {
       process.env.SWITCHBOARD_TURN_SECRET = 'not-the-secret-the-turn-server-shares';
       const base = await startServer('turn-wrong.log', ['--mesh-max', '0']);
       const page = await openPage('turn-wrong', base, `${base}/?room=none`, relayOnly);
-      await page.evaluate(joinRoom, { room: 'turn-wrong', name: 'Eve' });
+      await page.evaluate(joinInPage, { room: 'turn-wrong', name: 'Eve' });
       await sleep(5000);
       const relays = await page.evaluate(async () => {
         let count = 0;
