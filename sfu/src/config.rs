@@ -12,8 +12,8 @@ pub struct SfuConfig {
     /// Public addresses announced in ICE instead of the local ones (NAT 1:1, e.g. a cloud VM's
     /// elastic IP). Default: empty.
     pub public_ips: Vec<String>,
-    /// UDP port of the one socket every subscribe connection shares (publish connections still
-    /// open one ephemeral port each). 0 lets the system choose. Default: 0.
+    /// UDP port of the one socket every connection, publish and subscribe, shares. 0 lets the
+    /// system choose. Default: 0.
     pub udp_port: u16,
     /// Receive and send buffer of every media socket, in bytes. Default: 4 MiB, because with the
     /// kernel defaults a busy forwarder loses packets at the socket.

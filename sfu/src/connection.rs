@@ -4,7 +4,11 @@
 use std::time::Duration;
 
 use rtc::ice::mdns::MulticastDnsMode;
-use webrtc::peer_connection::SettingEngineBuilder;
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+
+/// The audio-level header extension (RFC 6464): how loud each audio packet is, so the server
+/// can tell who speaks without decoding.
+pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
 
 /// Which of a participant's two connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

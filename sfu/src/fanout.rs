@@ -9,16 +9,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp;
 use rtc::shared::marshal::MarshalSize;
 use tokio::sync::mpsc;
-use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
 use crate::SfuEvent;
 use crate::admission::{Admission, MediaSender, Refused};
 use crate::allocation::Grant;
-use crate::exchange::{Class, ConnId, FeedbackRoute, Outgoing, SubscriberFeedback, SubscriptionId};
+use crate::exchange::{
+    Class, ConnId, FeedbackRoute, KeyframeRoute, Outgoing, SubscriberFeedback, SubscriptionId,
+    TrackInput,
+};
 use crate::feedback::KeyframeThrottle;
 use crate::forwarder::{
     ALL_TEMPORAL_LAYERS, DropReason, Forwarder, ForwarderParams, PacketCache, Resend,
@@ -252,7 +253,10 @@ pub(crate) struct FanoutOwner {
 }
 
 pub(crate) struct Fanout {
-    pub(crate) track: Arc<dyn TrackRemote>,
+    /// The publisher's packets, from the engine.
+    pub(crate) track: mpsc::Receiver<TrackInput>,
+    /// Where keyframe requests go.
+    pub(crate) upstream: KeyframeRoute,
     pub(crate) kind: MediaKind,
     pub(crate) mime: String,
     pub(crate) clock_rate: u32,
@@ -337,8 +341,8 @@ impl Fanout {
                     Some(FanoutCommand::End) | None => break,
                     Some(command) => self.apply(command, &mut slots).await,
                 },
-                event = self.track.poll() => match event {
-                    Some(TrackRemoteEvent::OnRtpPacket(packet)) => {
+                input = self.track.recv() => match input {
+                    Some(TrackInput::Rtp(packet)) => {
                         if let Some(id) = self.audio_level_id {
                             self.read_level(&packet, id);
                         }
@@ -348,11 +352,11 @@ impl Fanout {
                         let wanted = self.forward(packet, layer, &mut slots);
                         self.request_keyframes(wanted).await;
                     }
-                    Some(TrackRemoteEvent::OnOpen(init)) => {
-                        self.layers.open(init.ssrc, init.rid.as_deref());
+                    Some(TrackInput::Open { ssrc, rid }) => {
+                        self.layers.open(ssrc, rid.as_deref());
                     }
-                    Some(TrackRemoteEvent::OnEnded) | None => break,
-                    Some(_) => {}
+                    // The track closed, or its connection did.
+                    None => break,
                 },
                 _ = tick.tick() => {
                     self.publish_counts();
@@ -835,15 +839,8 @@ impl Fanout {
         let Some(media_ssrc) = self.layers.ssrc(layer) else {
             return;
         };
-        let pli = PictureLossIndication {
-            sender_ssrc: 0,
-            media_ssrc,
-        };
-        match self.track.write_rtcp(vec![Box::new(pli)]).await {
-            Ok(()) => {
-                self.stats.keyframe_requests.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(err) => tracing::debug!(%err, "keyframe request not sent"),
+        if self.upstream.request(media_ssrc) {
+            self.stats.keyframe_requests.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

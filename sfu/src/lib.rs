@@ -5,16 +5,16 @@
 //! [`Sfu`], [`PublishTransport`] and [`SubscribeTransport`] and hears back through [`SfuEvent`]s.
 //!
 //! ## Tasks and ownership
-//! - Each publish transport is one webrtc-rs peer connection, whose driver task owns its UDP
-//!   socket (with 4 MiB buffers, see [`SfuConfig::socket_buffer_bytes`]).
+//! - Every transport, publish and subscribe, is a sans-I/O `rtc` peer connection owned by the
+//!   engine: one task and one UDP socket ([`SfuConfig::udp_port`], with 4 MiB buffers, see
+//!   [`SfuConfig::socket_buffer_bytes`]) for all of them. It hands each packet a publisher sends
+//!   to the publication's fanout through a bounded queue.
 //! - Each [`Publication`] has one fanout task. It alone owns the publication's forwarders (one
 //!   per subscription) and counters; subscribe transports change them only through commands
 //!   applied between packets, so no lock is taken per packet.
-//! - Every subscribe transport is a sans-I/O `rtc` peer connection owned by the egress engine:
-//!   one task and one UDP socket ([`SfuConfig::udp_port`]) for all of them. A fanout hands it
-//!   each published packet's copies in one bounded-queue message (`try_send`: when the engine
-//!   is behind, the packet is dropped for those subscribers, who restart at a keyframe); the
-//!   engine encrypts them and sends them with UDP GSO batches.
+//! - A fanout hands the engine each published packet's copies in one bounded-queue message
+//!   (`try_send`: when the engine is behind, the packet is dropped for those subscribers, who
+//!   restart at a keyframe); the engine encrypts them and sends them with UDP GSO batches.
 //!
 //! ## Panics
 //! Nothing a peer sends can make this crate panic: malformed SDP, RTP and RTCP are errors or
@@ -36,7 +36,6 @@ pub mod forwarder;
 mod ids;
 pub mod keyframe;
 pub mod layers;
-mod runtime;
 mod transport;
 pub mod vp8;
 
@@ -63,11 +62,11 @@ pub use egress::EgressStats;
 pub use fanout::{LayerStats, PublicationStats};
 pub use feedback::{FeedbackInterceptor, KeyframeThrottle};
 pub use ids::{MediaKind, ParticipantId, PublicationId, Source};
+pub use rtc::peer_connection::transport::RTCIceCandidateInit;
 pub use transport::{
     AUDIO_LEVEL_URI, Allocation, AllocationChange, DeclaredTrack, MAX_PUBLISH_SECTIONS,
     OfferedSubscription, PublishTransport, SubscribeTransport,
 };
-pub use webrtc::peer_connection::RTCIceCandidateInit;
 
 /// Errors of the media plane.
 #[derive(Debug, thiserror::Error)]
@@ -75,14 +74,14 @@ pub use webrtc::peer_connection::RTCIceCandidateInit;
 pub enum SfuError {
     /// The SDP could not be parsed or applied.
     #[error("invalid SDP: {0}")]
-    InvalidSdp(#[source] webrtc::error::Error),
+    InvalidSdp(#[source] rtc::shared::error::Error),
     /// A publish offer with more media sections than [`MAX_PUBLISH_SECTIONS`].
     #[error("at most {max} media sections per publish connection, not {got}", max = MAX_PUBLISH_SECTIONS)]
     TooManySections {
         /// How many the offer has.
         got: usize,
     },
-    /// The egress engine could not open its UDP socket.
+    /// The engine could not open its UDP socket.
     #[error("cannot open the media socket on port {port}: {source}")]
     MediaSocket {
         /// The configured port (0: any).
@@ -91,10 +90,10 @@ pub enum SfuError {
         #[source]
         source: std::io::Error,
     },
-    /// The egress engine has stopped (the server is shutting down).
+    /// The engine has stopped (the server is shutting down).
     #[error("the media engine has stopped")]
     EngineStopped,
-    /// A subscribe connection that the engine no longer has.
+    /// A connection that the engine no longer has.
     #[error("the connection is closed")]
     ConnectionClosed,
     /// A local candidate for the shared media socket could not be made.
@@ -103,12 +102,15 @@ pub enum SfuError {
     /// The publication ended while it was being subscribed to.
     #[error("the publication has ended")]
     PublicationEnded,
+    /// An offer for a connection that does not publish (a bug in the caller).
+    #[error("not a publish connection")]
+    NotPublishing,
     /// The connection produced no local description.
     #[error("no local description")]
     NoLocalDescription,
     /// webrtc-rs refused an operation.
     #[error("webrtc: {0}")]
-    WebRtc(#[from] webrtc::error::Error),
+    WebRtc(#[from] rtc::shared::error::Error),
 }
 
 /// What the media plane tells its owner.
@@ -240,12 +242,11 @@ impl SfuStats {
 
 pub(crate) struct Shared {
     pub(crate) config: SfuConfig,
-    pub(crate) runtime: Arc<dyn webrtc::runtime::Runtime>,
     pub(crate) nacks: Arc<AtomicU64>,
     pub(crate) tasks: LiveTasks,
     live: Mutex<HashMap<PublicationId, Arc<PublicationStats>>>,
     retired: Mutex<SfuStats>,
-    /// Started by the first subscribe transport (it needs the Tokio runtime).
+    /// Started by the first transport (it needs the Tokio runtime).
     egress: Mutex<Option<egress::Egress>>,
 }
 
@@ -293,13 +294,12 @@ pub struct Sfu {
 }
 
 impl Sfu {
-    /// A media plane with `config`. Sockets are opened per transport, not here.
+    /// A media plane with `config`. Its one socket is opened by the first transport (or
+    /// [`Sfu::start_egress`]), not here.
     pub fn new(config: SfuConfig) -> Self {
-        let runtime = Arc::new(runtime::MediaRuntime::new(config.socket_buffer_bytes));
         Self {
             shared: Arc::new(Shared {
                 config,
-                runtime,
                 nacks: Arc::new(AtomicU64::new(0)),
                 tasks: LiveTasks::default(),
                 live: Mutex::new(HashMap::new()),
@@ -332,7 +332,7 @@ impl Sfu {
         SubscribeTransport::new(self.shared.clone(), participant, events).await
     }
 
-    /// Media-plane tasks and connections alive now: `(fanout tasks, subscribe connections)`.
+    /// Media-plane tasks and connections alive now: `(fanout tasks, peer connections)`.
     pub fn live_tasks(&self) -> (u64, u64) {
         let connections = self
             .egress_stats()
@@ -343,8 +343,8 @@ impl Sfu {
         )
     }
 
-    /// Opens the shared subscribe socket and starts the egress engine now, rather than at the
-    /// first subscribe transport; returns the socket's address. Needs a Tokio runtime.
+    /// Opens the shared media socket and starts the engine now, rather than at the first
+    /// transport; returns the socket's address. Needs a Tokio runtime.
     pub fn start_egress(&self) -> Result<std::net::SocketAddr, SfuError> {
         Ok(self.shared.egress()?.local_addr)
     }
@@ -355,7 +355,7 @@ impl Sfu {
         slot.as_ref().map(|egress| egress.stats.clone())
     }
 
-    /// The shared UDP address of subscribe connections, once the engine has started.
+    /// The shared UDP address of every connection, once the engine has started.
     pub fn egress_addr(&self) -> Option<std::net::SocketAddr> {
         let slot = self.shared.egress.lock().ok()?;
         slot.as_ref().map(|egress| egress.local_addr)

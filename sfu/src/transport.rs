@@ -1,4 +1,5 @@
-//! Server-side peer connections on webrtc-rs: the async edge of the media plane.
+//! Server-side peer connections: the async handles through which signaling drives the
+//! connections the engine owns.
 //!
 //! A participant has a publish transport (the client offers, the server answers and receives)
 //! and a subscribe transport (the server offers and sends). Offers on each are made by one side
@@ -6,31 +7,27 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::transport::RTCIceCandidateInit;
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability,
-    RtpCodecKind,
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::Instrument;
-use webrtc::media_stream::track_remote::TrackRemote;
-use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
-    RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState,
-    RTCPeerConnectionState, RTCSessionDescription, Registry, register_default_interceptors,
-};
 
 use crate::allocation::{
     Allocator, Demand, Grant, KEEP_DENOMINATOR, KEEP_NUMERATOR, RISE_DENOMINATOR, RISE_NUMERATOR,
     Steady, allocate, unlimited_cost,
 };
-use crate::connection::{TransportKind, ice_settings};
+pub use crate::connection::AUDIO_LEVEL_URI;
 use crate::egress::{Bandwidth, Egress, EgressInput, PROBE_FACTOR};
-use crate::exchange::{ConnId, SubscriptionId};
+use crate::exchange::{
+    ConnId, KeyframeRoute, OpenedTrack, PublishSink, SubscriptionId, TrackInput, Upstream,
+};
 use crate::fanout::{
     AUDIO_CACHE_PACKETS, Counts, Dynacast, Fanout, FanoutCommand, FanoutOwner, PublicationStats,
     Route, VIDEO_CACHE_PACKETS, feedback_route,
@@ -41,8 +38,6 @@ use crate::ids::{MediaKind, ParticipantId, PublicationId, Source};
 use crate::keyframe::VideoCodec;
 use crate::layers::Layers;
 use crate::{Publication, SfuError, SfuEvent, Shared};
-
-const GATHERING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Media sections a publish connection may carry: microphone, camera, screen and its audio, with
 /// room to spare. Every section costs a fanout here and a section in every subscriber's
@@ -104,115 +99,12 @@ pub fn with_video_bandwidth(sdp: &str, bits_per_second: u64) -> String {
     out
 }
 
-/// The audio-level header extension (RFC 6464): how loud each audio packet is, so the server
-/// can tell who speaks without decoding.
-pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
-
 /// The RTP stream id extension (RFC 8852): which simulcast encoding a packet belongs to.
 const RID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
 
-fn media_engine() -> Result<MediaEngine, SfuError> {
-    let mut engine = MediaEngine::default();
-    engine.register_default_codecs()?;
-    engine.register_header_extension(
-        RTCRtpHeaderExtensionCapability {
-            uri: AUDIO_LEVEL_URI.to_owned(),
-        },
-        RtpCodecKind::Audio,
-        None,
-    )?;
-    Ok(engine)
-}
-
-/// Tells the owner when gathering completes and when the connection fails.
-struct TransportHandler {
-    participant: ParticipantId,
-    kind: TransportKind,
-    gathered: watch::Sender<bool>,
-    events: mpsc::UnboundedSender<SfuEvent>,
-    publish: Option<Weak<PublishShared>>,
-}
-
-#[async_trait::async_trait]
-impl PeerConnectionEventHandler for TransportHandler {
-    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
-        if state == RTCIceGatheringState::Complete {
-            self.gathered.send_replace(true);
-        }
-    }
-
-    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
-        tracing::debug!(participant = %self.participant, kind = ?self.kind, %state, "transport state");
-        if state == RTCPeerConnectionState::Failed {
-            let _ = self.events.send(SfuEvent::TransportFailed {
-                participant: self.participant.clone(),
-                kind: self.kind,
-            });
-        }
-    }
-
-    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
-        if let Some(shared) = self.publish.as_ref().and_then(Weak::upgrade) {
-            shared.start_publication(track).await;
-        }
-    }
-}
-
-/// A publish connection on webrtc-rs (subscribe connections live in the egress engine).
-async fn build_connection(
-    shared: &Arc<Shared>,
-    handler: Arc<dyn PeerConnectionEventHandler>,
-) -> Result<Arc<dyn PeerConnection>, SfuError> {
-    let mut engine = media_engine()?;
-    // NACK generator (losses upstream are NACKed), TWCC feedback (the publisher's estimate ramps
-    // up), sender and receiver reports.
-    let registry = register_default_interceptors(Registry::new(), &mut engine)?;
-    let mut settings = ice_settings(&shared.config);
-    if !shared.config.public_ips.is_empty() {
-        settings =
-            settings.with_nat_1to1_ips(shared.config.public_ips.clone(), RTCIceCandidateType::Host);
-    }
-    let ip = shared
-        .config
-        .media_ip
-        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-    if ip.is_loopback() {
-        settings = settings.with_include_loopback_candidate(true);
-    }
-    let pc = PeerConnectionBuilder::new()
-        .with_configuration(RTCConfigurationBuilder::new().build())
-        .with_media_engine(engine)
-        .with_setting_engine(settings.build())
-        .with_interceptor_registry(registry)
-        .with_handler(handler)
-        .with_runtime(shared.runtime.clone())
-        .with_udp_addrs(vec![std::net::SocketAddr::new(ip, 0)])
-        .build()
-        .await?;
-    Ok(Arc::new(pc))
-}
-
-/// Sets a local description and returns it with every local candidate in it.
-async fn local_sdp_after_gathering(
-    pc: &Arc<dyn PeerConnection>,
-    gathered: &mut watch::Receiver<bool>,
-    desc: RTCSessionDescription,
-) -> Result<String, SfuError> {
-    pc.set_local_description(desc).await?;
-    // Host candidates only: gathering takes milliseconds. A timeout still yields a usable SDP.
-    let started = std::time::Instant::now();
-    if tokio::time::timeout(GATHERING_TIMEOUT, gathered.wait_for(|done| *done))
-        .await
-        .is_err()
-    {
-        tracing::warn!("ICE gathering did not complete in {GATHERING_TIMEOUT:?}");
-    }
-    tracing::debug!(elapsed = ?started.elapsed(), "local description ready");
-    pc.local_description()
-        .await
-        .map(|desc| desc.sdp)
-        .ok_or(SfuError::NoLocalDescription)
-}
+/// Packets of one publication waiting for its fanout. A fanout takes each in microseconds; this
+/// covers a stall of a few frames of a simulcast camera before packets are dropped (counted).
+const TRACK_QUEUE: usize = 512;
 
 // ---------------------------------------------------------------------------------------------
 // Publish
@@ -221,14 +113,13 @@ pub(crate) struct PublishShared {
     shared: Arc<Shared>,
     participant: ParticipantId,
     events: mpsc::UnboundedSender<SfuEvent>,
+    /// The engine, for keyframe requests.
+    egress: Egress,
     /// What the publisher says each track of its latest offer is.
     declared: Mutex<Vec<DeclaredTrack>>,
     extensions: Mutex<Vec<(String, u16)>>,
     /// The rids each section of the latest offer sends in simulcast, by `mid`.
     simulcast: Mutex<Vec<(String, Vec<String>)>>,
-    /// The connection itself, to find a track's media section (set once it is built; weak, as
-    /// the connection's handler holds this).
-    pc: OnceLock<Weak<dyn PeerConnection>>,
     /// Running publications by the `mid` of their section, to end them when a re-offer stops
     /// that section.
     running: Mutex<Vec<(String, PublicationId, mpsc::Sender<FanoutCommand>)>>,
@@ -327,36 +218,30 @@ pub(crate) fn find_declared<'a>(
         })
 }
 
-impl PublishShared {
-    /// The `mid` of the media section `track` arrives on.
-    async fn mid_of(&self, track: &Arc<dyn TrackRemote>) -> Option<String> {
-        let pc = self.pc.get()?.upgrade()?;
-        for transceiver in pc.get_transceivers().await {
-            let Ok(Some(receiver)) = transceiver.receiver().await else {
-                continue;
-            };
-            if Arc::ptr_eq(receiver.track(), track) {
-                return transceiver.mid().await.ok().flatten();
-            }
-        }
-        None
-    }
+/// What the engine holds of a publish transport: it starts publications.
+struct Publisher(Arc<PublishShared>);
 
-    async fn start_publication(self: Arc<Self>, track: Arc<dyn TrackRemote>) {
-        let Some(media_ssrc) = track.ssrcs().await.first().copied() else {
-            tracing::warn!(parent: &self.span, "publisher track has no SSRC");
-            return;
-        };
-        let Some(codec) = track.codec(media_ssrc).await else {
-            tracing::warn!(parent: &self.span, "publisher track has no codec");
-            return;
-        };
-        let msid_track_id = track.track_id().await;
-        let kind = match track.kind().await {
+impl PublishSink for Publisher {
+    fn track_opened(&self, track: OpenedTrack) -> Option<mpsc::Sender<TrackInput>> {
+        Some(self.0.start_publication(track))
+    }
+}
+
+impl PublishShared {
+    fn start_publication(self: &Arc<Self>, track: OpenedTrack) -> mpsc::Sender<TrackInput> {
+        let OpenedTrack {
+            conn,
+            receiver,
+            mid,
+            msid_track_id,
+            kind,
+            codec,
+            ssrc: media_ssrc,
+        } = track;
+        let kind = match kind {
             RtpCodecKind::Audio => MediaKind::Audio,
             _ => MediaKind::Video,
         };
-        let mid = self.mid_of(&track).await;
         let declared =
             self.declared.lock().ok().and_then(|declared| {
                 find_declared(&declared, mid.as_deref(), &msid_track_id).cloned()
@@ -418,8 +303,17 @@ impl PublishShared {
         let span = tracing::info_span!(parent: &self.span, "fanout", publication = %id, kind = kind.as_str(), source = source.as_str(), mid = mid.as_deref().unwrap_or(""), codec = %codec.mime_type, layers = layers.count());
         tracing::info!(parent: &span, "publication started");
         let layer_count = layers.count();
+        let (queue, track) = mpsc::channel(TRACK_QUEUE);
+        let egress = self.egress.input.clone();
+        let upstream = Upstream { conn, receiver };
         let fanout = Fanout {
             track,
+            upstream: KeyframeRoute::new(move |media_ssrc| {
+                egress.try_send(EgressInput::RequestKeyframe {
+                    upstream,
+                    media_ssrc,
+                })
+            }),
             kind,
             mime: codec.mime_type.clone(),
             clock_rate: codec.clock_rate,
@@ -474,16 +368,29 @@ impl PublishShared {
             }
             .instrument(span),
         );
+        queue
     }
 }
 
-/// The connection a participant publishes on. Dropping it does not close it: call
-/// [`PublishTransport::close`].
+/// The connection a participant publishes on, driven by the engine over the shared media
+/// socket. The publisher makes every offer on it. Cheap to clone; the connection closes on
+/// [`PublishTransport::close`], or when the last clone is dropped.
 #[derive(Clone)]
 pub struct PublishTransport {
-    pc: Arc<dyn PeerConnection>,
     shared: Arc<PublishShared>,
-    gathered: watch::Receiver<bool>,
+    conn: Arc<PublishConn>,
+}
+
+/// The publish connection in the engine, closed when the last handle goes.
+struct PublishConn {
+    egress: Egress,
+    conn: ConnId,
+}
+
+impl Drop for PublishConn {
+    fn drop(&mut self) {
+        self.egress.close_soon(self.conn);
+    }
 }
 
 impl PublishTransport {
@@ -492,32 +399,38 @@ impl PublishTransport {
         participant: ParticipantId,
         events: mpsc::UnboundedSender<SfuEvent>,
     ) -> Result<Self, SfuError> {
+        let egress = shared.egress()?;
+        let conn = egress.next_conn_id();
         let span = tracing::info_span!("publish", participant = %participant);
         let publish = Arc::new(PublishShared {
             shared: shared.clone(),
             participant: participant.clone(),
             events: events.clone(),
+            egress: egress.clone(),
             declared: Mutex::new(Vec::new()),
             extensions: Mutex::new(Vec::new()),
             simulcast: Mutex::new(Vec::new()),
-            pc: OnceLock::new(),
             running: Mutex::new(Vec::new()),
             span,
         });
-        let (gathered_tx, gathered) = watch::channel(false);
-        let handler = Arc::new(TransportHandler {
-            participant,
-            kind: TransportKind::Publish,
-            gathered: gathered_tx,
-            events,
-            publish: Some(Arc::downgrade(&publish)),
-        });
-        let pc = build_connection(&shared, handler).await?;
-        let _ = publish.pc.set(Arc::downgrade(&pc));
+        // The certificate is made here, in the caller's task, never in the engine's.
+        let (pc, credentials) = egress.build_publish_connection()?;
+        let publisher: Arc<dyn PublishSink> = Arc::new(Publisher(publish.clone()));
+        egress
+            .call(|reply| EgressInput::Open {
+                conn,
+                pc: Box::new(pc),
+                credentials,
+                participant,
+                events,
+                bandwidth: None,
+                publisher: Some(publisher),
+                reply,
+            })
+            .await?;
         Ok(Self {
-            pc,
             shared: publish,
-            gathered,
+            conn: Arc::new(PublishConn { egress, conn }),
         })
     }
 
@@ -533,26 +446,28 @@ impl PublishTransport {
         if sections > MAX_PUBLISH_SECTIONS {
             return Err(SfuError::TooManySections { got: sections });
         }
-        let offer = RTCSessionDescription::offer(offer_sdp).map_err(SfuError::InvalidSdp)?;
         if let Ok(mut known) = self.shared.declared.lock() {
             // Replaced, not extended: what the publisher no longer sends is forgotten.
             *known = declared;
         }
         if let Ok(mut extensions) = self.shared.extensions.lock() {
-            *extensions = extmap(&offer.sdp);
+            *extensions = extmap(&offer_sdp);
         }
         if let Ok(mut simulcast) = self.shared.simulcast.lock() {
-            *simulcast = simulcast_rids(&offer.sdp);
+            *simulcast = simulcast_rids(&offer_sdp);
         }
-        let stopped = sections_not_sending(&offer.sdp);
-        self.pc
-            .set_remote_description(offer)
-            .await
-            .map_err(SfuError::InvalidSdp)?;
+        let stopped = sections_not_sending(&offer_sdp);
+        let conn = self.conn.conn;
+        let sdp = self
+            .conn
+            .egress
+            .call(|reply| EgressInput::AnswerOffer {
+                conn,
+                sdp: offer_sdp,
+                reply,
+            })
+            .await?;
         self.end_publications_on(&stopped).await;
-        let answer = self.pc.create_answer(None).await?;
-        let mut gathered = self.gathered.clone();
-        let sdp = local_sdp_after_gathering(&self.pc, &mut gathered, answer).await?;
         Ok(with_video_bandwidth(
             &sdp,
             self.shared.shared.config.max_video_bitrate,
@@ -584,14 +499,27 @@ impl PublishTransport {
 
     /// Adds a candidate the publisher trickled.
     pub async fn add_ice_candidate(&self, candidate: RTCIceCandidateInit) -> Result<(), SfuError> {
-        Ok(self.pc.add_ice_candidate(candidate).await?)
+        let conn = self.conn.conn;
+        self.conn
+            .egress
+            .call(|reply| EgressInput::AddCandidate {
+                conn,
+                candidate,
+                reply,
+            })
+            .await
     }
 
     /// Closes the connection; every publication on it ends.
     pub async fn close(&self) {
-        if let Err(err) = self.pc.close().await {
-            tracing::debug!(%err, "closing publish transport");
-        }
+        let _ = self
+            .conn
+            .egress
+            .input
+            .send(EgressInput::Close {
+                conn: self.conn.conn,
+            })
+            .await;
     }
 }
 
@@ -711,6 +639,7 @@ impl SubscribeTransport {
                 participant: owner,
                 events,
                 bandwidth: bandwidth.clone(),
+                publisher: None,
                 reply,
             })
             .await?;
@@ -1212,15 +1141,7 @@ impl Drop for SubscribeTransport {
                 .try_send(FanoutCommand::Remove { key: state.key });
         }
         if !self.closed {
-            let input = self.egress.input.clone();
-            let conn = self.conn;
-            if !input.try_send(EgressInput::Close { conn })
-                && let Ok(runtime) = tokio::runtime::Handle::try_current()
-            {
-                runtime.spawn(async move {
-                    let _ = input.send(EgressInput::Close { conn }).await;
-                });
-            }
+            self.egress.close_soon(self.conn);
         }
     }
 }

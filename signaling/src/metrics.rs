@@ -230,7 +230,7 @@ fn media_rows(state: &AppState) -> Vec<Row> {
             (
                 Kind::Counter,
                 "egress_datagrams",
-                "Datagrams sent on the shared subscribe socket",
+                "Datagrams sent on the shared media socket",
                 egress.datagrams_sent.load(Relaxed),
             ),
             (
@@ -242,7 +242,7 @@ fn media_rows(state: &AppState) -> Vec<Row> {
             (
                 Kind::Counter,
                 "egress_send_errors",
-                "Datagrams the kernel refused on the shared subscribe socket",
+                "Datagrams the kernel refused on the shared media socket",
                 egress.send_errors.load(Relaxed),
             ),
             (
@@ -254,7 +254,7 @@ fn media_rows(state: &AppState) -> Vec<Row> {
             (
                 Kind::Counter,
                 "egress_unrouted_datagrams",
-                "Inbound datagrams from an address no subscribe connection knows",
+                "Inbound datagrams from an address no connection knows",
                 egress.unrouted_datagrams.load(Relaxed),
             ),
             (
@@ -266,7 +266,7 @@ fn media_rows(state: &AppState) -> Vec<Row> {
             (
                 Kind::Gauge,
                 "egress_routed_addresses",
-                "Remote addresses routed to a subscribe connection now (at most 8 per connection)",
+                "Remote addresses routed to a connection now (at most 8 per connection)",
                 egress.routed_addresses.load(Relaxed),
             ),
             (
@@ -292,6 +292,18 @@ fn media_rows(state: &AppState) -> Vec<Row> {
                 "egress_probes",
                 "Probe clusters sent to learn whether a subscriber's link carries more",
                 egress.probes_sent.load(Relaxed),
+            ),
+            (
+                Kind::Gauge,
+                "media_connections",
+                "Peer connections (publish and subscribe) open in the media engine",
+                egress.connections.load(Relaxed),
+            ),
+            (
+                Kind::Counter,
+                "ingress_drops",
+                "Publishers' packets dropped because their publication's fanout had not taken the ones before",
+                egress.ingress_drops.load(Relaxed),
             ),
         ]);
     }

@@ -1,5 +1,5 @@
 // Junk UDP against a live call: two Chromium pages in an SFU room, then random datagrams (and
-// datagrams shaped like RTP and STUN) fired at every media port the server offered them, from
+// datagrams shaped like RTP and STUN) fired at the media port the server offered them, from
 // addresses the server does not know. The call must lose nothing, and the server's log must
 // stay quiet: counters in /metrics, not a line per datagram.
 // Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/junk.mjs
@@ -97,9 +97,10 @@ async function main() {
   }
   await sleep(4000);
   const ports = [...new Set((await Promise.all(pages.map((p) => p.evaluate(serverPorts)))).flat())];
-  check('the server offered its media ports', ports.length >= 2, ports.join(', '));
+  // Publish and subscribe connections share one port: junk has nowhere else to go.
+  check('both connections name the one media port', ports.length === 1, ports.join(', '));
 
-  await step(`${PER_SECOND} junk datagrams a second for ${SECONDS} s at every media port`, async () => {
+  await step(`${PER_SECOND} junk datagrams a second for ${SECONDS} s at the media port`, async () => {
     const before = await Promise.all(pages.map((p) => p.evaluate(received)));
     const noiseBefore = noisyLines();
     const metricsBefore = await (await fetch(`${base}/metrics`)).text();
@@ -131,7 +132,9 @@ async function main() {
       after.every((a, i) => a.video > before[i].video + 50 && a.audio > before[i].audio + 200),
       JSON.stringify({ before, after }),
     );
-    check('the junk is counted in /metrics', unrouted(metricsAfter) > unrouted(metricsBefore), `${unrouted(metricsAfter) - unrouted(metricsBefore)} unrouted datagrams counted`);
+    // Counted, each one (the kernel may drop some when its buffer fills at this rate).
+    const counted = unrouted(metricsAfter) - unrouted(metricsBefore);
+    check('the junk is counted in /metrics', counted >= sent / 2 && counted <= sent, `${counted} of ${sent} unrouted datagrams counted`);
   });
 }
 

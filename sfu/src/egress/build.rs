@@ -1,5 +1,6 @@
-//! Building a subscribe connection: codecs, header extensions, interceptors (TWCC, sender
-//! reports, congestion control), ICE credentials and a host candidate on the shared socket.
+//! Building a connection: codecs, header extensions, interceptors (for a subscriber TWCC,
+//! sender reports and congestion control; for a publisher NACKs, receiver reports and TWCC
+//! feedback), ICE credentials and a host candidate on the shared socket.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,6 +11,7 @@ use rtc::interceptor::{
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::MediaEngine;
 use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
 use rtc::rtp_transceiver::rtp_sender::{
@@ -85,6 +87,47 @@ impl Egress {
                     .build(),
                 );
         }
+        let pc = self.finish(engine, registry, &credentials)?;
+        let bandwidth = self.config.bandwidth_estimation.then_some(bandwidth);
+        Ok((pc, credentials, bandwidth))
+    }
+
+    /// Builds a publish connection for this engine, as [`Egress::build_connection`] does a
+    /// subscribe one: it receives every default codec, the audio level, `mid` and simulcast
+    /// header extensions, NACKs what it loses, and gives the publisher receiver reports and
+    /// transport-wide feedback, so the publisher's own estimate can ramp up.
+    pub(crate) fn build_publish_connection(
+        &self,
+    ) -> Result<(RTCPeerConnection, IceCredentials), SfuError> {
+        let credentials = IceCredentials {
+            ufrag: random_token(16),
+            pwd: random_token(32),
+        };
+        let mut engine = MediaEngine::default();
+        engine.register_default_codecs().map_err(SfuError::WebRtc)?;
+        engine
+            .register_header_extension(
+                RTCRtpHeaderExtensionCapability {
+                    uri: crate::connection::AUDIO_LEVEL_URI.to_owned(),
+                },
+                RtpCodecKind::Audio,
+                None,
+            )
+            .map_err(SfuError::WebRtc)?;
+        let registry = register_default_interceptors(Registry::new(), &mut engine)
+            .map_err(SfuError::WebRtc)?;
+        let pc = self.finish(engine, registry, &credentials)?;
+        Ok((pc, credentials))
+    }
+
+    /// The connection itself, with a host candidate on the shared socket for every announced
+    /// address.
+    fn finish(
+        &self,
+        engine: MediaEngine,
+        registry: Registry,
+        credentials: &IceCredentials,
+    ) -> Result<RTCPeerConnection, SfuError> {
         let settings = ice_settings(&self.config)
             .with_ice_credentials(credentials.ufrag.clone(), credentials.pwd.clone())
             .build();
@@ -113,8 +156,7 @@ impl Egress {
                 .map_err(SfuError::WebRtc)?;
             pc.add_local_candidate(init).map_err(SfuError::WebRtc)?;
         }
-        let bandwidth = self.config.bandwidth_estimation.then_some(bandwidth);
-        Ok((pc, credentials, bandwidth))
+        Ok(pc)
     }
 }
 

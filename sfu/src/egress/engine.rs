@@ -25,6 +25,7 @@ use rtc::shared::TaggedBytesMut;
 use tokio::sync::mpsc;
 
 use super::pacer::{PACING_FACTOR, Pacer, list_pacer, packet_bytes};
+use super::publish::PublishTracks;
 use super::socket::push_pending;
 use super::{
     Bandwidth, DATAGRAM_BUFFER, EgressInput, EgressStats, HOUSEKEEPING, IceCredentials,
@@ -38,6 +39,7 @@ use crate::{SfuError, SfuEvent};
 
 pub(super) struct Conn {
     pub(super) pc: RTCPeerConnection,
+    pub(super) kind: TransportKind,
     pub(super) participant: ParticipantId,
     pub(super) events: mpsc::UnboundedSender<SfuEvent>,
     pub(super) ufrag: String,
@@ -58,6 +60,8 @@ pub(super) struct Conn {
     pub(super) answered: bool,
     pub(super) bandwidth: Option<Arc<Bandwidth>>,
     pub(super) pacer: Pacer,
+    /// A publish connection's tracks: where each one's packets go.
+    pub(super) publish: Option<PublishTracks>,
     pub(super) span: tracing::Span,
 }
 
@@ -308,10 +312,34 @@ impl Engine {
                 participant,
                 events,
                 bandwidth,
+                publisher,
                 reply,
             } => {
-                self.open(conn, *pc, credentials, participant, events, bandwidth);
+                let publish = publisher.map(PublishTracks::new);
+                self.open(
+                    conn,
+                    *pc,
+                    credentials,
+                    participant,
+                    events,
+                    bandwidth,
+                    publish,
+                );
                 let _ = reply.send(Ok(()));
+            }
+            EgressInput::AnswerOffer { conn, sdp, reply } => {
+                let result = self.with_conn(conn, |c| c.answer_offer(sdp));
+                let _ = reply.send(result);
+                self.pump(conn);
+            }
+            EgressInput::RequestKeyframe {
+                upstream,
+                media_ssrc,
+            } => {
+                if let Some(c) = self.conns.get_mut(&upstream.conn) {
+                    c.request_keyframe(upstream.receiver, media_ssrc);
+                }
+                self.pump(upstream.conn);
             }
             EgressInput::AddTrack {
                 conn,
@@ -431,6 +459,7 @@ impl Engine {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn open(
         &mut self,
         id: ConnId,
@@ -439,14 +468,26 @@ impl Engine {
         participant: ParticipantId,
         events: mpsc::UnboundedSender<SfuEvent>,
         bandwidth: Option<Arc<Bandwidth>>,
+        publish: Option<PublishTracks>,
     ) {
-        let span = tracing::info_span!("subscribe", participant = %participant);
+        let kind = if publish.is_some() {
+            TransportKind::Publish
+        } else {
+            TransportKind::Subscribe
+        };
+        let span = match kind {
+            TransportKind::Publish => tracing::info_span!("publish", participant = %participant),
+            TransportKind::Subscribe => {
+                tracing::info_span!("subscribe", participant = %participant)
+            }
+        };
         let IceCredentials { ufrag, pwd } = credentials;
         self.by_ufrag.insert(ufrag.clone(), id);
         self.conns.insert(
             id,
             Conn {
                 pc,
+                kind,
                 participant,
                 events,
                 ufrag,
@@ -459,6 +500,7 @@ impl Engine {
                 answered: false,
                 bandwidth,
                 pacer: Pacer::default(),
+                publish,
                 span,
             },
         );
@@ -471,7 +513,7 @@ impl Engine {
             return;
         };
         if let Err(err) = conn.pc.close() {
-            tracing::debug!(parent: &conn.span, %err, "closing subscribe connection");
+            tracing::debug!(parent: &conn.span, %err, "closing connection");
         }
         // Whatever closing produced (a DTLS close_notify) still goes out.
         while let Some(write) = conn.pc.poll_write() {
@@ -485,7 +527,8 @@ impl Engine {
             .routed_addresses
             .fetch_sub(conn.addrs.len() as u64, Ordering::Relaxed);
         self.stats.connections.fetch_sub(1, Ordering::Relaxed);
-        tracing::debug!(parent: &conn.span, "subscribe connection closed");
+        // Dropping the connection drops its tracks' queues: their fanouts end.
+        tracing::debug!(parent: &conn.span, "connection closed");
     }
 
     pub(super) fn close_all(&mut self) {
@@ -690,30 +733,44 @@ impl Engine {
             writes.push(write);
         }
         while let Some(event) = conn.pc.poll_event() {
-            if let RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) = event {
-                tracing::debug!(parent: &conn.span, %state, "subscribe connection state");
-                match state {
-                    RTCPeerConnectionState::Connected => conn.connected = true,
-                    // Disconnected may pass (ICE keeps checking): keep sending meanwhile.
-                    RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
-                        conn.connected = false
+            match event {
+                RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
+                    tracing::debug!(parent: &conn.span, %state, "connection state");
+                    match state {
+                        RTCPeerConnectionState::Connected => conn.connected = true,
+                        // Disconnected may pass (ICE keeps checking): keep sending meanwhile.
+                        RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
+                            conn.connected = false
+                        }
+                        _ => {}
                     }
-                    _ => {}
+                    if state == RTCPeerConnectionState::Failed && !conn.failed {
+                        conn.failed = true;
+                        let _ = conn.events.send(SfuEvent::TransportFailed {
+                            participant: conn.participant.clone(),
+                            kind: conn.kind,
+                        });
+                    }
                 }
-                if state == RTCPeerConnectionState::Failed && !conn.failed {
-                    conn.failed = true;
-                    let _ = conn.events.send(SfuEvent::TransportFailed {
-                        participant: conn.participant.clone(),
-                        kind: TransportKind::Subscribe,
-                    });
-                }
+                RTCPeerConnectionEvent::OnTrack(event) => conn.track_event(id, event),
+                _ => {}
             }
         }
         while let Some(message) = conn.pc.poll_read() {
-            if let RTCMessage::RtcpPacket(track_id, packets) = message.message
-                && let Some(route) = conn.feedback.get(&track_id)
-            {
-                route_feedback(route, &packets);
+            match message.message {
+                RTCMessage::RtpPacket(track_id, packet) => {
+                    if let Some(publish) = conn.publish.as_mut()
+                        && !publish.deliver(&track_id, packet)
+                    {
+                        self.stats.ingress_drops.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                RTCMessage::RtcpPacket(track_id, packets) => {
+                    if let Some(route) = conn.feedback.get(&track_id) {
+                        route_feedback(route, &packets);
+                    }
+                }
+                _ => {}
             }
         }
         conn.deadline = conn.pc.poll_timeout();

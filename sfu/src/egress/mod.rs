@@ -1,19 +1,23 @@
-//! The egress engine: every subscribe connection's peer connection, driven sans-I/O (the `rtc`
-//! core, no webrtc-rs driver task) by one task over one shared UDP socket.
+//! The engine: every peer connection, publish and subscribe, driven sans-I/O (the `rtc` core,
+//! no webrtc-rs driver task) by one task over one shared UDP socket.
 //!
 //! Why: forwarding through a webrtc-rs driver costs a task hop, a channel, a lock and a full
 //! driver-loop turn per packet per subscriber, then one `sendmsg` per datagram. Here a fanout
 //! hands the engine one message per published packet (all its subscriptions' rewritten copies);
 //! the engine encrypts each copy in its subscriber's connection and sends what has accumulated
 //! when its input runs dry, with one UDP GSO `sendmsg` per subscriber where the kernel offers it.
+//! A publisher's packets come in on the same socket: the engine decrypts them in the publish
+//! connection and hands each to its publication's fanout.
 //!
-//! One socket serves every subscribe connection. Inbound datagrams are routed by source address;
-//! the first one from an address must be a STUN request whose USERNAME names the connection's
-//! ICE ufrag (RFC 8445 7.2.2), which the engine chose itself.
+//! One socket serves every connection, so an operator opens one UDP port. Inbound datagrams are
+//! routed by source address; the first one from an address must be a STUN request whose
+//! USERNAME names the connection's ICE ufrag (RFC 8445 7.2.2), which the engine chose itself,
+//! signed with the connection's ICE password.
 //!
 //! Here: the handle others hold ([`Egress`], [`EgressSender`]), its commands and counters. The
 //! loop is in `engine.rs`, the socket and the routing of datagrams in `socket.rs`, pacing in
-//! `pacer.rs`, and how a subscribe connection is built in `build.rs`.
+//! `pacer.rs`, a publish connection's tracks in `publish.rs`, and how a connection is built in
+//! `build.rs`.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -31,13 +35,14 @@ use tracing::Instrument;
 
 use crate::admission::{Backlog, MediaSender};
 use crate::estimator::ProbeLog;
-use crate::exchange::{ConnId, FeedbackRoute};
+use crate::exchange::{ConnId, FeedbackRoute, PublishSink, Upstream};
 use crate::ids::ParticipantId;
 use crate::{SfuConfig, SfuError, SfuEvent};
 
 mod build;
 mod engine;
 mod pacer;
+mod publish;
 mod socket;
 
 use engine::Engine;
@@ -91,14 +96,14 @@ pub(crate) struct Bandwidth {
 
 type Reply<T> = oneshot::Sender<Result<T, SfuError>>;
 
-/// A subscribe connection's local ICE credentials: the ufrag routes a new address's STUN to
+/// A connection's local ICE credentials: the ufrag routes a new address's STUN to
 /// it, the password proves the STUN came from its peer.
 pub(crate) struct IceCredentials {
     pub(crate) ufrag: String,
     pub(crate) pwd: String,
 }
 
-/// Remote addresses one subscribe connection is reached from at most (a client's host,
+/// Remote addresses one connection is reached from at most (a client's host,
 /// server-reflexive and relayed candidates, over IPv4 and IPv6); a new one replaces the oldest.
 const MAX_ADDRESSES_PER_CONNECTION: usize = 8;
 
@@ -116,7 +121,21 @@ pub(crate) enum EgressInput {
         events: mpsc::UnboundedSender<SfuEvent>,
         /// Present when the connection estimates its bandwidth: its video is then paced.
         bandwidth: Option<Arc<Bandwidth>>,
+        /// Present for a publish connection: who starts a publication when a track opens.
+        publisher: Option<Arc<dyn PublishSink>>,
         reply: Reply<()>,
+    },
+    /// Applies a publisher's (re-)offer; replies with the answer, local candidates in it.
+    AnswerOffer {
+        conn: ConnId,
+        sdp: String,
+        reply: Reply<String>,
+    },
+    /// Asks a publisher for a keyframe of the stream `media_ssrc` (a PLI). No reply: a fanout
+    /// never waits on the engine.
+    RequestKeyframe {
+        upstream: Upstream,
+        media_ssrc: u32,
     },
     AddTrack {
         conn: ConnId,
@@ -170,8 +189,11 @@ pub struct EgressStats {
     pub routed_addresses: AtomicU64,
     /// Forwarded packets a subscriber's connection refused (not yet connected, closed).
     pub write_errors: AtomicU64,
-    /// Subscribe connections open now.
+    /// Peer connections (publish and subscribe) open now.
     pub connections: AtomicU64,
+    /// Packets from publishers dropped because their publication's fanout had not taken the
+    /// ones before (its queue was full).
+    pub ingress_drops: AtomicU64,
     /// Forwarded copies admitted and not yet written, as of the last round.
     pub backlog: AtomicU64,
     /// How many may be: what the engine can write in its 40 ms budget at its recent pace.
@@ -241,7 +263,7 @@ impl Egress {
         let local_addr = socket.local_addr()?;
         let announced = announced_addresses(config, local_addr);
         let announced_for_builder = announced.clone();
-        tracing::info!(%local_addr, ?announced, gso = state.max_gso_segments(), "subscribe media socket open");
+        tracing::info!(%local_addr, ?announced, gso = state.max_gso_segments(), "media socket open");
         let (media, media_queue) = mpsc::channel(MEDIA_QUEUE);
         let (control, inputs) = mpsc::channel(CONTROL_QUEUE);
         let backlog = Arc::new(Backlog::default());
@@ -268,6 +290,19 @@ impl Egress {
             config: Arc::new(config.clone()),
             nacks,
         })
+    }
+
+    /// Closes `conn` without waiting, as a dropped handle must: at once when the command queue
+    /// has room, else from a task.
+    pub(crate) fn close_soon(&self, conn: ConnId) {
+        let input = self.input.clone();
+        if !input.try_send(EgressInput::Close { conn })
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = input.send(EgressInput::Close { conn }).await;
+            });
+        }
     }
 
     pub(crate) fn next_conn_id(&self) -> ConnId {
