@@ -12,9 +12,13 @@ pub struct SfuConfig {
     /// Public addresses announced in ICE instead of the local ones (NAT 1:1, e.g. a cloud VM's
     /// elastic IP). Default: empty.
     pub public_ips: Vec<String>,
-    /// UDP port of the one socket every connection, publish and subscribe, shares. 0 lets the
-    /// system choose. Default: 0.
+    /// UDP port of the first media thread's socket; thread `i` binds `udp_port + i`. Every
+    /// connection, publish and subscribe, shares its thread's socket. 0 lets the system choose
+    /// each. Default: 0.
     pub udp_port: u16,
+    /// Media threads (engines), each with its own socket and port: a connection is placed on
+    /// the one with the fewest connections. Default: the number of CPUs.
+    pub media_threads: usize,
     /// Receive and send buffer of every media socket, in bytes. Default: 4 MiB, because with the
     /// kernel defaults a busy forwarder loses packets at the socket.
     pub socket_buffer_bytes: usize,
@@ -41,6 +45,7 @@ impl Default for SfuConfig {
             media_ip: None,
             public_ips: Vec::new(),
             udp_port: 0,
+            media_threads: std::thread::available_parallelism().map_or(1, usize::from),
             socket_buffer_bytes: 4 * 1024 * 1024,
             keyframe_request_interval: Duration::from_millis(500),
             max_video_bitrate: 2_500_000,

@@ -14,7 +14,7 @@ use rtc::shared::marshal::MarshalSize;
 use tokio::sync::mpsc;
 
 use crate::SfuEvent;
-use crate::admission::{Admission, MediaSender, Refused};
+use crate::admission::{Admission, MediaSender};
 use crate::allocation::Grant;
 use crate::exchange::{
     Class, ConnId, FeedbackRoute, KeyframeRoute, Outgoing, SubscriberFeedback, SubscriptionId,
@@ -714,10 +714,11 @@ impl Fanout {
         }
         let mut batch: Vec<Outgoing> = Vec::with_capacity(slots.len());
         let class = self.class();
-        // Every slot shares one engine today; a slot of another engine gets its own message.
+        // One message per engine (media thread): the first engine's copies in `batch`, any
+        // other engine's in a group of its own, allocated only when there is one.
         let mut egress: Option<&MediaSender> = None;
         self.in_batch.clear();
-        let mut others = Vec::new();
+        let mut others: Vec<(MediaSender, Vec<Outgoing>, Vec<usize>)> = Vec::new();
         let mut probing = Vec::new();
         for (index, slot) in slots.iter_mut().enumerate() {
             match slot.forwarder.forward(&packet, layer, now) {
@@ -742,8 +743,14 @@ impl Fanout {
                         egress = Some(&slot.route.egress);
                         batch.push(outgoing);
                         self.in_batch.push(index);
+                    } else if let Some((_, copies, indices)) = others
+                        .iter_mut()
+                        .find(|(tx, _, _)| tx.same_engine(&slot.route.egress))
+                    {
+                        copies.push(outgoing);
+                        indices.push(index);
                     } else {
-                        others.push((index, outgoing));
+                        others.push((slot.route.egress.clone(), vec![outgoing], vec![index]));
                     }
                 }
                 Err(DropReason::WaitingForKeyframe) => {
@@ -761,17 +768,17 @@ impl Fanout {
         let mut forwarded = 0;
         let mut lost: Vec<usize> = Vec::new();
         let mut closed = false;
+        // Slots keep their order, so under overload the same subscriptions keep being served
+        // fully and the rest wait for keyframes, rather than everyone in turn. The rest of a
+        // video frame whose first packet went out goes out too (a frame cut short costs a
+        // keyframe wait); new frames are admitted only within the limit.
+        let continues_frame = self.frame_timestamp == Some(packet.header.timestamp);
+        let admission = match self.kind {
+            MediaKind::Audio => Admission::Priority,
+            MediaKind::Video if continues_frame => Admission::FrameRest,
+            MediaKind::Video => Admission::Normal,
+        };
         if let Some(tx) = egress {
-            // Slots keep their order, so under overload the same subscriptions keep being
-            // served fully and the rest wait for keyframes, rather than everyone in turn.
-            // The rest of a video frame whose first packet went out goes out too (a frame cut
-            // short costs a keyframe wait); new frames are admitted only within the limit.
-            let continues_frame = self.frame_timestamp == Some(packet.header.timestamp);
-            let admission = match self.kind {
-                MediaKind::Audio => Admission::Priority,
-                MediaKind::Video if continues_frame => Admission::FrameRest,
-                MediaKind::Video => Admission::Normal,
-            };
             match tx.try_forward_some(&mut batch, admission) {
                 Ok(admitted) => {
                     forwarded = admitted as u64;
@@ -780,11 +787,13 @@ impl Fanout {
                 Err(_) => closed = true,
             }
         }
-        for (index, outgoing) in others {
-            match slots[index].route.egress.try_forward(vec![outgoing]) {
-                Ok(()) => forwarded += 1,
-                Err(Refused::Overloaded) => lost.push(index),
-                Err(Refused::Closed) => closed = true,
+        for (tx, mut copies, indices) in others {
+            match tx.try_forward_some(&mut copies, admission) {
+                Ok(admitted) => {
+                    forwarded += admitted as u64;
+                    lost.extend_from_slice(&indices[admitted..]);
+                }
+                Err(_) => closed = true,
             }
         }
         for index in lost {

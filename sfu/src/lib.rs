@@ -246,29 +246,55 @@ pub(crate) struct Shared {
     pub(crate) tasks: LiveTasks,
     live: Mutex<HashMap<PublicationId, Arc<PublicationStats>>>,
     retired: Mutex<SfuStats>,
-    /// Started by the first transport (it needs the Tokio runtime).
-    egress: Mutex<Option<egress::Egress>>,
+    /// One engine per media thread, started by the first transport (they need the Tokio
+    /// runtime).
+    engines: Mutex<Vec<egress::Egress>>,
 }
 
 impl Shared {
-    /// The egress engine, started on first use.
-    pub(crate) fn egress(&self) -> Result<egress::Egress, SfuError> {
+    /// The engines, started on first use.
+    fn engines(&self) -> Result<Vec<egress::Egress>, SfuError> {
         // A panic while holding this lock is a bug; the slot itself is still sound.
-        let mut slot = self
-            .egress
+        let mut engines = self
+            .engines
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        if let Some(egress) = slot.as_ref() {
-            return Ok(egress.clone());
-        }
-        let egress = egress::Egress::start(&self.config, self.nacks.clone()).map_err(|source| {
-            SfuError::MediaSocket {
-                port: self.config.udp_port,
-                source,
+        if engines.is_empty() {
+            let threads = self.config.media_threads.max(1);
+            let mut started = Vec::with_capacity(threads);
+            for index in 0..threads {
+                let port = match self.config.udp_port {
+                    0 => Some(0),
+                    first => u16::try_from(index)
+                        .ok()
+                        .and_then(|index| first.checked_add(index)),
+                };
+                let port = port.ok_or(SfuError::MediaSocket {
+                    port: self.config.udp_port,
+                    source: std::io::Error::other("udp_port + media_threads passes 65535"),
+                })?;
+                let egress = egress::Egress::start(&self.config, port, index, self.nacks.clone())
+                    .map_err(|source| SfuError::MediaSocket { port, source })?;
+                started.push(egress);
             }
-        })?;
-        *slot = Some(egress.clone());
-        Ok(egress)
+            *engines = started;
+        }
+        Ok(engines.clone())
+    }
+
+    /// The engine a new connection goes to: the one with the fewest connections.
+    pub(crate) fn egress(&self) -> Result<egress::Egress, SfuError> {
+        self.engines()?
+            .into_iter()
+            .min_by_key(|egress| egress.stats.connections.load(Ordering::Relaxed))
+            .ok_or(SfuError::EngineStopped)
+    }
+
+    fn started_engines(&self) -> Vec<egress::Egress> {
+        self.engines
+            .lock()
+            .map(|engines| engines.clone())
+            .unwrap_or_default()
     }
 
     pub(crate) fn register_publication(&self, id: &PublicationId, stats: Arc<PublicationStats>) {
@@ -304,7 +330,7 @@ impl Sfu {
                 tasks: LiveTasks::default(),
                 live: Mutex::new(HashMap::new()),
                 retired: Mutex::new(SfuStats::default()),
-                egress: Mutex::new(None),
+                engines: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -343,22 +369,46 @@ impl Sfu {
         )
     }
 
-    /// Opens the shared media socket and starts the engine now, rather than at the first
-    /// transport; returns the socket's address. Needs a Tokio runtime.
-    pub fn start_egress(&self) -> Result<std::net::SocketAddr, SfuError> {
-        Ok(self.shared.egress()?.local_addr)
+    /// Opens the media sockets and starts the engines now, rather than at the first
+    /// transport; returns the sockets' addresses, one per media thread. Needs a Tokio runtime.
+    pub fn start_egress(&self) -> Result<Vec<std::net::SocketAddr>, SfuError> {
+        Ok(self
+            .shared
+            .engines()?
+            .iter()
+            .map(|egress| egress.local_addr)
+            .collect())
     }
 
-    /// The egress engine's counters, once it has started.
-    pub fn egress_stats(&self) -> Option<Arc<EgressStats>> {
-        let slot = self.shared.egress.lock().ok()?;
-        slot.as_ref().map(|egress| egress.stats.clone())
+    /// The engines' counters, summed over media threads, once they have started.
+    pub fn egress_stats(&self) -> Option<EgressStats> {
+        let engines = self.shared.started_engines();
+        if engines.is_empty() {
+            return None;
+        }
+        let total = EgressStats::default();
+        for egress in &engines {
+            total.add(&egress.stats);
+        }
+        Some(total)
     }
 
-    /// The shared UDP address of every connection, once the engine has started.
-    pub fn egress_addr(&self) -> Option<std::net::SocketAddr> {
-        let slot = self.shared.egress.lock().ok()?;
-        slot.as_ref().map(|egress| egress.local_addr)
+    /// Connections open on each media thread now (empty before the engines start).
+    pub fn connections_per_thread(&self) -> Vec<u64> {
+        self.shared
+            .started_engines()
+            .iter()
+            .map(|egress| egress.stats.connections.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The media sockets' addresses, one per media thread, once the engines have started.
+    pub fn media_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.shared
+            .started_engines()
+            .iter()
+            .map(|egress| egress.local_addr)
+            .collect()
     }
 
     /// Totals since start.

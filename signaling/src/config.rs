@@ -38,8 +38,11 @@ pub struct Config {
     pub media_ip: Option<IpAddr>,
     /// Public IP announced in ICE instead of the local one (NAT 1:1). Default: none.
     pub public_ip: Option<String>,
-    /// UDP port every subscribe connection shares. 0 lets the system choose. Default 0.
+    /// UDP port of the first media thread; thread `i` uses `udp_port + i`, and every
+    /// connection shares its thread's port. 0 lets the system choose each. Default 0.
     pub udp_port: u16,
+    /// Media threads, each with its own UDP port. 0: one per CPU. Default 0.
+    pub media_threads: usize,
     /// ICE servers handed to clients. Default: none.
     pub ice_servers: Vec<IceServer>,
     /// TURN URLs handed to clients with short-lived credentials signed with `turn_secret`
@@ -113,6 +116,7 @@ impl Default for Config {
             media_ip: None,
             public_ip: None,
             udp_port: 0,
+            media_threads: 0,
             ice_servers: Vec::new(),
             turn_urls: Vec::new(),
             turn_secret: None,
@@ -165,10 +169,15 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_ip: Option<String>,
-    /// UDP port all subscribe connections share; 0 = chosen by the system [default: 0].
+    /// UDP port of the first media thread (thread i uses udp_port + i); 0 = chosen by the
+    /// system [default: 0].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub udp_port: Option<u16>,
+    /// Media threads, each with its own UDP port; 0 = one per CPU [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub media_threads: Option<usize>,
     /// A STUN or TURN URL handed to clients (repeatable; TURN credentials go in the TOML file).
     #[arg(long = "ice-server")]
     #[serde(skip)]
@@ -325,6 +334,10 @@ impl Config {
                 .or((!bind_ip.is_unspecified()).then_some(bind_ip)),
             public_ips: self.public_ip.iter().cloned().collect(),
             udp_port: self.udp_port,
+            media_threads: match self.media_threads {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                threads => threads,
+            },
             max_video_bitrate: self.max_video_bitrate,
             bandwidth_estimation: self.bandwidth_estimation,
             ..sfu::SfuConfig::default()

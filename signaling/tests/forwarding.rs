@@ -1,5 +1,5 @@
 //! One webrtc-rs publisher and three webrtc-rs subscribers in a room, through the real
-//! signaling and media plane: every subscriber gets the publisher's payloads byte for byte and
+//! signaling and media plane, their connections spread over two media threads: every subscriber gets the publisher's payloads byte for byte and
 //! in order, knows whose they are, and stops receiving after the publisher leaves.
 
 mod support;
@@ -43,6 +43,13 @@ async fn a_publisher_reaches_every_subscriber_byte_for_byte() -> Result<()> {
         subscribers.push(TestClient::join(&server, "forwarding", &format!("sub{i}")).await?);
     }
     publisher.publish().await?;
+    // Both media threads hold connections: some subscribers receive from another thread's
+    // publisher.
+    let spread = server.state().sfu.connections_per_thread();
+    ensure!(
+        spread.len() == 2 && spread.iter().all(|&connections| connections > 0),
+        "connections per media thread: {spread:?}"
+    );
     let (audio_pt, video_pt) = publisher.payload_types().await?;
     let audio = publisher.audio.clone().expect("publishing");
     let video = publisher.video.clone().expect("publishing");

@@ -46,13 +46,16 @@ async fn spoofed_stun_from_many_addresses_is_not_remembered() -> Result<()> {
         .context("no ufrag in the offer")?
         .trim()
         .to_owned();
-    let egress = server.state().sfu.egress_stats().context("no egress")?;
-    let target = server
-        .state()
-        .sfu
-        .egress_addr()
-        .context("no egress address")?;
-    let routed_before = egress.routed_addresses.load(Relaxed);
+    // The port of the media thread Bob's subscribe connection is on, from its candidate.
+    let port: u16 = offer
+        .lines()
+        .find_map(|line| line.strip_prefix("a=candidate:"))
+        .and_then(|candidate| candidate.split_whitespace().nth(5))
+        .and_then(|port| port.parse().ok())
+        .context("no candidate port in the offer")?;
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let stats = || server.state().sfu.egress_stats().context("no egress");
+    let routed_before = stats()?.routed_addresses.load(Relaxed);
 
     for _ in 0..SPOOFED_ADDRESSES {
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
@@ -62,17 +65,17 @@ async fn spoofed_stun_from_many_addresses_is_not_remembered() -> Result<()> {
     }
     // The engine reads them all.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while egress.unverified_stun.load(Relaxed) < SPOOFED_ADDRESSES as u64
+    while stats()?.unverified_stun.load(Relaxed) < SPOOFED_ADDRESSES as u64
         && std::time::Instant::now() < deadline
     {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let unverified = egress.unverified_stun.load(Relaxed);
+    let unverified = stats()?.unverified_stun.load(Relaxed);
     ensure!(
         unverified >= SPOOFED_ADDRESSES as u64,
         "{unverified} of {SPOOFED_ADDRESSES} forged requests counted"
     );
-    let routed = egress.routed_addresses.load(Relaxed);
+    let routed = stats()?.routed_addresses.load(Relaxed);
     ensure!(
         routed == routed_before,
         "routed addresses went from {routed_before} to {routed}"

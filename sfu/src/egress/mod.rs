@@ -59,8 +59,13 @@ const MAX_INPUTS_PER_ROUND: usize = 256;
 /// Commands (offers, answers, opening and closing connections) handled in one round: each
 /// costs up to a millisecond of SDP work, and a storm of joins must not stall forwarding.
 const MAX_COMMANDS_PER_ROUND: usize = 4;
-/// Receive calls (each up to `quinn_udp::BATCH_SIZE` datagrams) in one round.
-const MAX_READS_PER_ROUND: usize = 4;
+/// Receive calls (each up to `quinn_udp::BATCH_SIZE` datagrams) in one round, at most...
+const MAX_READS_PER_ROUND: usize = 64;
+/// ... and for at most this long. Publishers' packets share the socket with every subscriber's
+/// feedback: reading only a few batches a round let a busy engine's inbound queue grow to
+/// seconds (the publishers' packets waiting behind the feedback in the socket buffer), while a
+/// time bound still keeps a storm of DTLS handshakes from holding up forwarding.
+const READ_BUDGET: Duration = Duration::from_millis(4);
 /// Largest datagram accepted on the shared socket (one MTU with room to spare).
 const DATAGRAM_BUFFER: usize = 2048;
 /// Every connection's timers are re-read at least this often, so a timer armed by a write (a
@@ -206,6 +211,30 @@ pub struct EgressStats {
     pub probes_sent: AtomicU64,
 }
 
+impl EgressStats {
+    /// Adds `other`'s counts to these (the engines' totals).
+    pub(crate) fn add(&self, other: &EgressStats) {
+        let pairs = [
+            (&self.datagrams_sent, &other.datagrams_sent),
+            (&self.send_calls, &other.send_calls),
+            (&self.send_errors, &other.send_errors),
+            (&self.unrouted_datagrams, &other.unrouted_datagrams),
+            (&self.unverified_stun, &other.unverified_stun),
+            (&self.routed_addresses, &other.routed_addresses),
+            (&self.write_errors, &other.write_errors),
+            (&self.connections, &other.connections),
+            (&self.ingress_drops, &other.ingress_drops),
+            (&self.backlog, &other.backlog),
+            (&self.backlog_limit, &other.backlog_limit),
+            (&self.paced_drops, &other.paced_drops),
+            (&self.probes_sent, &other.probes_sent),
+        ];
+        for (total, part) in pairs {
+            total.fetch_add(part.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+}
+
 /// The way into the engine: forwarded media (through admission) and commands.
 #[derive(Clone)]
 pub(crate) struct EgressSender {
@@ -243,12 +272,18 @@ pub(crate) struct Egress {
 }
 
 impl Egress {
-    /// Binds the shared socket and starts the engine task. Needs a Tokio runtime.
-    pub(crate) fn start(config: &SfuConfig, nacks: Arc<AtomicU64>) -> io::Result<Self> {
+    /// Binds media thread `index`'s socket on `port` and starts its engine task. Needs a Tokio
+    /// runtime.
+    pub(crate) fn start(
+        config: &SfuConfig,
+        port: u16,
+        index: usize,
+        nacks: Arc<AtomicU64>,
+    ) -> io::Result<Self> {
         let ip = config
             .media_ip
             .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-        let std_socket = std::net::UdpSocket::bind(SocketAddr::new(ip, config.udp_port))?;
+        let std_socket = std::net::UdpSocket::bind(SocketAddr::new(ip, port))?;
         std_socket.set_nonblocking(true)?;
         let sock = socket2::SockRef::from(&std_socket);
         // The kernel caps these at net.core.{r,w}mem_max; a smaller buffer still works.
@@ -259,16 +294,16 @@ impl Egress {
             tracing::warn!(%err, "could not set the media socket send buffer");
         }
         let state = UdpSocketState::new((&std_socket).into())?;
-        let socket = tokio::net::UdpSocket::from_std(std_socket)?;
-        let local_addr = socket.local_addr()?;
+        let local_addr = std_socket.local_addr()?;
         let announced = announced_addresses(config, local_addr);
         let announced_for_builder = announced.clone();
-        tracing::info!(%local_addr, ?announced, gso = state.max_gso_segments(), "media socket open");
+        tracing::info!(media_thread = index, %local_addr, ?announced, gso = state.max_gso_segments(), "media socket open");
         let (media, media_queue) = mpsc::channel(MEDIA_QUEUE);
         let (control, inputs) = mpsc::channel(CONTROL_QUEUE);
         let backlog = Arc::new(Backlog::default());
         let stats = Arc::new(EgressStats::default());
         let crypto = rtc::crypto::default_provider().map_err(io::Error::other)?;
+        let socket = tokio::net::UdpSocket::from_std(std_socket)?;
         let engine = Engine::new(
             socket,
             state,
@@ -280,7 +315,15 @@ impl Egress {
             stats.clone(),
             crypto,
         );
-        tokio::spawn(engine.run().instrument(tracing::info_span!("egress")));
+        // A task on the shared runtime, not a thread of its own: measured, an engine thread
+        // cost 1.1 µs more per forwarded packet (9.8-9.9 against 8.6-8.8 µs at 300
+        // subscribers), in wake-ups across threads. The runtime has a worker per core, so the
+        // engines still forward on separate cores.
+        tokio::spawn(
+            engine
+                .run()
+                .instrument(tracing::info_span!("engine", media_thread = index)),
+        );
         Ok(Self {
             input: EgressSender::new(MediaSender::new(media, backlog), control),
             stats,

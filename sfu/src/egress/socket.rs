@@ -14,7 +14,7 @@ use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
 use super::engine::{Engine, Pending};
-use super::{MAX_ADDRESSES_PER_CONNECTION, MAX_GSO_BYTES, MAX_READS_PER_ROUND};
+use super::{MAX_ADDRESSES_PER_CONNECTION, MAX_GSO_BYTES, MAX_READS_PER_ROUND, READ_BUDGET};
 use crate::SfuConfig;
 use crate::exchange::ConnId;
 
@@ -61,12 +61,16 @@ pub(super) fn announced_addresses(config: &SfuConfig, local: SocketAddr) -> Vec<
 }
 
 impl Engine {
-    /// Reads the datagrams waiting on the socket (at most [`MAX_READS_PER_ROUND`] batches) and
-    /// hands each to its connection; true when it stopped at that bound with more waiting. The
-    /// bound keeps a burst of joins (DTLS handshakes cost milliseconds each) from holding up
-    /// forwarding for everyone already connected.
+    /// Reads the datagrams waiting on the socket (at most [`MAX_READS_PER_ROUND`] batches, for
+    /// at most [`READ_BUDGET`]) and hands each to its connection; true when it stopped at that
+    /// bound with more waiting. The bound keeps a burst of joins (DTLS handshakes cost
+    /// milliseconds each) from holding up forwarding for everyone already connected.
     pub(super) fn read_socket(&mut self, buffers: &mut [Vec<u8>], meta: &mut [RecvMeta]) -> bool {
+        let started = Instant::now();
         for _ in 0..MAX_READS_PER_ROUND {
+            if started.elapsed() >= READ_BUDGET {
+                return true;
+            }
             let mut slices: Vec<IoSliceMut<'_>> = buffers
                 .iter_mut()
                 .map(|b| IoSliceMut::new(b.as_mut_slice()))

@@ -35,6 +35,9 @@ pub async fn start_server(max_participants: usize) -> Result<signaling::Server> 
         max_participants,
         // These tests exercise the media plane: every room is an SFU room from its first member.
         mesh_max: 0,
+        // Two media threads whatever the machine: connections spread over both, so packets
+        // cross from one thread's publisher to another's subscribers.
+        media_threads: 2,
         log_level: "warn".into(),
         ..signaling::Config::default()
     };
