@@ -1,4 +1,4 @@
-//! Admission into the egress engine: how many forwarded copies may wait for it, so that a
+//! Admission into the engine: how many forwarded copies may wait for it, so that a
 //! server past its capacity sheds load at once (the same subscribers keep being served, and
 //! whole video frames are shed) instead of building a queue everyone waits behind.
 

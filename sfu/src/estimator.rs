@@ -16,7 +16,7 @@
 //!   once it is clearly past it or far below it. `rtc`'s controller crept forever after its first
 //!   back-off, so a link raised from 600 kbit/s to 5 Mbit/s took half a minute to be believed.
 //! - **Probes lift it.** Growth limited by what is sent cannot find a faster link on its own, so
-//!   the egress engine sends short probe clusters (padding-only packets which, with the media,
+//!   the engine sends short probe clusters (padding-only packets which, with the media,
 //!   go at twice the estimate)
 //!   when the allocation wants more than the estimate; their measured arrival rate sets the
 //!   estimate directly, as upstream's probe controller does.
@@ -75,7 +75,7 @@ const PROBE_NEW_LINK: f64 = 1.5;
 /// A probe window whose feedback has not come by then is given up.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The time windows in which the egress engine sent probe clusters on one connection, for the
+/// The time windows in which the engine sent probe clusters on one connection, for the
 /// estimator to measure them. Locked once per probe and once per feedback batch, never per
 /// packet.
 #[derive(Debug, Default)]

@@ -2,7 +2,7 @@
 //! publisher for keyframes. The task alone owns this state; everything else talks to it through
 //! [`FanoutCommand`]s, applied between packets, so the per-packet path takes no lock.
 //!
-//! Each published packet's rewritten copies go to the egress engine in one message, never one
+//! Each published packet's rewritten copies go to the engine in one message, never one
 //! task hop per subscriber.
 
 use std::sync::Arc;
@@ -181,9 +181,9 @@ impl LayerStats {
     }
 }
 
-/// Where one subscription's packets go: a sender of a connection in the egress engine.
+/// Where one subscription's packets go: a sender of a connection in the engine.
 pub(crate) struct Route {
-    pub(crate) egress: MediaSender,
+    pub(crate) engine: MediaSender,
     pub(crate) conn: ConnId,
     pub(crate) sender: rtc::rtp_transceiver::RTCRtpSenderId,
 }
@@ -548,7 +548,7 @@ impl Fanout {
             .collect();
         if !cluster.is_empty() {
             slot.probe_pending = 0;
-            let _ = slot.route.egress.try_forward(cluster);
+            let _ = slot.route.engine.try_forward(cluster);
         }
     }
 
@@ -595,7 +595,7 @@ impl Fanout {
                     MediaKind::Video => Class::Resend,
                 },
             };
-            if slot.route.egress.try_forward(vec![outgoing]).is_ok() {
+            if slot.route.engine.try_forward(vec![outgoing]).is_ok() {
                 sent_again += 1;
             } else {
                 missed += 1;
@@ -716,7 +716,7 @@ impl Fanout {
         let class = self.class();
         // One message per engine (media thread): the first engine's copies in `batch`, any
         // other engine's in a group of its own, allocated only when there is one.
-        let mut egress: Option<&MediaSender> = None;
+        let mut engine: Option<&MediaSender> = None;
         self.in_batch.clear();
         let mut others: Vec<(MediaSender, Vec<Outgoing>, Vec<usize>)> = Vec::new();
         let mut probing = Vec::new();
@@ -738,19 +738,19 @@ impl Fanout {
                         packet: out,
                         class,
                     };
-                    let same = egress.is_none_or(|tx| tx.same_engine(&slot.route.egress));
+                    let same = engine.is_none_or(|tx| tx.same_engine(&slot.route.engine));
                     if same {
-                        egress = Some(&slot.route.egress);
+                        engine = Some(&slot.route.engine);
                         batch.push(outgoing);
                         self.in_batch.push(index);
                     } else if let Some((_, copies, indices)) = others
                         .iter_mut()
-                        .find(|(tx, _, _)| tx.same_engine(&slot.route.egress))
+                        .find(|(tx, _, _)| tx.same_engine(&slot.route.engine))
                     {
                         copies.push(outgoing);
                         indices.push(index);
                     } else {
-                        others.push((slot.route.egress.clone(), vec![outgoing], vec![index]));
+                        others.push((slot.route.engine.clone(), vec![outgoing], vec![index]));
                     }
                 }
                 Err(DropReason::WaitingForKeyframe) => {
@@ -778,7 +778,7 @@ impl Fanout {
             MediaKind::Video if continues_frame => Admission::FrameRest,
             MediaKind::Video => Admission::Normal,
         };
-        if let Some(tx) = egress {
+        if let Some(tx) = engine {
             match tx.try_forward_some(&mut batch, admission) {
                 Ok(admitted) => {
                     forwarded = admitted as u64;
@@ -811,7 +811,7 @@ impl Fanout {
             }
         }
         if closed {
-            slots.retain(|slot| !slot.route.egress.is_closed());
+            slots.retain(|slot| !slot.route.engine.is_closed());
         }
         self.frame_timestamp = Some(packet.header.timestamp);
         self.pending.received += 1;

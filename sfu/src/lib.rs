@@ -27,7 +27,7 @@ mod admission;
 pub mod allocation;
 mod config;
 mod connection;
-mod egress;
+mod engine;
 pub mod estimator;
 mod exchange;
 mod fanout;
@@ -52,13 +52,13 @@ pub use config::SfuConfig;
 /// shared port, SDP). Not an API.
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use crate::egress::{stun_integrity_ok, stun_local_ufrag};
+    pub use crate::engine::{stun_integrity_ok, stun_local_ufrag};
     pub use crate::transport::{
         extmap, sections_not_sending, simulcast_rids, with_video_bandwidth,
     };
 }
 pub use connection::TransportKind;
-pub use egress::EgressStats;
+pub use engine::EngineStats;
 pub use fanout::{LayerStats, PublicationStats};
 pub use feedback::{FeedbackInterceptor, KeyframeThrottle};
 pub use ids::{MediaKind, ParticipantId, PublicationId, Source};
@@ -248,12 +248,12 @@ pub(crate) struct Shared {
     retired: Mutex<SfuStats>,
     /// One engine per media thread, started by the first transport (they need the Tokio
     /// runtime).
-    engines: Mutex<Vec<egress::Egress>>,
+    engines: Mutex<Vec<engine::Engine>>,
 }
 
 impl Shared {
     /// The engines, started on first use.
-    fn engines(&self) -> Result<Vec<egress::Egress>, SfuError> {
+    fn engines(&self) -> Result<Vec<engine::Engine>, SfuError> {
         // A panic while holding this lock is a bug; the slot itself is still sound.
         let mut engines = self
             .engines
@@ -273,9 +273,9 @@ impl Shared {
                     port: self.config.udp_port,
                     source: std::io::Error::other("udp_port + media_threads passes 65535"),
                 })?;
-                let egress = egress::Egress::start(&self.config, port, index, self.nacks.clone())
+                let engine = engine::Engine::start(&self.config, port, index, self.nacks.clone())
                     .map_err(|source| SfuError::MediaSocket { port, source })?;
-                started.push(egress);
+                started.push(engine);
             }
             *engines = started;
         }
@@ -283,14 +283,14 @@ impl Shared {
     }
 
     /// The engine a new connection goes to: the one with the fewest connections.
-    pub(crate) fn egress(&self) -> Result<egress::Egress, SfuError> {
+    pub(crate) fn engine(&self) -> Result<engine::Engine, SfuError> {
         self.engines()?
             .into_iter()
-            .min_by_key(|egress| egress.stats.connections.load(Ordering::Relaxed))
+            .min_by_key(|engine| engine.stats.connections.load(Ordering::Relaxed))
             .ok_or(SfuError::EngineStopped)
     }
 
-    fn started_engines(&self) -> Vec<egress::Egress> {
+    fn started_engines(&self) -> Vec<engine::Engine> {
         self.engines
             .lock()
             .map(|engines| engines.clone())
@@ -321,7 +321,7 @@ pub struct Sfu {
 
 impl Sfu {
     /// A media plane with `config`. Its one socket is opened by the first transport (or
-    /// [`Sfu::start_egress`]), not here.
+    /// [`Sfu::start_engines`]), not here.
     pub fn new(config: SfuConfig) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -361,7 +361,7 @@ impl Sfu {
     /// Media-plane tasks and connections alive now: `(fanout tasks, peer connections)`.
     pub fn live_tasks(&self) -> (u64, u64) {
         let connections = self
-            .egress_stats()
+            .engine_stats()
             .map_or(0, |stats| stats.connections.load(Ordering::Relaxed));
         (
             self.shared.tasks.fanouts.load(Ordering::Relaxed),
@@ -371,24 +371,24 @@ impl Sfu {
 
     /// Opens the media sockets and starts the engines now, rather than at the first
     /// transport; returns the sockets' addresses, one per media thread. Needs a Tokio runtime.
-    pub fn start_egress(&self) -> Result<Vec<std::net::SocketAddr>, SfuError> {
+    pub fn start_engines(&self) -> Result<Vec<std::net::SocketAddr>, SfuError> {
         Ok(self
             .shared
             .engines()?
             .iter()
-            .map(|egress| egress.local_addr)
+            .map(|engine| engine.local_addr)
             .collect())
     }
 
     /// The engines' counters, summed over media threads, once they have started.
-    pub fn egress_stats(&self) -> Option<EgressStats> {
+    pub fn engine_stats(&self) -> Option<EngineStats> {
         let engines = self.shared.started_engines();
         if engines.is_empty() {
             return None;
         }
-        let total = EgressStats::default();
-        for egress in &engines {
-            total.add(&egress.stats);
+        let total = EngineStats::default();
+        for engine in &engines {
+            total.add(&engine.stats);
         }
         Some(total)
     }
@@ -398,7 +398,7 @@ impl Sfu {
         self.shared
             .started_engines()
             .iter()
-            .map(|egress| egress.stats.connections.load(Ordering::Relaxed))
+            .map(|engine| engine.stats.connections.load(Ordering::Relaxed))
             .collect()
     }
 
@@ -407,7 +407,7 @@ impl Sfu {
         self.shared
             .started_engines()
             .iter()
-            .map(|egress| egress.local_addr)
+            .map(|engine| engine.local_addr)
             .collect()
     }
 

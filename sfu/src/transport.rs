@@ -24,7 +24,7 @@ use crate::allocation::{
     Steady, allocate, unlimited_cost,
 };
 pub use crate::connection::AUDIO_LEVEL_URI;
-use crate::egress::{Bandwidth, Egress, EgressInput, PROBE_FACTOR};
+use crate::engine::{Bandwidth, Engine, EngineInput, PROBE_FACTOR};
 use crate::exchange::{
     ConnId, KeyframeRoute, OpenedTrack, PublishSink, SubscriptionId, TrackInput, Upstream,
 };
@@ -114,7 +114,7 @@ pub(crate) struct PublishShared {
     participant: ParticipantId,
     events: mpsc::UnboundedSender<SfuEvent>,
     /// The engine, for keyframe requests.
-    egress: Egress,
+    engine: Engine,
     /// What the publisher says each track of its latest offer is.
     declared: Mutex<Vec<DeclaredTrack>>,
     extensions: Mutex<Vec<(String, u16)>>,
@@ -304,12 +304,12 @@ impl PublishShared {
         tracing::info!(parent: &span, "publication started");
         let layer_count = layers.count();
         let (queue, track) = mpsc::channel(TRACK_QUEUE);
-        let egress = self.egress.input.clone();
+        let engine = self.engine.input.clone();
         let upstream = Upstream { conn, receiver };
         let fanout = Fanout {
             track,
             upstream: KeyframeRoute::new(move |media_ssrc| {
-                egress.try_send(EgressInput::RequestKeyframe {
+                engine.try_send(EngineInput::RequestKeyframe {
                     upstream,
                     media_ssrc,
                 })
@@ -383,13 +383,13 @@ pub struct PublishTransport {
 
 /// The publish connection in the engine, closed when the last handle goes.
 struct PublishConn {
-    egress: Egress,
+    engine: Engine,
     conn: ConnId,
 }
 
 impl Drop for PublishConn {
     fn drop(&mut self) {
-        self.egress.close_soon(self.conn);
+        self.engine.close_soon(self.conn);
     }
 }
 
@@ -399,14 +399,14 @@ impl PublishTransport {
         participant: ParticipantId,
         events: mpsc::UnboundedSender<SfuEvent>,
     ) -> Result<Self, SfuError> {
-        let egress = shared.egress()?;
-        let conn = egress.next_conn_id();
+        let engine = shared.engine()?;
+        let conn = engine.next_conn_id();
         let span = tracing::info_span!("publish", participant = %participant);
         let publish = Arc::new(PublishShared {
             shared: shared.clone(),
             participant: participant.clone(),
             events: events.clone(),
-            egress: egress.clone(),
+            engine: engine.clone(),
             declared: Mutex::new(Vec::new()),
             extensions: Mutex::new(Vec::new()),
             simulcast: Mutex::new(Vec::new()),
@@ -414,10 +414,10 @@ impl PublishTransport {
             span,
         });
         // The certificate is made here, in the caller's task, never in the engine's.
-        let (pc, credentials) = egress.build_publish_connection()?;
+        let (pc, credentials) = engine.build_publish_connection()?;
         let publisher: Arc<dyn PublishSink> = Arc::new(Publisher(publish.clone()));
-        egress
-            .call(|reply| EgressInput::Open {
+        engine
+            .call(|reply| EngineInput::Open {
                 conn,
                 pc: Box::new(pc),
                 credentials,
@@ -430,7 +430,7 @@ impl PublishTransport {
             .await?;
         Ok(Self {
             shared: publish,
-            conn: Arc::new(PublishConn { egress, conn }),
+            conn: Arc::new(PublishConn { engine, conn }),
         })
     }
 
@@ -460,8 +460,8 @@ impl PublishTransport {
         let conn = self.conn.conn;
         let sdp = self
             .conn
-            .egress
-            .call(|reply| EgressInput::AnswerOffer {
+            .engine
+            .call(|reply| EngineInput::AnswerOffer {
                 conn,
                 sdp: offer_sdp,
                 reply,
@@ -501,8 +501,8 @@ impl PublishTransport {
     pub async fn add_ice_candidate(&self, candidate: RTCIceCandidateInit) -> Result<(), SfuError> {
         let conn = self.conn.conn;
         self.conn
-            .egress
-            .call(|reply| EgressInput::AddCandidate {
+            .engine
+            .call(|reply| EngineInput::AddCandidate {
                 conn,
                 candidate,
                 reply,
@@ -514,9 +514,9 @@ impl PublishTransport {
     pub async fn close(&self) {
         let _ = self
             .conn
-            .egress
+            .engine
             .input
-            .send(EgressInput::Close {
+            .send(EngineInput::Close {
                 conn: self.conn.conn,
             })
             .await;
@@ -585,12 +585,12 @@ pub struct OfferedSubscription {
     pub publication: Publication,
 }
 
-/// The connection a participant receives on, driven by the egress engine over the shared media
+/// The connection a participant receives on, driven by the engine over the shared media
 /// socket. The server makes every offer on it; the caller must not call
 /// [`SubscribeTransport::create_offer`] again before the previous answer was applied. Dropping
 /// it closes it.
 pub struct SubscribeTransport {
-    egress: Egress,
+    engine: Engine,
     conn: ConnId,
     participant: ParticipantId,
     /// The connection's bandwidth estimate and pacing, when it estimates.
@@ -627,12 +627,12 @@ impl SubscribeTransport {
         participant: ParticipantId,
         events: mpsc::UnboundedSender<SfuEvent>,
     ) -> Result<Self, SfuError> {
-        let egress = shared.egress()?;
-        let conn = egress.next_conn_id();
+        let engine = shared.engine()?;
+        let conn = engine.next_conn_id();
         let owner = participant.clone();
-        let (pc, credentials, bandwidth) = egress.build_connection()?;
-        egress
-            .call(|reply| EgressInput::Open {
+        let (pc, credentials, bandwidth) = engine.build_connection()?;
+        engine
+            .call(|reply| EngineInput::Open {
                 conn,
                 pc: Box::new(pc),
                 credentials,
@@ -645,7 +645,7 @@ impl SubscribeTransport {
             .await?;
         let span = tracing::info_span!("subscribe", participant = %participant);
         Ok(Self {
-            egress,
+            engine,
             conn,
             participant,
             bandwidth,
@@ -710,8 +710,8 @@ impl SubscribeTransport {
         let conn = self.conn;
         let feedback = feedback_route(publication.commands.clone(), key);
         let sender = self
-            .egress
-            .call(|reply| EgressInput::AddTrack {
+            .engine
+            .call(|reply| EngineInput::AddTrack {
                 conn,
                 track: Box::new(track),
                 feedback,
@@ -723,7 +723,7 @@ impl SubscribeTransport {
             .send(FanoutCommand::Add {
                 key,
                 route: Route {
-                    egress: self.egress.input.media.clone(),
+                    engine: self.engine.input.media.clone(),
                     conn,
                     sender,
                 },
@@ -760,8 +760,8 @@ impl SubscribeTransport {
     ) -> Result<(), SfuError> {
         let conn = self.conn;
         let track_id = publication.to_string();
-        self.egress
-            .call(|reply| EgressInput::RemoveTrack {
+        self.engine
+            .call(|reply| EngineInput::RemoveTrack {
                 conn,
                 sender,
                 track_id,
@@ -1019,8 +1019,8 @@ impl SubscribeTransport {
     pub async fn create_offer(&mut self) -> Result<(String, Vec<OfferedSubscription>), SfuError> {
         let conn = self.conn;
         let (sdp, mids) = self
-            .egress
-            .call(|reply| EgressInput::CreateOffer { conn, reply })
+            .engine
+            .call(|reply| EngineInput::CreateOffer { conn, reply })
             .await?;
         let mut offered = Vec::new();
         for (mid, sender) in mids {
@@ -1057,8 +1057,8 @@ impl SubscribeTransport {
             .collect();
         let conn = self.conn;
         let payload_types = self
-            .egress
-            .call(|reply| EgressInput::ApplyAnswer {
+            .engine
+            .call(|reply| EngineInput::ApplyAnswer {
                 conn,
                 sdp: answer_sdp,
                 wanted,
@@ -1101,8 +1101,8 @@ impl SubscribeTransport {
     /// Adds a candidate the subscriber trickled.
     pub async fn add_ice_candidate(&self, candidate: RTCIceCandidateInit) -> Result<(), SfuError> {
         let conn = self.conn;
-        self.egress
-            .call(|reply| EgressInput::AddCandidate {
+        self.engine
+            .call(|reply| EngineInput::AddCandidate {
                 conn,
                 candidate,
                 reply,
@@ -1122,9 +1122,9 @@ impl SubscribeTransport {
         if !self.closed {
             self.closed = true;
             let _ = self
-                .egress
+                .engine
                 .input
-                .send(EgressInput::Close { conn: self.conn })
+                .send(EngineInput::Close { conn: self.conn })
                 .await;
         }
     }
@@ -1141,7 +1141,7 @@ impl Drop for SubscribeTransport {
                 .try_send(FanoutCommand::Remove { key: state.key });
         }
         if !self.closed {
-            self.egress.close_soon(self.conn);
+            self.engine.close_soon(self.conn);
         }
     }
 }

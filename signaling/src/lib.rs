@@ -79,7 +79,7 @@ impl Server {
         let state = AppState::new(config, shutdown_rx.clone());
         // The shared media socket opens now, so a taken UDP port stops the start with a clear
         // error rather than failing every later join.
-        state.sfu.start_egress().map_err(std::io::Error::other)?;
+        state.sfu.start_engines().map_err(std::io::Error::other)?;
         let limits = state.connections.limits();
         tracing::info!(
             max_connections = limits.max_connections,

@@ -143,7 +143,7 @@ fn signaling_rows(state: &AppState, rooms: &[RoomSnapshot]) -> Vec<Row> {
 }
 
 fn media_rows(state: &AppState) -> Vec<Row> {
-    let (fanouts, subscribe_connections) = state.sfu.live_tasks();
+    let (fanouts, media_connections) = state.sfu.live_tasks();
     let stats = state.sfu.stats();
     let mut rows = vec![
         (
@@ -154,9 +154,9 @@ fn media_rows(state: &AppState) -> Vec<Row> {
         ),
         (
             Kind::Gauge,
-            "subscribe_connections",
-            "Subscribe connections open in the egress engine",
-            subscribe_connections,
+            "media_connections",
+            "Peer connections (publish and subscribe) open in the media engines",
+            media_connections,
         ),
         (
             Kind::Gauge,
@@ -225,7 +225,7 @@ fn media_rows(state: &AppState) -> Vec<Row> {
             stats.layer_switches,
         ),
     ];
-    if let Some(egress) = state.sfu.egress_stats() {
+    if let Some(egress) = state.sfu.engine_stats() {
         rows.extend([
             (
                 Kind::Counter,
@@ -292,12 +292,6 @@ fn media_rows(state: &AppState) -> Vec<Row> {
                 "egress_probes",
                 "Probe clusters sent to learn whether a subscriber's link carries more",
                 egress.probes_sent.load(Relaxed),
-            ),
-            (
-                Kind::Gauge,
-                "media_connections",
-                "Peer connections (publish and subscribe) open in the media engine",
-                egress.connections.load(Relaxed),
             ),
             (
                 Kind::Counter,

@@ -51,10 +51,10 @@ async fn joins_and_departures_leak_no_task_and_no_socket() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let state = server.state();
-        let (fanouts, subscribe_connections) = state.sfu.live_tasks();
+        let (fanouts, media_connections) = state.sfu.live_tasks();
         let signaling = &state.tasks;
         let server_tasks = fanouts
-            + subscribe_connections
+            + media_connections
             + signaling.sessions.load(Ordering::Relaxed)
             + signaling.negotiators.load(Ordering::Relaxed);
         let (sockets, rooms) = (udp_sockets(), state.rooms.rooms().len());

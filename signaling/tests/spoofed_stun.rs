@@ -54,7 +54,7 @@ async fn spoofed_stun_from_many_addresses_is_not_remembered() -> Result<()> {
         .and_then(|port| port.parse().ok())
         .context("no candidate port in the offer")?;
     let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let stats = || server.state().sfu.egress_stats().context("no egress");
+    let stats = || server.state().sfu.engine_stats().context("no engine");
     let routed_before = stats()?.routed_addresses.load(Relaxed);
 
     for _ in 0..SPOOFED_ADDRESSES {

@@ -495,8 +495,8 @@ async function main() {
       finalCounters.switchboard_sessions === 3 &&
       finalCounters.switchboard_negotiators === 0 &&
       finalCounters.switchboard_fanout_tasks === 0 &&
-      finalCounters.switchboard_subscribe_connections === 0,
-    `participants ${room?.participants?.length}, sessions ${finalCounters.switchboard_sessions}, negotiators ${finalCounters.switchboard_negotiators}, fanouts ${finalCounters.switchboard_fanout_tasks}, subscribe connections ${finalCounters.switchboard_subscribe_connections}`,
+      finalCounters.switchboard_media_connections === 0,
+    `participants ${room?.participants?.length}, sessions ${finalCounters.switchboard_sessions}, negotiators ${finalCounters.switchboard_negotiators}, fanouts ${finalCounters.switchboard_fanout_tasks}, media connections ${finalCounters.switchboard_media_connections}`,
   );
   check('no switch was caused by leaving and rejoining', room?.switchesToSfu === 1 && room?.switchesToMesh === 1,
     `switchesToSfu ${room?.switchesToSfu}, switchesToMesh ${room?.switchesToMesh}`);

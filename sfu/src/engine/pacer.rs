@@ -8,7 +8,7 @@ use rtc::rtp;
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::shared::marshal::MarshalSize;
 
-use super::engine::Conn;
+use super::run::Conn;
 use crate::exchange::ConnId;
 
 /// While its allocation is limited, a subscriber's video leaves at most this many times its

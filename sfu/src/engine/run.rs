@@ -28,7 +28,7 @@ use super::pacer::{PACING_FACTOR, Pacer, list_pacer, packet_bytes};
 use super::publish::PublishTracks;
 use super::socket::push_pending;
 use super::{
-    Bandwidth, DATAGRAM_BUFFER, EgressInput, EgressStats, HOUSEKEEPING, IceCredentials,
+    Bandwidth, DATAGRAM_BUFFER, EngineInput, EngineStats, HOUSEKEEPING, IceCredentials,
     MAX_COMMANDS_PER_ROUND, MAX_GSO_BYTES, MAX_INPUTS_PER_ROUND,
 };
 use crate::admission::{Backlog, MediaBatch, ROUND_COPIES};
@@ -124,7 +124,7 @@ pub(super) struct Pending {
     pub(super) datagram: BytesMut,
 }
 
-pub(super) struct Engine {
+pub(super) struct EngineLoop {
     pub(super) socket: tokio::net::UdpSocket,
     /// Checks MESSAGE-INTEGRITY of STUN from new addresses.
     pub(super) crypto: Arc<dyn rtc::crypto::RTCCryptoProvider>,
@@ -132,7 +132,7 @@ pub(super) struct Engine {
     pub(super) wildcard: bool,
     pub(super) port: u16,
     pub(super) announced: Vec<SocketAddr>,
-    pub(super) inputs: mpsc::Receiver<EgressInput>,
+    pub(super) inputs: mpsc::Receiver<EngineInput>,
     pub(super) media: mpsc::Receiver<MediaBatch>,
     pub(super) conns: HashMap<ConnId, Conn>,
     pub(super) by_ufrag: HashMap<String, ConnId>,
@@ -151,10 +151,10 @@ pub(super) struct Engine {
     /// Recent seconds per written copy.
     pub(super) pace: f64,
     pub(super) scratch: Vec<u8>,
-    pub(super) stats: Arc<EgressStats>,
+    pub(super) stats: Arc<EngineStats>,
 }
 
-impl Engine {
+impl EngineLoop {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         socket: tokio::net::UdpSocket,
@@ -162,9 +162,9 @@ impl Engine {
         wildcard: bool,
         port: u16,
         announced: Vec<SocketAddr>,
-        (inputs, media): (mpsc::Receiver<EgressInput>, mpsc::Receiver<MediaBatch>),
+        (inputs, media): (mpsc::Receiver<EngineInput>, mpsc::Receiver<MediaBatch>),
         backlog: Arc<Backlog>,
-        stats: Arc<EgressStats>,
+        stats: Arc<EngineStats>,
         crypto: Arc<dyn rtc::crypto::RTCCryptoProvider>,
     ) -> Self {
         Self {
@@ -192,7 +192,7 @@ impl Engine {
     }
 }
 
-impl Engine {
+impl EngineLoop {
     pub(super) async fn run(mut self) {
         let batch = quinn_udp::BATCH_SIZE.max(1);
         let gro = self.state.gro_segments().max(1);
@@ -303,9 +303,9 @@ impl Engine {
         }
     }
 
-    pub(super) fn handle_input(&mut self, input: EgressInput) {
+    pub(super) fn handle_input(&mut self, input: EngineInput) {
         match input {
-            EgressInput::Open {
+            EngineInput::Open {
                 conn,
                 pc,
                 credentials,
@@ -327,12 +327,12 @@ impl Engine {
                 );
                 let _ = reply.send(Ok(()));
             }
-            EgressInput::AnswerOffer { conn, sdp, reply } => {
+            EngineInput::AnswerOffer { conn, sdp, reply } => {
                 let result = self.with_conn(conn, |c| c.answer_offer(sdp));
                 let _ = reply.send(result);
                 self.pump(conn);
             }
-            EgressInput::RequestKeyframe {
+            EngineInput::RequestKeyframe {
                 upstream,
                 media_ssrc,
             } => {
@@ -341,7 +341,7 @@ impl Engine {
                 }
                 self.pump(upstream.conn);
             }
-            EgressInput::AddTrack {
+            EngineInput::AddTrack {
                 conn,
                 track,
                 feedback,
@@ -366,7 +366,7 @@ impl Engine {
                 let _ = reply.send(result);
                 self.pump(conn);
             }
-            EgressInput::RemoveTrack {
+            EngineInput::RemoveTrack {
                 conn,
                 sender,
                 track_id,
@@ -379,7 +379,7 @@ impl Engine {
                 let _ = reply.send(result);
                 self.pump(conn);
             }
-            EgressInput::CreateOffer { conn, reply } => {
+            EngineInput::CreateOffer { conn, reply } => {
                 let result = self.with_conn(conn, |c| {
                     let offer = c.pc.create_offer(None).map_err(SfuError::WebRtc)?;
                     c.pc.set_local_description(Instant::now(), offer)
@@ -403,7 +403,7 @@ impl Engine {
                 let _ = reply.send(result);
                 self.pump(conn);
             }
-            EgressInput::ApplyAnswer {
+            EngineInput::ApplyAnswer {
                 conn,
                 sdp,
                 wanted,
@@ -432,7 +432,7 @@ impl Engine {
                 let _ = reply.send(result);
                 self.pump(conn);
             }
-            EgressInput::AddCandidate {
+            EngineInput::AddCandidate {
                 conn,
                 candidate,
                 reply,
@@ -444,7 +444,7 @@ impl Engine {
                 let _ = reply.send(result);
                 self.pump(conn);
             }
-            EgressInput::Close { conn } => self.close(conn),
+            EngineInput::Close { conn } => self.close(conn),
         }
     }
 

@@ -13,7 +13,7 @@ use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
-use super::engine::{Engine, Pending};
+use super::run::{EngineLoop, Pending};
 use super::{MAX_ADDRESSES_PER_CONNECTION, MAX_GSO_BYTES, MAX_READS_PER_ROUND, READ_BUDGET};
 use crate::SfuConfig;
 use crate::exchange::ConnId;
@@ -60,7 +60,7 @@ pub(super) fn announced_addresses(config: &SfuConfig, local: SocketAddr) -> Vec<
     out
 }
 
-impl Engine {
+impl EngineLoop {
     /// Reads the datagrams waiting on the socket (at most [`MAX_READS_PER_ROUND`] batches, for
     /// at most [`READ_BUDGET`]) and hands each to its connection; true when it stopped at that
     /// bound with more waiting. The bound keeps a burst of joins (DTLS handshakes cost

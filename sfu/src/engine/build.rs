@@ -18,13 +18,13 @@ use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpHeaderExtensionCapability, RtpCodecKind, TYPE_RTCP_FB_TRANSPORT_CC,
 };
 
-use super::{Bandwidth, Egress, IceCredentials};
+use super::{Bandwidth, Engine, IceCredentials};
 use crate::SfuError;
 use crate::connection::ice_settings;
 use crate::estimator::{Estimator, INITIAL_ESTIMATE, MAX_ESTIMATE, MIN_ESTIMATE};
 use crate::feedback::FeedbackInterceptor;
 
-impl Egress {
+impl Engine {
     /// Builds a subscribe connection for this engine: its ICE ufrag (returned too, for routing),
     /// its certificate and a host candidate on the shared socket for every announced address;
     /// also where its bandwidth estimate (bits per second, 0 until the first one) is kept.
@@ -92,7 +92,7 @@ impl Egress {
         Ok((pc, credentials, bandwidth))
     }
 
-    /// Builds a publish connection for this engine, as [`Egress::build_connection`] does a
+    /// Builds a publish connection for this engine, as [`Engine::build_connection`] does a
     /// subscribe one: it receives every default codec, the audio level, `mid` and simulcast
     /// header extensions, NACKs what it loses, and gives the publisher receiver reports and
     /// transport-wide feedback, so the publisher's own estimate can ramp up.

@@ -14,7 +14,7 @@ use rtc::rtp_transceiver::RTCRtpReceiverId;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::engine::Conn;
+use super::run::Conn;
 use crate::SfuError;
 use crate::exchange::{ConnId, OpenedTrack, PublishSink, TrackInput};
 

@@ -1,5 +1,6 @@
-//! The engine: every peer connection, publish and subscribe, driven sans-I/O (the `rtc` core,
-//! no webrtc-rs driver task) by one task over one shared UDP socket.
+//! An engine: every peer connection of one media thread, publish and subscribe, driven sans-I/O
+//! (the `rtc` core, no webrtc-rs driver task) by one task over one shared UDP socket. There is
+//! one engine per media thread ([`crate::SfuConfig::media_threads`]).
 //!
 //! Why: forwarding through a webrtc-rs driver costs a task hop, a channel, a lock and a full
 //! driver-loop turn per packet per subscriber, then one `sendmsg` per datagram. Here a fanout
@@ -9,13 +10,14 @@
 //! A publisher's packets come in on the same socket: the engine decrypts them in the publish
 //! connection and hands each to its publication's fanout.
 //!
-//! One socket serves every connection, so an operator opens one UDP port. Inbound datagrams are
+//! One socket serves every connection of the thread, so an operator opens one UDP port per media
+//! thread. Inbound datagrams are
 //! routed by source address; the first one from an address must be a STUN request whose
 //! USERNAME names the connection's ICE ufrag (RFC 8445 7.2.2), which the engine chose itself,
 //! signed with the connection's ICE password.
 //!
-//! Here: the handle others hold ([`Egress`], [`EgressSender`]), its commands and counters. The
-//! loop is in `engine.rs`, the socket and the routing of datagrams in `socket.rs`, pacing in
+//! Here: the handle others hold ([`Engine`], [`EngineSender`]), its commands and counters. The
+//! loop is in `run.rs`, the socket and the routing of datagrams in `socket.rs`, pacing in
 //! `pacer.rs`, a publish connection's tracks in `publish.rs`, and how a connection is built in
 //! `build.rs`.
 
@@ -40,12 +42,12 @@ use crate::ids::ParticipantId;
 use crate::{SfuConfig, SfuError, SfuEvent};
 
 mod build;
-mod engine;
 mod pacer;
 mod publish;
+mod run;
 mod socket;
 
-use engine::Engine;
+use run::EngineLoop;
 use socket::announced_addresses;
 pub use socket::{stun_integrity_ok, stun_local_ufrag};
 
@@ -116,7 +118,7 @@ const MAX_ADDRESSES_PER_CONNECTION: usize = 8;
 pub(crate) type OfferReply = (String, Vec<(String, RTCRtpSenderId)>);
 
 /// Commands to the engine (forwarded packets travel on their own queue).
-pub(crate) enum EgressInput {
+pub(crate) enum EngineInput {
     /// A connection built by the caller (certificate and all), so the engine does no such work.
     Open {
         conn: ConnId,
@@ -177,7 +179,7 @@ pub(crate) enum EgressInput {
 
 /// Counters of the engine, read by metrics.
 #[derive(Debug, Default)]
-pub struct EgressStats {
+pub struct EngineStats {
     /// Datagrams sent on the shared socket.
     pub datagrams_sent: AtomicU64,
     /// `sendmsg` calls that sent them (fewer than datagrams where GSO batches).
@@ -211,9 +213,9 @@ pub struct EgressStats {
     pub probes_sent: AtomicU64,
 }
 
-impl EgressStats {
+impl EngineStats {
     /// Adds `other`'s counts to these (the engines' totals).
-    pub(crate) fn add(&self, other: &EgressStats) {
+    pub(crate) fn add(&self, other: &EngineStats) {
         let pairs = [
             (&self.datagrams_sent, &other.datagrams_sent),
             (&self.send_calls, &other.send_calls),
@@ -237,33 +239,33 @@ impl EgressStats {
 
 /// The way into the engine: forwarded media (through admission) and commands.
 #[derive(Clone)]
-pub(crate) struct EgressSender {
+pub(crate) struct EngineSender {
     pub(crate) media: MediaSender,
-    control: mpsc::Sender<EgressInput>,
+    control: mpsc::Sender<EngineInput>,
 }
 
-impl EgressSender {
-    fn new(media: MediaSender, control: mpsc::Sender<EgressInput>) -> Self {
+impl EngineSender {
+    fn new(media: MediaSender, control: mpsc::Sender<EngineInput>) -> Self {
         Self { media, control }
     }
 
-    pub(crate) async fn send(&self, input: EgressInput) -> Result<(), SfuError> {
+    pub(crate) async fn send(&self, input: EngineInput) -> Result<(), SfuError> {
         self.control
             .send(input)
             .await
             .map_err(|_| SfuError::EngineStopped)
     }
 
-    pub(crate) fn try_send(&self, input: EgressInput) -> bool {
+    pub(crate) fn try_send(&self, input: EngineInput) -> bool {
         self.control.try_send(input).is_ok()
     }
 }
 
 /// A handle to the running engine. Cheap to clone.
 #[derive(Clone)]
-pub(crate) struct Egress {
-    pub(crate) input: EgressSender,
-    pub(crate) stats: Arc<EgressStats>,
+pub(crate) struct Engine {
+    pub(crate) input: EngineSender,
+    pub(crate) stats: Arc<EngineStats>,
     next_conn: Arc<AtomicU64>,
     pub(crate) local_addr: SocketAddr,
     announced: Arc<Vec<SocketAddr>>,
@@ -271,7 +273,7 @@ pub(crate) struct Egress {
     nacks: Arc<AtomicU64>,
 }
 
-impl Egress {
+impl Engine {
     /// Binds media thread `index`'s socket on `port` and starts its engine task. Needs a Tokio
     /// runtime.
     pub(crate) fn start(
@@ -301,10 +303,10 @@ impl Egress {
         let (media, media_queue) = mpsc::channel(MEDIA_QUEUE);
         let (control, inputs) = mpsc::channel(CONTROL_QUEUE);
         let backlog = Arc::new(Backlog::default());
-        let stats = Arc::new(EgressStats::default());
+        let stats = Arc::new(EngineStats::default());
         let crypto = rtc::crypto::default_provider().map_err(io::Error::other)?;
         let socket = tokio::net::UdpSocket::from_std(std_socket)?;
-        let engine = Engine::new(
+        let engine = EngineLoop::new(
             socket,
             state,
             ip.is_unspecified(),
@@ -325,7 +327,7 @@ impl Egress {
                 .instrument(tracing::info_span!("engine", media_thread = index)),
         );
         Ok(Self {
-            input: EgressSender::new(MediaSender::new(media, backlog), control),
+            input: EngineSender::new(MediaSender::new(media, backlog), control),
             stats,
             next_conn: Arc::new(AtomicU64::new(1)),
             local_addr,
@@ -339,11 +341,11 @@ impl Egress {
     /// has room, else from a task.
     pub(crate) fn close_soon(&self, conn: ConnId) {
         let input = self.input.clone();
-        if !input.try_send(EgressInput::Close { conn })
+        if !input.try_send(EngineInput::Close { conn })
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             runtime.spawn(async move {
-                let _ = input.send(EgressInput::Close { conn }).await;
+                let _ = input.send(EngineInput::Close { conn }).await;
             });
         }
     }
@@ -355,7 +357,7 @@ impl Egress {
     /// Sends a command and waits for its reply.
     pub(crate) async fn call<T>(
         &self,
-        make: impl FnOnce(Reply<T>) -> EgressInput,
+        make: impl FnOnce(Reply<T>) -> EngineInput,
     ) -> Result<T, SfuError> {
         let (reply, answer) = oneshot::channel();
         self.input.send(make(reply)).await?;
