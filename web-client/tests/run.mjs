@@ -262,6 +262,11 @@ async function main() {
     // up to 20 s from here (a loaded 2-core machine can make it dip on the way).
     // A simulcast camera's section may carry half as much again, for its lower layers
     // (docs/protocol.md, Simulcast).
+    // These pages' small cameras send about 250 kbit/s, less than the estimate allows: Chrome
+    // then grows its estimate only to about twice what it sends unless its start-up probes
+    // reach the cap (some runs they do, some not, with the old server and the new alike). So
+    // the estimate must reach the cap or stay well clear of what the video sends, which shows
+    // the server's feedback is not what holds the video back; and it never passes the cap.
     const first = await pages[0].evaluate(publishedVideo);
     const cap = (first?.layers ?? 0) > 1 ? 1.5 * MAX_VIDEO_BITRATE : MAX_VIDEO_BITRATE;
     const deadline = Date.now() + 20_000;
@@ -274,10 +279,11 @@ async function main() {
     const b = await pages[0].evaluate(publishedVideo);
     if (!a || !b) throw new Error('no publish connection');
     const rate = ((b.bytesSent - a.bytesSent) * 8) / ((b.at - a.at) / 1000);
+    const reached = a.available >= 0.8 * cap || (a.available >= 450_000 && a.available >= 1.5 * rate);
     check(
-      `${names[0]}'s send estimate ramps up to the ${cap / 1000} kbit/s maximum (${b.layers} layers) and video stays under it`,
+      `${names[0]}'s send estimate ramps up to the ${cap / 1000} kbit/s maximum, or well past what its video sends (${b.layers} layers), and video stays under it`,
       // Reached within 20 s (a loaded machine may dip it again right after), and never above.
-      a.available >= 0.8 * cap &&
+      reached &&
         Math.max(a.available, b.available) <= 1.05 * cap &&
         rate > 0 &&
         rate < 1.15 * cap,
