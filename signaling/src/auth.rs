@@ -35,6 +35,8 @@ pub struct Grants {
     pub room_admin: bool,
     /// List every room (`GET /api/rooms`).
     pub room_list: bool,
+    /// Enter the lobby: be seen online and call others (docs/protocol.md, section 12).
+    pub lobby: bool,
 }
 
 impl Default for Grants {
@@ -44,6 +46,7 @@ impl Default for Grants {
             subscribe: true,
             room_admin: false,
             room_list: false,
+            lobby: false,
         }
     }
 }

@@ -87,6 +87,11 @@ pub struct Config {
     /// Rooms open at once; a join that would open another is refused (`server_full`).
     /// Default 1,000.
     pub max_rooms: usize,
+    /// People online in the lobby at once; more are refused (`room_full`). Everyone online is
+    /// told of each arrival and departure. Default 1,000.
+    pub max_lobby_members: usize,
+    /// Seconds a call rings before it ends unanswered (`timeout`). Default 30.
+    pub call_timeout_secs: u64,
     /// API keys, name to secret (at least 32 bytes). They sign tokens, and a caller presenting
     /// one (HTTP Basic) may mint tokens and administer rooms. Without any, the server runs in the
     /// development posture and binds loopback only. Default: none.
@@ -134,6 +139,8 @@ impl Default for Config {
             max_joins_per_second_per_address: 10.0,
             max_joins_per_second_per_room: 10.0,
             max_rooms: 1000,
+            max_lobby_members: 1000,
+            call_timeout_secs: 30,
             api_keys: BTreeMap::new(),
             metrics_token: None,
             metrics_bind: None,
@@ -245,6 +252,9 @@ pub enum Command {
         /// Grant listing every room.
         #[arg(long)]
         room_list: bool,
+        /// Grant entering the lobby (being seen online, calling others).
+        #[arg(long)]
+        lobby: bool,
     },
 }
 

@@ -2,9 +2,10 @@
 //! mistake, each mapped to its wire [`ErrorCode`] here and nowhere else. The text is for humans;
 //! the code is the contract (docs/protocol.md, section 6).
 
+use crate::lobby::LobbyError;
 use crate::protocol::{
-    CHAT_BURST, CHAT_PER_SECOND, ErrorCode, MAX_CHAT_CHARS, MAX_TRACK_ID_BYTES, MAX_TRACKS,
-    MAX_VIEW_PIXELS, RELAY_BURST, RELAY_PER_SECOND, SFU_PEER,
+    CHAT_BURST, CHAT_PER_SECOND, ErrorCode, MAX_CHAT_CHARS, MAX_ID_BYTES, MAX_TRACK_ID_BYTES,
+    MAX_TRACKS, MAX_VIEW_PIXELS, RELAY_BURST, RELAY_PER_SECOND, SFU_PEER,
 };
 
 /// A refused client message.
@@ -114,6 +115,12 @@ pub enum SignalError {
     /// The media plane could not open a connection.
     #[error("media transport: {0}")]
     MediaTransport(#[from] sfu::SfuError),
+    #[error("send `lobby` first")]
+    NotInLobby,
+    #[error("an id or room name is at most {MAX_ID_BYTES} bytes ({0} sent)")]
+    IdTooLong(usize),
+    #[error("{0}")]
+    Lobby(#[from] LobbyError),
 }
 
 impl SignalError {
@@ -128,7 +135,20 @@ impl SignalError {
             | SfuMode(_)
             | ToSelf
             | OfferNotForPublish
-            | AnswerNotForSubscribe => ErrorCode::InvalidState,
+            | AnswerNotForSubscribe
+            | NotInLobby => ErrorCode::InvalidState,
+            IdTooLong(_) => ErrorCode::BadRequest,
+            Lobby(err) => match err {
+                LobbyError::NameTaken(_) => ErrorCode::NameTaken,
+                LobbyError::Full(_) => ErrorCode::RoomFull,
+                LobbyError::UnknownPeer(_) => ErrorCode::UnknownPeer,
+                LobbyError::CallSelf
+                | LobbyError::AlreadyRinging
+                | LobbyError::UnknownCall(_)
+                | LobbyError::WrongSide => ErrorCode::InvalidState,
+                LobbyError::NotInRoom => ErrorCode::NotAllowed,
+                LobbyError::Token(_) => ErrorCode::Internal,
+            },
             BadName
             | TooManyTracks
             | TrackIdTooLong(_)

@@ -210,7 +210,7 @@ async fn mint_token(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::BadRequest,
                 format!(
-                    "expected {{\"userId\": string, \"room\": string, \"grants\"?: {{\"roomAdmin\"?: bool, \"roomList\"?: bool}}}}: {err}"
+                    "expected {{\"userId\": string, \"room\": string, \"grants\"?: {{\"roomAdmin\"?: bool, \"roomList\"?: bool, \"lobby\"?: bool, \"publish\"?: bool, \"subscribe\"?: bool}}}}: {err}"
                 ),
             );
         }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod http;
 pub mod limits;
 pub mod listener;
+pub mod lobby;
 pub mod metrics;
 pub mod protocol;
 pub mod room;

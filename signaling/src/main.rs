@@ -25,6 +25,7 @@ async fn main() -> anyhow::Result<()> {
         no_subscribe,
         room_admin,
         room_list,
+        lobby,
     }) = &cli.command
     {
         return print_token(
@@ -38,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
                 subscribe: !*no_subscribe,
                 room_admin: *room_admin,
                 room_list: *room_list,
+                lobby: *lobby,
             },
         );
     }

@@ -297,7 +297,36 @@ pub enum ClientMessage {
         /// 1 to [`MAX_CHAT_CHARS`] characters, not only whitespace.
         text: String,
     },
-    /// Leave the room.
+    /// Enter the lobby instead of a room (the token must grant `lobby`).
+    Lobby {
+        /// The display name, unique in the lobby; default the token's userId.
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// Call someone online: into a new room of two, or into `room`, a call the caller is in.
+    Call {
+        /// The callee's lobby id.
+        peer_id: String,
+        /// A room the caller is in, to invite the callee to.
+        #[serde(default)]
+        room: Option<String>,
+    },
+    /// The callee accepts a ringing call.
+    AcceptCall {
+        /// As in `incoming_call`.
+        call_id: String,
+    },
+    /// The callee declines a ringing call.
+    DeclineCall {
+        /// As in `incoming_call`.
+        call_id: String,
+    },
+    /// The caller cancels its ringing call.
+    CancelCall {
+        /// As in `calling`.
+        call_id: String,
+    },
+    /// Leave the room (or the lobby).
     Leave,
 }
 
@@ -308,7 +337,7 @@ pub const MAX_VIEW_PIXELS: u32 = 16_384;
 pub const MAX_CHAT_CHARS: usize = 1000;
 
 /// Every `type` a client may send, to tell an unknown type from a malformed known one.
-pub const CLIENT_TYPES: [&str; 11] = [
+pub const CLIENT_TYPES: [&str; 16] = [
     "join",
     "offer",
     "answer",
@@ -319,6 +348,11 @@ pub const CLIENT_TYPES: [&str; 11] = [
     "mesh_failed",
     "pause",
     "view",
+    "lobby",
+    "call",
+    "accept_call",
+    "decline_call",
+    "cancel_call",
     "leave",
 ];
 
@@ -391,6 +425,11 @@ impl ClientMessage {
             ClientMessage::MeshFailed { .. } => "mesh_failed",
             ClientMessage::Pause { .. } => "pause",
             ClientMessage::View { .. } => "view",
+            ClientMessage::Lobby { .. } => "lobby",
+            ClientMessage::Call { .. } => "call",
+            ClientMessage::AcceptCall { .. } => "accept_call",
+            ClientMessage::DeclineCall { .. } => "decline_call",
+            ClientMessage::CancelCall { .. } => "cancel_call",
             ClientMessage::Leave => "leave",
         }
     }
@@ -467,6 +506,25 @@ pub struct SpeakerInfo {
 }
 
 /// Messages to a client.
+/// Why a call ended before it was accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallEndReason {
+    /// The callee declined.
+    Declined,
+    /// The callee is in a call, or another call rings for it.
+    Busy,
+    /// The callee went offline while it rang.
+    Unavailable,
+    /// Nobody answered within `call_timeout_secs`.
+    Timeout,
+    /// The caller cancelled, or went offline.
+    Cancelled,
+}
+
+/// Longest lobby id, call id or room name a client may name, in bytes.
+pub const MAX_ID_BYTES: usize = 64;
+
 #[derive(Clone, Debug, Serialize)]
 #[serde(
     tag = "type",
@@ -605,6 +663,64 @@ pub enum ServerMessage {
     Speakers {
         /// Participants whose microphone is above the speaking level.
         speakers: Vec<SpeakerInfo>,
+    },
+    /// The lobby entered: the participant's lobby id and everyone else online.
+    LobbyJoined {
+        /// Its id in the lobby, as others see it in `online`.
+        peer_id: String,
+        /// Its display name, as accepted.
+        name: String,
+        /// Everyone else online.
+        online: Vec<PeerInfo>,
+        /// [`PROTOCOL_VERSION`].
+        protocol: u32,
+    },
+    /// Someone came online in the lobby.
+    Online {
+        /// Its lobby id.
+        peer_id: String,
+        /// Its display name.
+        name: String,
+    },
+    /// Someone left the lobby.
+    Offline {
+        /// Its lobby id.
+        peer_id: String,
+    },
+    /// The caller's call, under this id: it rings until answered, cancelled or timed out (or
+    /// `call_ended` follows at once: `busy`).
+    Calling {
+        /// Names the call in `cancel_call` and in what follows.
+        call_id: String,
+        /// The callee.
+        peer_id: String,
+    },
+    /// Someone calls: answer with `accept_call` or `decline_call`.
+    IncomingCall {
+        /// Names the call.
+        call_id: String,
+        /// The caller's lobby id.
+        peer_id: String,
+        /// The caller's display name.
+        name: String,
+    },
+    /// The call was accepted: join `room` with `token` (each side gets its own).
+    CallAccepted {
+        /// The call.
+        call_id: String,
+        /// The other side's lobby id.
+        peer_id: String,
+        /// The room to join.
+        room: String,
+        /// A token for that room, for this participant.
+        token: String,
+    },
+    /// A call ended before it was accepted, and why.
+    CallEnded {
+        /// The call.
+        call_id: String,
+        /// Why.
+        reason: CallEndReason,
     },
     /// Something was refused.
     Error {

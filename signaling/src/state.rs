@@ -11,6 +11,7 @@ use crate::auth::TokenAuthority;
 use crate::config::{Config, Posture};
 use crate::limits::SignalingLimits;
 use crate::listener::{ConnectionLimits, Connections};
+use crate::lobby::Lobby;
 use crate::metrics::Refusals;
 use crate::room::{RoomPolicy, RoomRegistry, SWITCH_TIMEOUT};
 
@@ -19,6 +20,8 @@ use crate::room::{RoomPolicy, RoomRegistry, SWITCH_TIMEOUT};
 pub struct AppState {
     /// Every room.
     pub rooms: Arc<RoomRegistry>,
+    /// Who is online, and their calls.
+    pub lobby: Arc<Lobby>,
     /// The media plane.
     pub sfu: sfu::Sfu,
     /// Mints and checks tokens.
@@ -59,6 +62,10 @@ impl AppState {
                 mesh_hold: Duration::from_secs(config.mesh_hold_secs),
                 switch_timeout: SWITCH_TIMEOUT,
             })),
+            lobby: Lobby::new(
+                config.max_lobby_members,
+                Duration::from_secs(config.call_timeout_secs.max(1)),
+            ),
             sfu: sfu::Sfu::new(config.sfu_config()),
             auth: TokenAuthority::new(&config.api_keys, config.token_ttl_secs),
             limits: Arc::new(SignalingLimits::new(&config)),

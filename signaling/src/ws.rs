@@ -20,8 +20,8 @@ use crate::error::SignalError;
 use crate::metrics::ErrorCounts;
 use crate::protocol::{
     CHAT_BURST, CHAT_PER_SECOND, CandidateInit, ClientMessage, ErrorCode, MAX_CHAT_CHARS,
-    MAX_FRAME_BYTES, MAX_TRACK_ID_BYTES, MAX_TRACKS, MAX_VIEW_PIXELS, Mode, ModePhase,
-    PROTOCOL_VERSION, RELAY_BURST, RELAY_PER_SECOND, SFU_PEER, ServerMessage, TrackInfo,
+    MAX_FRAME_BYTES, MAX_ID_BYTES, MAX_TRACK_ID_BYTES, MAX_TRACKS, MAX_VIEW_PIXELS, Mode,
+    ModePhase, PROTOCOL_VERSION, RELAY_BURST, RELAY_PER_SECOND, SFU_PEER, ServerMessage, TrackInfo,
     TransportName,
 };
 use crate::room::{
@@ -82,6 +82,8 @@ struct Session {
     /// late events are never mistaken for the current one's.
     sfu_events: Option<mpsc::UnboundedReceiver<SfuEvent>>,
     membership: Option<Membership>,
+    /// The session's id in the lobby, when it entered the lobby instead of a room.
+    lobby_peer: Option<String>,
     relay_budget: Budget,
     relay_bytes: Budget,
     chat_budget: Budget,
@@ -203,7 +205,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
                 }
             }
             _ = liveness.tick() => {
-                if session.membership.is_none() && opened.elapsed() > join_timeout {
+                if session.membership.is_none() && session.lobby_peer.is_none() && opened.elapsed() > join_timeout {
                     // A socket that never joins only holds memory and a descriptor.
                     let err = SignalError::JoinTimeout(join_timeout.as_secs());
                     tracing::debug!("no join before the deadline");
@@ -324,6 +326,18 @@ fn check_track_id(id: &str) -> Result<(), SignalError> {
     Ok(())
 }
 
+/// Refuses a lobby id, call id or room name longer than the server makes: each is echoed in
+/// errors.
+fn check_id(id: &str) -> Result<(), SignalError> {
+    if id.len() > MAX_ID_BYTES {
+        return Err(SignalError::IdTooLong(id.len()));
+    }
+    Ok(())
+}
+
+/// The join-limit key of the lobby.
+const LOBBY_LIMIT_KEY: &str = " lobby";
+
 fn valid_name(name: &str) -> bool {
     let trimmed = name.trim();
     !trimmed.is_empty() && trimmed.chars().count() <= 64
@@ -338,6 +352,7 @@ impl Session {
             outbound,
             sfu_events: None,
             membership: None,
+            lobby_peer: None,
             relay_budget: Budget::new(RELAY_BURST, RELAY_PER_SECOND),
             relay_bytes: Budget::new(RELAY_BYTES_BURST, RELAY_BYTES_PER_SECOND),
             ending: false,
@@ -585,8 +600,90 @@ impl Session {
                     .mesh_failed(&membership.participant, peer_id.as_deref());
                 Ok(())
             }
+            ClientMessage::Lobby { name } => self.enter_lobby(name),
+            ClientMessage::Call { peer_id, room } => {
+                check_id(&peer_id)?;
+                if let Some(room) = &room {
+                    check_id(room)?;
+                }
+                let me = self.lobby_peer()?.to_owned();
+                if !self.relay_budget.take() {
+                    return Err(SignalError::ControlRateLimited("call"));
+                }
+                let state = &self.state;
+                let call = state
+                    .lobby
+                    .call(&me, &peer_id, room.as_deref(), &state.rooms)?;
+                tracing::debug!(%call, "calling");
+                Ok(())
+            }
+            ClientMessage::AcceptCall { call_id } => {
+                check_id(&call_id)?;
+                let me = self.lobby_peer()?;
+                Ok(self.state.lobby.accept(me, &call_id, &self.state.auth)?)
+            }
+            ClientMessage::DeclineCall { call_id } => {
+                check_id(&call_id)?;
+                let me = self.lobby_peer()?;
+                Ok(self.state.lobby.decline(me, &call_id)?)
+            }
+            ClientMessage::CancelCall { call_id } => {
+                check_id(&call_id)?;
+                let me = self.lobby_peer()?;
+                Ok(self.state.lobby.cancel(me, &call_id)?)
+            }
             ClientMessage::Leave => Ok(()),
         }
+    }
+
+    /// The display name of a `join` or `lobby` (default: the token's userId), trimmed; refused
+    /// when the socket is in a room or the lobby already.
+    fn entering(&self, name: Option<String>) -> Result<String, SignalError> {
+        if self.membership.is_some() || self.lobby_peer.is_some() {
+            return Err(SignalError::AlreadyJoined);
+        }
+        let name = name.unwrap_or_else(|| self.claims.sub.clone());
+        if !valid_name(&name) {
+            return Err(SignalError::BadName);
+        }
+        Ok(name.trim().to_owned())
+    }
+
+    fn lobby_peer(&self) -> Result<&str, SignalError> {
+        self.lobby_peer.as_deref().ok_or(SignalError::NotInLobby)
+    }
+
+    /// Enters the lobby: `lobby_joined` to this session, `online` to everyone else there.
+    fn enter_lobby(&mut self, name: Option<String>) -> Result<(), SignalError> {
+        let name = self.entering(name)?;
+        if !self.claims.grants.lobby {
+            return Err(SignalError::NotAllowed("entering the lobby"));
+        }
+        // Every arrival goes to everyone online: limited as joins into one room are. The key
+        // starts with a space, which no room name does.
+        self.state
+            .limits
+            .join(self.peer, LOBBY_LIMIT_KEY)
+            .map_err(|why| match why {
+                "into this room" => SignalError::JoinRateLimited("into the lobby"),
+                why => SignalError::JoinRateLimited(why),
+            })?;
+        let entered = self.state.lobby.enter(
+            &name,
+            &self.claims.sub,
+            self.claims.grants,
+            self.outbound.clone(),
+        )?;
+        tracing::Span::current().record("participant", entered.peer_id.as_str());
+        tracing::info!(%name, "entered the lobby");
+        self.reply(ServerMessage::LobbyJoined {
+            peer_id: entered.peer_id.clone(),
+            name,
+            online: entered.online,
+            protocol: PROTOCOL_VERSION,
+        });
+        self.lobby_peer = Some(entered.peer_id);
+        Ok(())
     }
 
     async fn join(
@@ -594,14 +691,7 @@ impl Session {
         name: Option<String>,
         resume: Option<String>,
     ) -> Result<(), SignalError> {
-        if self.membership.is_some() {
-            return Err(SignalError::AlreadyJoined);
-        }
-        let name = name.unwrap_or_else(|| self.claims.sub.clone());
-        if !valid_name(&name) {
-            return Err(SignalError::BadName);
-        }
-        let name = name.trim().to_owned();
+        let name = self.entering(name)?;
         self.state
             .limits
             .join(self.peer, &self.claims.room)
@@ -870,6 +960,10 @@ impl Session {
     }
 
     async fn leave(&mut self) {
+        if let Some(peer) = self.lobby_peer.take() {
+            self.state.lobby.leave(&peer);
+            tracing::info!("left the lobby");
+        }
         let Some(membership) = self.membership.take() else {
             return;
         };

@@ -979,6 +979,14 @@ impl RoomRegistry {
         room.mute_by_admin(participant, track_id)
     }
 
+    /// Whether a participant of `user` (the token's user id) is in `room_name` now.
+    pub fn has_user(&self, room_name: &str, user: &str) -> bool {
+        let Some(room) = self.lock().get(&room_name.to_lowercase()).cloned() else {
+            return false;
+        };
+        room.lock().members.iter().any(|m| m.user == user)
+    }
+
     /// Every room, for `/api/rooms` and `/metrics`.
     pub fn rooms(&self) -> Vec<Arc<Room>> {
         self.lock().values().cloned().collect()

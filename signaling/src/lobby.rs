@@ -1,0 +1,371 @@
+//! The lobby: who is online, and calls between them. A participant whose token grants `lobby`
+//! enters it by name, sees everyone else there (live), and may call one of them; the callee
+//! accepts or declines, the caller may cancel, and a call nobody answers ends after
+//! `call_timeout_secs`. An accepted call is a room of two (a mesh, as every small room) that
+//! both sides join with a token the server mints for them; from the lobby, either may invite a
+//! third person into it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use crate::auth::{Grants, TokenAuthority};
+use crate::protocol::{CallEndReason, PeerInfo, ServerMessage};
+use crate::room::{Outbound, RoomRegistry};
+
+/// Why the lobby refused something.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LobbyError {
+    #[error("the name `{0}` is taken in the lobby")]
+    NameTaken(String),
+    #[error("the lobby is full ({0} people)")]
+    Full(usize),
+    #[error("nobody `{0}` is online")]
+    UnknownPeer(String),
+    #[error("you cannot call yourself")]
+    CallSelf,
+    #[error("you are in a ringing call already: cancel, answer or decline it first")]
+    AlreadyRinging,
+    #[error("no ringing call `{0}` of yours")]
+    UnknownCall(String),
+    #[error("only the caller cancels a call, and only the callee accepts or declines it")]
+    WrongSide,
+    #[error("you are not in the room you invite to")]
+    NotInRoom,
+    #[error("could not mint the call's tokens: {0}")]
+    Token(String),
+}
+
+/// One person online.
+struct Member {
+    name: String,
+    /// The token's user id: call tokens are minted for it.
+    user: String,
+    grants: Grants,
+    outbound: Outbound,
+    /// The ringing call it makes or receives (at most one).
+    ringing: Option<String>,
+    /// The room of its last accepted call: while it is in that room, it is busy.
+    in_call: Option<String>,
+}
+
+/// A ringing call.
+struct Call {
+    caller: String,
+    callee: String,
+    /// The room the caller invites to (a call in progress), or none for a new room of two.
+    room: Option<String>,
+}
+
+#[derive(Default)]
+struct LobbyState {
+    /// Online people by lobby peer id.
+    members: HashMap<String, Member>,
+    /// Ringing calls by call id.
+    calls: HashMap<String, Call>,
+}
+
+/// Who is online, and their ringing calls.
+pub struct Lobby {
+    state: Mutex<LobbyState>,
+    max_members: usize,
+    call_timeout: Duration,
+}
+
+/// Someone who entered the lobby.
+pub struct Entered {
+    /// Its peer id in the lobby.
+    pub peer_id: String,
+    /// Everyone else online.
+    pub online: Vec<PeerInfo>,
+}
+
+impl Lobby {
+    /// An empty lobby for at most `max_members` people, whose calls ring for `call_timeout`.
+    pub fn new(max_members: usize, call_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::default(),
+            max_members,
+            call_timeout,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LobbyState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// People online now.
+    pub fn len(&self) -> usize {
+        self.lock().members.len()
+    }
+
+    /// True when nobody is online.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Puts `name` online (unique, case-insensitively) and tells everyone else.
+    pub fn enter(
+        &self,
+        name: &str,
+        user: &str,
+        grants: Grants,
+        outbound: Outbound,
+    ) -> Result<Entered, LobbyError> {
+        let mut state = self.lock();
+        if state
+            .members
+            .values()
+            .any(|m| m.name.to_lowercase() == name.to_lowercase())
+        {
+            return Err(LobbyError::NameTaken(name.to_owned()));
+        }
+        if state.members.len() >= self.max_members {
+            return Err(LobbyError::Full(self.max_members));
+        }
+        let peer_id = format!("l-{:012x}", rand::random::<u64>() >> 16);
+        let online = state
+            .members
+            .iter()
+            .map(|(id, m)| PeerInfo {
+                peer_id: id.clone(),
+                name: m.name.clone(),
+            })
+            .collect();
+        for member in state.members.values() {
+            member.outbound.send(ServerMessage::Online {
+                peer_id: peer_id.clone(),
+                name: name.to_owned(),
+            });
+        }
+        state.members.insert(
+            peer_id.clone(),
+            Member {
+                name: name.to_owned(),
+                user: user.to_owned(),
+                grants,
+                outbound,
+                ringing: None,
+                in_call: None,
+            },
+        );
+        Ok(Entered { peer_id, online })
+    }
+
+    /// Takes `peer` offline: its ringing call ends (for the other side, `cancelled` when the
+    /// caller left, `unavailable` when the callee did) and everyone else is told.
+    pub fn leave(&self, peer: &str) {
+        let mut state = self.lock();
+        let Some(member) = state.members.remove(peer) else {
+            return;
+        };
+        if let Some(call_id) = member.ringing {
+            let reason = match state.calls.get(&call_id) {
+                Some(call) if call.caller == peer => CallEndReason::Cancelled,
+                _ => CallEndReason::Unavailable,
+            };
+            end_call(&mut state, &call_id, reason);
+        }
+        for other in state.members.values() {
+            other.outbound.send(ServerMessage::Offline {
+                peer_id: peer.to_owned(),
+            });
+        }
+    }
+
+    /// `caller` calls `callee` (into `room`, a call the caller is in, when given). The caller is
+    /// told `calling` with the call's id; a busy callee ends the call at once (`busy`), anyone
+    /// else hears it ring until it is answered, cancelled or times out.
+    pub fn call(
+        self: &Arc<Self>,
+        caller: &str,
+        callee: &str,
+        room: Option<&str>,
+        rooms: &RoomRegistry,
+    ) -> Result<String, LobbyError> {
+        let mut state = self.lock();
+        let (caller_user, caller_name, caller_ringing) = match state.members.get(caller) {
+            Some(m) => (m.user.clone(), m.name.clone(), m.ringing.is_some()),
+            None => return Err(LobbyError::UnknownPeer(caller.to_owned())),
+        };
+        if caller == callee {
+            return Err(LobbyError::CallSelf);
+        }
+        if caller_ringing {
+            return Err(LobbyError::AlreadyRinging);
+        }
+        if let Some(room) = room
+            && !rooms.has_user(room, &caller_user)
+        {
+            return Err(LobbyError::NotInRoom);
+        }
+        let Some(callee_member) = state.members.get(callee) else {
+            return Err(LobbyError::UnknownPeer(callee.to_owned()));
+        };
+        let busy = callee_member.ringing.is_some()
+            || callee_member
+                .in_call
+                .as_deref()
+                .is_some_and(|room| rooms.has_user(room, &callee_member.user));
+        let call_id = format!("c-{:012x}", rand::random::<u64>() >> 16);
+        let caller_outbound = state.members.get(caller).map(|m| m.outbound.clone());
+        if let Some(outbound) = &caller_outbound {
+            outbound.send(ServerMessage::Calling {
+                call_id: call_id.clone(),
+                peer_id: callee.to_owned(),
+            });
+        }
+        if busy {
+            if let Some(outbound) = caller_outbound {
+                outbound.send(ServerMessage::CallEnded {
+                    call_id: call_id.clone(),
+                    reason: CallEndReason::Busy,
+                });
+            }
+            return Ok(call_id);
+        }
+        if let Some(member) = state.members.get_mut(callee) {
+            member.ringing = Some(call_id.clone());
+            member.outbound.send(ServerMessage::IncomingCall {
+                call_id: call_id.clone(),
+                peer_id: caller.to_owned(),
+                name: caller_name,
+            });
+        }
+        if let Some(member) = state.members.get_mut(caller) {
+            member.ringing = Some(call_id.clone());
+        }
+        state.calls.insert(
+            call_id.clone(),
+            Call {
+                caller: caller.to_owned(),
+                callee: callee.to_owned(),
+                room: room.map(str::to_owned),
+            },
+        );
+        // Bounded: one per ringing call, each ends by the timeout.
+        let lobby: Weak<Self> = Arc::downgrade(self);
+        let (expiring, timeout) = (call_id.clone(), self.call_timeout);
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(lobby) = lobby.upgrade() {
+                let mut state = lobby.lock();
+                end_call(&mut state, &expiring, CallEndReason::Timeout);
+            }
+        });
+        Ok(call_id)
+    }
+
+    /// The caller cancels its ringing call.
+    pub fn cancel(&self, peer: &str, call_id: &str) -> Result<(), LobbyError> {
+        let mut state = self.lock();
+        ringing(&state, call_id, peer, Side::Caller)?;
+        end_call(&mut state, call_id, CallEndReason::Cancelled);
+        Ok(())
+    }
+
+    /// The callee declines a call ringing for it.
+    pub fn decline(&self, peer: &str, call_id: &str) -> Result<(), LobbyError> {
+        let mut state = self.lock();
+        ringing(&state, call_id, peer, Side::Callee)?;
+        end_call(&mut state, call_id, CallEndReason::Declined);
+        Ok(())
+    }
+
+    /// The callee accepts: both are told `call_accepted` with the room and a token for it,
+    /// minted for each one's user id with its lobby token's publish and subscribe grants.
+    pub fn accept(
+        &self,
+        peer: &str,
+        call_id: &str,
+        auth: &TokenAuthority,
+    ) -> Result<(), LobbyError> {
+        let mut state = self.lock();
+        let call = ringing(&state, call_id, peer, Side::Callee)?;
+        // A new room's name is unguessable: it is the call's link.
+        let room = call
+            .room
+            .clone()
+            .unwrap_or_else(|| format!("call-{:032x}", rand::random::<u128>()));
+        let (caller, callee) = (call.caller.clone(), call.callee.clone());
+        // Both tokens first: a failure leaves the call ringing, nobody told half of it.
+        let mut tokens = Vec::with_capacity(2);
+        for (me, other) in [(&caller, &callee), (&callee, &caller)] {
+            let Some(member) = state.members.get(me) else {
+                return Err(LobbyError::UnknownPeer(me.clone()));
+            };
+            let grants = Grants {
+                publish: member.grants.publish,
+                subscribe: member.grants.subscribe,
+                ..Grants::default()
+            };
+            let token = auth
+                .mint(&member.user, &room, grants)
+                .map_err(|err| LobbyError::Token(err.to_string()))?;
+            tokens.push((me.clone(), other.clone(), token));
+        }
+        state.calls.remove(call_id);
+        for (me, other, token) in tokens {
+            if let Some(member) = state.members.get_mut(&me) {
+                member.ringing = None;
+                member.in_call = Some(room.clone());
+                member.outbound.send(ServerMessage::CallAccepted {
+                    call_id: call_id.to_owned(),
+                    peer_id: other,
+                    room: room.clone(),
+                    token,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which end of a call.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Caller,
+    Callee,
+}
+
+/// The ringing call `call_id`, when `peer` is on `side` of it.
+fn ringing<'a>(
+    state: &'a LobbyState,
+    call_id: &str,
+    peer: &str,
+    side: Side,
+) -> Result<&'a Call, LobbyError> {
+    let unknown = || LobbyError::UnknownCall(call_id.to_owned());
+    let call = state.calls.get(call_id).ok_or_else(unknown)?;
+    let (mine, other) = match side {
+        Side::Caller => (&call.caller, &call.callee),
+        Side::Callee => (&call.callee, &call.caller),
+    };
+    if mine == peer {
+        Ok(call)
+    } else if other == peer {
+        Err(LobbyError::WrongSide)
+    } else {
+        Err(unknown())
+    }
+}
+
+/// Ends a ringing call, if it still rings, telling both sides why.
+fn end_call(state: &mut LobbyState, call_id: &str, reason: CallEndReason) {
+    let Some(call) = state.calls.remove(call_id) else {
+        return;
+    };
+    for peer in [&call.caller, &call.callee] {
+        if let Some(member) = state.members.get_mut(peer) {
+            if member.ringing.as_deref() == Some(call_id) {
+                member.ringing = None;
+            }
+            member.outbound.send(ServerMessage::CallEnded {
+                call_id: call_id.to_owned(),
+                reason,
+            });
+        }
+    }
+}
