@@ -3,6 +3,7 @@
 // Every remote <video> is watched by the SDK (room.observeVideo), so that each comes in the layer
 // its size needs: small tiles a small one, the stage the full one.
 import { Room, captureMedia, listDevices, tokenGrants } from './client.js';
+import { goOnline, initCalls, render as renderLobby } from './calls.js';
 
 /** @typedef {import('./client.js').RemoteTrack} RemoteTrack */
 /** @typedef {import('./client.js').ChatMessage} ChatMessage */
@@ -64,6 +65,8 @@ const STORAGE = { room: 'switchboard.room', name: 'switchboard.name' };
 
 /** @type {Room | null} */
 let room = null;
+/** The current room's name on screen, when not its own (a call's room name is a long secret). @type {string | null} */
+let roomLabel = null;
 /** @type {Map<string, Tile>} remote tiles by peerId */
 const tiles = new Map();
 /** @type {Tile | null} */
@@ -146,6 +149,31 @@ chatForm.addEventListener('submit', (ev) => {
   chatInput.value = '';
 });
 
+initCalls({
+  // Accepting a call while in another room leaves that room, as a phone puts one call down for
+  // the next.
+  join: (roomName, name, token, label) => {
+    room?.leave();
+    join(roomName, name, token, label);
+  },
+  currentRoom: () => (room?.state === 'joined' ? room.roomName : null),
+  inCurrentRoom: (name) => [...(room?.participants.values() ?? [])].some((p) => p.name.toLowerCase() === name.toLowerCase()),
+  say: (text) => {
+    statusLine.textContent = text;
+  },
+  showError,
+});
+$('go-online').addEventListener('click', () => {
+  const name = nameInput.value.trim();
+  if (!name) {
+    nameInput.reportValidity();
+    return;
+  }
+  localStorage.setItem(STORAGE.name, name);
+  goOnline(name);
+});
+if (nameInput.value && params.get('lobby') === '1') goOnline(nameInput.value.trim());
+
 const autojoin = roomInput.value && nameInput.value && params.get('autojoin') === '1';
 startPreview().then(() => {
   if (autojoin) join(roomInput.value.trim(), nameInput.value.trim());
@@ -198,17 +226,20 @@ async function fillDeviceSelects() {
 /**
  * @param {string} roomName
  * @param {string} name
+ * @param {string} [callToken]  the token of an accepted call
+ * @param {string} [label]  what to call the room on screen ("Call with Bob") instead of its name
  */
-async function join(roomName, name) {
+async function join(roomName, name, callToken, label) {
   if (!roomName || !name || room) return;
   showError(null);
   setFormEnabled(false);
-  statusLine.textContent = `Joining ${roomName}…`;
+  statusLine.textContent = `Joining ${label ?? roomName}…`;
   localStorage.setItem(STORAGE.room, roomName);
   localStorage.setItem(STORAGE.name, name);
 
   const current = new Room();
   room = current;
+  roomLabel = label ?? null;
   // For end-to-end tests and the console.
   Object.assign(window, { __switchboard: current });
 
@@ -301,6 +332,7 @@ async function join(roomName, name) {
   current.on('disconnected', ({ reason }) => {
     if (room !== current) return;
     reset();
+    renderLobby();
     statusLine.textContent = reason === 'left' ? 'You left the room.' : `Disconnected: ${reason}`;
     startPreview();
   });
@@ -314,7 +346,7 @@ async function join(roomName, name) {
     // Without camera and microphone (blocked), join to watch and listen.
     // A link from the operator's backend carries the token (a server with API keys mints none
     // for pages).
-    const token = params.get('token') ?? undefined;
+    const token = callToken ?? params.get('token') ?? undefined;
     await current.connect(location.origin, { room: roomName, name, stream: stream ?? undefined, audio: false, video: false, token });
   } catch (err) {
     if (room !== current) return;
@@ -330,6 +362,7 @@ async function join(roomName, name) {
   renderControls();
   renderStatus();
   renderPeople();
+  renderLobby();
 }
 
 function reset() {
@@ -496,6 +529,8 @@ function renderPeople() {
     }),
   );
   peopleToggle.textContent = `People (${entries.length})`;
+  // Who is in the call shows in the online list too (no Invite for them).
+  renderLobby();
 }
 
 /**
@@ -578,7 +613,7 @@ function renderStatus() {
   const mode = room.mode === 'mesh' ? 'peer-to-peer' : 'via server';
   const switching = room.switching ? ' (switching)' : '';
   const watching = room.canPublish ? '' : ' · watching only';
-  statusLine.textContent = `${room.roomName ?? ''} · ${others + 1} participant${others ? 's' : ''}${watching} · ${mode}${switching}`;
+  statusLine.textContent = `${roomLabel ?? room.roomName ?? ''} · ${others + 1} participant${others ? 's' : ''}${watching} · ${mode}${switching}`;
   statusLine.dataset.mode = room.mode;
 }
 

@@ -152,6 +152,7 @@
 
 import { SwitchboardError } from './errors.js';
 import { LocalMedia, captureMedia } from './devices.js';
+import { Emitter } from './emitter.js';
 import { SignalingSocket, fetchToken, grantsOf, retryFor, tokenGrants } from './signaling.js';
 
 /** Errors after which the server closes the socket and the session must not come back. */
@@ -165,6 +166,7 @@ import { VideoViews } from './views.js';
 export { SwitchboardError } from './errors.js';
 export { listDevices, captureMedia } from './devices.js';
 export { tokenGrants } from './signaling.js';
+export { Lobby } from './lobby.js';
 
 export const PROTOCOL_VERSION = 1;
 
@@ -172,46 +174,6 @@ export const PROTOCOL_VERSION = 1;
 const RECONNECT_WINDOW_MS = 30_000;
 /** The active speaker stays highlighted through pauses this short. */
 const SPEAKER_HOLD_MS = 1500;
-
-/** Minimal event emitter; listeners that throw do not break the SDK. */
-class Emitter {
-  /** @type {Map<string, Set<(arg: any) => void>>} */
-  #listeners = new Map();
-
-  /**
-   * @param {string} type
-   * @param {(arg: any) => void} fn
-   * @returns {() => void} a function that removes the listener
-   */
-  on(type, fn) {
-    let set = this.#listeners.get(type);
-    if (!set) this.#listeners.set(type, (set = new Set()));
-    set.add(fn);
-    return () => this.off(type, fn);
-  }
-
-  /**
-   * @param {string} type
-   * @param {(arg: any) => void} fn
-   */
-  off(type, fn) {
-    this.#listeners.get(type)?.delete(fn);
-  }
-
-  /**
-   * @param {string} type
-   * @param {any} [arg]
-   */
-  emit(type, arg) {
-    for (const fn of [...(this.#listeners.get(type) ?? [])]) {
-      try {
-        fn(arg);
-      } catch (err) {
-        console.error(`switchboard: "${type}" listener threw`, err);
-      }
-    }
-  }
-}
 
 /**
  * Connects to a Switchboard server, joins a room and publishes camera and microphone.

@@ -28,6 +28,7 @@ export const FATAL_CODES = ['name_taken', 'room_full', 'unauthorized', 'bad_requ
  * @property {boolean} subscribe  receive the others' media
  * @property {boolean} roomAdmin
  * @property {boolean} roomList
+ * @property {boolean} lobby  be seen online and call others (section 12)
  */
 
 /**
@@ -57,6 +58,7 @@ export function grantsOf(grants) {
     subscribe: grants?.subscribe !== false,
     roomAdmin: grants?.roomAdmin === true,
     roomList: grants?.roomList === true,
+    lobby: grants?.lobby === true,
   };
 }
 
@@ -135,19 +137,21 @@ export class SignalingSocket {
 }
 
 /**
+ * A token from the server's `/auth/token` (the development posture mints them for anyone).
  * @param {URL} base
  * @param {string} userId
  * @param {string} room
+ * @param {Partial<Grants>} [grants]  what to ask for beyond the defaults (`{lobby: true}`)
  * @returns {Promise<string>}
  */
-export async function fetchToken(base, userId, room) {
+export async function fetchToken(base, userId, room, grants) {
   /** @type {Response} */
   let res;
   try {
     res = await fetch(new URL('/auth/token', base), {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
-      body: JSON.stringify({ userId, room }),
+      body: JSON.stringify(grants ? { userId, room, grants } : { userId, room }),
       signal: AbortSignal.timeout(SOCKET_OPEN_TIMEOUT_MS),
     });
   } catch (err) {

@@ -421,3 +421,30 @@ async function finish() {
   process.exit(failed > 0 || passed === 0 ? 1 : 0);
 }
 
+/**
+ * In the page: the width and frames decoded so far of the video shown in the remote tile
+ * labelled `name` (or on the stage, for `null`), from its receiver's stats (headless Firefox
+ * paints no frames, so the element's own counters stand still).
+ * @param {string | null} name
+ */
+export async function videoOf(name) {
+  const video =
+    name === null
+      ? /** @type {HTMLVideoElement | null} */ (document.getElementById('stage-video'))
+      : [...document.querySelectorAll('.tile.remote')]
+          .find((t) => t.querySelector('.label')?.textContent === name)
+          ?.querySelector('video');
+  const track = /** @type {MediaStream | null} */ (video?.srcObject ?? null)?.getVideoTracks()[0];
+  if (!video || !track) return { width: 0, frames: 0, trackId: '' };
+  const room = /** @type {any} */ (window).__switchboard;
+  const pcs = [room.subscribePc, ...[...room.mesh.values()].map((/** @type {any} */ l) => l.pc)];
+  let frames = 0;
+  for (const pc of pcs) {
+    const receiver = pc?.getReceivers().find((/** @type {RTCRtpReceiver} */ r) => r.track === track);
+    if (!receiver) continue;
+    for (const s of (await receiver.getStats()).values()) {
+      if (s.type === 'inbound-rtp' && s.kind === 'video') frames += s.framesDecoded ?? 0;
+    }
+  }
+  return { width: video.videoWidth, frames, trackId: track.id };
+}
