@@ -92,6 +92,10 @@ pub struct Config {
     pub max_lobby_members: usize,
     /// Seconds a call rings before it ends unanswered (`timeout`). Default 30.
     pub call_timeout_secs: u64,
+    /// People waiting for a partner at once; more are refused (`room_full`). Default 1,000.
+    pub max_waiting: usize,
+    /// Seconds someone waits for a partner before leaving the queue (`timeout`). Default 300.
+    pub match_timeout_secs: u64,
     /// API keys, name to secret (at least 32 bytes). They sign tokens, and a caller presenting
     /// one (HTTP Basic) may mint tokens and administer rooms. Without any, the server runs in the
     /// development posture and binds loopback only. Default: none.
@@ -141,6 +145,8 @@ impl Default for Config {
             max_rooms: 1000,
             max_lobby_members: 1000,
             call_timeout_secs: 30,
+            max_waiting: 1000,
+            match_timeout_secs: 300,
             api_keys: BTreeMap::new(),
             metrics_token: None,
             metrics_bind: None,

@@ -3,6 +3,7 @@
 //! the code is the contract (docs/protocol.md, section 6).
 
 use crate::lobby::LobbyError;
+use crate::matching::MatchError;
 use crate::protocol::{
     CHAT_BURST, CHAT_PER_SECOND, ErrorCode, MAX_CHAT_CHARS, MAX_ID_BYTES, MAX_TRACK_ID_BYTES,
     MAX_TRACKS, MAX_VIEW_PIXELS, RELAY_BURST, RELAY_PER_SECOND, SFU_PEER,
@@ -121,6 +122,10 @@ pub enum SignalError {
     IdTooLong(usize),
     #[error("{0}")]
     Lobby(#[from] LobbyError),
+    #[error("{0}")]
+    Matching(#[from] MatchError),
+    #[error("send `find_partner` first")]
+    NotFinding,
 }
 
 impl SignalError {
@@ -149,6 +154,11 @@ impl SignalError {
                 LobbyError::NotInRoom => ErrorCode::NotAllowed,
                 LobbyError::Token(_) => ErrorCode::Internal,
             },
+            Matching(err) => match err {
+                MatchError::Full(_) => ErrorCode::RoomFull,
+                MatchError::AlreadyWaiting | MatchError::NoPartner => ErrorCode::InvalidState,
+            },
+            NotFinding => ErrorCode::InvalidState,
             BadName
             | TooManyTracks
             | TrackIdTooLong(_)

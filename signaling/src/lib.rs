@@ -15,6 +15,7 @@ pub mod http;
 pub mod limits;
 pub mod listener;
 pub mod lobby;
+pub mod matching;
 pub mod metrics;
 pub mod protocol;
 pub mod room;

@@ -326,7 +326,21 @@ pub enum ClientMessage {
         /// As in `calling`.
         call_id: String,
     },
-    /// Leave the room (or the lobby).
+    /// Look for a partner: enter the waiting queue (the token must grant `lobby`), first
+    /// message on a socket or again after a match or a stop.
+    FindPartner {
+        /// The display name the partner sees; default the token's userId.
+        #[serde(default)]
+        name: Option<String>,
+        /// A `waiting.resume` of a place whose socket dropped: take it back.
+        #[serde(default)]
+        resume: Option<String>,
+    },
+    /// Leave the partner and queue again.
+    Next,
+    /// Stop looking: leave the queue, or the match.
+    Stop,
+    /// Leave the room (or the lobby, or the queue).
     Leave,
 }
 
@@ -337,7 +351,7 @@ pub const MAX_VIEW_PIXELS: u32 = 16_384;
 pub const MAX_CHAT_CHARS: usize = 1000;
 
 /// Every `type` a client may send, to tell an unknown type from a malformed known one.
-pub const CLIENT_TYPES: [&str; 16] = [
+pub const CLIENT_TYPES: [&str; 19] = [
     "join",
     "offer",
     "answer",
@@ -353,6 +367,9 @@ pub const CLIENT_TYPES: [&str; 16] = [
     "accept_call",
     "decline_call",
     "cancel_call",
+    "find_partner",
+    "next",
+    "stop",
     "leave",
 ];
 
@@ -430,6 +447,9 @@ impl ClientMessage {
             ClientMessage::AcceptCall { .. } => "accept_call",
             ClientMessage::DeclineCall { .. } => "decline_call",
             ClientMessage::CancelCall { .. } => "cancel_call",
+            ClientMessage::FindPartner { .. } => "find_partner",
+            ClientMessage::Next => "next",
+            ClientMessage::Stop => "stop",
             ClientMessage::Leave => "leave",
         }
     }
@@ -520,6 +540,16 @@ pub enum CallEndReason {
     Timeout,
     /// The caller cancelled, or went offline.
     Cancelled,
+}
+
+/// Why a place in the waiting queue ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueLeftReason {
+    /// The client sent `stop`.
+    Stopped,
+    /// Nobody came within `match_timeout_secs`.
+    Timeout,
 }
 
 /// Longest lobby id, call id or room name a client may name, in bytes.
@@ -721,6 +751,34 @@ pub enum ServerMessage {
         call_id: String,
         /// Why.
         reason: CallEndReason,
+    },
+    /// In the waiting queue.
+    Waiting {
+        /// Takes this place back after a reconnect (`find_partner.resume`), for 30 s.
+        resume: String,
+        /// How many wait before you.
+        position: usize,
+    },
+    /// A partner found: join `room` with `token`.
+    Matched {
+        /// The partner's id in the queue.
+        partner: String,
+        /// The partner's display name.
+        name: String,
+        /// The room to join, the two of you.
+        room: String,
+        /// A token for it, for you.
+        token: String,
+    },
+    /// Your partner left (`next`, `stop`, or gone): leave the room; `find_partner` looks again.
+    PartnerLeft {
+        /// Who it was.
+        partner: String,
+    },
+    /// You are out of the queue, and why.
+    QueueLeft {
+        /// `stopped` (you sent `stop`) or `timeout`.
+        reason: QueueLeftReason,
     },
     /// Something was refused.
     Error {

@@ -12,6 +12,7 @@ use crate::config::{Config, Posture};
 use crate::limits::SignalingLimits;
 use crate::listener::{ConnectionLimits, Connections};
 use crate::lobby::Lobby;
+use crate::matching::MatchQueue;
 use crate::metrics::Refusals;
 use crate::room::{RoomPolicy, RoomRegistry, SWITCH_TIMEOUT};
 
@@ -22,6 +23,8 @@ pub struct AppState {
     pub rooms: Arc<RoomRegistry>,
     /// Who is online, and their calls.
     pub lobby: Arc<Lobby>,
+    /// Who waits for a partner, and the matches made.
+    pub matching: Arc<MatchQueue>,
     /// The media plane.
     pub sfu: sfu::Sfu,
     /// Mints and checks tokens.
@@ -65,6 +68,10 @@ impl AppState {
             lobby: Lobby::new(
                 config.max_lobby_members,
                 Duration::from_secs(config.call_timeout_secs.max(1)),
+            ),
+            matching: MatchQueue::new(
+                config.max_waiting,
+                Duration::from_secs(config.match_timeout_secs.max(1)),
             ),
             sfu: sfu::Sfu::new(config.sfu_config()),
             auth: TokenAuthority::new(&config.api_keys, config.token_ttl_secs),

@@ -84,6 +84,8 @@ struct Session {
     membership: Option<Membership>,
     /// The session's id in the lobby, when it entered the lobby instead of a room.
     lobby_peer: Option<String>,
+    /// Its place in the waiting queue, when it looks for a partner instead.
+    match_place: Option<String>,
     relay_budget: Budget,
     relay_bytes: Budget,
     chat_budget: Budget,
@@ -205,7 +207,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
                 }
             }
             _ = liveness.tick() => {
-                if session.membership.is_none() && session.lobby_peer.is_none() && opened.elapsed() > join_timeout {
+                if session.membership.is_none() && session.lobby_peer.is_none() && session.match_place.is_none() && opened.elapsed() > join_timeout {
                     // A socket that never joins only holds memory and a descriptor.
                     let err = SignalError::JoinTimeout(join_timeout.as_secs());
                     tracing::debug!("no join before the deadline");
@@ -335,8 +337,9 @@ fn check_id(id: &str) -> Result<(), SignalError> {
     Ok(())
 }
 
-/// The join-limit key of the lobby.
+/// The join-limit keys of the lobby and the waiting queue.
 const LOBBY_LIMIT_KEY: &str = " lobby";
+const MATCH_LIMIT_KEY: &str = " match";
 
 fn valid_name(name: &str) -> bool {
     let trimmed = name.trim();
@@ -353,6 +356,7 @@ impl Session {
             sfu_events: None,
             membership: None,
             lobby_peer: None,
+            match_place: None,
             relay_budget: Budget::new(RELAY_BURST, RELAY_PER_SECOND),
             relay_bytes: Budget::new(RELAY_BYTES_BURST, RELAY_BYTES_PER_SECOND),
             ending: false,
@@ -632,14 +636,74 @@ impl Session {
                 let me = self.lobby_peer()?;
                 Ok(self.state.lobby.cancel(me, &call_id)?)
             }
-            ClientMessage::Leave => Ok(()),
+            ClientMessage::FindPartner { name, resume } => self.find_partner(name, resume),
+            ClientMessage::Next => {
+                let place = self.match_place.as_deref().ok_or(SignalError::NotFinding)?;
+                if !self.relay_budget.take() {
+                    return Err(SignalError::ControlRateLimited("next"));
+                }
+                Ok(self.state.matching.next(place, &self.state.auth)?)
+            }
+            ClientMessage::Stop => {
+                let place = self.match_place.as_deref().ok_or(SignalError::NotFinding)?;
+                self.state.matching.stop(place);
+                Ok(())
+            }
+            ClientMessage::Leave => {
+                // Said, not dropped: no place is kept for a reconnect.
+                if let Some(place) = &self.match_place {
+                    self.state.matching.stop(place);
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// Enters the waiting queue (or takes a dropped place back), or queues again after a match
+    /// or a stop.
+    fn find_partner(
+        &mut self,
+        name: Option<String>,
+        resume: Option<String>,
+    ) -> Result<(), SignalError> {
+        if let Some(resume) = &resume {
+            check_id(resume)?;
+        }
+        if let Some(place) = &self.match_place {
+            if !self.relay_budget.take() {
+                return Err(SignalError::ControlRateLimited("find_partner"));
+            }
+            return Ok(self.state.matching.find_again(place, &self.state.auth)?);
+        }
+        let name = self.entering(name)?;
+        if !self.claims.grants.lobby {
+            return Err(SignalError::NotAllowed("meeting strangers"));
+        }
+        self.state
+            .limits
+            .join(self.peer, MATCH_LIMIT_KEY)
+            .map_err(|why| match why {
+                "into this room" => SignalError::JoinRateLimited("into the waiting queue"),
+                why => SignalError::JoinRateLimited(why),
+            })?;
+        let place = self.state.matching.find(
+            &name,
+            &self.claims.sub,
+            self.claims.grants,
+            self.outbound.clone(),
+            resume.as_deref(),
+            &self.state.auth,
+        )?;
+        tracing::Span::current().record("participant", place.id.as_str());
+        tracing::info!(%name, "looking for a partner");
+        self.match_place = Some(place.id);
+        Ok(())
     }
 
     /// The display name of a `join` or `lobby` (default: the token's userId), trimmed; refused
     /// when the socket is in a room or the lobby already.
     fn entering(&self, name: Option<String>) -> Result<String, SignalError> {
-        if self.membership.is_some() || self.lobby_peer.is_some() {
+        if self.membership.is_some() || self.lobby_peer.is_some() || self.match_place.is_some() {
             return Err(SignalError::AlreadyJoined);
         }
         let name = name.unwrap_or_else(|| self.claims.sub.clone());
@@ -960,6 +1024,10 @@ impl Session {
     }
 
     async fn leave(&mut self) {
+        if let Some(place) = self.match_place.take() {
+            self.state.matching.disconnected(&place);
+            tracing::info!("left the waiting queue");
+        }
         if let Some(peer) = self.lobby_peer.take() {
             self.state.lobby.leave(&peer);
             tracing::info!("left the lobby");
