@@ -4,6 +4,7 @@
 // its size needs: small tiles a small one, the stage the full one.
 import { Room, captureMedia, listDevices, tokenGrants } from './client.js';
 import { goOnline, initCalls, render as renderLobby } from './calls.js';
+import { initMeet, meet } from './meet.js';
 
 /** @typedef {import('./client.js').RemoteTrack} RemoteTrack */
 /** @typedef {import('./client.js').ChatMessage} ChatMessage */
@@ -150,12 +151,7 @@ chatForm.addEventListener('submit', (ev) => {
 });
 
 initCalls({
-  // Accepting a call while in another room leaves that room, as a phone puts one call down for
-  // the next.
-  join: (roomName, name, token, label) => {
-    room?.leave();
-    join(roomName, name, token, label);
-  },
+  join: joinInstead,
   currentRoom: () => (room?.state === 'joined' ? room.roomName : null),
   inCurrentRoom: (name) => [...(room?.participants.values() ?? [])].some((p) => p.name.toLowerCase() === name.toLowerCase()),
   say: (text) => {
@@ -163,16 +159,27 @@ initCalls({
   },
   showError,
 });
-$('go-online').addEventListener('click', () => {
-  const name = nameInput.value.trim();
-  if (!name) {
-    nameInput.reportValidity();
-    return;
-  }
-  localStorage.setItem(STORAGE.name, name);
-  goOnline(name);
+initMeet({
+  join: joinInstead,
+  leaveRoom: () => room?.leave(),
+  showError,
 });
-if (nameInput.value && params.get('lobby') === '1') goOnline(nameInput.value.trim());
+// Going online and meeting someone need a name only, no room.
+for (const [button, start, param] of /** @type {[string, (name: string) => void, string][]} */ ([
+  ['go-online', goOnline, 'lobby'],
+  ['meet-start', meet, 'meet'],
+])) {
+  $(button).addEventListener('click', () => {
+    const name = nameInput.value.trim();
+    if (!name) {
+      nameInput.reportValidity();
+      return;
+    }
+    localStorage.setItem(STORAGE.name, name);
+    start(name);
+  });
+  if (nameInput.value && params.get(param) === '1') start(nameInput.value.trim());
+}
 
 const autojoin = roomInput.value && nameInput.value && params.get('autojoin') === '1';
 startPreview().then(() => {
@@ -221,6 +228,19 @@ async function fillDeviceSelects() {
     const active = current(kind);
     if (active) select.value = active;
   }
+}
+
+/**
+ * Joins a call or a match, leaving the room the app is in first, as a phone puts one call down
+ * for the next.
+ * @param {string} roomName
+ * @param {string} name
+ * @param {string} token
+ * @param {string} label
+ */
+function joinInstead(roomName, name, token, label) {
+  room?.leave();
+  join(roomName, name, token, label);
 }
 
 /**

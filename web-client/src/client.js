@@ -167,6 +167,7 @@ export { SwitchboardError } from './errors.js';
 export { listDevices, captureMedia } from './devices.js';
 export { tokenGrants } from './signaling.js';
 export { Lobby } from './lobby.js';
+export { Matchmaker } from './matchmaker.js';
 
 export const PROTOCOL_VERSION = 1;
 

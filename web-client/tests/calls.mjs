@@ -5,7 +5,7 @@
 // Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/calls.mjs
 // Environment: see harness.mjs.
 import path from 'node:path';
-import { check, launchBrowser, launchFirefox, openFirefoxPage, openPage, outDir, run, sleep, startServer, step, videoOf } from './harness.mjs';
+import { check, launchBrowser, launchFirefox, openFirefoxPage, openPage, outDir, run, startServer, step, decodesVideoOf } from './harness.mjs';
 
 const TOTAL_TIMEOUT_MS = 120_000;
 
@@ -50,26 +50,6 @@ async function statusSays(page, text) {
     .then(() => true)
     .catch(() => false);
   return { ok, shown: (await page.textContent('#status')) ?? '' };
-}
-
-/**
- * True when the page's remote tile labelled `name` decodes video: it has a size and its
- * receiver's decoded frames keep growing (headless Firefox paints no frames, so the element's own
- * counters stand still).
- * @param {Page | import('puppeteer-core').Page} page  Chromium's or Firefox's
- * @param {string} name
- */
-async function decodes(page, name) {
-  const deadline = Date.now() + 20_000;
-  while (Date.now() < deadline) {
-    // @ts-ignore  the two libraries' evaluate signatures differ only in their types
-    const before = await page.evaluate(videoOf, name);
-    await sleep(1000);
-    // @ts-ignore
-    const after = await page.evaluate(videoOf, name);
-    if (after.width > 0 && after.frames > before.frames + 5) return true;
-  }
-  return false;
 }
 
 /** @param {import('puppeteer-core').Page} page */
@@ -124,8 +104,8 @@ async function main() {
     check('both are in one new room', rooms[0] === rooms[1] && /^call-[0-9a-f]{32}$/.test(rooms[0]), rooms.join(' '));
     const mode = await alice.evaluate(() => /** @type {any} */ (window).__switchboard.mode);
     check('a call of two is peer to peer', mode === 'mesh', mode);
-    check("Alice decodes Bob's video", await decodes(alice, 'Bob'));
-    check("Bob decodes Alice's video", await decodes(bob, 'Alice'));
+    check("Alice decodes Bob's video", await decodesVideoOf(alice, 'Bob'));
+    check("Bob decodes Alice's video", await decodesVideoOf(bob, 'Alice'));
     const status = (await alice.textContent('#status')) ?? '';
     check('the call is named for people, not by its room id', status.startsWith('Call with Bob · 2 participants'), status);
     const bobListed = (await alice.locator('#online-list li', { hasText: 'Bob' }).textContent()) ?? '';
@@ -149,8 +129,8 @@ async function main() {
     await carol.waitForFunction(() => /** @type {any} */ (window).__switchboard?.state === 'joined', null, { timeout: 15_000 });
     const rooms = await Promise.all([alice, carol].map((p) => p.evaluate(() => /** @type {any} */ (window).__switchboard.roomName)));
     check('Carol joins the same call', rooms[0] === rooms[1], rooms.join(' '));
-    check("Carol decodes Alice's video", await decodes(carol, 'Alice'));
-    check("Carol decodes Bob's video", await decodes(carol, 'Bob'));
+    check("Carol decodes Alice's video", await decodesVideoOf(carol, 'Alice'));
+    check("Carol decodes Bob's video", await decodesVideoOf(carol, 'Bob'));
   });
 
   await step('a call between Chromium and Firefox', async () => {
@@ -168,8 +148,8 @@ async function main() {
     await dave.click('#incoming-accept');
     await dave.waitForFunction(() => /** @type {any} */ (window).__switchboard?.state === 'joined', { timeout: 15_000 });
     await erin.waitForFunction(() => /** @type {any} */ (window).__switchboard?.state === 'joined', null, { timeout: 15_000 });
-    check("Dave (Firefox) decodes Erin's video", await decodes(dave, 'Erin'));
-    check("Erin (Chromium) decodes Dave's video", await decodes(erin, 'Dave'));
+    check("Dave (Firefox) decodes Erin's video", await decodesVideoOf(dave, 'Erin'));
+    check("Erin (Chromium) decodes Dave's video", await decodesVideoOf(erin, 'Dave'));
     await dave.screenshot({ path: path.join(outDir, 'calls-firefox.png') });
   });
 }

@@ -448,3 +448,23 @@ export async function videoOf(name) {
   }
   return { width: video.videoWidth, frames, trackId: track.id };
 }
+
+/**
+ * True when `page` (Chromium's or Firefox's) decodes the video of the remote tile labelled
+ * `name` within `timeoutMs`: it has a size and its receiver's decoded frames keep growing.
+ * @param {import('playwright-core').Page | import('puppeteer-core').Page} page
+ * @param {string} name
+ */
+export async function decodesVideoOf(page, name, timeoutMs = 25_000) {
+  const deadline = Date.now() + timeoutMs;
+  const none = { width: 0, frames: 0 };
+  while (Date.now() < deadline) {
+    // @ts-ignore  the two libraries' evaluate signatures differ only in their types
+    const before = await page.evaluate(videoOf, name).catch(() => none);
+    await sleep(1000);
+    // @ts-ignore
+    const after = await page.evaluate(videoOf, name).catch(() => none);
+    if (after.width > 0 && after.frames > before.frames + 5) return true;
+  }
+  return false;
+}
