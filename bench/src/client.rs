@@ -34,7 +34,8 @@ use webrtc::peer_connection::{
 
 use crate::shaping::ClientRuntime;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// A signaling socket.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Marks a payload as a probe of this tool.
 const MAGIC: u16 = 0x5B0A;
@@ -337,7 +338,7 @@ async fn send(ws: &mut Ws, message: Value) -> Result<()> {
 }
 
 /// The next JSON message; pongs to the server's pings go out with it.
-async fn recv(ws: &mut Ws) -> Result<Value> {
+pub async fn recv(ws: &mut Ws) -> Result<Value> {
     loop {
         let frame = tokio::time::timeout(Duration::from_secs(30), ws.next())
             .await

@@ -6,3 +6,4 @@
 pub mod client;
 pub mod report;
 pub mod shaping;
+pub mod social;

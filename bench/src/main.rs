@@ -29,13 +29,16 @@ enum Scenario {
     /// P publishers and S subscribers receiving, then `--storm` N more subscribers join at
     /// once: their join times and failures, and what the S lost meanwhile.
     JoinStorm,
+    /// `--participants` N people go online in the lobby at once, one more arrives, then N
+    /// others look for a partner at once: how long each waited (signaling only, no media).
+    Matchmaking,
 }
 
 /// Measures a Switchboard server with synthetic participants speaking the real protocol.
 #[derive(Debug, Parser)]
 #[command(name = "switchboard-bench", version, about)]
 struct Cli {
-    /// `fixed`, `ramp`, `large-room` or `join-storm`.
+    /// `fixed`, `ramp`, `large-room`, `join-storm` or `matchmaking`.
     #[arg(long, value_enum, default_value_t = Scenario::Fixed)]
     scenario: Scenario,
     /// Large room: participants, each publishing and subscribing.
@@ -269,6 +272,8 @@ async fn spawn_server(bin: &PathBuf) -> Result<(String, Spawned)> {
         ("SWITCHBOARD_MAX_CONNECTIONS_PER_ADDRESS", "1000000"),
         ("SWITCHBOARD_MAX_JOINS_PER_SECOND_PER_ADDRESS", "1000000"),
         ("SWITCHBOARD_MAX_JOINS_PER_SECOND_PER_ROOM", "1000000"),
+        ("SWITCHBOARD_MAX_LOBBY_MEMBERS", "1000000"),
+        ("SWITCHBOARD_MAX_WAITING", "1000000"),
     ] {
         command.env(key, value);
     }
@@ -296,6 +301,10 @@ async fn spawn_server(bin: &PathBuf) -> Result<(String, Spawned)> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Hundreds of clients, each with sockets of its own: the usual 1024 descriptors run out.
+    if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("could not raise the open-file limit: {err}");
+    }
     let (base, spawned) = if cli.spawn {
         let (base, spawned) = spawn_server(&cli.server_bin).await?;
         (base, Some(spawned))
@@ -314,6 +323,24 @@ async fn main() -> Result<()> {
         let result = ramp(&cli, &base, server_pid.as_deref()).await;
         drop(spawned);
         return publish(&cli, &result?, report::write_ramp, report::ramp_markdown);
+    }
+    if cli.scenario == Scenario::Matchmaking {
+        let pid = server_pid.clone();
+        let cpu_before = pid.as_deref().and_then(cpu_seconds);
+        let result = switchboard_bench::social::matchmaking(&base, cli.participants.into(), || {
+            pid.as_deref().and_then(rss_mib)
+        })
+        .await;
+        let cpu_after = pid.as_deref().and_then(cpu_seconds);
+        drop(spawned);
+        let mut report = result?;
+        report.server_cpu_seconds = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
+        return publish(
+            &cli,
+            &report,
+            switchboard_bench::social::write,
+            switchboard_bench::social::markdown,
+        );
     }
     if cli.scenario == Scenario::JoinStorm {
         let result = storm(&cli, &base, server_pid.as_deref()).await;
