@@ -2,8 +2,9 @@
 //! chosen by the input, so rooms run in mesh or SFU mode), each line of the input a text frame
 //! from one of them. Nothing panics, and once everyone has left, the room is gone.
 //!
-//! Input: line 1's first byte picks the grants (two bits per session: publish, subscribe); every
-//! later line is `<digit><frame>`, the digit naming the session (modulo 3).
+//! Input: line 1's first byte picks the grants (two bits per session: publish, subscribe; the
+//! seventh bit the lobby grant for all, so sessions may enter the lobby or the waiting queue
+//! instead); every later line is `<digit><frame>`, the digit naming the session (modulo 3).
 #![no_main]
 
 use std::sync::OnceLock;
@@ -35,6 +36,9 @@ fn state() -> &'static AppState {
             bind: "127.0.0.1:0".parse().expect("an address"),
             media_ip: Some("127.0.0.1".parse().expect("an address")),
             udp_port: 0,
+            // Calls and waits end soon: their timers are tasks that outlive one input.
+            call_timeout_secs: 1,
+            match_timeout_secs: 1,
             ..signaling::Config::default()
         };
         let (_, shutdown) = tokio::sync::watch::channel(false);
@@ -54,6 +58,7 @@ fuzz_target!(|data: &[u8]| {
         .map(|i| Grants {
             publish: bits >> (2 * i) & 1 == 1,
             subscribe: bits >> (2 * i + 1) & 1 == 1,
+            lobby: bits >> 6 & 1 == 1,
             ..Grants::default()
         })
         .collect();

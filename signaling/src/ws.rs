@@ -1124,6 +1124,8 @@ pub mod fuzzing {
         pub async fn leave_all(mut self) {
             for slot in &mut self.sessions {
                 if let Some((mut session, _)) = slot.take() {
+                    // As a client that says `leave`: no waiting place is kept for a reconnect.
+                    let _ = session.handle(ClientMessage::Leave).await;
                     session.leave().await;
                 }
             }
