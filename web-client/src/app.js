@@ -5,6 +5,7 @@
 import { Room, captureMedia, listDevices, tokenGrants } from './client.js';
 import { goOnline, initCalls, render as renderLobby } from './calls.js';
 import { initMeet, meet } from './meet.js';
+import { clearFiles, watchFiles } from './transfers.js';
 
 /** @typedef {import('./client.js').RemoteTrack} RemoteTrack */
 /** @typedef {import('./client.js').ChatMessage} ChatMessage */
@@ -61,6 +62,8 @@ const FRIENDLY_ERRORS = /** @type {Record<string, string>} */ ({
   unauthorized: 'You are not allowed into this room.',
   server_shutdown: 'The server is restarting.',
   timeout: 'The server did not answer in time.',
+  not_supported: 'Files can be sent in calls of up to three people for now.',
+  too_large: 'That file is too large to send (at most 100 MB).',
 });
 const STORAGE = { room: 'switchboard.room', name: 'switchboard.name' };
 
@@ -260,6 +263,7 @@ async function join(roomName, name, callToken, label) {
   const current = new Room();
   room = current;
   roomLabel = label ?? null;
+  watchFiles(current, (peerId) => current.participants.get(peerId)?.name ?? 'someone', showError);
   // For end-to-end tests and the console.
   Object.assign(window, { __switchboard: current });
 
@@ -335,7 +339,10 @@ async function join(roomName, name, callToken, label) {
     renderControls();
     statusLine.textContent = kind === 'audio' ? 'The host muted your microphone.' : 'The host turned off your camera.';
   });
-  current.on('modeChanged', () => renderStatus());
+  current.on('modeChanged', () => {
+    renderStatus();
+    renderControls();
+  });
   current.on('chatMessage', (/** @type {ChatMessage} */ m) => appendChat(m, current));
   current.on('error', (e) => showError(e));
   current.on('reconnecting', () => {
@@ -387,6 +394,7 @@ async function join(roomName, name, callToken, label) {
 
 function reset() {
   room = null;
+  clearFiles();
   for (const tile of tiles.values()) {
     visibility.unobserve(tile.el);
     tile.el.remove();
@@ -641,6 +649,8 @@ function renderControls() {
   if (!room) return;
   // A viewer's token allows no sending: nothing to turn on.
   for (const button of [micButton, cameraButton, shareButton]) button.hidden = !room.canPublish;
+  // Files go browser to browser: in a room through the server there is no way to send them yet.
+  $('send-file').hidden = room.mode !== 'mesh';
   const mic = room.microphoneEnabled;
   const cam = room.cameraEnabled;
   const sharing = !!room.screenTrack;

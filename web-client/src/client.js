@@ -162,6 +162,7 @@ import { MeshPaths } from './mesh.js';
 import { ModeSwitcher } from './mode.js';
 import { CallStats } from './stats.js';
 import { VideoViews } from './views.js';
+import { FileTransfers } from './files.js';
 
 export { SwitchboardError } from './errors.js';
 export { listDevices, captureMedia } from './devices.js';
@@ -285,7 +286,14 @@ export class Room extends Emitter {
     media: this.#media,
     remoteMuted: this.#remoteMuted,
     changed: () => this.#switcher.reconcile(),
+    dataChannel: (peerId, channel) => this.#files.incoming(peerId, channel),
     fail: (context, err) => this.#fail(context, err),
+  });
+  #files = new FileTransfers({
+    // Files go browser to browser: only over a mesh connection of a room in mesh mode.
+    connection: (peerId) => (this.#switcher.mode === 'mesh' ? (this.#mesh.links.get(peerId)?.pc ?? null) : null),
+    peers: () => [...this.participants.keys()],
+    emit: (type, arg) => this.emit(type, arg),
   });
   /** @type {ModeSwitcher} */
   #switcher = new ModeSwitcher({
@@ -422,6 +430,24 @@ export class Room extends Emitter {
 
   get cameraEnabled() {
     return this.#media.enabled('video');
+  }
+
+  /**
+   * Offers a file to one participant (`to`, a peerId) or to everyone, browser to browser; each
+   * recipient accepts before anything is sent (`fileOffered` on its side). Rejects with
+   * `not_supported` through the server (a room of four or more), `too_large` past 100 MiB.
+   * @param {Blob & {name?: string}} file  a `File` from an input, or any Blob
+   * @param {{to?: string}} [options]
+   * @returns {import('./files.js').Transfer[]} one per recipient; watch `fileProgress`, `fileSent`
+   */
+  sendFile(file, { to } = {}) {
+    if (this.state !== 'joined') throw new SwitchboardError('closed', 'not in a room');
+    return this.#files.send(file, to);
+  }
+
+  /** Every file sent or received in this room, by id. */
+  get fileTransfers() {
+    return this.#files.transfers;
   }
 
   /**

@@ -21,6 +21,7 @@ const MESH_CONNECT_TIMEOUT_MS = 10_000;
  * @property {LocalMedia} media
  * @property {Map<string, boolean>} remoteMuted  mute states by `peerId|trackId`
  * @property {() => void} changed  the remote tracks may have changed
+ * @property {(peerId: string, channel: RTCDataChannel) => void} dataChannel  the peer opened one
  * @property {(context: string, err: unknown) => void} fail
  */
 
@@ -101,6 +102,7 @@ export class MeshPaths {
       }
     };
     pc.ontrack = () => ctx.changed();
+    pc.ondatachannel = (ev) => ctx.dataChannel(peerId, ev.channel);
     let restarted = false;
     const giveUp = () => {
       if (this.links.get(peerId) !== link || pc.connectionState === 'connected' || link.failed) return;
