@@ -21,30 +21,13 @@ import {
   startServer,
   step,
   stopServer,
+  until,
   videoOf,
 } from './harness.mjs';
 
 const TOTAL_TIMEOUT_MS = 170_000;
 
 /** @typedef {import('playwright-core').Page | import('puppeteer-core').Page} AnyPage */
-
-/**
- * True once `predicate(arg)` holds in the page, false after `timeoutMs`. (Playwright's and
- * Puppeteer's waitForFunction take their arguments in different orders; evaluate is alike.)
- * @template T
- * @param {AnyPage} page
- * @param {(arg: T) => boolean | Promise<boolean>} predicate
- * @param {T} arg
- */
-async function until(page, predicate, arg, timeoutMs = 20_000) {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    // @ts-ignore  the two libraries' evaluate signatures differ only in their types
-    if (await page.evaluate(predicate, arg).catch(() => false)) return true;
-    await sleep(250);
-  }
-  return false;
-}
 
 /**
  * Checks that `viewer` decodes `name`'s video (or the stage): a picture, and frames that keep

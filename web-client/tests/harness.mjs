@@ -468,3 +468,21 @@ export async function decodesVideoOf(page, name, timeoutMs = 25_000) {
   }
   return false;
 }
+
+/**
+ * True once `predicate(arg)` holds in the page, false after `timeoutMs`. (Playwright's and
+ * Puppeteer's waitForFunction take their arguments in different orders; evaluate is alike.)
+ * @template T
+ * @param {import('playwright-core').Page | import('puppeteer-core').Page} page
+ * @param {(arg: T) => boolean | Promise<boolean>} predicate
+ * @param {T} arg
+ */
+export async function until(page, predicate, arg, timeoutMs = 20_000) {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    // @ts-ignore  the two libraries' evaluate signatures differ only in their types
+    if (await page.evaluate(predicate, arg).catch(() => false)) return true;
+    await sleep(250);
+  }
+  return false;
+}
