@@ -124,6 +124,15 @@ export async function goOnline(name) {
     hooks.join(room, current.name ?? '', token, `Call with ${other}`);
   });
   current.on('error', (e) => hooks.showError(e));
+  current.on('reconnecting', () => {
+    stopRinging();
+    render();
+    hooks.say('Connection lost. Going online again…');
+  });
+  current.on('reconnected', () => {
+    render();
+    hooks.say('Back online.');
+  });
   current.on('disconnected', ({ reason }) => {
     if (lobby !== current) return;
     lobby = null;

@@ -11,10 +11,15 @@
 //
 // The lobby socket stays open during a call: more calls can come (they find you `busy` while
 // you are in the call's room), and `call(peerId, { room })` invites someone into the call.
+// A lost socket is reopened by itself for 30 s (`reconnecting`, then `reconnected` with the list
+// of who is online afresh, or `disconnected`); a call that rang meanwhile is gone.
 
 import { Emitter } from './emitter.js';
 import { SwitchboardError, withTimeout } from './errors.js';
-import { SignalingSocket, fetchToken } from './signaling.js';
+import { SignalingSocket, fetchToken, retryFor } from './signaling.js';
+
+/** How long the lobby keeps trying to get back online after losing the server. */
+const RECONNECT_WINDOW_MS = 30_000;
 
 /**
  * @typedef {object} OnlinePerson
@@ -38,16 +43,18 @@ import { SignalingSocket, fetchToken } from './signaling.js';
 
 /** Who is online, and calls between them. */
 export class Lobby extends Emitter {
-  /** @type {'new' | 'connecting' | 'online' | 'closed'} */ state = 'new';
+  /** @type {'new' | 'connecting' | 'online' | 'reconnecting' | 'closed'} */ state = 'new';
   /** Your id in the lobby. @type {string | null} */ peerId = null;
   /** @type {string | null} */ name = null;
   /** Everyone else online, by lobby id. @type {Map<string, OnlinePerson>} */ people = new Map();
   /** @type {RingingCall | null} */ ringing = null;
   /** Replies awaited, by the request's type. @type {Map<string, {replyType: string, resolve: (msg: any) => void, reject: (err: Error) => void}>} */
   #waiting = new Map();
+  /** What going online again needs. @type {{base: URL, name: string, token?: string, timeoutMs: number} | null} */
+  #session = null;
   #socket = new SignalingSocket({
     message: (msg) => this.#handle(msg),
-    closed: (ev) => this.#close(ev.code === 1000 ? 'left' : 'socket'),
+    closed: () => this.#reconnect(),
     failed: (type, err) => console.error(`switchboard: handling \`${type}\` failed`, err),
     invalid: () => console.error('switchboard: the server sent something that is not JSON'),
   });
@@ -60,17 +67,41 @@ export class Lobby extends Emitter {
   async connect(serverUrl, { name, token, timeoutMs = 15000 }) {
     if (this.state !== 'new') throw new Error('Lobby.connect may be called once');
     this.state = 'connecting';
-    const base = new URL(serverUrl);
+    this.#session = { base: new URL(serverUrl), name, token, timeoutMs };
     try {
-      await this.#socket.open(base, token ?? (await fetchToken(base, name, 'lobby', { lobby: true })));
-      const joined = await withTimeout(this.#request('lobby', { type: 'lobby', name }, 'lobby_joined'), timeoutMs, 'entering the lobby');
-      this.peerId = joined.peerId;
-      this.name = joined.name;
-      for (const person of joined.online) this.people.set(person.peerId, { peerId: person.peerId, name: person.name });
+      await this.#enter();
       this.state = 'online';
     } catch (err) {
       this.#close(err instanceof SwitchboardError ? err.code : 'connect_failed');
       throw err;
+    }
+  }
+
+  /** Opens the socket and enters the lobby: who is online comes afresh. */
+  async #enter() {
+    const session = /** @type {{base: URL, name: string, token?: string, timeoutMs: number}} */ (this.#session);
+    const token = session.token ?? (await fetchToken(session.base, session.name, 'lobby', { lobby: true }));
+    await this.#socket.open(session.base, token);
+    const joined = await withTimeout(this.#request('lobby', { type: 'lobby', name: session.name }, 'lobby_joined'), session.timeoutMs, 'entering the lobby');
+    this.peerId = joined.peerId;
+    this.name = joined.name;
+    this.people.clear();
+    for (const person of joined.online) this.people.set(person.peerId, { peerId: person.peerId, name: person.name });
+  }
+
+  /** The socket was lost while online: back in within the window, or gone. */
+  async #reconnect() {
+    if (this.state !== 'online') return;
+    this.state = 'reconnecting';
+    this.ringing = null;
+    this.emit('reconnecting', undefined);
+    const stopped = () => this.state !== 'reconnecting';
+    const result = await retryFor(RECONNECT_WINDOW_MS, () => this.#enter(), stopped, () => this.#socket.drop());
+    if (!result.ok) {
+      if (!result.stopped) this.#close('socket');
+    } else if (!stopped()) {
+      this.state = 'online';
+      this.emit('reconnected', undefined);
     }
   }
 
@@ -204,7 +235,7 @@ export class Lobby extends Emitter {
   /** @param {string} reason */
   #close(reason) {
     if (this.state === 'closed') return;
-    const wasOnline = this.state === 'online';
+    const wasOnline = this.state === 'online' || this.state === 'reconnecting';
     this.state = 'closed';
     this.#socket.drop(1000);
     for (const waiter of this.#waiting.values()) waiter.reject(new SwitchboardError('closed', 'the lobby connection closed'));

@@ -5,7 +5,7 @@
 // Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/calls.mjs
 // Environment: see harness.mjs.
 import path from 'node:path';
-import { check, launchBrowser, launchFirefox, openFirefoxPage, openPage, outDir, run, startServer, step, decodesVideoOf } from './harness.mjs';
+import { check, launchBrowser, launchFirefox, openFirefoxPage, openPage, outDir, restartServer, run, startServer, step, decodesVideoOf } from './harness.mjs';
 
 const TOTAL_TIMEOUT_MS = 120_000;
 
@@ -151,6 +151,27 @@ async function main() {
     check("Dave (Firefox) decodes Erin's video", await decodesVideoOf(dave, 'Erin'));
     check("Erin (Chromium) decodes Dave's video", await decodesVideoOf(erin, 'Dave'));
     await dave.screenshot({ path: path.join(outDir, 'calls-firefox.png') });
+  });
+
+  await step('back online by itself after a server restart', async () => {
+    await alice.evaluate(() => {
+      const w = /** @type {any} */ (window);
+      w.__lobbyEvents = [];
+      for (const type of ['reconnecting', 'reconnected', 'disconnected']) w.__switchboardLobby.on(type, () => w.__lobbyEvents.push(type));
+    });
+    await restartServer();
+    const back = await alice
+      .waitForFunction(() => /** @type {any} */ (window).__lobbyEvents.includes('reconnected') && /** @type {any} */ (window).__switchboardLobby.state === 'online', null, { timeout: 30_000 })
+      .then(() => true)
+      .catch(() => false);
+    const events = await alice.evaluate(() => /** @type {any} */ (window).__lobbyEvents.join(','));
+    check('Alice goes online again by herself (reconnecting, then reconnected)', back && events.startsWith('reconnecting,reconnected'), events);
+    // Bob may come back before or after Alice: either way she sees him in the list.
+    const seesBob = await alice
+      .waitForFunction(() => [...document.querySelectorAll('#online-list li span')].some((s) => s.textContent === 'Bob'), null, { timeout: 30_000 })
+      .then(() => true)
+      .catch(() => false);
+    check('Alice sees Bob online again', seesBob, (await onlineNames(alice)).join(','));
   });
 }
 
