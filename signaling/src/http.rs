@@ -35,6 +35,9 @@ struct WebClient;
 
 /// Bytes a signaling socket reads at a time (tungstenite's default is 128 KiB).
 const WS_READ_BUFFER_BYTES: usize = 8 * 1024;
+/// Bytes of messages gathered before they are written to the socket (a burst goes out in a few
+/// writes, not one per message; each burst ends with a flush).
+const WS_WRITE_BATCH_BYTES: usize = 8 * 1024;
 /// Bytes queued toward a client that does not read before the socket fails: a few of the
 /// largest messages (a subscribe offer for a room of 100 is about 200 KiB).
 const WS_MAX_WRITE_BUFFER_BYTES: usize = 4 * 1024 * 1024;
@@ -288,9 +291,9 @@ async fn signal(
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         // Small buffers: an idle socket costs what it holds, and a stranger may open many.
-        // Messages are flushed one by one anyway; a larger frame grows the read buffer.
+        // A larger frame grows the read buffer; writes gather a burst, then flush.
         .read_buffer_size(WS_READ_BUFFER_BYTES)
-        .write_buffer_size(0)
+        .write_buffer_size(WS_WRITE_BATCH_BYTES)
         .max_write_buffer_size(WS_MAX_WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| async move {
             // The socket keeps its connection's and its token's places for as long as it lives.

@@ -38,6 +38,8 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(7);
 /// How often silence is checked.
 const LIVENESS_CHECK: Duration = Duration::from_millis(500);
 const OUTBOUND_QUEUE: usize = 1024;
+/// Most queued messages written before one flush.
+const MAX_MESSAGES_PER_WRITE: usize = 64;
 /// Bytes of SDP and candidates a participant may have relayed in a burst, and per second after
 /// it: a message count alone would let 64 KiB messages fill another participant's queue.
 const RELAY_BYTES_BURST: f64 = 512.0 * 1024.0;
@@ -151,7 +153,7 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
     let mut last_heard = Instant::now();
     let mut last_ping = Instant::now();
     let mut close: Option<CloseFrame> = None;
-    loop {
+    'session: loop {
         tokio::select! {
             frame = stream.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
@@ -178,19 +180,37 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
                 }
             },
             Some(entry) = outbound_rx.recv() => {
-                if let ToSession::Mode { mode, phase, .. } = &entry {
-                    // Applied before the client hears of it: its next message may rely on it.
-                    if let Err(err) = session.apply_mode(*mode, *phase).await {
-                        let _ = send_json(&mut sink, &refusals.signaling, &ServerMessage::error(err.code(), err.to_string(), None)).await;
-                        close = Some(CloseFrame { code: 1011, reason: Utf8Bytes::from_static("media connections failed") });
-                        break;
+                // Whatever else is queued goes out in the same write: under a burst (a crowd
+                // arriving in the lobby or a room), one flush for many messages, not one each.
+                let mut next = Some(entry);
+                let mut fed = 0;
+                while let Some(entry) = next.take() {
+                    if let ToSession::Mode { mode, phase, .. } = &entry {
+                        // What came before goes out now: opening connections takes a while.
+                        if fed > 0 && !matches!(tokio::time::timeout(PEER_TIMEOUT, sink.flush()).await, Ok(Ok(()))) {
+                            break 'session;
+                        }
+                        // Applied before the client hears of it: its next message may rely on it.
+                        if let Err(err) = session.apply_mode(*mode, *phase).await {
+                            let _ = send_json(&mut sink, &refusals.signaling, &ServerMessage::error(err.code(), err.to_string(), None)).await;
+                            close = Some(CloseFrame { code: 1011, reason: Utf8Bytes::from_static("media connections failed") });
+                            break 'session;
+                        }
+                    }
+                    match to_client(entry, session.current_sfu_link()) {
+                        Some(message) => {
+                            if feed_json(&mut sink, &refusals.signaling, &message).await.is_err() {
+                                break 'session;
+                            }
+                            fed += 1;
+                        }
+                        None => tracing::debug!("a message for closed SFU connections dropped"),
+                    }
+                    if fed < MAX_MESSAGES_PER_WRITE {
+                        next = outbound_rx.try_recv().ok();
                     }
                 }
-                let Some(message) = to_client(entry, session.current_sfu_link()) else {
-                    tracing::debug!("a message for closed SFU connections dropped");
-                    continue;
-                };
-                if send_json(&mut sink, &refusals.signaling, &message).await.is_err() {
+                if !matches!(tokio::time::timeout(PEER_TIMEOUT, sink.flush()).await, Ok(Ok(()))) {
                     break;
                 }
             }
@@ -269,9 +289,22 @@ fn is_too_large(err: &axum::Error) -> bool {
     text.contains("Space limit exceeded") || text.contains("Message too long")
 }
 
-/// Writes one message. A client that does not read for [`PEER_TIMEOUT`] (its TCP window full)
-/// counts as gone: a write never blocks the session for longer.
+/// Writes one message and flushes it. A client that does not read for [`PEER_TIMEOUT`] (its TCP
+/// window full) counts as gone: a write never blocks the session for longer.
 async fn send_json<S>(sink: &mut S, errors: &ErrorCounts, message: &ServerMessage) -> Result<(), ()>
+where
+    S: SinkExt<Message> + Unpin,
+{
+    feed_json(sink, errors, message).await?;
+    match tokio::time::timeout(PEER_TIMEOUT, sink.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Queues one message in the socket's write buffer (written once it holds a few KiB, or at the
+/// next flush), within [`PEER_TIMEOUT`].
+async fn feed_json<S>(sink: &mut S, errors: &ErrorCounts, message: &ServerMessage) -> Result<(), ()>
 where
     S: SinkExt<Message> + Unpin,
 {
@@ -281,7 +314,7 @@ where
     let Ok(text) = serde_json::to_string(message) else {
         return Ok(());
     };
-    match tokio::time::timeout(PEER_TIMEOUT, sink.send(Message::Text(text.into()))).await {
+    match tokio::time::timeout(PEER_TIMEOUT, sink.feed(Message::Text(text.into()))).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
