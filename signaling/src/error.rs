@@ -156,7 +156,7 @@ impl SignalError {
             },
             Matching(err) => match err {
                 MatchError::Full(_) => ErrorCode::RoomFull,
-                MatchError::AlreadyWaiting | MatchError::NoPartner => ErrorCode::InvalidState,
+                MatchError::AlreadyWaiting | MatchError::NoPlace => ErrorCode::InvalidState,
             },
             NotFinding => ErrorCode::InvalidState,
             BadName

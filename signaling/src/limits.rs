@@ -115,15 +115,23 @@ impl SignalingLimits {
 
     /// Whether a join from `address` into `room` may go ahead now: `Err` says which limit.
     pub fn join(&self, address: Option<IpAddr>, room: &str) -> Result<(), &'static str> {
+        self.join_from(address)?;
+        if !self.joins_per_room.take(&room.to_lowercase()) {
+            self.refused_joins.fetch_add(1, Ordering::Relaxed);
+            return Err("into this room");
+        }
+        Ok(())
+    }
+
+    /// Whether a join from `address` may go ahead now, whatever it joins (the lobby and the
+    /// waiting queue, which are everyone's: a limit of their own would let one client shut
+    /// everyone else out).
+    pub fn join_from(&self, address: Option<IpAddr>) -> Result<(), &'static str> {
         if let Some(address) = address
             && !self.joins_per_address.take(&address)
         {
             self.refused_joins.fetch_add(1, Ordering::Relaxed);
             return Err("from this address");
-        }
-        if !self.joins_per_room.take(&room.to_lowercase()) {
-            self.refused_joins.fetch_add(1, Ordering::Relaxed);
-            return Err("into this room");
         }
         Ok(())
     }

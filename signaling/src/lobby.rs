@@ -9,9 +9,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use hmac::{Hmac, Mac};
+use tokio::task::AbortHandle;
+
 use crate::auth::{Grants, TokenAuthority};
-use crate::protocol::{CallEndReason, PeerInfo, ServerMessage};
+use crate::protocol::{CallEndReason, PROTOCOL_VERSION, PeerInfo, ServerMessage};
 use crate::room::{Outbound, RoomRegistry};
+
+/// What names a call's room: `call-`, 16 random hex digits, and 16 of an HMAC of them keyed with
+/// the lobby's secret, so only rooms this lobby made can be invited into.
+const CALL_ROOM_PREFIX: &str = "call-";
 
 /// Why the lobby refused something.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -30,7 +37,7 @@ pub enum LobbyError {
     UnknownCall(String),
     #[error("only the caller cancels a call, and only the callee accepts or declines it")]
     WrongSide,
-    #[error("you are not in the room you invite to")]
+    #[error("you can invite only into a call you are in")]
     NotInRoom,
     #[error("could not mint the call's tokens: {0}")]
     Token(String),
@@ -55,6 +62,16 @@ struct Call {
     callee: String,
     /// The room the caller invites to (a call in progress), or none for a new room of two.
     room: Option<String>,
+    /// Ends it unanswered; aborted when it ends otherwise.
+    timeout: Option<AbortHandle>,
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if let Some(timeout) = self.timeout.take() {
+            timeout.abort();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -70,14 +87,14 @@ pub struct Lobby {
     state: Mutex<LobbyState>,
     max_members: usize,
     call_timeout: Duration,
+    /// Signs the names of the rooms calls make.
+    room_key: [u8; 32],
 }
 
-/// Someone who entered the lobby.
+/// Someone who entered the lobby (and was sent `lobby_joined`).
 pub struct Entered {
     /// Its peer id in the lobby.
     pub peer_id: String,
-    /// Everyone else online.
-    pub online: Vec<PeerInfo>,
 }
 
 impl Lobby {
@@ -87,7 +104,35 @@ impl Lobby {
             state: Mutex::default(),
             max_members,
             call_timeout,
+            room_key: rand::random(),
         })
+    }
+
+    /// The signature half of a call room's name.
+    fn room_tag(&self, nonce: &str) -> String {
+        let mut mac = match Hmac::<sha1::Sha1>::new_from_slice(&self.room_key) {
+            Ok(mac) => mac,
+            // HMAC takes a key of any length.
+            Err(_) => return String::new(),
+        };
+        mac.update(nonce.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        tag.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// A new call room's name: unguessable, and signed.
+    fn new_call_room(&self) -> String {
+        let nonce = format!("{:016x}", rand::random::<u64>());
+        format!("{CALL_ROOM_PREFIX}{nonce}{}", self.room_tag(&nonce))
+    }
+
+    /// Whether `room` is a call room this lobby made.
+    fn is_call_room(&self, room: &str) -> bool {
+        let Some(rest) = room.strip_prefix(CALL_ROOM_PREFIX) else {
+            return false;
+        };
+        let (nonce, tag) = rest.split_at(rest.len().min(16));
+        nonce.len() == 16 && !tag.is_empty() && crate::auth::same_secret(tag, &self.room_tag(nonce))
     }
 
     fn lock(&self) -> MutexGuard<'_, LobbyState> {
@@ -106,7 +151,8 @@ impl Lobby {
         self.len() == 0
     }
 
-    /// Puts `name` online (unique, case-insensitively) and tells everyone else.
+    /// Puts `name` online (unique, case-insensitively), sends it `lobby_joined` and tells
+    /// everyone else.
     pub fn enter(
         &self,
         name: &str,
@@ -134,6 +180,13 @@ impl Lobby {
                 name: m.name.clone(),
             })
             .collect();
+        // Queued under the lock: no `online` or `offline` can reach it before this list.
+        outbound.send(ServerMessage::LobbyJoined {
+            peer_id: peer_id.clone(),
+            name: name.to_owned(),
+            online,
+            protocol: PROTOCOL_VERSION,
+        });
         for member in state.members.values() {
             member.outbound.send(ServerMessage::Online {
                 peer_id: peer_id.clone(),
@@ -151,7 +204,7 @@ impl Lobby {
                 in_call: None,
             },
         );
-        Ok(Entered { peer_id, online })
+        Ok(Entered { peer_id })
     }
 
     /// Takes `peer` offline: its ringing call ends (for the other side, `cancelled` when the
@@ -197,7 +250,7 @@ impl Lobby {
             return Err(LobbyError::AlreadyRinging);
         }
         if let Some(room) = room
-            && !rooms.has_user(room, &caller_user)
+            && !(self.is_call_room(room) && rooms.has_user(room, &caller_user))
         {
             return Err(LobbyError::NotInRoom);
         }
@@ -237,24 +290,25 @@ impl Lobby {
         if let Some(member) = state.members.get_mut(caller) {
             member.ringing = Some(call_id.clone());
         }
-        state.calls.insert(
-            call_id.clone(),
-            Call {
-                caller: caller.to_owned(),
-                callee: callee.to_owned(),
-                room: room.map(str::to_owned),
-            },
-        );
-        // Bounded: one per ringing call, each ends by the timeout.
+        // One per ringing call: aborted when the call ends otherwise (dropped with it).
         let lobby: Weak<Self> = Arc::downgrade(self);
         let (expiring, timeout) = (call_id.clone(), self.call_timeout);
-        tokio::spawn(async move {
+        let timer = tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             if let Some(lobby) = lobby.upgrade() {
                 let mut state = lobby.lock();
                 end_call(&mut state, &expiring, CallEndReason::Timeout);
             }
         });
+        state.calls.insert(
+            call_id.clone(),
+            Call {
+                caller: caller.to_owned(),
+                callee: callee.to_owned(),
+                room: room.map(str::to_owned),
+                timeout: Some(timer.abort_handle()),
+            },
+        );
         Ok(call_id)
     }
 
@@ -281,15 +335,22 @@ impl Lobby {
         peer: &str,
         call_id: &str,
         auth: &TokenAuthority,
+        rooms: &RoomRegistry,
     ) -> Result<(), LobbyError> {
         let mut state = self.lock();
         let call = ringing(&state, call_id, peer, Side::Callee)?;
-        // A new room's name is unguessable: it is the call's link.
-        let room = call
-            .room
-            .clone()
-            .unwrap_or_else(|| format!("call-{:032x}", rand::random::<u128>()));
-        let (caller, callee) = (call.caller.clone(), call.callee.clone());
+        let (caller, callee, invite) =
+            (call.caller.clone(), call.callee.clone(), call.room.clone());
+        // An invite holds only while its caller is still in the call.
+        if let Some(room) = &invite {
+            let caller_user = state.members.get(&caller).map(|m| m.user.clone());
+            if !caller_user.is_some_and(|user| rooms.has_user(room, &user)) {
+                end_call(&mut state, call_id, CallEndReason::Unavailable);
+                return Ok(());
+            }
+        }
+        // A new room's name is unguessable (it is the call's link) and signed.
+        let room = invite.unwrap_or_else(|| self.new_call_room());
         // Both tokens first: a failure leaves the call ringing, nobody told half of it.
         let mut tokens = Vec::with_capacity(2);
         for (me, other) in [(&caller, &callee), (&callee, &caller)] {

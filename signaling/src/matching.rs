@@ -7,9 +7,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use tokio::task::AbortHandle;
+
 use crate::auth::{Grants, TokenAuthority};
 use crate::protocol::{QueueLeftReason, ServerMessage};
-use crate::room::Outbound;
+use crate::room::{Kick, Outbound};
 
 /// How long a waiting place is kept for a client whose socket dropped.
 pub const RESUME_WINDOW: Duration = Duration::from_secs(30);
@@ -21,8 +23,8 @@ pub enum MatchError {
     Full(usize),
     #[error("you are waiting already")]
     AlreadyWaiting,
-    #[error("you have no partner to leave: send `find_partner`")]
-    NoPartner,
+    #[error("you have no place in the queue: send `find_partner`")]
+    NoPlace,
 }
 
 /// One person in the queue or in a match.
@@ -32,13 +34,33 @@ struct Entry {
     grants: Grants,
     /// The socket to tell; none while a dropped client may still come back.
     outbound: Option<Outbound>,
+    /// Which session holds it: bumped when a reconnect takes it over, so the old session's
+    /// end does not end it.
+    owner: u64,
     /// The secret that takes this place back after a reconnect.
     resume: String,
     state: EntryState,
     /// Whom it last left (or was left by): not matched with at once again.
     last_partner: Option<String>,
-    /// Bumped on each change of state: a timer armed before it finds it stale.
+    /// Bumped on each change of state: a timer that fires after one finds itself stale.
     epoch: u64,
+    /// The wait's timeout, or the end of a dropped client's resume window; aborted when
+    /// replaced, so there is at most one per place.
+    timer: Option<AbortHandle>,
+}
+
+impl Entry {
+    fn set_timer(&mut self, timer: Option<AbortHandle>) {
+        if let Some(old) = std::mem::replace(&mut self.timer, timer) {
+            old.abort();
+        }
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.set_timer(None);
+    }
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -69,6 +91,8 @@ pub struct MatchQueue {
 pub struct Place {
     /// The entry's id.
     pub id: String,
+    /// The session's claim on it.
+    pub owner: u64,
 }
 
 impl MatchQueue {
@@ -92,8 +116,9 @@ impl MatchQueue {
         self.lock().order.len()
     }
 
-    /// A new person looks for a partner (or one whose socket dropped takes its place back with
-    /// `resume`, for the same user): it is told `waiting`, then `matched` when someone comes.
+    /// A new person looks for a partner: it is told `waiting`, then `matched` when someone
+    /// comes. With `resume` (a `waiting.resume` of the same user) it takes that place back: the
+    /// socket that held it, if the server still counts it alive, is told `replaced` and closed.
     pub fn find(
         self: &Arc<Self>,
         name: &str,
@@ -108,25 +133,38 @@ impl MatchQueue {
             state
                 .entries
                 .iter()
-                .find(|(_, e)| {
-                    e.outbound.is_none()
-                        && e.user == user
-                        && crate::auth::same_secret(&e.resume, secret)
-                })
+                .find(|(_, e)| e.user == user && crate::auth::same_secret(&e.resume, secret))
                 .map(|(id, _)| id.clone())
         });
         if let Some(id) = resumed {
-            let entry = state.entries.get_mut(&id).ok_or(MatchError::NoPartner)?;
-            entry.outbound = Some(outbound);
-            entry.name = name.to_owned();
-            entry.epoch += 1;
-            let (resume, position) = (entry.resume.clone(), position(&state, &id));
-            if let Some(outbound) = &state.entries[&id].outbound {
-                outbound.send(ServerMessage::Waiting { resume, position });
+            let Some(entry) = state.entries.get_mut(&id) else {
+                return Err(MatchError::NoPlace);
+            };
+            if let Some(old) = entry.outbound.replace(outbound) {
+                old.end(Kick::Replaced);
             }
-            self.arm_timeout(&state, &id);
-            match_waiting(&mut state, auth);
-            return Ok(Place { id });
+            entry.owner += 1;
+            entry.name = name.to_owned();
+            let (owner, current) = (entry.owner, entry.state.clone());
+            match current {
+                EntryState::Waiting(_) => {
+                    let position = position(&state, &id);
+                    if let Some(entry) = state.entries.get_mut(&id) {
+                        entry.epoch += 1;
+                        let resume = entry.resume.clone();
+                        tell(&state, &id, ServerMessage::Waiting { resume, position });
+                    }
+                    self.arm_timeout(&mut state, &id);
+                    match_waiting(&mut state, auth);
+                }
+                // A match or a stop the old socket was in ends; it looks again from the back.
+                EntryState::Matched(partner) => {
+                    part(&mut state, &id, &partner);
+                    self.requeue(&mut state, &id, auth);
+                }
+                EntryState::Idle => self.requeue(&mut state, &id, auth),
+            }
+            return Ok(Place { id, owner });
         }
         if state.order.len() >= self.max_waiting {
             return Err(MatchError::Full(self.max_waiting));
@@ -144,44 +182,55 @@ impl MatchQueue {
                 user: user.to_owned(),
                 grants,
                 outbound: Some(outbound),
+                owner: 0,
                 resume,
                 state: EntryState::Waiting(Instant::now()),
                 last_partner: None,
                 epoch: 0,
+                timer: None,
             },
         );
         state.order.push_back(id.clone());
-        self.arm_timeout(&state, &id);
+        self.arm_timeout(&mut state, &id);
         match_waiting(&mut state, auth);
-        Ok(Place { id })
+        Ok(Place { id, owner: 0 })
     }
 
-    /// An idle place (stopped, or left by its partner) queues again; a matched one leaves its
-    /// partner first, as `next`.
+    /// Looks again: a matched place leaves its partner first (as `next`), an idle one (stopped,
+    /// or left by its partner) queues again.
     pub fn find_again(self: &Arc<Self>, id: &str, auth: &TokenAuthority) -> Result<(), MatchError> {
         let mut state = self.lock();
+        match state.entries.get(id).map(|e| e.state.clone()) {
+            None => Err(MatchError::NoPlace),
+            Some(EntryState::Waiting(_)) => Err(MatchError::AlreadyWaiting),
+            Some(_) => self.leave_and_requeue(&mut state, id, auth),
+        }
+    }
+
+    /// Leaves the partner (who is told `partner_left`) and queues again; from an idle place (its
+    /// partner left first), queues again; while waiting, nothing.
+    pub fn next(self: &Arc<Self>, id: &str, auth: &TokenAuthority) -> Result<(), MatchError> {
+        let mut state = self.lock();
+        match state.entries.get(id).map(|e| e.state.clone()) {
+            None => Err(MatchError::NoPlace),
+            Some(EntryState::Waiting(_)) => Ok(()),
+            Some(_) => self.leave_and_requeue(&mut state, id, auth),
+        }
+    }
+
+    fn leave_and_requeue(
+        self: &Arc<Self>,
+        state: &mut QueueState,
+        id: &str,
+        auth: &TokenAuthority,
+    ) -> Result<(), MatchError> {
         if state.order.len() >= self.max_waiting {
             return Err(MatchError::Full(self.max_waiting));
         }
-        match state.entries.get(id).map(|e| e.state.clone()) {
-            None => return Err(MatchError::NoPartner),
-            Some(EntryState::Waiting(_)) => return Err(MatchError::AlreadyWaiting),
-            Some(EntryState::Matched(partner)) => part(&mut state, id, &partner),
-            Some(EntryState::Idle) => {}
+        if let Some(EntryState::Matched(partner)) = state.entries.get(id).map(|e| e.state.clone()) {
+            part(state, id, &partner);
         }
-        self.requeue(&mut state, id, auth);
-        Ok(())
-    }
-
-    /// Leaves the partner (who is told `partner_left`) and queues again.
-    pub fn next(self: &Arc<Self>, id: &str, auth: &TokenAuthority) -> Result<(), MatchError> {
-        let mut state = self.lock();
-        let Some(EntryState::Matched(partner)) = state.entries.get(id).map(|e| e.state.clone())
-        else {
-            return Err(MatchError::NoPartner);
-        };
-        part(&mut state, id, &partner);
-        self.requeue(&mut state, id, auth);
+        self.requeue(state, id, auth);
         Ok(())
     }
 
@@ -200,26 +249,38 @@ impl MatchQueue {
         match_waiting(state, auth);
     }
 
-    /// Stops looking: out of the queue (told `queue_left`, `stopped`), or out of a match (the
-    /// partner is told `partner_left`).
+    /// Stops looking: out of the queue or out of a match (the partner is told `partner_left`);
+    /// either way the place is told `queue_left`, `stopped` (so a `matched` crossing the `stop`
+    /// on the wire is known stale).
     pub fn stop(&self, id: &str) {
         let mut state = self.lock();
-        stop_entry(&mut state, id, true);
+        stop_entry(&mut state, id);
+        tell(
+            &state,
+            id,
+            ServerMessage::QueueLeft {
+                reason: QueueLeftReason::Stopped,
+            },
+        );
     }
 
-    /// The session of `id` ended: a waiting place is kept for [`RESUME_WINDOW`], a match ends
-    /// (the partner is told), anything else goes.
-    pub fn disconnected(self: &Arc<Self>, id: &str) {
+    /// The session `owner` of `id` ended: a waiting place is kept for [`RESUME_WINDOW`], a match
+    /// ends (the partner is told), anything else goes. Nothing, if another session took it over.
+    pub fn disconnected(self: &Arc<Self>, place: &Place) {
         let mut state = self.lock();
+        let id = place.id.as_str();
         let Some(entry) = state.entries.get_mut(id) else {
             return;
         };
+        if entry.owner != place.owner {
+            return;
+        }
         match entry.state.clone() {
             EntryState::Waiting(_) => {
                 entry.outbound = None;
                 entry.epoch += 1;
                 let (epoch, queue, id) = (entry.epoch, Arc::downgrade(self), id.to_owned());
-                tokio::spawn(async move {
+                let timer = tokio::spawn(async move {
                     tokio::time::sleep(RESUME_WINDOW).await;
                     if let Some(queue) = queue.upgrade() {
                         let mut state = queue.lock();
@@ -228,6 +289,7 @@ impl MatchQueue {
                         }
                     }
                 });
+                entry.set_timer(Some(timer.abort_handle()));
             }
             EntryState::Matched(partner) => {
                 part(&mut state, id, &partner);
@@ -238,18 +300,17 @@ impl MatchQueue {
     }
 
     /// Ends the wait of `id` after the timeout, unless it changed meanwhile.
-    fn arm_timeout(self: &Arc<Self>, state: &QueueState, id: &str) {
-        let Some(entry) = state.entries.get(id) else {
+    fn arm_timeout(self: &Arc<Self>, state: &mut QueueState, id: &str) {
+        let Some(entry) = state.entries.get_mut(id) else {
             return;
         };
-        let (epoch, queue, id, timeout) = (
+        let (epoch, queue, owned_id, timeout) = (
             entry.epoch,
             Arc::downgrade(self),
             id.to_owned(),
             self.wait_timeout,
         );
-        // Bounded: one per waiting place, each ends by the timeout.
-        tokio::spawn(async move {
+        let timer = tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             let Some(queue) = Weak::upgrade(&queue) else {
                 return;
@@ -257,19 +318,20 @@ impl MatchQueue {
             let mut state = queue.lock();
             let current = state
                 .entries
-                .get(&id)
+                .get(&owned_id)
                 .is_some_and(|e| e.epoch == epoch && matches!(e.state, EntryState::Waiting(_)));
             if current {
                 tell(
                     &state,
-                    &id,
+                    &owned_id,
                     ServerMessage::QueueLeft {
                         reason: QueueLeftReason::Timeout,
                     },
                 );
-                stop_entry(&mut state, &id, false);
+                stop_entry(&mut state, &owned_id);
             }
         });
+        entry.set_timer(Some(timer.abort_handle()));
     }
 }
 
@@ -305,29 +367,20 @@ fn part(state: &mut QueueState, id: &str, partner: &str) {
     }
 }
 
-fn stop_entry(state: &mut QueueState, id: &str, say: bool) {
+/// Takes `id` out of the queue or its match (telling the partner); it stays, idle.
+fn stop_entry(state: &mut QueueState, id: &str) {
     let Some(entry) = state.entries.get(id) else {
         return;
     };
     match entry.state.clone() {
-        EntryState::Waiting(_) => {
-            state.order.retain(|w| w != id);
-            if say {
-                tell(
-                    state,
-                    id,
-                    ServerMessage::QueueLeft {
-                        reason: QueueLeftReason::Stopped,
-                    },
-                );
-            }
-        }
+        EntryState::Waiting(_) => state.order.retain(|w| w != id),
         EntryState::Matched(partner) => part(state, id, &partner),
         EntryState::Idle => {}
     }
     if let Some(entry) = state.entries.get_mut(id) {
         entry.state = EntryState::Idle;
         entry.epoch += 1;
+        entry.set_timer(None);
     }
 }
 
@@ -414,6 +467,7 @@ fn start_match(state: &mut QueueState, a: &str, b: &str, auth: &TokenAuthority) 
         if let Some(entry) = state.entries.get_mut(me) {
             entry.state = EntryState::Matched(other.to_owned());
             entry.epoch += 1;
+            entry.set_timer(None);
         }
         tell(
             state,

@@ -17,6 +17,7 @@ use tracing::Instrument;
 use crate::auth::{Claims, Grants};
 use crate::budget::Budget;
 use crate::error::SignalError;
+use crate::matching::Place;
 use crate::metrics::ErrorCounts;
 use crate::protocol::{
     CHAT_BURST, CHAT_PER_SECOND, CandidateInit, ClientMessage, ErrorCode, MAX_CHAT_CHARS,
@@ -87,7 +88,7 @@ struct Session {
     /// The session's id in the lobby, when it entered the lobby instead of a room.
     lobby_peer: Option<String>,
     /// Its place in the waiting queue, when it looks for a partner instead.
-    match_place: Option<String>,
+    match_place: Option<Place>,
     relay_budget: Budget,
     relay_bytes: Budget,
     chat_budget: Budget,
@@ -369,10 +370,6 @@ fn check_id(id: &str) -> Result<(), SignalError> {
     }
     Ok(())
 }
-
-/// The join-limit keys of the lobby and the waiting queue.
-const LOBBY_LIMIT_KEY: &str = " lobby";
-const MATCH_LIMIT_KEY: &str = " match";
 
 fn valid_name(name: &str) -> bool {
     let trimmed = name.trim();
@@ -657,7 +654,10 @@ impl Session {
             ClientMessage::AcceptCall { call_id } => {
                 check_id(&call_id)?;
                 let me = self.lobby_peer()?;
-                Ok(self.state.lobby.accept(me, &call_id, &self.state.auth)?)
+                Ok(self
+                    .state
+                    .lobby
+                    .accept(me, &call_id, &self.state.auth, &self.state.rooms)?)
             }
             ClientMessage::DeclineCall { call_id } => {
                 check_id(&call_id)?;
@@ -671,21 +671,21 @@ impl Session {
             }
             ClientMessage::FindPartner { name, resume } => self.find_partner(name, resume),
             ClientMessage::Next => {
-                let place = self.match_place.as_deref().ok_or(SignalError::NotFinding)?;
+                let place = self.match_id()?.to_owned();
                 if !self.relay_budget.take() {
                     return Err(SignalError::ControlRateLimited("next"));
                 }
-                Ok(self.state.matching.next(place, &self.state.auth)?)
+                Ok(self.state.matching.next(&place, &self.state.auth)?)
             }
             ClientMessage::Stop => {
-                let place = self.match_place.as_deref().ok_or(SignalError::NotFinding)?;
+                let place = self.match_id()?;
                 self.state.matching.stop(place);
                 Ok(())
             }
             ClientMessage::Leave => {
                 // Said, not dropped: no place is kept for a reconnect.
                 if let Some(place) = &self.match_place {
-                    self.state.matching.stop(place);
+                    self.state.matching.stop(&place.id);
                 }
                 Ok(())
             }
@@ -706,7 +706,10 @@ impl Session {
             if !self.relay_budget.take() {
                 return Err(SignalError::ControlRateLimited("find_partner"));
             }
-            return Ok(self.state.matching.find_again(place, &self.state.auth)?);
+            return Ok(self
+                .state
+                .matching
+                .find_again(&place.id, &self.state.auth)?);
         }
         let name = self.entering(name)?;
         if !self.claims.grants.lobby {
@@ -714,11 +717,8 @@ impl Session {
         }
         self.state
             .limits
-            .join(self.peer, MATCH_LIMIT_KEY)
-            .map_err(|why| match why {
-                "into this room" => SignalError::JoinRateLimited("into the waiting queue"),
-                why => SignalError::JoinRateLimited(why),
-            })?;
+            .join_from(self.peer)
+            .map_err(SignalError::JoinRateLimited)?;
         let place = self.state.matching.find(
             &name,
             &self.claims.sub,
@@ -729,8 +729,15 @@ impl Session {
         )?;
         tracing::Span::current().record("participant", place.id.as_str());
         tracing::info!(%name, "looking for a partner");
-        self.match_place = Some(place.id);
+        self.match_place = Some(place);
         Ok(())
+    }
+
+    fn match_id(&self) -> Result<&str, SignalError> {
+        self.match_place
+            .as_ref()
+            .map(|place| place.id.as_str())
+            .ok_or(SignalError::NotFinding)
     }
 
     /// The display name of a `join` or `lobby` (default: the token's userId), trimmed; refused
@@ -756,15 +763,10 @@ impl Session {
         if !self.claims.grants.lobby {
             return Err(SignalError::NotAllowed("entering the lobby"));
         }
-        // Every arrival goes to everyone online: limited as joins into one room are. The key
-        // starts with a space, which no room name does.
         self.state
             .limits
-            .join(self.peer, LOBBY_LIMIT_KEY)
-            .map_err(|why| match why {
-                "into this room" => SignalError::JoinRateLimited("into the lobby"),
-                why => SignalError::JoinRateLimited(why),
-            })?;
+            .join_from(self.peer)
+            .map_err(SignalError::JoinRateLimited)?;
         let entered = self.state.lobby.enter(
             &name,
             &self.claims.sub,
@@ -773,12 +775,6 @@ impl Session {
         )?;
         tracing::Span::current().record("participant", entered.peer_id.as_str());
         tracing::info!(%name, "entered the lobby");
-        self.reply(ServerMessage::LobbyJoined {
-            peer_id: entered.peer_id.clone(),
-            name,
-            online: entered.online,
-            protocol: PROTOCOL_VERSION,
-        });
         self.lobby_peer = Some(entered.peer_id);
         Ok(())
     }

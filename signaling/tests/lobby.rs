@@ -187,6 +187,16 @@ async fn an_accepted_call_is_a_room_of_two_and_a_third_can_be_invited() -> Resul
     let calling = recv_type(&mut carol, "calling", WAIT).await?;
     let busy = calling["callId"].as_str().unwrap_or_default().to_owned();
     ended(&mut carol, &busy, "busy").await?;
+    // Only a call's room can be invited into: not an ordinary room, even one the caller is in.
+    let mut standup = connect_granting(&server, "Carol", "standup", json!({})).await?;
+    send(&mut standup, json!({"type": "join", "name": "Carol"})).await?;
+    recv_type(&mut standup, "joined", WAIT).await?;
+    send(
+        &mut carol,
+        json!({"type": "call", "peerId": bob_id, "room": "standup"}),
+    )
+    .await?;
+    expect_error(&mut carol, "not_allowed", "call").await?;
     // Carol cannot invite into a room she is not in.
     send(
         &mut carol,

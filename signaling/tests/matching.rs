@@ -110,8 +110,6 @@ async fn stop_timeout_and_mistakes_are_said() -> Result<()> {
     expect_error(&mut plain, "invalid_state", "next").await?;
 
     let (mut dee, _) = find(&server, "Dee").await?;
-    send(&mut dee, json!({"type": "next"})).await?;
-    expect_error(&mut dee, "invalid_state", "next").await?;
     send(&mut dee, json!({"type": "find_partner"})).await?;
     expect_error(&mut dee, "invalid_state", "find_partner").await?;
     send(&mut dee, json!({"type": "stop"})).await?;
@@ -122,6 +120,21 @@ async fn stop_timeout_and_mistakes_are_said() -> Result<()> {
     recv_type(&mut dee, "waiting", WAIT).await?;
     let left = recv_type(&mut dee, "queue_left", WAIT).await?;
     ensure!(left["reason"] == "timeout", "{left}");
+
+    // Stopping a match: the partner is told, and so is the one who stopped (a `matched` that
+    // crossed the `stop` is then known to be stale).
+    send(&mut dee, json!({"type": "find_partner"})).await?;
+    let (mut eli, _) = find(&server, "Eli").await?;
+    recv_type(&mut dee, "matched", WAIT).await?;
+    recv_type(&mut eli, "matched", WAIT).await?;
+    send(&mut eli, json!({"type": "stop"})).await?;
+    let left = recv_type(&mut eli, "queue_left", WAIT).await?;
+    ensure!(left["reason"] == "stopped", "{left}");
+    recv_type(&mut dee, "partner_left", WAIT).await?;
+    // Both pressing Next at once: the second finds itself left already and simply looks again.
+    send(&mut dee, json!({"type": "next"})).await?;
+    let waiting = recv_type(&mut dee, "waiting", WAIT).await?;
+    ensure!(waiting["position"] == 0, "{waiting}");
     server.shutdown().await?;
     Ok(())
 }
@@ -170,6 +183,38 @@ async fn a_dropped_client_takes_its_place_back() -> Result<()> {
     let (mut gus, _) = find(&server, "Gus").await?;
     matched_with(&mut gus, "Eve").await?;
     matched_with(&mut eve, "Gus").await?;
+    server.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reconnect_takes_over_a_place_the_server_still_thinks_alive() -> Result<()> {
+    let server = server(300).await?;
+    let (mut old, waiting) = find(&server, "Ivy").await?;
+    let resume = waiting["resume"].as_str().unwrap_or_default().to_owned();
+    // The old socket is alive as far as the server knows; the client reconnects anyway.
+    let mut new = connect_granting(&server, "Ivy", "strangers", json!({"lobby": true})).await?;
+    send(
+        &mut new,
+        json!({"type": "find_partner", "name": "Ivy", "resume": resume}),
+    )
+    .await?;
+    let waiting = recv_type(&mut new, "waiting", WAIT).await?;
+    ensure!(
+        waiting["resume"] == resume.as_str() && waiting["position"] == 0,
+        "the place is taken back: {waiting}"
+    );
+    let replaced = recv_type(&mut old, "error", WAIT).await?;
+    ensure!(
+        replaced["code"] == "replaced",
+        "the old socket is told: {replaced}"
+    );
+    // The old socket's end does not end the place: a newcomer meets Ivy on the new one.
+    drop(old);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut jon, _) = find(&server, "Jon").await?;
+    matched_with(&mut jon, "Ivy").await?;
+    matched_with(&mut new, "Jon").await?;
     server.shutdown().await?;
     Ok(())
 }

@@ -126,8 +126,10 @@ export class FileTransfers {
     for (let offset = 0; offset < data.byteLength; offset += CHUNK_BYTES) {
       if (transfer.state !== 'sending') return;
       if (channel.bufferedAmount > HIGH_WATER_BYTES) {
+        // A channel that closes meanwhile ends the wait too (and with it this hold on the file).
         await new Promise((resolve) => {
           channel.onbufferedamountlow = () => resolve(undefined);
+          channel.addEventListener('close', () => resolve(undefined), { once: true });
         });
         if (transfer.state !== 'sending') return;
       }
@@ -201,11 +203,16 @@ export class FileTransfers {
           at += chunk.byteLength;
         }
         chunks.length = 0;
-        if (transfer.bytes !== transfer.size || (await sha256(whole.buffer)) !== msg.sha256) {
+        const intact = transfer.bytes === transfer.size && (await sha256(whole.buffer)) === msg.sha256;
+        // Cancelled while the checksum was worked out: it stays cancelled.
+        if (transfer.state !== 'receiving') return;
+        if (!intact) {
           this.#fail(transfer, channel, new SwitchboardError('bad_file', 'the file arrived damaged (its checksum differs)'));
           return;
         }
-        transfer.blob = new Blob([whole], { type: transfer.mime });
+        // Never the sender's type: a `text/html` blob opened from the app's origin would run
+        // as the app.
+        transfer.blob = new Blob([whole], { type: 'application/octet-stream' });
         transfer.state = 'done';
         this.#ctx.emit('fileReceived', transfer);
         channel.close();
@@ -215,6 +222,7 @@ export class FileTransfers {
       }
     };
     channel.onclose = () => {
+      chunks.length = 0;
       if (transfer) this.#closed(transfer);
     };
   }

@@ -35,6 +35,7 @@ export class Matchmaker extends Emitter {
   /** People waiting before you. */ position = 0;
   /** @type {{base: URL, name: string, token?: string} | null} */ #session = null;
   /** The secret that takes the place back after a reconnect. */ #resume = '';
+  /** A `stop` was sent and not yet answered. */ #stopping = false;
   #socket = new SignalingSocket({
     message: (msg) => this.#handle(msg),
     closed: () => this.#lost(),
@@ -68,10 +69,9 @@ export class Matchmaker extends Emitter {
     }
   }
 
-  /** Leaves the partner and looks again. */
+  /** Leaves the partner and looks again (`waiting` follows). */
   next() {
-    if (this.state !== 'matched') return;
-    this.match = null;
+    if (this.state !== 'matched' && this.state !== 'idle') return;
     this.#socket.send({ type: 'next' });
   }
 
@@ -80,6 +80,8 @@ export class Matchmaker extends Emitter {
     if (this.state !== 'waiting' && this.state !== 'matched') return;
     this.match = null;
     this.state = 'idle';
+    // A `matched` already on its way is stale: ignored until the server's `queue_left`.
+    this.#stopping = true;
     this.#socket.send({ type: 'stop' });
   }
 
@@ -113,6 +115,8 @@ export class Matchmaker extends Emitter {
   #handle(msg) {
     switch (msg.type) {
       case 'waiting':
+        this.#stopping = false;
+        this.match = null;
         this.#resume = msg.resume;
         this.position = msg.position;
         this.state = 'waiting';
@@ -121,6 +125,7 @@ export class Matchmaker extends Emitter {
         this.emit('waiting', { position: msg.position });
         break;
       case 'matched':
+        if (this.#stopping) break;
         this.match = { partner: msg.partner, name: msg.name, room: msg.room, token: msg.token };
         this.state = 'matched';
         this.emit('matched', this.match);
@@ -132,6 +137,8 @@ export class Matchmaker extends Emitter {
         this.emit('partnerLeft', { partner: msg.partner });
         break;
       case 'queue_left':
+        this.#stopping = false;
+        this.match = null;
         this.state = 'idle';
         this.emit('stopped', { reason: msg.reason });
         break;
@@ -154,7 +161,8 @@ export class Matchmaker extends Emitter {
   async #lost() {
     this.#answered?.(false, new SwitchboardError('socket', 'the queue connection closed'));
     this.#answered = null;
-    if (this.state === 'closed') return;
+    // A failed attempt of the reconnect below: it tries again by itself.
+    if (this.state === 'closed' || this.state === 'reconnecting') return;
     const wasWaiting = this.state === 'waiting';
     // A match ends with the socket (the partner is told); the room itself carries on.
     if (this.match) this.emit('partnerLeft', { partner: this.match.partner });
@@ -170,7 +178,7 @@ export class Matchmaker extends Emitter {
       RESUME_WINDOW_MS,
       () => this.#open(),
       () => this.state === 'closed',
-      () => {},
+      () => this.#socket.drop(),
     );
     if (result.ok) this.emit('reconnected', undefined);
     else if (!result.stopped) {
