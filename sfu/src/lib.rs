@@ -36,6 +36,7 @@ pub mod forwarder;
 mod ids;
 pub mod keyframe;
 pub mod layers;
+pub mod relay;
 mod transport;
 pub mod vp8;
 
@@ -137,6 +138,10 @@ pub enum SfuEvent {
         /// The rids to send, lowest first.
         active: Vec<String>,
     },
+    /// A participant sent a message through its relay data channel, for another participant
+    /// (see [`relay`]): the caller decides whether the recipient may have it, and hands it to
+    /// the recipient's [`relay::DataRelay`].
+    Relayed(relay::RelayedData),
     /// A connection failed (ICE or DTLS): the participant is gone.
     TransportFailed {
         /// Whose connection.

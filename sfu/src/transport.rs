@@ -510,6 +510,15 @@ impl PublishTransport {
             .await
     }
 
+    /// The way to this participant's relay data channel, for data others send it
+    /// ([`crate::relay`]).
+    pub fn data_relay(&self) -> crate::relay::DataRelay {
+        crate::relay::DataRelay {
+            engine: self.conn.engine.clone(),
+            conn: self.conn.conn,
+        }
+    }
+
     /// Closes the connection; every publication on it ends.
     pub async fn close(&self) {
         let _ = self

@@ -295,6 +295,30 @@ fn media_rows(state: &AppState) -> Vec<Row> {
             ),
             (
                 Kind::Counter,
+                "relay_messages",
+                "Messages relayed between participants' relay data channels (files in SFU rooms)",
+                egress.relay_messages.load(Relaxed),
+            ),
+            (
+                Kind::Counter,
+                "relay_bytes",
+                "Bytes of those messages",
+                egress.relay_bytes.load(Relaxed),
+            ),
+            (
+                Kind::Counter,
+                "relay_drops",
+                "Relay messages dropped: malformed, past the sender's in-flight budget or the recipient's buffer",
+                egress.relay_drops.load(Relaxed),
+            ),
+            (
+                Kind::Counter,
+                "refused_data_channels",
+                "Data channels clients opened that the server does not serve, closed",
+                egress.refused_channels.load(Relaxed),
+            ),
+            (
+                Kind::Counter,
                 "ingress_drops",
                 "Publishers' packets dropped because their publication's fanout had not taken the ones before",
                 egress.ingress_drops.load(Relaxed),

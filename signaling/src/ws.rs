@@ -490,7 +490,9 @@ impl Session {
                 if transport != Some(TransportName::Publish) {
                     return Err(SignalError::OfferNotForPublish);
                 }
-                if !self.claims.grants.publish {
+                // Without the grant an offer may still carry the relay data channel (files),
+                // but no audio or video.
+                if !self.claims.grants.publish && offers_media(&sdp) {
                     return Err(SignalError::NotAllowed("publishing"));
                 }
                 let link_id = link.id;
@@ -914,9 +916,11 @@ impl Session {
         self.sfu_links_opened += 1;
         let (negotiator, negotiator_rx) = mpsc::channel(64);
         let (room_commands, room_commands_rx) = mpsc::unbounded_channel();
-        let initial = membership
-            .room
-            .attach_sfu(&membership.participant, room_commands);
+        let initial = membership.room.attach_sfu(
+            &membership.participant,
+            room_commands,
+            transports.publish.data_relay(),
+        );
         let negotiator_task = run_negotiator(
             id,
             transports.subscribe,
@@ -1041,6 +1045,15 @@ impl Session {
                 });
                 Flow::Continue
             }
+            SfuEvent::Relayed(data) => {
+                if let Some(link) = &membership.sfu {
+                    let sender = link.publish.data_relay();
+                    if let Err(data) = membership.room.relay_data(data, &sender) {
+                        sender.notify(sfu::relay::Notice::Undeliverable { to: data.to });
+                    }
+                }
+                Flow::Continue
+            }
             SfuEvent::TransportFailed { kind, .. } => {
                 tracing::info!(?kind, "media connection failed");
                 // Said before the close, which says it too.
@@ -1160,6 +1173,12 @@ pub mod fuzzing {
             }
         }
     }
+}
+
+/// Whether an SDP has an audio or video section.
+fn offers_media(sdp: &str) -> bool {
+    sdp.lines()
+        .any(|line| line.starts_with("m=audio") || line.starts_with("m=video"))
 }
 
 #[cfg(test)]

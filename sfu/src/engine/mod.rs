@@ -175,6 +175,11 @@ pub(crate) enum EngineInput {
     Close {
         conn: ConnId,
     },
+    /// Relayed data or a notice for a publish connection's relay channel.
+    Relay {
+        conn: ConnId,
+        delivery: crate::relay::Delivery,
+    },
 }
 
 /// Counters of the engine, read by metrics.
@@ -211,6 +216,15 @@ pub struct EngineStats {
     pub paced_drops: AtomicU64,
     /// Probe clusters sent (to find out whether a subscriber's link carries more).
     pub probes_sent: AtomicU64,
+    /// Messages relayed between participants' relay channels (files in SFU rooms), delivered.
+    pub relay_messages: AtomicU64,
+    /// Their bytes (payload and envelope).
+    pub relay_bytes: AtomicU64,
+    /// Relay messages dropped: malformed, past the sender's in-flight budget, or past the
+    /// recipient's buffer.
+    pub relay_drops: AtomicU64,
+    /// Data channels a client opened that the server does not serve, closed.
+    pub refused_channels: AtomicU64,
 }
 
 impl EngineStats {
@@ -230,6 +244,10 @@ impl EngineStats {
             (&self.backlog_limit, &other.backlog_limit),
             (&self.paced_drops, &other.paced_drops),
             (&self.probes_sent, &other.probes_sent),
+            (&self.relay_messages, &other.relay_messages),
+            (&self.relay_bytes, &other.relay_bytes),
+            (&self.relay_drops, &other.relay_drops),
+            (&self.refused_channels, &other.refused_channels),
         ];
         for (total, part) in pairs {
             total.fetch_add(part.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -258,6 +276,19 @@ impl EngineSender {
 
     pub(crate) fn try_send(&self, input: EngineInput) -> bool {
         self.control.try_send(input).is_ok()
+    }
+
+    /// Sends without waiting: at once when the command queue has room, else from a task. For
+    /// commands whose number something else bounds.
+    pub(crate) fn send_soon(&self, input: EngineInput) {
+        if let Err(mpsc::error::TrySendError::Full(input)) = self.control.try_send(input)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let control = self.control.clone();
+            runtime.spawn(async move {
+                let _ = control.send(input).await;
+            });
+        }
     }
 }
 

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use quinn_udp::{RecvMeta, UdpSocketState};
+use rtc::data_channel::RTCDataChannelId;
+use rtc::data_channel::RTCDataChannelMessage;
 use rtc::peer_connection::RTCPeerConnection;
-use rtc::peer_connection::event::RTCPeerConnectionEvent;
+use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent};
 use rtc::peer_connection::message::RTCMessage;
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
@@ -35,6 +37,10 @@ use crate::admission::{Backlog, MediaBatch, ROUND_COPIES};
 use crate::connection::TransportKind;
 use crate::exchange::{Class, ConnId, FeedbackRoute, Outgoing, SubscriberFeedback};
 use crate::ids::ParticipantId;
+use crate::relay::{
+    Delivery, Notice, RELAY_BUFFER_BYTES, RELAY_CHANNEL, RelayBudget, RelayedData, open_envelope,
+    seal_envelope,
+};
 use crate::{SfuError, SfuEvent};
 
 pub(super) struct Conn {
@@ -62,6 +68,10 @@ pub(super) struct Conn {
     pub(super) pacer: Pacer,
     /// A publish connection's tracks: where each one's packets go.
     pub(super) publish: Option<PublishTracks>,
+    /// A publish connection's relay data channel, once the client opened it.
+    pub(super) relay: Option<RTCDataChannelId>,
+    /// What this participant's relayed messages hold of the server now.
+    pub(super) relay_budget: Arc<RelayBudget>,
     pub(super) span: tracing::Span,
 }
 
@@ -445,6 +455,12 @@ impl EngineLoop {
                 self.pump(conn);
             }
             EngineInput::Close { conn } => self.close(conn),
+            EngineInput::Relay { conn, delivery } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.relay_out(delivery, &self.stats);
+                    self.pump(conn);
+                }
+            }
         }
     }
 
@@ -501,6 +517,8 @@ impl EngineLoop {
                 bandwidth,
                 pacer: Pacer::default(),
                 publish,
+                relay: None,
+                relay_budget: Arc::default(),
                 span,
             },
         );
@@ -753,6 +771,9 @@ impl EngineLoop {
                     }
                 }
                 RTCPeerConnectionEvent::OnTrack(event) => conn.track_event(id, event),
+                RTCPeerConnectionEvent::OnDataChannel(event) => {
+                    conn.channel_event(event, &self.stats)
+                }
                 _ => {}
             }
         }
@@ -770,12 +791,118 @@ impl EngineLoop {
                         route_feedback(route, &packets);
                     }
                 }
+                RTCMessage::DataChannelMessage(channel, message) => {
+                    conn.relay_in(channel, message, &self.stats)
+                }
                 _ => {}
             }
         }
         conn.deadline = conn.pc.poll_timeout();
         for write in writes {
             self.queue_write(write);
+        }
+    }
+}
+
+impl Conn {
+    /// A data channel opened or closed. A publish connection serves one relay channel; any
+    /// other channel is closed (and counted), so a client cannot make the server keep many.
+    fn channel_event(&mut self, event: RTCDataChannelEvent, stats: &EngineStats) {
+        match event {
+            RTCDataChannelEvent::OnOpen(channel) => {
+                let label_ok = self
+                    .pc
+                    .data_channel(channel)
+                    .is_some_and(|dc| dc.label() == RELAY_CHANNEL);
+                if label_ok && self.publish.is_some() && self.relay.is_none() {
+                    tracing::debug!(parent: &self.span, "relay channel open");
+                    self.relay = Some(channel);
+                } else {
+                    stats.refused_channels.fetch_add(1, Ordering::Relaxed);
+                    if let Some(mut dc) = self.pc.data_channel(channel) {
+                        let _ = dc.close();
+                    }
+                }
+            }
+            RTCDataChannelEvent::OnClose(channel) if self.relay == Some(channel) => {
+                self.relay = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// A message on a data channel: from the relay channel, a message for another
+    /// participant, handed to the owner within the sender's budget.
+    fn relay_in(
+        &mut self,
+        channel: RTCDataChannelId,
+        message: RTCDataChannelMessage,
+        stats: &EngineStats,
+    ) {
+        if self.relay != Some(channel) || message.is_string {
+            stats.relay_drops.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Ok((to, payload)) = open_envelope(&message.data) else {
+            stats.relay_drops.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(ticket) = self.relay_budget.take(message.data.len()) else {
+            stats.relay_drops.fetch_add(1, Ordering::Relaxed);
+            self.relay_notice(&Notice::OverBudget);
+            return;
+        };
+        let data = RelayedData {
+            from: self.participant.clone(),
+            to: to.to_owned(),
+            payload: bytes::Bytes::copy_from_slice(payload),
+            _ticket: ticket,
+        };
+        let _ = self.events.send(SfuEvent::Relayed(data));
+    }
+
+    /// Writes relayed data or a notice to this connection's relay channel: data only while
+    /// the channel holds less than [`RELAY_BUFFER_BYTES`] the client has not taken.
+    pub(super) fn relay_out(&mut self, delivery: Delivery, stats: &EngineStats) {
+        match delivery {
+            Delivery::Data(data, sender) => {
+                let Some(mut dc) = self.relay.and_then(|channel| self.pc.data_channel(channel))
+                else {
+                    stats.relay_drops.fetch_add(1, Ordering::Relaxed);
+                    sender.notify(Notice::Undeliverable {
+                        to: self.participant.to_string(),
+                    });
+                    return;
+                };
+                let sealed = seal_envelope(data.from.as_str(), &data.payload);
+                let len = sealed.len();
+                if dc.outstanding_bytes() + len > RELAY_BUFFER_BYTES {
+                    stats.relay_drops.fetch_add(1, Ordering::Relaxed);
+                    self.relay_notice(&Notice::Dropped {
+                        from: data.from.to_string(),
+                    });
+                    return;
+                }
+                if dc.send(Instant::now(), sealed).is_ok() {
+                    stats.relay_messages.fetch_add(1, Ordering::Relaxed);
+                    stats.relay_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                } else {
+                    stats.relay_drops.fetch_add(1, Ordering::Relaxed);
+                }
+                // The ticket goes with `data`: the sender's budget is given back.
+            }
+            Delivery::Notice(notice) => self.relay_notice(&notice),
+        }
+    }
+
+    /// A notice on the relay channel, unless the channel already holds twice its buffer (a
+    /// client that floods and reads nothing is not told about every message).
+    fn relay_notice(&mut self, notice: &Notice) {
+        let Some(mut dc) = self.relay.and_then(|channel| self.pc.data_channel(channel)) else {
+            return;
+        };
+        if dc.outstanding_bytes() <= 2 * RELAY_BUFFER_BYTES {
+            let _ = dc.send_text(Instant::now(), notice.to_json());
         }
     }
 }

@@ -234,6 +234,8 @@ struct Member {
     outbound: Outbound,
     /// Set while the participant has SFU connections.
     negotiator: Option<mpsc::UnboundedSender<RoomCommand>>,
+    /// Its relay data channel, while it has SFU connections: where data others relay to it goes.
+    data_relay: Option<sfu::relay::DataRelay>,
     published: Vec<Published>,
     /// Track id -> muted, as last told by the participant (also before its media arrives).
     muted: HashMap<String, bool>,
@@ -435,12 +437,14 @@ impl Room {
         &self,
         participant: &ParticipantId,
         negotiator: mpsc::UnboundedSender<RoomCommand>,
+        data_relay: sfu::relay::DataRelay,
     ) -> Vec<Publication> {
         let mut state = self.lock();
         let Some(member) = state.members.iter_mut().find(|m| &m.id == participant) else {
             return Vec::new();
         };
         member.negotiator = Some(negotiator);
+        member.data_relay = Some(data_relay);
         if !member.grants.subscribe {
             return Vec::new();
         }
@@ -460,6 +464,7 @@ impl Room {
             return;
         };
         member.negotiator = None;
+        member.data_relay = None;
         let ended: Vec<PublicationId> = member
             .published
             .drain(..)
@@ -469,6 +474,32 @@ impl Room {
             for publication in &ended {
                 other.command(RoomCommand::Unsubscribe(publication.clone()));
             }
+        }
+    }
+
+    /// Hands data one member relayed (files in an SFU room) to the member it names, when that
+    /// one is in this room, is not the sender and has SFU connections; gives it back otherwise.
+    /// `sender` is the sender's own relay, for notices.
+    #[allow(clippy::result_large_err)]
+    pub fn relay_data(
+        &self,
+        data: sfu::relay::RelayedData,
+        sender: &sfu::relay::DataRelay,
+    ) -> Result<(), sfu::relay::RelayedData> {
+        let relay = {
+            let state = self.lock();
+            state
+                .members
+                .iter()
+                .find(|m| m.id.as_str() == data.to && m.id != data.from)
+                .and_then(|m| m.data_relay.clone())
+        };
+        match relay {
+            Some(relay) => {
+                relay.deliver(data, sender.clone());
+                Ok(())
+            }
+            None => Err(data),
         }
     }
 
@@ -889,6 +920,7 @@ impl RoomRegistry {
             user: user.to_owned(),
             outbound,
             negotiator: None,
+            data_relay: None,
             published: Vec::new(),
             muted: HashMap::new(),
             grants,

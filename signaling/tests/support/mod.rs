@@ -563,6 +563,34 @@ impl TestClient {
         Ok(())
     }
 
+    /// Opens a publish connection that carries only the relay data channel (files in SFU
+    /// rooms) and waits until the channel is open.
+    pub async fn open_relay(&mut self) -> Result<Arc<dyn webrtc::data_channel::DataChannel>> {
+        let (pc, mut gathered) = peer_connection(None).await?;
+        let channel = pc.create_data_channel("switchboard-relay", None).await?;
+        let offer = pc.create_offer(None).await?;
+        let sdp = local_sdp(&pc, &mut gathered, offer).await?;
+        self.negotiate_publish(&pc, sdp, Vec::new()).await?;
+        self.publish_pc = Some(pc);
+        let opened = async {
+            while let Some(event) = channel.poll().await {
+                if matches!(event, webrtc::data_channel::DataChannelEvent::OnOpen) {
+                    return Ok(());
+                }
+            }
+            bail!("the relay channel closed before it opened")
+        };
+        tokio::time::timeout(Duration::from_secs(10), opened)
+            .await
+            .context("relay channel open")??;
+        Ok(channel)
+    }
+
+    /// The publish connection, once opened.
+    pub fn publish_connection(&self) -> Option<Arc<dyn PeerConnection>> {
+        self.publish_pc.clone()
+    }
+
     /// Adds a screen share to the publish connection and re-offers it.
     pub async fn publish_screen(&mut self) -> Result<()> {
         let pc = self
