@@ -19,7 +19,7 @@
 //!   outstanding); past that a message is dropped and the recipient told `dropped`.
 //!
 //! Clients keep well inside both with an end-to-end window (the SDK's files wait for the
-//! recipient's acknowledgement every 256 KiB and keep at most 1 MiB unacknowledged in all).
+//! recipient's acknowledgement every 256 KiB and keep at most 1 MiB unacknowledged per recipient).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,9 +35,9 @@ pub const RELAY_CHANNEL: &str = "switchboard-relay";
 /// Largest relay message, envelope included (every browser sends 64 KiB messages).
 pub const MAX_RELAY_MESSAGE: usize = 64 * 1024;
 /// Bytes of one sender's messages between its connection and their recipients' at once.
-pub const RELAY_IN_FLIGHT_BYTES: usize = 2 * 1024 * 1024;
+pub const RELAY_IN_FLIGHT_BYTES: usize = 4 * 1024 * 1024;
 /// Messages of one sender between its connection and their recipients' at once.
-pub const RELAY_IN_FLIGHT_MESSAGES: usize = 256;
+pub const RELAY_IN_FLIGHT_MESSAGES: usize = 512;
 /// Bytes a recipient's relay channel may hold that the recipient has not acknowledged yet.
 pub const RELAY_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 /// Longest participant id an envelope carries.

@@ -221,9 +221,7 @@ async fn a_flood_is_cut_to_budget_and_every_drop_is_announced() -> Result<()> {
     }
     let mut received: Vec<u32> = Vec::new();
     let mut dropped_notices = 0u64;
-    while let Ok(Ok(read)) =
-        tokio::time::timeout(Duration::from_secs(3), read(&to_bob)).await
-    {
+    while let Ok(Ok(read)) = tokio::time::timeout(Duration::from_secs(3), read(&to_bob)).await {
         match read {
             Read::Data { payload, .. } => {
                 received.push(u32::from_be_bytes(payload[..4].try_into()?));
@@ -238,8 +236,7 @@ async fn a_flood_is_cut_to_budget_and_every_drop_is_announced() -> Result<()> {
         }
     }
     let mut over_budget = 0u64;
-    while let Ok(Ok(read)) =
-        tokio::time::timeout(Duration::from_millis(500), read(&to_alice)).await
+    while let Ok(Ok(read)) = tokio::time::timeout(Duration::from_millis(500), read(&to_alice)).await
     {
         match read {
             Read::Notice(notice) if notice == json!({"type": "over_budget"}) => over_budget += 1,
@@ -257,7 +254,9 @@ async fn a_flood_is_cut_to_budget_and_every_drop_is_announced() -> Result<()> {
         "{missing} missing, {drops} drops counted, {over_budget} over_budget, \
          {dropped_notices} dropped notices"
     );
-    println!("flood: {missing} of {CHUNKS} dropped ({over_budget} over budget, {dropped_notices} past Bob's buffer)");
+    println!(
+        "flood: {missing} of {CHUNKS} dropped ({over_budget} over budget, {dropped_notices} past Bob's buffer)"
+    );
     server.shutdown().await?;
     Ok(())
 }

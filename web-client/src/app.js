@@ -62,7 +62,7 @@ const FRIENDLY_ERRORS = /** @type {Record<string, string>} */ ({
   unauthorized: 'You are not allowed into this room.',
   server_shutdown: 'The server is restarting.',
   timeout: 'The server did not answer in time.',
-  not_supported: 'Files can be sent in calls of up to three people for now.',
+  not_supported: 'The call is changing how it connects: try sending the file again in a moment.',
   too_large: 'That file is too large to send (at most 100 MB).',
 });
 const STORAGE = { room: 'switchboard.room', name: 'switchboard.name' };
@@ -649,8 +649,9 @@ function renderControls() {
   if (!room) return;
   // A viewer's token allows no sending: nothing to turn on.
   for (const button of [micButton, cameraButton, shareButton]) button.hidden = !room.canPublish;
-  // Files go browser to browser: in a room through the server there is no way to send them yet.
-  $('send-file').hidden = room.mode !== 'mesh';
+  // Files go browser to browser in a mesh and through the server on the SFU; while the room
+  // changes between the two, someone may not be reachable either way.
+  $('send-file').hidden = room.switching;
   const mic = room.microphoneEnabled;
   const cam = room.cameraEnabled;
   const sharing = !!room.screenTrack;

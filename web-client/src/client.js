@@ -268,6 +268,7 @@ export class Room extends Emitter {
     },
     fail: (context, err) => this.#fail(context, err),
     error: (event) => this.emit('error', event),
+    dataChannel: (peerId, channel) => this.#files.incoming(peerId, channel),
   });
   /** How large each remote video is shown, told to the server (SFU). */
   #views = new VideoViews({
@@ -290,8 +291,11 @@ export class Room extends Emitter {
     fail: (context, err) => this.#fail(context, err),
   });
   #files = new FileTransfers({
-    // Files go browser to browser: only over a mesh connection of a room in mesh mode.
-    connection: (peerId) => (this.#switcher.mode === 'mesh' ? (this.#mesh.links.get(peerId)?.pc ?? null) : null),
+    // In mesh browser to browser, on the SFU through the server.
+    openChannel: (peerId, label) => {
+      if (this.#switcher.mode === 'sfu') return this.#sfu.relay?.open(peerId, label) ?? null;
+      return this.#mesh.links.get(peerId)?.pc.createDataChannel(label) ?? null;
+    },
     peers: () => [...this.participants.keys()],
     emit: (type, arg) => this.emit(type, arg),
   });
@@ -433,9 +437,10 @@ export class Room extends Emitter {
   }
 
   /**
-   * Offers a file to one participant (`to`, a peerId) or to everyone, browser to browser; each
-   * recipient accepts before anything is sent (`fileOffered` on its side). Rejects with
-   * `not_supported` through the server (a room of four or more), `too_large` past 100 MiB.
+   * Offers a file to one participant (`to`, a peerId) or to everyone: browser to browser in a
+   * mesh, through the server on the SFU. Each recipient accepts before anything is sent
+   * (`fileOffered` on its side). Throws `too_large` past 100 MiB, `not_supported` while the
+   * room is between modes and someone cannot be reached.
    * @param {Blob & {name?: string}} file  a `File` from an input, or any Blob
    * @param {{to?: string}} [options]
    * @returns {import('./files.js').Transfer[]} one per recipient; watch `fileProgress`, `fileSent`

@@ -1,7 +1,8 @@
-// Switchboard SDK: sending files to one participant or everyone, browser to browser over a data
-// channel of the mesh connection (one channel per file and recipient). Nothing flows before the
-// recipient accepts; the file arrives whole in memory (never written anywhere by the SDK) and is
-// checked against the sender's SHA-256. Either side may cancel.
+// Switchboard SDK: sending files to one participant or everyone, one channel per file and
+// recipient: in a mesh a data channel of the connection between the two browsers, on the SFU a
+// channel through the server (relay.js). Nothing flows before the recipient accepts; the file
+// arrives whole in memory (never written anywhere by the SDK) and is checked against the
+// sender's SHA-256. Either side may cancel.
 //
 // On the channel (label `switchboard-file`), JSON text messages and binary chunks:
 //   sender → {type: 'offer', name, size, mime}
@@ -17,7 +18,8 @@ export const FILE_CHANNEL = 'switchboard-file';
 export const MAX_FILE_BYTES = 100 * 1024 * 1024;
 /** Bytes per chunk: within every browser's data channel message limit. */
 const CHUNK_BYTES = 16 * 1024;
-/** The sender waits while this much is queued on the channel. */
+/** The sender waits while this much is queued on the channel (through the server: not yet
+ * acknowledged by the recipient, over every transfer). */
 const HIGH_WATER_BYTES = 1024 * 1024;
 /** Longest a name is shown, in characters. */
 const MAX_NAME_CHARS = 255;
@@ -39,8 +41,11 @@ const MAX_NAME_CHARS = 255;
  * @property {() => void} decline  (received offers) refuse it
  * @property {() => void} cancel  stop it, either side
  *
+ * @typedef {RTCDataChannel | import('./relay.js').RelayedChannel} FileChannel
+ *
  * @typedef {object} FilesContext  What file transfers need of the room.
- * @property {(peerId: string) => RTCPeerConnection | null} connection  the mesh connection to a participant
+ * @property {(peerId: string, label: string) => FileChannel | null} openChannel  a new channel to a
+ *   participant (mesh or through the server), or null when there is no way to reach it
  * @property {() => string[]} peers  everyone else in the room
  * @property {(type: string, arg: any) => void} emit
  */
@@ -74,20 +79,21 @@ export class FileTransfers {
     }
     const peers = to ? [to] : this.#ctx.peers();
     if (peers.length === 0) throw new SwitchboardError('unknown_peer', 'nobody to send to');
-    const connections = peers.map((peerId) => ({ peerId, pc: this.#ctx.connection(peerId) }));
-    if (connections.some((c) => !c.pc)) {
-      throw new SwitchboardError('not_supported', 'files go browser to browser: in a room of four or more (through the server) they cannot be sent yet');
+    const channels = peers.map((peerId) => ({ peerId, channel: this.#ctx.openChannel(peerId, FILE_CHANNEL) }));
+    const unreachable = channels.filter((c) => !c.channel);
+    if (unreachable.length > 0) {
+      for (const { channel } of channels) channel?.close();
+      throw new SwitchboardError('not_supported', 'files cannot reach everyone now: the room is changing between peer to peer and the server, try again in a moment');
     }
-    return connections.map(({ peerId, pc }) => this.#offer(/** @type {RTCPeerConnection} */ (pc), peerId, file));
+    return channels.map(({ peerId, channel }) => this.#offer(/** @type {FileChannel} */ (channel), peerId, file));
   }
 
   /**
-   * @param {RTCPeerConnection} pc
+   * @param {FileChannel} channel
    * @param {string} peerId
    * @param {Blob & {name?: string}} file
    */
-  #offer(pc, peerId, file) {
-    const channel = pc.createDataChannel(FILE_CHANNEL);
+  #offer(channel, peerId, file) {
     channel.binaryType = 'arraybuffer';
     const transfer = this.#track({
       id: `send-${++this.#next}`,
@@ -99,7 +105,7 @@ export class FileTransfers {
       channel,
     });
     channel.onopen = () => channel.send(JSON.stringify({ type: 'offer', name: transfer.name, size: file.size, mime: file.type }));
-    channel.onmessage = async (ev) => {
+    channel.onmessage = async (/** @type {{data: any}} */ ev) => {
       const msg = parse(ev.data);
       if (msg?.type === 'accept' && transfer.state === 'offered') {
         transfer.state = 'sending';
@@ -111,13 +117,13 @@ export class FileTransfers {
       } else if (msg?.type === 'decline') this.#end(transfer, channel, 'declined');
       else if (msg?.type === 'cancel') this.#end(transfer, channel, 'cancelled');
     };
-    channel.onclose = () => this.#closed(transfer);
+    channel.onclose = () => this.#closed(transfer, channel);
     return transfer;
   }
 
   /**
    * Sends the file's bytes, never more than HIGH_WATER_BYTES queued, then its checksum.
-   * @param {RTCDataChannel} channel
+   * @param {FileChannel} channel
    * @param {Transfer} transfer
    * @param {ArrayBuffer} data
    */
@@ -143,9 +149,9 @@ export class FileTransfers {
   }
 
   /**
-   * A data channel the peer opened: a file offered, when it is one of ours.
+   * A channel the peer opened: a file offered, when it is one of ours.
    * @param {string} peerId
-   * @param {RTCDataChannel} channel
+   * @param {FileChannel} channel
    */
   incoming(peerId, channel) {
     if (channel.label !== FILE_CHANNEL) return;
@@ -154,7 +160,7 @@ export class FileTransfers {
     let transfer = null;
     /** @type {ArrayBuffer[]} */
     const chunks = [];
-    channel.onmessage = async (ev) => {
+    channel.onmessage = async (/** @type {{data: any}} */ ev) => {
       if (ev.data instanceof ArrayBuffer) {
         if (!transfer || transfer.state !== 'receiving') return;
         transfer.bytes += ev.data.byteLength;
@@ -223,13 +229,13 @@ export class FileTransfers {
     };
     channel.onclose = () => {
       chunks.length = 0;
-      if (transfer) this.#closed(transfer);
+      if (transfer) this.#closed(transfer, channel);
     };
   }
 
   /**
    * Registers a transfer in state `offered`.
-   * @param {{id: string, peerId: string, direction: 'send' | 'receive', name: string, size: number, mime: string, channel: RTCDataChannel}} init
+   * @param {{id: string, peerId: string, direction: 'send' | 'receive', name: string, size: number, mime: string, channel: FileChannel}} init
    * @returns {Transfer}
    */
   #track({ channel, ...init }) {
@@ -252,7 +258,7 @@ export class FileTransfers {
 
   /**
    * @param {Transfer} transfer
-   * @param {RTCDataChannel} channel
+   * @param {FileChannel} channel
    * @param {'declined' | 'cancelled'} state
    */
   #end(transfer, channel, state) {
@@ -265,7 +271,7 @@ export class FileTransfers {
 
   /**
    * @param {Transfer} transfer
-   * @param {RTCDataChannel} channel
+   * @param {FileChannel} channel
    * @param {unknown} err
    */
   #fail(transfer, channel, err) {
@@ -278,11 +284,13 @@ export class FileTransfers {
   /**
    * The channel closed: a transfer still under way was cut off.
    * @param {Transfer} transfer
+   * @param {FileChannel} channel
    */
-  #closed(transfer) {
+  #closed(transfer, channel) {
     if (transfer.state === 'offered' || transfer.state === 'sending' || transfer.state === 'receiving') {
       transfer.state = 'failed';
-      this.#ctx.emit('fileFailed', { transfer, message: 'the connection closed before the file was through' });
+      const reason = 'closeReason' in channel && channel.closeReason;
+      this.#ctx.emit('fileFailed', { transfer, message: reason || 'the connection closed before the file was through' });
     }
   }
 }

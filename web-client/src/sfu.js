@@ -1,7 +1,10 @@
 // Switchboard SDK: the SFU path. Two connections to the server: publish (we offer, with our
 // tracks; the camera in three simulcast layers) and subscribe (the server offers, we answer);
 // the subscribe offer's sections as remote tracks; ICE candidates held until their description
-// has gone out; video pauses; the camera layers the server asks for (`layers`).
+// has gone out; video pauses; the camera layers the server asks for (`layers`); the relay data
+// channel on the publish connection, for files through the server (relay.js).
+
+import { RelayLink } from './relay.js';
 
 /** @typedef {import('./client.js').Subscription} Subscription */
 /** @typedef {import('./client.js').RemoteTrack} RemoteTrack */
@@ -85,11 +88,14 @@ export function changeEncodings(sender, change) {
  * @property {() => void} changed  the remote tracks may have changed
  * @property {(context: string, err: unknown) => void} fail
  * @property {(event: {code: string, message: string}) => void} error  for the app
+ * @property {(peerId: string, channel: import('./relay.js').RelayedChannel) => void} dataChannel  a participant opened one through the server
  */
 
 export class SfuPath {
   /** @type {RTCPeerConnection | null} */ publishPc = null;
   /** @type {RTCPeerConnection | null} */ subscribePc = null;
+  /** Channels to others through the server, on the publish connection. @type {RelayLink | null} */
+  relay = null;
   /** @type {Map<string, Subscription>} the latest subscribe offer's sections, by mid */
   subscriptions = new Map();
   /** Local candidates are held until the description they belong to has been sent. */
@@ -123,6 +129,8 @@ export class SfuPath {
     const pc = new RTCPeerConnection({ iceServers: this.#ctx.iceServers() });
     this.publishPc = pc;
     this.#watch(pc, 'publish');
+    // Before the first offer, so that it carries the channel's section.
+    this.relay = new RelayLink(pc, (peerId, channel) => this.#ctx.dataChannel(peerId, channel));
     const { stream, screenTrack, screenStream } = this.#ctx.media;
     for (const track of stream?.getTracks() ?? []) this.publishTrack(track, /** @type {MediaStream} */ (stream));
     if (screenTrack && screenStream) {
@@ -201,7 +209,7 @@ export class SfuPath {
       return;
     }
     this.#publishPending = false;
-    if (pc.getTransceivers().every((t) => !t.sender.track && t.mid == null)) return;
+    // Always something to offer: the relay channel, if no track.
     await pc.setLocalDescription(await pc.createOffer());
     if (!this.#ctx.joined() || this.publishPc !== pc) return;
     this.#sendDescription(pc, 'publish', { type: 'offer', tracks: this.#ctx.media.trackInfo(pc) });
@@ -251,6 +259,8 @@ export class SfuPath {
   }
 
   close() {
+    this.relay?.close();
+    this.relay = null;
     this.publishPc?.close();
     this.subscribePc?.close();
     this.publishPc = null;

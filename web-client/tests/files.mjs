@@ -1,14 +1,15 @@
-// End-to-end test of sending files in the app (browser to browser, docs/sdk.md): an offer the
-// recipient declines, said on both sides; a 5 MB file accepted by a Chromium and a Firefox ESR
-// page in a mesh call, with progress on both sides, arriving byte-identical (SHA-256) with a
-// Save link; a transfer cancelled midway; and no Send file button through the server.
+// End-to-end test of sending files in the app (docs/sdk.md): an offer the recipient declines,
+// said on both sides; a 5 MB file accepted by a Chromium and a Firefox ESR page in a mesh call,
+// with progress on both sides, arriving byte-identical (SHA-256) with a Save link; a transfer
+// cancelled midway; then a fourth participant moves the room to the SFU, and a 5 MB file sent to
+// everyone through the server arrives byte-identical in two Chromium pages and Firefox.
 // Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/files.mjs
 // Environment: see harness.mjs.
 import { createHash, randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { check, launchBrowser, launchFirefox, openFirefoxPage, openPage, outDir, run, startServer, step, until } from './harness.mjs';
 
-const TOTAL_TIMEOUT_MS = 150_000;
+const TOTAL_TIMEOUT_MS = 240_000;
 const ROOM = 'files';
 
 /** @typedef {import('playwright-core').Page} Page */
@@ -131,6 +132,43 @@ async function main() {
     const cancelled = await ben.evaluate(clickInRow, { name: 'big.bin', label: 'Cancel' });
     const said = await until(ann, (n) => [...document.querySelectorAll('#files-list li')].some((li) => li.textContent === `${n} (40.0 MB) to Ben: cancelled`), 'big.bin');
     check('Ben cancels while receiving, and Ann reads "cancelled"', cancelled && said, await ann.evaluate(rowText, 'big.bin'));
+  });
+
+  await step('a 5 MB file to everyone through the server (SFU)', async () => {
+    const dee = await openPage('dee', base, `${base}/?room=${ROOM}&name=Dee&autojoin=1`);
+    const pages = /** @type {[AnyPage, string][]} */ ([[ann, 'Ann'], [ben, 'Ben'], [dee, 'Dee'], ...(cid ? [[cid, 'Cid']] : [])]);
+    let settled = true;
+    for (const [page] of pages) {
+      settled &&= await until(page, () => {
+        const room = /** @type {any} */ (window).__switchboard;
+        return room?.mode === 'sfu' && !room.switching && room.publishPc?.connectionState === 'connected';
+      }, null, 30_000);
+    }
+    check('a fourth participant moves the room to the SFU', settled);
+    await dee.evaluate(watchTransfers);
+    // @ts-ignore
+    const shown = await ben.evaluate(() => !document.getElementById('send-file')?.hidden);
+    check('Send file is offered through the server too', shown);
+    const data = randomBytes(5 * 1024 * 1024);
+    const digest = createHash('sha256').update(data).digest('hex');
+    await ben.setInputFiles('#file-input', { name: 'minutes.bin', mimeType: 'application/octet-stream', buffer: data });
+    const recipients = pages.filter(([page]) => page !== ben);
+    for (const [page, name] of recipients) {
+      const offered = await until(page, (n) => [...document.querySelectorAll('#files-list li')].some((li) => li.textContent?.includes(n)), 'minutes.bin');
+      check(`${name} is offered minutes.bin through the server`, offered);
+      await page.evaluate(clickInRow, { name: 'minutes.bin', label: 'Accept' });
+    }
+    await dee.screenshot({ path: path.join(outDir, 'files-sfu-receiving.png') });
+    for (const [page, name] of recipients) {
+      const arrived = await until(page, (n) => !!(/** @type {any} */ (window).__files.received[n]), 'minutes.bin', 60_000);
+      const got = await page.evaluate(() => /** @type {any} */ (window).__files.received['minutes.bin']);
+      check(`${name} receives minutes.bin byte-identical through the server`, arrived && got === digest, `${got?.slice(0, 16)} vs ${digest.slice(0, 16)}`);
+    }
+    const progress = await dee.evaluate(() => /** @type {any} */ (window).__files.progress);
+    check('Dee saw progress as it came through the server', progress > 10, `${progress} progress events`);
+    const sent = await until(ben, (n) => [...document.querySelectorAll('#files-list li')].filter((li) => li.textContent?.includes(n) && li.dataset.state === 'done').length === 3, 'minutes.bin');
+    check('Ben sees all three sends done', sent, await ben.evaluate(() => [...document.querySelectorAll('#files-list li')].map((li) => li.textContent).join(' | ')));
+    await ben.screenshot({ path: path.join(outDir, 'files-sfu-sent.png') });
   });
 }
 
