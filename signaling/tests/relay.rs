@@ -114,6 +114,7 @@ async fn a_file_crosses_an_sfu_room_byte_for_byte_and_stays_in_its_room() -> Res
             anyhow::Ok(got)
         })
     };
+    let started = std::time::Instant::now();
     let mut acked = 0usize;
     for (index, chunk) in file.chunks(CHUNK).enumerate() {
         while index * CHUNK - acked >= WINDOW {
@@ -128,7 +129,12 @@ async fn a_file_crosses_an_sfu_room_byte_for_byte_and_stays_in_its_room() -> Res
         to_alice.send(envelope(&bob_id, chunk)).await?;
     }
     let got = receiver.await??;
+    let took = started.elapsed();
     ensure!(got == file, "Bob's bytes differ from Alice's file");
+    println!(
+        "relayed {FILE_BYTES} bytes in {took:?}: {:.1} MB/s",
+        FILE_BYTES as f64 / took.as_secs_f64() / 1e6
+    );
     ensure!(
         metric(&server, "relay_drops").await? == 0,
         "nothing dropped"

@@ -2,7 +2,8 @@
 // said on both sides; a 5 MB file accepted by a Chromium and a Firefox ESR page in a mesh call,
 // with progress on both sides, arriving byte-identical (SHA-256) with a Save link; a transfer
 // cancelled midway; then a fourth participant moves the room to the SFU, and a 5 MB file sent to
-// everyone through the server arrives byte-identical in two Chromium pages and Firefox.
+// everyone through the server arrives byte-identical in two Chromium pages and Firefox, and a
+// transfer through the server is cancelled by its sender.
 // Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/files.mjs
 // Environment: see harness.mjs.
 import { createHash, randomBytes } from 'node:crypto';
@@ -169,6 +170,23 @@ async function main() {
     const sent = await until(ben, (n) => [...document.querySelectorAll('#files-list li')].filter((li) => li.textContent?.includes(n) && li.dataset.state === 'done').length === 3, 'minutes.bin');
     check('Ben sees all three sends done', sent, await ben.evaluate(() => [...document.querySelectorAll('#files-list li')].map((li) => li.textContent).join(' | ')));
     await ben.screenshot({ path: path.join(outDir, 'files-sfu-sent.png') });
+  });
+
+  await step('a transfer through the server cancelled by its sender', async () => {
+    await ann.evaluate(() => {
+      const room = /** @type {any} */ (window).__switchboard;
+      const file = Object.assign(new Blob([new Uint8Array(40 * 1024 * 1024)]), { name: 'huge.bin' });
+      room.sendFile(file, { to: [...room.participants.values()].find((p) => p.name === 'Ben')?.peerId });
+    });
+    await until(ben, (n) => [...document.querySelectorAll('#files-list li')].some((li) => li.textContent?.includes(n)), 'huge.bin');
+    await ben.evaluate(clickInRow, { name: 'huge.bin', label: 'Accept' });
+    const moving = await until(ben, (n) => {
+      const row = [...document.querySelectorAll('#files-list li')].find((li) => li.textContent?.includes(n));
+      return Number(row?.querySelector('progress')?.value ?? 0) > 0;
+    }, 'huge.bin');
+    const cancelled = await ann.evaluate(clickInRow, { name: 'huge.bin', label: 'Cancel' });
+    const said = await until(ben, (n) => [...document.querySelectorAll('#files-list li')].some((li) => li.textContent === `Ann sends ${n} (40.0 MB): cancelled`), 'huge.bin');
+    check('Ann cancels while sending through the server, and Ben reads "cancelled"', moving && cancelled && said, await ben.evaluate(rowText, 'huge.bin'));
   });
 }
 
