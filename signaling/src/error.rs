@@ -20,7 +20,9 @@ pub enum SignalError {
     #[error("already joined")]
     AlreadyJoined,
     /// A display name that is empty, only spaces or too long.
-    #[error("a name is 1 to 64 characters, not only spaces")]
+    #[error(
+        "a name is 1 to 64 characters, not only spaces, without control or invisible characters"
+    )]
     BadName,
     /// A description naming too many tracks.
     #[error("at most {MAX_TRACKS} tracks per description")]
@@ -152,6 +154,7 @@ impl SignalError {
                 | LobbyError::UnknownCall(_)
                 | LobbyError::WrongSide => ErrorCode::InvalidState,
                 LobbyError::NotInRoom => ErrorCode::NotAllowed,
+                LobbyError::CallingTooOften => ErrorCode::RateLimited,
                 LobbyError::Token(_) => ErrorCode::Internal,
             },
             Matching(err) => match err {

@@ -5,9 +5,9 @@
 //! both sides join with a token the server mints for them; from the lobby, either may invite a
 //! third person into it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use tokio::task::AbortHandle;
@@ -39,9 +39,19 @@ pub enum LobbyError {
     WrongSide,
     #[error("you can invite only into a call you are in")]
     NotInRoom,
+    #[error(
+        "you called them {CALLS_PER_CALLEE} times in the last minute: wait before calling again"
+    )]
+    CallingTooOften,
     #[error("could not mint the call's tokens: {0}")]
     Token(String),
 }
+
+/// Calls one person may make to one other within [`CALL_WINDOW`]: a ringing dialog that keeps
+/// coming back after each decline is harassment, whatever the relay cap allows.
+pub const CALLS_PER_CALLEE: usize = 3;
+/// The window of [`CALLS_PER_CALLEE`].
+pub const CALL_WINDOW: Duration = Duration::from_secs(60);
 
 /// One person online.
 struct Member {
@@ -54,6 +64,8 @@ struct Member {
     ringing: Option<String>,
     /// The room of its last accepted call: while it is in that room, it is busy.
     in_call: Option<String>,
+    /// Whom it called lately, and when, oldest first (within [`CALL_WINDOW`]).
+    recent_calls: VecDeque<(String, Instant)>,
 }
 
 /// A ringing call.
@@ -164,7 +176,7 @@ impl Lobby {
         if state
             .members
             .values()
-            .any(|m| m.name.to_lowercase() == name.to_lowercase())
+            .any(|m| crate::room::same_name(&m.name, name))
         {
             return Err(LobbyError::NameTaken(name.to_owned()));
         }
@@ -201,6 +213,7 @@ impl Lobby {
                 grants,
                 outbound,
                 ringing: None,
+                recent_calls: VecDeque::new(),
                 in_call: None,
             },
         );
@@ -253,6 +266,28 @@ impl Lobby {
             && !(self.is_call_room(room) && rooms.has_user(room, &caller_user))
         {
             return Err(LobbyError::NotInRoom);
+        }
+        if !state.members.contains_key(callee) {
+            return Err(LobbyError::UnknownPeer(callee.to_owned()));
+        }
+        if let Some(member) = state.members.get_mut(caller) {
+            let now = Instant::now();
+            while member
+                .recent_calls
+                .front()
+                .is_some_and(|(_, at)| now.duration_since(*at) > CALL_WINDOW)
+            {
+                member.recent_calls.pop_front();
+            }
+            let to_callee = member
+                .recent_calls
+                .iter()
+                .filter(|(c, _)| c == callee)
+                .count();
+            if to_callee >= CALLS_PER_CALLEE {
+                return Err(LobbyError::CallingTooOften);
+            }
+            member.recent_calls.push_back((callee.to_owned(), now));
         }
         let Some(callee_member) = state.members.get(callee) else {
             return Err(LobbyError::UnknownPeer(callee.to_owned()));

@@ -47,6 +47,8 @@ struct Entry {
     /// The wait's timeout, or the end of a dropped client's resume window; aborted when
     /// replaced, so there is at most one per place.
     timer: Option<AbortHandle>,
+    /// The `position` its socket was last told, so that it is told again when it moves up.
+    told_position: Option<usize>,
 }
 
 impl Entry {
@@ -148,12 +150,10 @@ impl MatchQueue {
             let (owner, current) = (entry.owner, entry.state.clone());
             match current {
                 EntryState::Waiting(_) => {
-                    let position = position(&state, &id);
                     if let Some(entry) = state.entries.get_mut(&id) {
                         entry.epoch += 1;
-                        let resume = entry.resume.clone();
-                        tell(&state, &id, ServerMessage::Waiting { resume, position });
                     }
+                    tell_waiting(&mut state, &id);
                     self.arm_timeout(&mut state, &id);
                     match_waiting(&mut state, auth);
                 }
@@ -171,10 +171,6 @@ impl MatchQueue {
         }
         let id = format!("m-{:012x}", rand::random::<u64>() >> 16);
         let resume = format!("{:032x}", rand::random::<u128>());
-        outbound.send(ServerMessage::Waiting {
-            resume: resume.clone(),
-            position: state.order.len(),
-        });
         state.entries.insert(
             id.clone(),
             Entry {
@@ -188,9 +184,11 @@ impl MatchQueue {
                 last_partner: None,
                 epoch: 0,
                 timer: None,
+                told_position: None,
             },
         );
         state.order.push_back(id.clone());
+        tell_waiting(&mut state, &id);
         self.arm_timeout(&mut state, &id);
         match_waiting(&mut state, auth);
         Ok(Place { id, owner: 0 })
@@ -241,10 +239,8 @@ impl MatchQueue {
         };
         entry.state = EntryState::Waiting(Instant::now());
         entry.epoch += 1;
-        let resume = entry.resume.clone();
-        let position = state.order.len();
         state.order.push_back(id.to_owned());
-        tell(state, id, ServerMessage::Waiting { resume, position });
+        tell_waiting(state, id);
         self.arm_timeout(state, id);
         match_waiting(state, auth);
     }
@@ -335,9 +331,35 @@ impl MatchQueue {
     }
 }
 
-/// Where `id` stands in the queue: how many wait before it.
-fn position(state: &QueueState, id: &str) -> usize {
-    state.order.iter().position(|w| w == id).unwrap_or(0)
+/// Tells `id` where it stands in the queue (how many wait before it) and with what it takes its
+/// place back.
+fn tell_waiting(state: &mut QueueState, id: &str) {
+    let position = state.order.iter().position(|w| w == id).unwrap_or(0);
+    let Some(entry) = state.entries.get_mut(id) else {
+        return;
+    };
+    entry.told_position = Some(position);
+    let resume = entry.resume.clone();
+    tell(state, id, ServerMessage::Waiting { resume, position });
+}
+
+/// Tells everyone still waiting whose place moved up (someone before them was matched or left)
+/// where they stand now.
+fn refresh_positions(state: &mut QueueState) {
+    let moved: Vec<String> = state
+        .order
+        .iter()
+        .enumerate()
+        .filter(|(position, id)| {
+            state.entries.get(*id).is_some_and(|e| {
+                e.outbound.is_some() && e.told_position.is_some_and(|told| told != *position)
+            })
+        })
+        .map(|(_, id)| id.clone())
+        .collect();
+    for id in moved {
+        tell_waiting(state, &id);
+    }
 }
 
 fn tell(state: &QueueState, id: &str, message: ServerMessage) {
@@ -381,12 +403,15 @@ fn stop_entry(state: &mut QueueState, id: &str) {
         entry.state = EntryState::Idle;
         entry.epoch += 1;
         entry.set_timer(None);
+        entry.told_position = None;
     }
+    refresh_positions(state);
 }
 
 fn remove(state: &mut QueueState, id: &str) {
     state.order.retain(|w| w != id);
     state.entries.remove(id);
+    refresh_positions(state);
 }
 
 /// Matches waiting people, first come first: each with the earliest other connected waiter, not
@@ -426,12 +451,13 @@ fn match_waiting(state: &mut QueueState, auth: &TokenAuthority) {
             }
         }
         let Some((a, b)) = pair else {
-            return;
+            break;
         };
         if !start_match(state, &a, &b, auth) {
-            return;
+            break;
         }
     }
+    refresh_positions(state);
 }
 
 /// Puts `a` and `b` in a new room of two and tells both; false when the tokens could not be made.
@@ -481,4 +507,49 @@ fn start_match(state: &mut QueueState, a: &str, b: &str, auth: &TokenAuthority) 
         );
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::room::ToSession;
+
+    fn positions(rx: &mut tokio::sync::mpsc::Receiver<ToSession>) -> Vec<usize> {
+        let mut out = Vec::new();
+        while let Ok(message) = rx.try_recv() {
+            if let ToSession::Send(ServerMessage::Waiting { position, .. }) = message {
+                out.push(position);
+            }
+        }
+        out
+    }
+
+    /// Someone waiting behind a dropped client is told when the dropped one's place goes and
+    /// theirs moves up.
+    #[tokio::test(start_paused = true)]
+    async fn a_place_that_moves_up_is_told_so() {
+        let queue = MatchQueue::new(10, Duration::from_secs(300));
+        let auth = TokenAuthority::new(&BTreeMap::new(), 60);
+        let grants = Grants::default();
+        let (xo, mut xr) = Outbound::new(16);
+        let x = queue
+            .find("X", "x", grants, xo, None, &auth)
+            .expect("a place for X");
+        assert_eq!(positions(&mut xr), vec![0]);
+        queue.disconnected(&x);
+        let (yo, mut yr) = Outbound::new(16);
+        queue
+            .find("Y", "y", grants, yo, None, &auth)
+            .expect("a place for Y");
+        assert_eq!(positions(&mut yr), vec![1], "behind X, who may come back");
+        tokio::time::sleep(RESUME_WINDOW + Duration::from_secs(1)).await;
+        assert_eq!(
+            queue.waiting(),
+            1,
+            "X's place went at the end of its window"
+        );
+        assert_eq!(positions(&mut yr), vec![0], "Y is told it moved up");
+    }
 }

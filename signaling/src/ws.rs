@@ -371,9 +371,13 @@ fn check_id(id: &str) -> Result<(), SignalError> {
     Ok(())
 }
 
+/// 1 to 64 characters, not only spaces, and nothing invisible: control characters and the
+/// zero-width and direction marks would let two names that look the same both be taken.
 fn valid_name(name: &str) -> bool {
     let trimmed = name.trim();
-    !trimmed.is_empty() && trimmed.chars().count() <= 64
+    !trimmed.is_empty()
+        && trimmed.chars().count() <= 64
+        && !trimmed.chars().any(crate::room::invisible)
 }
 
 impl Session {

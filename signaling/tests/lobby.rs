@@ -278,10 +278,14 @@ async fn calls_end_declined_cancelled_busy_unavailable_or_unanswered() -> Result
     send(&mut bob, json!({"type": "accept_call", "callId": call})).await?;
     expect_error(&mut bob, "invalid_state", "accept_call").await?;
 
+    // A fourth call to Bob within the minute: Bob is not rung again.
+    send(&mut alice, json!({"type": "call", "peerId": bob_id})).await?;
+    expect_error(&mut alice, "rate_limited", "call").await?;
+
     // The callee goes offline while it rings: `unavailable` for the caller.
-    let call = ring(&mut alice, &mut bob, &bob_id, "Alice").await?;
+    let call = ring(&mut carol, &mut bob, &bob_id, "Carol").await?;
     drop(bob);
-    ended(&mut alice, &call, "unavailable").await?;
+    ended(&mut carol, &call, "unavailable").await?;
     server.shutdown().await?;
     Ok(())
 }

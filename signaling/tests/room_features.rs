@@ -254,3 +254,26 @@ async fn only_the_sdk_and_open_token_minting_are_readable_from_other_origins() -
     keyed.shutdown().await?;
     Ok(())
 }
+
+/// A name that looks like one taken (another case, other spaces) is taken; one with invisible
+/// characters is refused outright, so that nobody can pass for someone else.
+#[tokio::test]
+async fn names_that_look_alike_cannot_both_be_in_a_room() -> Result<()> {
+    let server = start_mesh_server(3, 10).await?;
+    let (_ann, _) = join(&server, "lookalike", "Ann Lee").await?;
+    for (name, code) in [
+        ("ann  lee", "name_taken"),
+        ("Ann\u{00A0}Lee", "name_taken"),
+        ("Ann\u{200B} Lee", "bad_request"),
+        ("\u{202E}eeL nnA", "bad_request"),
+    ] {
+        let mut ws = connect(&server, "someone", "lookalike").await?;
+        send(&mut ws, json!({"type": "join", "name": name})).await?;
+        let refused = recv_type(&mut ws, "error", WAIT).await?;
+        ensure!(refused["code"] == code, "{name:?}: {refused}");
+    }
+    let (_other, joined) = join(&server, "lookalike", "Ann Leeds").await?;
+    ensure!(joined["name"] == "Ann Leeds", "{joined}");
+    server.shutdown().await?;
+    Ok(())
+}

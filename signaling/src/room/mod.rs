@@ -97,6 +97,39 @@ pub enum ToSession {
     },
 }
 
+/// Whether two names are the same to the eye: case does not count, nor which spaces or how
+/// many.
+pub fn same_name(a: &str, b: &str) -> bool {
+    a.split_whitespace()
+        .map(str::to_lowercase)
+        .eq(b.split_whitespace().map(str::to_lowercase))
+}
+
+/// A character that shows nothing, or moves what follows: control characters, zero-width
+/// spaces and joiners, direction marks and overrides, the soft hyphen, the byte-order mark.
+pub fn invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{034F}'
+                | '\u{061C}'
+                | '\u{115F}'
+                | '\u{1160}'
+                | '\u{17B4}'
+                | '\u{17B5}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FEFF}'
+                | '\u{FFA0}'
+                | '\u{E0000}'..='\u{E007F}'
+        )
+}
+
 /// Messages queued toward one participant's socket. A participant whose queue overflows is
 /// stuck (its socket is not being drained): it is kicked rather than silently missing messages,
 /// which would break the protocol's ordering guarantees.
@@ -873,7 +906,7 @@ impl RoomRegistry {
                 .iter()
                 .filter(|m| Some(&m.id) != ghost.as_ref())
         };
-        let refused = if others().any(|m| m.name.to_lowercase() == name.to_lowercase()) {
+        let refused = if others().any(|m| same_name(&m.name, name)) {
             Some(JoinError::NameTaken)
         } else if others().count() >= policy.max_participants {
             Some(JoinError::RoomFull(policy.max_participants))
@@ -1022,5 +1055,25 @@ impl RoomRegistry {
     /// Every room, for `/api/rooms` and `/metrics`.
     pub fn rooms(&self) -> Vec<Arc<Room>> {
         self.lock().values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn names_that_look_alike_are_the_same_and_invisible_characters_are_found() {
+        assert!(same_name("Alice", "alice"));
+        assert!(same_name("Alice  Smith", "alice\u{00A0}smith"));
+        assert!(same_name(" Ann\u{3000}Lee ", "ann lee"));
+        assert!(!same_name("Al ice", "Alice"));
+        assert!(!same_name("Alice", "Alicia"));
+        for c in [
+            '\u{200B}', '\u{202E}', '\u{FEFF}', '\u{0007}', '\u{2066}', '\u{00AD}',
+        ] {
+            assert!(invisible(c), "{:?}", c);
+        }
+        assert!(!"Zoë Ørsted 李".chars().any(invisible));
     }
 }
