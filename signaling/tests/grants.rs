@@ -38,8 +38,12 @@ async fn publish_and_subscribe_grants_are_held_by_the_server() -> Result<()> {
     );
     ensure!(host.joined["grants"]["publish"] == true, "{}", host.joined);
 
-    // The viewer may not send: an offer on the publish connection and a mute are refused.
-    viewer.send(json!({"type": "offer", "peerId": "sfu", "transport": "publish", "sdp": "v=0"}))?;
+    // The viewer may not send: an offer with audio or video on the publish connection and a
+    // mute are refused (an offer of the relay data channel alone is allowed: tests/relay.rs).
+    viewer.send(json!({
+        "type": "offer", "peerId": "sfu", "transport": "publish",
+        "sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+    }))?;
     expect_error(&mut viewer, "not_allowed", "offer").await?;
     viewer.send(json!({"type": "mute", "trackId": "cam", "muted": true}))?;
     expect_error(&mut viewer, "not_allowed", "mute").await?;
