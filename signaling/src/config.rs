@@ -111,6 +111,19 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Token lifetime in seconds. Default 86,400.
     pub token_ttl_secs: u64,
+    /// The Redis of a cluster (`redis://10.0.0.5:6379/0`). Unset: this node is alone and needs
+    /// no Redis. Default: none.
+    pub redis_url: Option<String>,
+    /// This node's name in the cluster. Default: a random one at each start.
+    pub node_id: Option<String>,
+    /// The base URL clients reach this node at (`https://node-2.example.com`), sent to clients
+    /// that must go there (`redirect`, `moved`). Needed with `redis_url`. Default: none.
+    pub public_url: Option<String>,
+    /// Participants this node holds before the cluster places no new room on it. Default 1000.
+    pub max_node_participants: usize,
+    /// Seconds a draining node waits for its participants to move before it exits anyway.
+    /// Default 300.
+    pub drain_timeout_secs: u64,
     /// `tracing` filter, e.g. `info` or `signaling=debug,sfu=debug`. Default
     /// [`DEFAULT_LOG_LEVEL`].
     pub log_level: String,
@@ -152,6 +165,11 @@ impl Default for Config {
             metrics_bind: None,
             allowed_origins: Vec::new(),
             token_ttl_secs: 86_400,
+            redis_url: None,
+            node_id: None,
+            public_url: None,
+            max_node_participants: 1000,
+            drain_timeout_secs: 300,
             log_level: DEFAULT_LOG_LEVEL.into(),
             log_format: LogFormat::Text,
         }
@@ -285,6 +303,14 @@ pub enum PostureError {
     ShortSecret(String),
     #[error("turn_urls and turn_secret go together: set both, or neither")]
     TurnHalfConfigured,
+    #[error(
+        "a cluster (redis_url) needs api_keys, the same on every node: a token minted on one node is checked on another"
+    )]
+    ClusterWithoutKeys,
+    #[error(
+        "a cluster (redis_url) needs public_url, the http(s) base URL clients reach this node at"
+    )]
+    ClusterWithoutUrl,
 }
 
 impl Config {
@@ -299,6 +325,18 @@ impl Config {
         }
         if self.turn_urls.is_empty() != self.turn_secret.is_none() {
             return Err(PostureError::TurnHalfConfigured);
+        }
+        if self.redis_url.is_some() {
+            if self.api_keys.is_empty() {
+                return Err(PostureError::ClusterWithoutKeys);
+            }
+            if !self
+                .public_url
+                .as_deref()
+                .is_some_and(|url| url.starts_with("http://") || url.starts_with("https://"))
+            {
+                return Err(PostureError::ClusterWithoutUrl);
+            }
         }
         if !self.api_keys.is_empty() {
             return Ok(Posture::Production);

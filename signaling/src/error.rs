@@ -128,6 +128,10 @@ pub enum SignalError {
     Matching(#[from] MatchError),
     #[error("send `find_partner` first")]
     NotFinding,
+    /// The cluster cannot place the room (its store is unreachable, or every node is full or
+    /// draining).
+    #[error("{0}")]
+    Placement(#[from] crate::cluster::PlacementError),
 }
 
 impl SignalError {
@@ -162,6 +166,8 @@ impl SignalError {
                 MatchError::AlreadyWaiting | MatchError::NoPlace => ErrorCode::InvalidState,
             },
             NotFinding => ErrorCode::InvalidState,
+            Placement(crate::cluster::PlacementError::Unavailable) => ErrorCode::ClusterUnavailable,
+            Placement(crate::cluster::PlacementError::NoNode) => ErrorCode::ServerFull,
             BadName
             | TooManyTracks
             | TrackIdTooLong(_)

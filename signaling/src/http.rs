@@ -74,6 +74,8 @@ pub fn router(state: AppState) -> Router {
             "/api/rooms/{room}/participants/{participant}/mute",
             post(mute_participant),
         )
+        .route("/api/nodes", get(list_nodes))
+        .route("/api/nodes/{node}/drain", post(drain_node))
         .route("/metrics", get(metrics))
         .fallback(get(web_client))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
@@ -312,8 +314,138 @@ async fn list_rooms(State(state): State<AppState>, headers: HeaderMap) -> Respon
             );
         }
     }
-    let rooms: Vec<_> = state.rooms.rooms().iter().map(|r| r.snapshot()).collect();
-    axum::Json(serde_json::json!({ "rooms": rooms })).into_response()
+    let mut rooms: Vec<serde_json::Value> = state
+        .rooms
+        .rooms()
+        .iter()
+        .map(|room| serde_json::to_value(room.snapshot()).unwrap_or_default())
+        .collect();
+    let Some(cluster) = &state.cluster else {
+        return axum::Json(serde_json::json!({ "rooms": rooms })).into_response();
+    };
+    for room in &mut rooms {
+        if let Some(fields) = room.as_object_mut() {
+            fields.insert("node".into(), cluster.node_id().into());
+        }
+    }
+    // The others' rooms as their last heartbeat wrote them (at most a second old); without
+    // Redis, this node's alone, and `partial` says so.
+    let partial = match cluster.remote_rooms().await {
+        Ok(remote) => {
+            rooms.extend(remote);
+            false
+        }
+        Err(_) => true,
+    };
+    axum::Json(serde_json::json!({ "rooms": rooms, "partial": partial })).into_response()
+}
+
+/// `GET /api/nodes` (API key): the cluster's live nodes and their load, as of the last
+/// heartbeat; a node alone lists itself.
+async fn list_nodes(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if !matches!(credential(&state, &headers), Some(Credential::ApiKey)) {
+        return unauthorized("listing nodes needs an API key (Basic)");
+    }
+    let Some(cluster) = &state.cluster else {
+        return axum::Json(serde_json::json!({ "nodes": [], "cluster": false })).into_response();
+    };
+    axum::Json(serde_json::json!({
+        "cluster": true,
+        "node": cluster.node_id(),
+        "redis": cluster.reachable(),
+        "nodes": cluster.nodes(),
+    }))
+    .into_response()
+}
+
+/// `POST /api/nodes/{node}/drain` (API key), on any node: that node takes no new rooms, asks
+/// its participants to move to other nodes, and exits when they have or at
+/// `drain_timeout_secs`.
+async fn drain_node(
+    State(state): State<AppState>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !matches!(credential(&state, &headers), Some(Credential::ApiKey)) {
+        return unauthorized("draining a node needs an API key (Basic)");
+    }
+    let Some(cluster) = &state.cluster else {
+        return error_response(
+            StatusCode::CONFLICT,
+            ErrorCode::InvalidState,
+            "this server is in no cluster (redis_url): stop it with SIGTERM instead",
+        );
+    };
+    if node == cluster.node_id() {
+        cluster.drain(&state).await;
+        tracing::info!(%node, "drain asked by an admin");
+        return StatusCode::ACCEPTED.into_response();
+    }
+    match cluster.request_drain(&node).await {
+        Ok(true) => {
+            tracing::info!(%node, "drain of another node asked by an admin");
+            StatusCode::ACCEPTED.into_response()
+        }
+        Ok(false) => error_response(
+            StatusCode::NOT_FOUND,
+            ErrorCode::UnknownRoom,
+            format!("no live node {node:?} in the cluster"),
+        ),
+        Err(err) => cluster_unavailable(err),
+    }
+}
+
+fn cluster_unavailable(err: crate::cluster::PlacementError) -> Response {
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::ClusterUnavailable,
+        err.to_string(),
+    )
+}
+
+/// An admin request about `room` that this node does not host, answered by the node that does
+/// (in a cluster); `None` when it is for this node to answer.
+async fn forward_to_host(
+    state: &AppState,
+    room: &str,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Option<Response> {
+    let cluster = state.cluster.as_ref()?;
+    if state.rooms.contains(room) || headers.contains_key(crate::cluster::FORWARDED_HEADER) {
+        return None;
+    }
+    let (node, url) = match cluster.owner(room).await {
+        Ok(Some(owner)) => owner,
+        Ok(None) => return None,
+        Err(err) => return Some(cluster_unavailable(err)),
+    };
+    if node == cluster.node_id() {
+        return None;
+    }
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    Some(
+        match cluster.forward(&url, method, path, headers, body).await {
+            Ok((status, content_type, body)) => {
+                let mut response = (
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                    body,
+                )
+                    .into_response();
+                if let Some(value) = content_type.and_then(|v| v.parse().ok()) {
+                    response.headers_mut().insert(header::CONTENT_TYPE, value);
+                }
+                response
+            }
+            Err(err) => error_response(
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::Internal,
+                format!("the node hosting room {room:?} ({node}) did not answer: {err}"),
+            ),
+        },
+    )
 }
 
 /// Whether the request may administer `room`: an API key, or a token for that room with the
@@ -343,9 +475,15 @@ async fn end_room(
     State(state): State<AppState>,
     Path(room): Path<String>,
     headers: HeaderMap,
+    uri: Uri,
 ) -> Response {
     if !may_administer(&state, &headers, &room) {
         return not_admin();
+    }
+    if let Some(answer) =
+        forward_to_host(&state, &room, Method::DELETE, &uri, &headers, Bytes::new()).await
+    {
+        return answer;
     }
     if !state.rooms.end_room(&room) {
         return unknown(format!("no room {room:?} is open"));
@@ -360,9 +498,15 @@ async fn remove_participant(
     State(state): State<AppState>,
     Path((room, participant)): Path<(String, String)>,
     headers: HeaderMap,
+    uri: Uri,
 ) -> Response {
     if !may_administer(&state, &headers, &room) {
         return not_admin();
+    }
+    if let Some(answer) =
+        forward_to_host(&state, &room, Method::DELETE, &uri, &headers, Bytes::new()).await
+    {
+        return answer;
     }
     if !state.rooms.remove_participant(&room, &participant) {
         return unknown(format!("no participant {participant:?} in room {room:?}"));
@@ -384,6 +528,7 @@ async fn mute_participant(
     State(state): State<AppState>,
     Path((room, participant)): Path<(String, String)>,
     headers: HeaderMap,
+    uri: Uri,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     if !may_administer(&state, &headers, &room) {
@@ -393,6 +538,11 @@ async fn mute_participant(
         Ok(body) => body,
         Err(rejection) => return body_error(rejection),
     };
+    if let Some(answer) =
+        forward_to_host(&state, &room, Method::POST, &uri, &headers, body.clone()).await
+    {
+        return answer;
+    }
     let request = match serde_json::from_slice::<MuteRequest>(&body) {
         Ok(request)
             if !request.track_id.is_empty() && request.track_id.len() <= MAX_TRACK_ID_BYTES =>

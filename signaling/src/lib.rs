@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod budget;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod http;
@@ -40,6 +41,9 @@ pub struct Server {
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     state: AppState,
+    /// Turns true when a drain has ended (rooms empty, or its deadline).
+    drained: watch::Receiver<bool>,
+    cluster_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Every few hundred milliseconds, each room works out who speaks; ends with the server.
@@ -78,7 +82,14 @@ impl Server {
         };
         let addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let state = AppState::new(config, shutdown_rx.clone());
+        let cluster = cluster::Cluster::from_config(&config).map_err(|err| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("redis_url: {err}"),
+            )
+        })?;
+        let mut state = AppState::new(config, shutdown_rx.clone());
+        state.cluster = cluster;
         // The shared media socket opens now, so a taken UDP port stops the start with a clear
         // error rather than failing every later join.
         state.sfu.start_engines().map_err(std::io::Error::other)?;
@@ -91,6 +102,11 @@ impl Server {
         );
         let app = http::router(state.clone());
         tokio::spawn(announce_speakers(state.clone()));
+        let (drained_tx, drained) = watch::channel(false);
+        let cluster_task = state.cluster.clone().map(|cluster| {
+            tracing::info!(node = cluster.node_id(), "in a cluster");
+            tokio::spawn(cluster::run(cluster, state.clone(), drained_tx))
+        });
         if let Some(metrics_listener) = metrics_listener {
             tracing::info!(addr = %metrics_listener.local_addr()?, "metrics listening");
             let connections = Arc::new(listener::Connections::new(listener::ConnectionLimits {
@@ -116,7 +132,27 @@ impl Server {
             shutdown,
             task,
             state,
+            drained,
+            cluster_task,
         })
+    }
+
+    /// Starts draining this node of its cluster (no new rooms, participants asked to move);
+    /// false when it is in no cluster.
+    pub async fn drain(&self) -> bool {
+        match &self.state.cluster {
+            Some(cluster) => {
+                cluster.drain(&self.state).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Completes when a drain has ended: every participant moved, or the drain deadline passed.
+    pub async fn drained(&self) {
+        let mut drained = self.drained.clone();
+        let _ = drained.wait_for(|done| *done).await;
     }
 
     /// The shared state (rooms, media plane), for tests and metrics.
@@ -130,6 +166,10 @@ impl Server {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while !self.state.rooms.rooms().is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(cluster_task) = self.cluster_task {
+            // It leaves the cluster (registration and claims deleted) before the process ends.
+            let _ = tokio::time::timeout_at(deadline, cluster_task).await;
         }
         match tokio::time::timeout_at(deadline, self.task).await {
             Ok(Ok(result)) => result,

@@ -71,7 +71,21 @@ async fn main() -> anyhow::Result<()> {
             .media_ip
             .map_or_else(|| "every interface".to_owned(), |ip| ip.to_string())
     );
-    wait_for_signal().await?;
+    // A node of a cluster drains on a signal (or when an admin asks) and exits once drained:
+    // it first hands its rooms to the other nodes. A second signal, or the drain deadline,
+    // stops it anyway.
+    tokio::select! {
+        result = wait_for_signal() => {
+            result?;
+            if server.drain().await {
+                tokio::select! {
+                    () = server.drained() => {}
+                    result = wait_for_signal() => result?,
+                }
+            }
+        }
+        () = server.drained() => {}
+    }
     tracing::info!("shutting down");
     server.shutdown().await.context("shutdown")?;
     tracing::info!("stopped");

@@ -225,6 +225,59 @@ fn media_rows(state: &AppState) -> Vec<Row> {
             stats.layer_switches,
         ),
     ];
+    if let Some(cluster) = &state.cluster {
+        let counters = cluster.counters();
+        rows.extend([
+            (
+                Kind::Gauge,
+                "cluster_redis_reachable",
+                "1 when the cluster's Redis answered the last command",
+                u64::from(cluster.reachable()),
+            ),
+            (
+                Kind::Gauge,
+                "cluster_nodes",
+                "Live nodes in the cluster, this one included, as of the last heartbeat",
+                cluster.nodes().len() as u64,
+            ),
+            (
+                Kind::Gauge,
+                "cluster_draining",
+                "1 while this node drains",
+                u64::from(cluster.draining()),
+            ),
+            (
+                Kind::Counter,
+                "cluster_redis_commands",
+                "Redis commands, pipelines and scripts sent",
+                counters.commands.load(Relaxed),
+            ),
+            (
+                Kind::Counter,
+                "cluster_redis_errors",
+                "Of them, failed or unanswered within 500 ms",
+                counters.errors.load(Relaxed),
+            ),
+            (
+                Kind::Counter,
+                "cluster_redirects",
+                "Joins answered with `redirect` to the node hosting the room",
+                counters.redirects.load(Relaxed),
+            ),
+            (
+                Kind::Counter,
+                "cluster_moved",
+                "Participants told `moved` (drain, or a room another node took)",
+                counters.moved.load(Relaxed),
+            ),
+            (
+                Kind::Counter,
+                "cluster_refused_joins",
+                "Joins refused: Redis unreachable, or every node full or draining",
+                counters.refused.load(Relaxed),
+            ),
+        ]);
+    }
     if let Some(egress) = state.sfu.engine_stats() {
         rows.extend([
             (

@@ -55,11 +55,14 @@ pub enum ErrorCode {
     Internal,
     /// The participant's token does not grant this (publishing, subscribing).
     NotAllowed,
+    /// A node of a cluster cannot reach the cluster's store, so it cannot open a room it does
+    /// not already host; try again shortly.
+    ClusterUnavailable,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order: `ALL[code as usize] == code`.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::TooLarge,
@@ -79,6 +82,7 @@ impl ErrorCode {
         ErrorCode::RoomEnded,
         ErrorCode::Internal,
         ErrorCode::NotAllowed,
+        ErrorCode::ClusterUnavailable,
     ];
 
     /// The wire name (`bad_request`, ...).
@@ -103,6 +107,7 @@ impl ErrorCode {
             ErrorCode::RoomEnded => "room_ended",
             ErrorCode::Internal => "internal",
             ErrorCode::NotAllowed => "not_allowed",
+            ErrorCode::ClusterUnavailable => "cluster_unavailable",
         }
     }
 }
@@ -587,6 +592,22 @@ pub enum ServerMessage {
         grants: crate::auth::Grants,
         /// [`PROTOCOL_VERSION`].
         protocol: u32,
+    },
+    /// The answer to `join` on a node of a cluster that does not host the room: open a
+    /// signaling socket at `url` (`{url}/ws/signal?token=...`, the same token) and send the same
+    /// `join` there. This socket then closes.
+    Redirect {
+        /// The base URL of the node that hosts the room (`https://node-2.example.com`).
+        url: String,
+        /// The room asked for.
+        room: String,
+    },
+    /// This node is leaving the cluster (draining) or lost the room to another node: leave,
+    /// then join the same room at `url` as after a `redirect`, with your resume token. Until you
+    /// leave, the call goes on here.
+    Moved {
+        /// The base URL of the node that hosts the room from now on.
+        url: String,
     },
     /// Someone entered.
     PeerJoined {

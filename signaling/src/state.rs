@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::auth::TokenAuthority;
+use crate::cluster::Cluster;
 use crate::config::{Config, Posture};
 use crate::limits::SignalingLimits;
 use crate::listener::{ConnectionLimits, Connections};
@@ -43,6 +44,8 @@ pub struct AppState {
     pub limits: Arc<SignalingLimits>,
     /// Refusals sent, by code, for `/metrics`.
     pub refusals: Arc<Refusals>,
+    /// The cluster this node belongs to, if any (`redis_url`).
+    pub cluster: Option<Cluster>,
 }
 
 /// Signaling tasks alive now, by kind: what a leak would show first.
@@ -88,6 +91,7 @@ impl AppState {
             shutdown,
             tasks: Arc::default(),
             refusals: Arc::default(),
+            cluster: None,
         }
     }
 }

@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use crate::auth::{Claims, Grants};
 use crate::budget::Budget;
+use crate::cluster::Placement;
 use crate::error::SignalError;
 use crate::matching::Place;
 use crate::metrics::ErrorCounts;
@@ -428,7 +429,7 @@ impl Session {
                 Flow::Continue
             };
         }
-        if kind == "leave" {
+        if kind == "leave" || self.ending {
             Flow::Leave
         } else {
             Flow::Continue
@@ -795,6 +796,21 @@ impl Session {
             .limits
             .join(self.peer, &self.claims.room)
             .map_err(SignalError::JoinRateLimited)?;
+        if let Some(cluster) = &self.state.cluster {
+            let open_here = self.state.rooms.contains(&self.claims.room);
+            if let Placement::Elsewhere { node, url } =
+                cluster.place(&self.claims.room, open_here).await?
+            {
+                tracing::debug!(%node, %url, "room hosted elsewhere: redirecting");
+                self.reply(ServerMessage::Redirect {
+                    url,
+                    room: self.claims.room.clone(),
+                });
+                // The client goes there; this socket has nothing more to do.
+                self.ending = true;
+                return Ok(());
+            }
+        }
         let participant = ParticipantId::random();
         // A participant who will be in SFU mode gets its transports before it enters: once in,
         // it must be able to take offers, and a failure must not show up as a join and a leave.

@@ -1052,6 +1052,31 @@ impl RoomRegistry {
         room.lock().members.iter().any(|m| m.user == user)
     }
 
+    /// Whether `room_name` is open here.
+    pub fn contains(&self, room_name: &str) -> bool {
+        self.lock().contains_key(&room_name.to_lowercase())
+    }
+
+    /// Participants in every room here.
+    pub fn participant_count(&self) -> usize {
+        self.rooms().iter().map(|room| room.member_count()).sum()
+    }
+
+    /// Tells everyone in `room_name` to rejoin at `url` (another node of the cluster); how many
+    /// were told. They stay until they leave: a client that ignores it keeps its call here.
+    pub fn move_room(&self, room_name: &str, url: &str) -> usize {
+        let Some(room) = self.lock().get(&room_name.to_lowercase()).cloned() else {
+            return 0;
+        };
+        let state = room.lock();
+        for member in &state.members {
+            member.outbound.send(ServerMessage::Moved {
+                url: url.to_owned(),
+            });
+        }
+        state.members.len()
+    }
+
     /// Every room, for `/api/rooms` and `/metrics`.
     pub fn rooms(&self) -> Vec<Arc<Room>> {
         self.lock().values().cloned().collect()

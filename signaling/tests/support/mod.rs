@@ -501,6 +501,16 @@ impl TestClient {
     ) -> Result<Self> {
         send(&mut ws, json!({"type": "join", "name": name})).await?;
         let joined = recv_type(&mut ws, "joined", Duration::from_secs(5)).await?;
+        Self::from_joined(ws, joined, loss, feedback).await
+    }
+
+    /// A client on a socket that has just received `joined`.
+    pub async fn from_joined(
+        ws: Ws,
+        joined: Value,
+        loss: Option<(u64, Arc<std::sync::atomic::AtomicU64>)>,
+        feedback: CongestionFeedback,
+    ) -> Result<Self> {
         let participant_id = joined["participantId"]
             .as_str()
             .ok_or_else(|| anyhow!("no participantId in {joined}"))?
