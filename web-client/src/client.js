@@ -174,6 +174,8 @@ export const PROTOCOL_VERSION = 1;
 
 /** How long the SDK keeps trying to get back into the room after losing the server. */
 const RECONNECT_WINDOW_MS = 30_000;
+/** `redirect`s followed in a row before a join gives up (a cluster needs one). */
+const MAX_REDIRECTS = 3;
 /** The active speaker stays highlighted through pauses this short. */
 const SPEAKER_HOLD_MS = 1500;
 
@@ -392,16 +394,16 @@ export class Room extends Emitter {
       }
       this.#session = { base, room, name, joinTimeoutMs, token: minted };
       const token = minted ?? (await fetchToken(base, name, room));
-      await this.#socket.open(base, token);
       const deadline = Date.now() + joinTimeoutMs;
       for (;;) {
         try {
-          await this.#join(name, Math.max(1000, deadline - Date.now()));
+          await this.#enter(base, token, name, deadline);
           break;
         } catch (err) {
-          // Joins are limited per address and per room: in a crowd arriving at once, wait a moment.
-          const limited = err instanceof SwitchboardError && err.code === 'rate_limited';
-          if (!limited || Date.now() + 1000 > deadline || this.state !== 'connecting') throw err;
+          // Joins are limited per address and per room: in a crowd arriving at once, wait a
+          // moment. A node of a cluster that cannot reach its store now may a second later.
+          const retry = err instanceof SwitchboardError && (err.code === 'rate_limited' || err.code === 'cluster_unavailable');
+          if (!retry || Date.now() + 1000 > deadline || this.state !== 'connecting') throw err;
           await new Promise((r) => setTimeout(r, 1000));
         }
       }
@@ -605,6 +607,26 @@ export class Room extends Emitter {
     });
   }
 
+  /**
+   * Opens a socket at `base` and joins; in a cluster, follows `redirect` to the node that hosts
+   * the room (3 hops at most).
+   * @param {URL} base
+   * @param {string} token
+   * @param {string} name
+   * @param {number} deadline  ms since the epoch
+   */
+  async #enter(base, token, name, deadline) {
+    let node = base;
+    for (let hops = 0; ; hops++) {
+      await this.#socket.open(node, token);
+      if (this.state !== 'connecting' && this.state !== 'reconnecting') return;
+      const reply = await this.#join(name, Math.max(1000, deadline - Date.now()));
+      if (reply?.type !== 'redirect') return;
+      if (hops >= MAX_REDIRECTS) throw new SwitchboardError('redirect', `more than ${MAX_REDIRECTS} redirects, the last to ${reply.url}`);
+      node = new URL(String(reply.url), base);
+    }
+  }
+
   /** @param {CloseEvent} ev  the signaling socket closed */
   #socketClosed(ev) {
     if (this.state === 'joined') this.#reconnect(ev.reason || `signaling socket closed (${ev.code})`);
@@ -621,23 +643,25 @@ export class Room extends Emitter {
    * the connections and remote participants, keeps local media, and rejoins with a fresh token
    * and the resume secret, retrying for up to 30 s.
    * @param {string} reason
+   * @param {URL} [movedTo]  the node to try first (a cluster's `moved`); then the entry URL
    */
-  async #reconnect(reason) {
+  async #reconnect(reason, movedTo) {
     const session = this.#session;
     if (this.state !== 'joined' || !session) return;
     this.state = 'reconnecting';
     this.emit('reconnecting', { reason });
     this.#dropRoomState();
     const stopped = () => this.state !== 'reconnecting';
+    let first = movedTo;
     const result = await retryFor(
       RECONNECT_WINDOW_MS,
       async (deadline) => {
         const token = session.token ?? (await fetchToken(session.base, session.name, session.room));
         // Left meanwhile: no socket, no join (it would seat a phantom).
         if (stopped()) return;
-        await this.#socket.open(session.base, token);
-        if (stopped()) return;
-        await this.#join(session.name, Math.min(session.joinTimeoutMs, Math.max(1000, deadline - Date.now())));
+        const node = first ?? session.base;
+        first = undefined;
+        await this.#enter(node, token, session.name, Math.min(Date.now() + session.joinTimeoutMs, deadline));
       },
       stopped,
       () => this.#socket.drop(),
@@ -708,6 +732,15 @@ export class Room extends Emitter {
         return this.#onJoined(msg);
       case 'error':
         return this.#onError(msg);
+      case 'redirect':
+        // (cluster) the room lives on another node: `#enter` goes there.
+        if (!this.#joinWaiter) return;
+        this.#socket.drop(1000);
+        this.#joinWaiter.resolve(msg);
+        this.#joinWaiter = null;
+        return;
+      case 'moved':
+        return this.#onMoved(msg);
       case 'peer_joined':
         return void this.#addParticipant(msg.peerId, msg.name);
       case 'peer_left':
@@ -744,6 +777,23 @@ export class Room extends Emitter {
         // Unknown message types are ignored, as unknown fields are (forward compatibility).
         return;
     }
+  }
+
+  /**
+   * (cluster) The node is draining, or another node took the room: leave here and rejoin there,
+   * as after a lost connection (participants are announced again).
+   * @param {any} msg
+   */
+  #onMoved(msg) {
+    if (this.state !== 'joined') return;
+    let url;
+    try {
+      url = new URL(String(msg.url), this.#session?.base);
+    } catch {
+      return;
+    }
+    this.#send({ type: 'leave' });
+    void this.#reconnect('the room moved to another server', url);
   }
 
   /** @param {any} msg */

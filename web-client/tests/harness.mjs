@@ -15,7 +15,7 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const webClient = path.resolve(here, '..');
 const repoRoot = path.resolve(webClient, '..');
 export const outDir = path.join(here, 'out');
-const serverBin = path.resolve(
+export const serverBin = path.resolve(
   process.env.SWITCHBOARD_BIN ?? path.join(repoRoot, 'target/release/switchboard'),
 );
 const chromiumBin = process.env.CHROMIUM ?? '/usr/bin/chromium';
