@@ -302,10 +302,38 @@ struct Joined {
     took: Duration,
 }
 
+/// The API key (`name:secret`) tokens are minted with, for a server in its production posture
+/// (a cluster); without one, tokens are asked for openly (the development posture).
+static API_KEY: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+
+/// Mints every later token with the API key `name:secret`.
+pub fn use_api_key(key: &str) -> Result<()> {
+    let (name, secret) = key
+        .split_once(':')
+        .ok_or_else(|| anyhow!("an API key is name:secret"))?;
+    API_KEY
+        .set((name.to_owned(), secret.to_owned()))
+        .map_err(|_| anyhow!("the API key is set already"))
+}
+
+/// The API key set with [`use_api_key`].
+pub fn api_key() -> Option<&'static (String, String)> {
+    API_KEY.get()
+}
+
+/// `POST {base}/auth/token`, with the API key when there is one.
+pub fn token_request(http: &reqwest::Client, base: &str) -> reqwest::RequestBuilder {
+    let request = http.post(format!("{base}/auth/token"));
+    match API_KEY.get() {
+        Some((name, secret)) => request.basic_auth(name, Some(secret)),
+        None => request,
+    }
+}
+
+/// Joins through `base`; in a cluster, follows `redirect` to the room's node (3 hops at most).
 async fn join(base: &str, room: &str, name: &str) -> Result<Joined> {
     let started = Instant::now();
-    let body: Value = reqwest::Client::new()
-        .post(format!("{base}/auth/token"))
+    let body: Value = token_request(&reqwest::Client::new(), base)
         .json(&json!({"userId": name, "room": room}))
         .send()
         .await?
@@ -314,22 +342,35 @@ async fn join(base: &str, room: &str, name: &str) -> Result<Joined> {
     let token = body["token"]
         .as_str()
         .ok_or_else(|| anyhow!("no token: {body}"))?;
-    let ws_base = base.replacen("http", "ws", 1);
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async(format!("{ws_base}/ws/signal?token={token}")).await?;
-    send(&mut ws, json!({"type": "join", "name": name})).await?;
-    loop {
-        let message = recv(&mut ws).await?;
-        match message["type"].as_str() {
-            Some("joined") => break,
-            Some("error") => bail!("join refused: {message}"),
-            _ => {}
+    let mut node = base.to_owned();
+    for _ in 0..4 {
+        let ws_base = node.replacen("http", "ws", 1);
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(format!("{ws_base}/ws/signal?token={token}")).await?;
+        send(&mut ws, json!({"type": "join", "name": name})).await?;
+        loop {
+            let message = recv(&mut ws).await?;
+            match message["type"].as_str() {
+                Some("joined") => {
+                    return Ok(Joined {
+                        ws,
+                        took: started.elapsed(),
+                    });
+                }
+                Some("redirect") => {
+                    node = message["url"]
+                        .as_str()
+                        .ok_or_else(|| anyhow!("redirect without url: {message}"))?
+                        .trim_end_matches('/')
+                        .to_owned();
+                    break;
+                }
+                Some("error") => bail!("join refused: {message}"),
+                _ => {}
+            }
         }
     }
-    Ok(Joined {
-        ws,
-        took: started.elapsed(),
-    })
+    bail!("more than 3 redirects")
 }
 
 async fn send(ws: &mut Ws, message: Value) -> Result<()> {

@@ -63,6 +63,10 @@ struct Cli {
         conflicts_with = "spawn"
     )]
     url: String,
+    /// An API key, `name:secret`, to mint tokens with: for a server with api_keys (a cluster).
+    /// With it, the report ends with each node's load (`GET /api/nodes`, also in nodes.json).
+    #[arg(long)]
+    api_key: Option<String>,
     /// Start the server binary on a free port instead, pinned to core 0 with taskset.
     #[arg(long)]
     spawn: bool,
@@ -305,6 +309,9 @@ async fn main() -> Result<()> {
     if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
         eprintln!("could not raise the open-file limit: {err}");
     }
+    if let Some(key) = &cli.api_key {
+        client::use_api_key(key)?;
+    }
     let (base, spawned) = if cli.spawn {
         let (base, spawned) = spawn_server(&cli.server_bin).await?;
         (base, Some(spawned))
@@ -348,9 +355,13 @@ async fn main() -> Result<()> {
         return publish(&cli, &result?, report::write_storm, report::storm_markdown);
     }
     let result = run(&cli, &base, server_pid.as_deref()).await;
+    let nodes = node_load(&base).await;
     drop(spawned);
     let report = result?;
     publish(&cli, &report, report::write_all, report::markdown)?;
+    if let Some(nodes) = nodes {
+        report_nodes(&cli, &nodes)?;
+    }
     if cli.smoke {
         if report.totals.lost_packets != 0 || report.totals.received_packets == 0 {
             bail!(
@@ -361,6 +372,41 @@ async fn main() -> Result<()> {
         }
         report::verify_files(&cli.out)?;
         println!("smoke run: no loss, report files well-formed");
+    }
+    Ok(())
+}
+
+/// Each node's load at the end of the run (`GET /api/nodes`), when an API key allows asking.
+async fn node_load(base: &str) -> Option<serde_json::Value> {
+    let (name, secret) = client::api_key()?;
+    let reply = reqwest::Client::new()
+        .get(format!("{base}/api/nodes"))
+        .basic_auth(name, Some(secret))
+        .send()
+        .await
+        .ok()?;
+    let nodes: serde_json::Value = reply.json().await.ok()?;
+    nodes["cluster"].as_bool()?.then_some(nodes)
+}
+
+/// Prints the nodes' load and writes it to nodes.json.
+fn report_nodes(cli: &Cli, nodes: &serde_json::Value) -> Result<()> {
+    std::fs::write(
+        cli.out.join("nodes.json"),
+        serde_json::to_string_pretty(nodes)?,
+    )?;
+    println!("| node | participants | rooms | CPU (cores) | backlog | draining |");
+    println!("|---|---|---|---|---|---|");
+    for node in nodes["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            node["id"].as_str().unwrap_or("?"),
+            node["participants"],
+            node["rooms"],
+            node["cpu"],
+            node["backlog"],
+            node["draining"]
+        );
     }
     Ok(())
 }

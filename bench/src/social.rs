@@ -63,8 +63,7 @@ pub struct SocialReport {
 }
 
 async fn token(http: &reqwest::Client, base: &str, user: &str) -> Result<String> {
-    let body: Value = http
-        .post(format!("{base}/auth/token"))
+    let body: Value = crate::client::token_request(http, base)
         .json(&json!({"userId": user, "room": "lobby", "grants": {"lobby": true}}))
         .send()
         .await?
