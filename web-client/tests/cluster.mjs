@@ -1,10 +1,12 @@
-// A cluster of three nodes on one redis-server, with Chromium pages: both pages enter through
-// node A (as behind a load balancer) and are redirected to the node the room was placed on;
-// that node is killed (SIGKILL) mid-call and the pages are back, decoding each other, on a live
-// node; that node is then drained (asked through another node) and the call moves again and
-// goes on. Times are printed. scripts/test installs redis-server.
+// A cluster of three nodes on one redis-server, each node in a network namespace of its own on a
+// shared bridge (loopback-range addresses 127.2.0.1-3, the bridge and Redis on 127.2.0.254),
+// with Chromium pages: both pages enter through node-c (as behind a load balancer) and are
+// redirected to the node the room was placed on; that node is killed (SIGKILL) mid-call and the
+// pages are back, decoding each other, on a live node; that node is then drained (asked through
+// another node) and the call moves again and goes on. Times are printed. scripts/test installs
+// redis-server.
 // Run inside the loopback-only namespace:  ../shared/bin/netns node web-client/tests/cluster.mjs
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { createWriteStream, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { check, decodesVideoOf, launchBrowser, openPage, outDir, run, serverBin, sleep, step } from './harness.mjs';
@@ -13,12 +15,53 @@ const TOTAL_TIMEOUT_MS = 240_000;
 const SECRET = 'a-cluster-test-secret-0123456789abcdef';
 const BASIC = `Basic ${Buffer.from(`backend:${SECRET}`).toString('base64')}`;
 const REDIS_PORT = 6391;
+const BRIDGE = 'swbr0';
+const BRIDGE_IP = '127.2.0.254';
+const NETNS = (/** @type {number} */ i) => `sw-node-${i}-${process.pid}`;
+const nodeIp = (/** @type {number} */ i) => `127.2.0.${i + 1}`;
+
+/** @param {string[]} args */
+const ip = (...args) => execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'inherit'] });
+/** @param {string} key */
+const sysctl = (key, ns = '') => execFileSync('sh', ['-c', `${ns ? `ip netns exec ${ns} ` : ''}sysctl -qw ${key} 2>/dev/null || true`]);
+
+/** The bridge here, and one namespace per node joined to it by a veth pair. */
+function buildNetwork() {
+  sysctl('net.ipv4.conf.all.route_localnet=1');
+  ip('link', 'add', BRIDGE, 'type', 'bridge');
+  sysctl(`net.ipv6.conf.${BRIDGE}.disable_ipv6=1`);
+  sysctl(`net.ipv4.conf.${BRIDGE}.route_localnet=1`);
+  ip('addr', 'add', `${BRIDGE_IP}/24`, 'dev', BRIDGE);
+  ip('link', 'set', BRIDGE, 'up');
+  for (const i of [0, 1, 2]) {
+    const ns = NETNS(i);
+    const [outer, inner] = [`swn${i}o`, `swn${i}i`];
+    ip('netns', 'add', ns);
+    ip('link', 'add', outer, 'type', 'veth', 'peer', 'name', inner);
+    ip('link', 'set', inner, 'netns', ns);
+    sysctl(`net.ipv6.conf.${outer}.disable_ipv6=1`);
+    ip('link', 'set', outer, 'master', BRIDGE);
+    ip('link', 'set', outer, 'up');
+    ip('-n', ns, 'link', 'set', 'lo', 'up');
+    sysctl('net.ipv4.conf.all.route_localnet=1', ns);
+    sysctl(`net.ipv4.conf.${inner}.route_localnet=1`, ns);
+    sysctl(`net.ipv6.conf.${inner}.disable_ipv6=1`, ns);
+    ip('-n', ns, 'addr', 'add', `${nodeIp(i)}/24`, 'dev', inner);
+    ip('-n', ns, 'link', 'set', inner, 'up');
+  }
+  process.on('exit', () => {
+    for (const i of [0, 1, 2]) {
+      try { ip('netns', 'del', NETNS(i)); } catch { /* gone */ }
+    }
+    try { ip('link', 'del', BRIDGE); } catch { /* gone */ }
+  });
+}
 
 /** @type {import('node:child_process').ChildProcess[]} */
 const children = [];
 
 function startRedis() {
-  const child = spawn('redis-server', ['--port', String(REDIS_PORT), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+  const child = spawn('redis-server', ['--port', String(REDIS_PORT), '--bind', BRIDGE_IP, '--save', '', '--appendonly', 'no', '--protected-mode', 'no'], { stdio: 'ignore' });
   children.push(child);
   return child;
 }
@@ -28,20 +71,20 @@ function startRedis() {
  * @param {string[]} origins  every node's origin: a page of one opens sockets at the others
  */
 function startNode(index, origins) {
-  const port = 8190 + index;
-  const url = `http://127.0.0.1:${port}`;
+  const url = `http://${nodeIp(index)}:8080`;
   mkdirSync(outDir, { recursive: true });
   const log = createWriteStream(path.join(outDir, `cluster-node-${index}.log`));
-  const child = spawn(serverBin, [], {
+  // `ip netns exec` enters the namespace and executes the server in place: the same pid.
+  const child = spawn('ip', ['netns', 'exec', NETNS(index), serverBin], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: {
       ...process.env,
-      SWITCHBOARD_BIND: `127.0.0.1:${port}`,
-      SWITCHBOARD_UDP_PORT: String(40100 + index * 10),
+      SWITCHBOARD_BIND: `${nodeIp(index)}:8080`,
+      SWITCHBOARD_UDP_PORT: '40000',
       SWITCHBOARD_MEDIA_THREADS: '1',
       SWITCHBOARD_MESH_MAX: '0',
       SWITCHBOARD_API_KEYS: `{backend="${SECRET}"}`,
-      SWITCHBOARD_REDIS_URL: `redis://127.0.0.1:${REDIS_PORT}`,
+      SWITCHBOARD_REDIS_URL: `redis://${BRIDGE_IP}:${REDIS_PORT}`,
       SWITCHBOARD_PUBLIC_URL: url,
       SWITCHBOARD_NODE_ID: `node-${'abc'[index]}`,
       SWITCHBOARD_ALLOWED_ORIGINS: JSON.stringify(origins),
@@ -84,8 +127,9 @@ function roomState() {
 }
 
 run(async () => {
+  buildNetwork();
   startRedis();
-  const origins = [0, 1, 2].map((i) => `http://127.0.0.1:${8190 + i}`);
+  const origins = [0, 1, 2].map((i) => `http://${nodeIp(i)}:8080`);
   const nodes = [0, 1, 2].map((i) => startNode(i, origins));
   // Pages enter through node-c. Placement goes by load, ties to the lowest id: the room lands
   // on node-a, so the join is redirected there, and node-c lives through the kill below (a
