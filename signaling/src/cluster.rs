@@ -20,7 +20,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::state::AppState;
+use crate::room::{Room, RoomRegistry};
 
 /// How often a node renews its registration and its claims, and reads the others'.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -177,6 +177,14 @@ pub struct Cluster {
 
 struct Inner {
     node_id: String,
+    /// This node's rooms.
+    rooms: Arc<RoomRegistry>,
+    /// This node's media plane, for its load.
+    sfu: sfu::Sfu,
+    /// `max_node_participants` and `max_rooms`: past either, the node is full.
+    max_participants: usize,
+    max_rooms: usize,
+    drain_timeout: Duration,
     public_url: String,
     client: redis::Client,
     /// The connection, once made; `None` until Redis first answers.
@@ -224,7 +232,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Cluster {
     /// The cluster `config` names, or `None` for a node alone.
-    pub fn from_config(config: &Config) -> Result<Option<Self>, redis::RedisError> {
+    pub fn from_config(
+        config: &Config,
+        rooms: Arc<RoomRegistry>,
+        sfu: sfu::Sfu,
+    ) -> Result<Option<Self>, redis::RedisError> {
         let Some(url) = &config.redis_url else {
             return Ok(None);
         };
@@ -236,6 +248,11 @@ impl Cluster {
         Ok(Some(Self {
             inner: Arc::new(Inner {
                 node_id,
+                rooms,
+                sfu,
+                max_participants: config.max_node_participants,
+                max_rooms: config.max_rooms,
+                drain_timeout: Duration::from_secs(config.drain_timeout_secs),
                 public_url: config
                     .public_url
                     .clone()
@@ -508,7 +525,7 @@ impl Cluster {
     /// Starts draining: no room is placed here any more, and every participant is told to move
     /// to the node each room is placed on instead. Ends in [`run`] when the rooms are empty or
     /// at `drain_timeout_secs`.
-    pub async fn drain(&self, state: &AppState) {
+    pub async fn drain(&self) {
         {
             let mut draining = lock(&self.inner.draining);
             if draining.is_some() {
@@ -527,18 +544,19 @@ impl Cluster {
                 )
                 .await;
         }
-        self.move_rooms(state).await;
+        self.move_rooms().await;
     }
 
     /// Tells the participants of each room here where it is placed now (draining).
-    async fn move_rooms(&self, state: &AppState) {
-        for room in state.rooms.rooms() {
+    async fn move_rooms(&self) {
+        let registry = &self.inner.rooms;
+        for room in registry.rooms() {
             if room.member_count() == 0 {
                 continue;
             }
             match self.claim(room.name(), true).await {
                 Ok(Some((_, url))) => {
-                    let told = state.rooms.move_room(room.name(), &url);
+                    let told = registry.move_room(room.name(), &url);
                     self.inner
                         .counters
                         .moved
@@ -552,22 +570,23 @@ impl Cluster {
 
     /// One heartbeat: register this node with its load, renew (or release) its claims, read
     /// the other nodes.
-    async fn heartbeat(&self, state: &AppState, cpu: &mut CpuClock) {
+    async fn heartbeat(&self, cpu: &mut CpuClock) {
         let Some(mut connection) = self.connect().await else {
             return;
         };
-        let rooms = state.rooms.rooms();
+        let rooms = self.inner.rooms.rooms();
         let participants: usize = rooms.iter().map(|room| room.member_count()).sum();
         let draining = self.draining();
-        let full = participants >= state.config.max_node_participants
-            || rooms.len() >= state.config.max_rooms;
+        let full =
+            participants >= self.inner.max_participants || rooms.len() >= self.inner.max_rooms;
         let me = NodeInfo {
             id: self.inner.node_id.clone(),
             url: self.inner.public_url.clone(),
             participants,
             rooms: rooms.len(),
             cpu: cpu.cores_used(),
-            backlog: state
+            backlog: self
+                .inner
                 .sfu
                 .engine_stats()
                 .map_or(0, |stats| stats.backlog.load(Ordering::Relaxed)),
@@ -613,13 +632,13 @@ impl Cluster {
         };
         self.read_nodes(&mut connection, members).await;
         if drain_asked.is_some() && !draining {
-            self.drain(state).await;
+            self.drain().await;
             return;
         }
         if draining {
-            self.move_rooms(state).await;
+            self.move_rooms().await;
         } else {
-            self.renew(&mut connection, state, &rooms).await;
+            self.renew(&mut connection, &rooms).await;
         }
     }
 
@@ -659,12 +678,7 @@ impl Cluster {
 
     /// Renews the claims of the rooms here, releases the ones of rooms closed since the last
     /// heartbeat, and moves the participants of rooms another node owns now.
-    async fn renew(
-        &self,
-        connection: &mut ConnectionManager,
-        state: &AppState,
-        rooms: &[Arc<crate::room::Room>],
-    ) {
+    async fn renew(&self, connection: &mut ConnectionManager, rooms: &[Arc<Room>]) {
         let names: HashSet<String> = rooms.iter().map(|r| r.name().to_lowercase()).collect();
         let closed: Vec<String> = lock(&self.inner.held)
             .difference(&names)
@@ -678,7 +692,7 @@ impl Cluster {
             invocation.arg(&self.inner.node_id);
             let _: Option<i64> = self.run(invocation.invoke_async(connection)).await;
         }
-        let ordered: Vec<&Arc<crate::room::Room>> = rooms.iter().collect();
+        let ordered: Vec<&Arc<Room>> = rooms.iter().collect();
         if !ordered.is_empty() {
             let mut invocation = self.inner.renew.prepare_invoke();
             for room in &ordered {
@@ -706,7 +720,7 @@ impl Cluster {
                     continue;
                 };
                 tracing::warn!(room = room.name(), %url, "another node owns this room now: moving its participants there");
-                let told = state.rooms.move_room(room.name(), &url);
+                let told = self.inner.rooms.move_room(room.name(), &url);
                 self.inner
                     .counters
                     .moved
@@ -736,7 +750,7 @@ impl Cluster {
     }
 
     /// Leaves the cluster at shutdown: the registration and claims go at once, not at expiry.
-    async fn deregister(&self, state: &AppState) {
+    async fn deregister(&self) {
         let Some(mut connection) = self.connection() else {
             return;
         };
@@ -751,7 +765,7 @@ impl Cluster {
         let _: Option<()> = self.run(pipe.query_async(&mut connection)).await;
         let mut invocation = self.inner.release.prepare_invoke();
         let held: Vec<String> = lock(&self.inner.held).iter().cloned().collect();
-        let rooms = state.rooms.rooms();
+        let rooms = self.inner.rooms.rooms();
         for name in held
             .iter()
             .map(String::as_str)
@@ -807,20 +821,22 @@ fn process_cpu_seconds() -> Option<f64> {
 
 /// The node's life in the cluster: a heartbeat every [`HEARTBEAT`] until shutdown, the end of
 /// a drain (rooms empty, or the deadline) signalled on `drained`, and deregistration at the end.
-pub async fn run(cluster: Cluster, state: AppState, drained: tokio::sync::watch::Sender<bool>) {
+pub async fn run(
+    cluster: Cluster,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    drained: tokio::sync::watch::Sender<bool>,
+) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut shutdown = state.shutdown.clone();
     let mut cpu = CpuClock::default();
-    let deadline = Duration::from_secs(state.config.drain_timeout_secs);
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                cluster.heartbeat(&state, &mut cpu).await;
+                cluster.heartbeat(&mut cpu).await;
                 let began = *lock(&cluster.inner.draining);
                 if let Some(began) = began {
-                    let empty = state.rooms.participant_count() == 0;
-                    if empty || began.elapsed() >= deadline {
+                    let empty = cluster.inner.rooms.participant_count() == 0;
+                    if empty || began.elapsed() >= cluster.inner.drain_timeout {
                         tracing::info!(empty, "drained");
                         drained.send_replace(true);
                     }
@@ -833,7 +849,7 @@ pub async fn run(cluster: Cluster, state: AppState, drained: tokio::sync::watch:
             }
         }
     }
-    cluster.deregister(&state).await;
+    cluster.deregister().await;
 }
 
 #[cfg(test)]

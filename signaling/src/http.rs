@@ -377,7 +377,7 @@ async fn drain_node(
         );
     };
     if node == cluster.node_id() {
-        cluster.drain(&state).await;
+        cluster.drain().await;
         tracing::info!(%node, "drain asked by an admin");
         return StatusCode::ACCEPTED.into_response();
     }

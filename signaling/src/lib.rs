@@ -82,14 +82,15 @@ impl Server {
         };
         let addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let cluster = cluster::Cluster::from_config(&config).map_err(|err| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("redis_url: {err}"),
-            )
-        })?;
         let mut state = AppState::new(config, shutdown_rx.clone());
-        state.cluster = cluster;
+        state.cluster =
+            cluster::Cluster::from_config(&state.config, state.rooms.clone(), state.sfu.clone())
+                .map_err(|err| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("redis_url: {err}"),
+                    )
+                })?;
         // The shared media socket opens now, so a taken UDP port stops the start with a clear
         // error rather than failing every later join.
         state.sfu.start_engines().map_err(std::io::Error::other)?;
@@ -105,7 +106,7 @@ impl Server {
         let (drained_tx, drained) = watch::channel(false);
         let cluster_task = state.cluster.clone().map(|cluster| {
             tracing::info!(node = cluster.node_id(), "in a cluster");
-            tokio::spawn(cluster::run(cluster, state.clone(), drained_tx))
+            tokio::spawn(cluster::run(cluster, shutdown_rx.clone(), drained_tx))
         });
         if let Some(metrics_listener) = metrics_listener {
             tracing::info!(addr = %metrics_listener.local_addr()?, "metrics listening");
@@ -142,7 +143,7 @@ impl Server {
     pub async fn drain(&self) -> bool {
         match &self.state.cluster {
             Some(cluster) => {
-                cluster.drain(&self.state).await;
+                cluster.drain().await;
                 true
             }
             None => false,
