@@ -20,6 +20,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::lobby::Lobby;
+use crate::matching::MatchQueue;
 use crate::room::{Room, RoomRegistry};
 
 /// How often a node renews its registration and its claims, and reads the others'.
@@ -179,6 +181,9 @@ struct Inner {
     node_id: String,
     /// This node's rooms.
     rooms: Arc<RoomRegistry>,
+    /// This node's lobby and waiting queue: in a cluster, one node hosts each.
+    lobby: Arc<Lobby>,
+    matching: Arc<MatchQueue>,
     /// This node's media plane, for its load.
     sfu: sfu::Sfu,
     /// `max_node_participants` and `max_rooms`: past either, the node is full.
@@ -193,7 +198,7 @@ struct Inner {
     reachable: AtomicBool,
     /// When draining began.
     draining: Mutex<Option<Instant>>,
-    /// Rooms whose claims were renewed at the last heartbeat: the ones gone since are released.
+    /// Claims (keys) renewed at the last heartbeat: the ones not held since are released.
     held: Mutex<HashSet<String>>,
     /// The cluster as the last heartbeat read it.
     nodes: Mutex<Vec<NodeInfo>>,
@@ -218,6 +223,24 @@ fn drain_key(id: &str) -> String {
     format!("{PREFIX}node:{id}:drain")
 }
 
+/// What besides rooms lives on one node of a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    /// Who is online, and their calls (docs/protocol.md, section 12).
+    Lobby,
+    /// The waiting queue of strangers (section 13).
+    Queue,
+}
+
+impl Service {
+    fn key(self) -> &'static str {
+        match self {
+            Service::Lobby => "switchboard:service:lobby",
+            Service::Queue => "switchboard:service:queue",
+        }
+    }
+}
+
 fn room_key(room: &str) -> String {
     format!("{PREFIX}room:{}", room.to_lowercase())
 }
@@ -235,6 +258,8 @@ impl Cluster {
     pub fn from_config(
         config: &Config,
         rooms: Arc<RoomRegistry>,
+        lobby: Arc<Lobby>,
+        matching: Arc<MatchQueue>,
         sfu: sfu::Sfu,
     ) -> Result<Option<Self>, redis::RedisError> {
         let Some(url) = &config.redis_url else {
@@ -249,6 +274,8 @@ impl Cluster {
             inner: Arc::new(Inner {
                 node_id,
                 rooms,
+                lobby,
+                matching,
                 sfu,
                 max_participants: config.max_node_participants,
                 max_rooms: config.max_rooms,
@@ -357,11 +384,25 @@ impl Cluster {
     /// it meanwhile). Otherwise one script claims it: for its live owner, or else for the
     /// least-loaded node.
     pub async fn place(&self, room: &str, open_here: bool) -> Result<Placement, PlacementError> {
+        self.place_key(room_key(room), open_here).await
+    }
+
+    /// Where the lobby or the waiting queue is (`lobby`, `find_partner`): as for a room, with
+    /// `open_here` when someone is in it on this node.
+    pub async fn place_service(
+        &self,
+        service: Service,
+        open_here: bool,
+    ) -> Result<Placement, PlacementError> {
+        self.place_key(service.key().to_owned(), open_here).await
+    }
+
+    async fn place_key(&self, key: String, open_here: bool) -> Result<Placement, PlacementError> {
         let draining = self.draining();
         if open_here && !draining {
             return Ok(Placement::Here);
         }
-        let placed = self.claim(room, draining).await;
+        let placed = self.claim(key, draining).await;
         let counters = &self.inner.counters;
         match placed {
             Ok(Some((node, _))) if node == self.inner.node_id => Ok(Placement::Here),
@@ -380,10 +421,11 @@ impl Cluster {
         }
     }
 
-    /// Claims `room` (or finds its live owner); never this node when `away` is set.
+    /// Claims the room or service at `key` (or finds its live owner); never for this node when
+    /// `away` is set.
     async fn claim(
         &self,
-        room: &str,
+        key: String,
         away: bool,
     ) -> Result<Option<(String, String)>, PlacementError> {
         let Some(mut connection) = self.connection() else {
@@ -396,7 +438,7 @@ impl Cluster {
         };
         let mut invocation = self.inner.claim.prepare_invoke();
         invocation
-            .key(room_key(room))
+            .key(key)
             .key(PLACEMENT_KEY)
             .arg(CLAIM_TTL.as_millis() as u64)
             .arg(NODE_PREFIX)
@@ -554,7 +596,7 @@ impl Cluster {
             if room.member_count() == 0 {
                 continue;
             }
-            match self.claim(room.name(), true).await {
+            match self.claim(room_key(room.name()), true).await {
                 Ok(Some((_, url))) => {
                     let told = registry.move_room(room.name(), &url);
                     self.inner
@@ -676,14 +718,22 @@ impl Cluster {
         }
     }
 
-    /// Renews the claims of the rooms here, releases the ones of rooms closed since the last
-    /// heartbeat, and moves the participants of rooms another node owns now.
+    /// Renews the claims of the rooms (and the lobby or queue) here, releases the ones closed
+    /// since the last heartbeat, and moves the participants of rooms another node owns now.
     async fn renew(&self, connection: &mut ConnectionManager, rooms: &[Arc<Room>]) {
-        let names: HashSet<String> = rooms.iter().map(|r| r.name().to_lowercase()).collect();
-        let closed: Vec<String> = lock(&self.inner.held)
-            .difference(&names)
-            .map(|name| room_key(name))
+        // Each claim held now, with the room it is for (none for a service).
+        let mut claims: Vec<(String, Option<&Arc<Room>>)> = rooms
+            .iter()
+            .map(|room| (room_key(room.name()), Some(room)))
             .collect();
+        if !self.inner.lobby.is_empty() {
+            claims.push((Service::Lobby.key().to_owned(), None));
+        }
+        if !self.inner.matching.is_empty() {
+            claims.push((Service::Queue.key().to_owned(), None));
+        }
+        let keys: HashSet<String> = claims.iter().map(|(key, _)| key.clone()).collect();
+        let closed: Vec<String> = lock(&self.inner.held).difference(&keys).cloned().collect();
         if !closed.is_empty() {
             let mut invocation = self.inner.release.prepare_invoke();
             for key in &closed {
@@ -692,11 +742,10 @@ impl Cluster {
             invocation.arg(&self.inner.node_id);
             let _: Option<i64> = self.run(invocation.invoke_async(connection)).await;
         }
-        let ordered: Vec<&Arc<Room>> = rooms.iter().collect();
-        if !ordered.is_empty() {
+        if !claims.is_empty() {
             let mut invocation = self.inner.renew.prepare_invoke();
-            for room in &ordered {
-                invocation.key(room_key(room.name()));
+            for (key, _) in &claims {
+                invocation.key(key);
             }
             invocation
                 .arg(&self.inner.node_id)
@@ -716,18 +765,25 @@ impl Cluster {
                 ) else {
                     continue;
                 };
-                let Some(room) = index.checked_sub(1).and_then(|i| ordered.get(i)) else {
-                    continue;
-                };
-                tracing::warn!(room = room.name(), %url, "another node owns this room now: moving its participants there");
-                let told = self.inner.rooms.move_room(room.name(), &url);
-                self.inner
-                    .counters
-                    .moved
-                    .fetch_add(told as u64, Ordering::Relaxed);
+                match index.checked_sub(1).and_then(|i| claims.get(i)) {
+                    Some((_, Some(room))) => {
+                        tracing::warn!(room = room.name(), %url, "another node owns this room now: moving its participants there");
+                        let told = self.inner.rooms.move_room(room.name(), &url);
+                        self.inner
+                            .counters
+                            .moved
+                            .fetch_add(told as u64, Ordering::Relaxed);
+                    }
+                    // Two lobbies (or queues) until this one empties: people here reconnect
+                    // to the other when they next come back.
+                    Some((key, None)) => {
+                        tracing::warn!(%key, %url, "another node hosts this service now")
+                    }
+                    None => {}
+                }
             }
         }
-        *lock(&self.inner.held) = names;
+        *lock(&self.inner.held) = keys;
     }
 
     /// The connection, made now if there is none yet.
@@ -764,14 +820,14 @@ impl Cluster {
         pipe.cmd("ZREM").arg(PLACEMENT_KEY).arg(id).ignore();
         let _: Option<()> = self.run(pipe.query_async(&mut connection)).await;
         let mut invocation = self.inner.release.prepare_invoke();
-        let held: Vec<String> = lock(&self.inner.held).iter().cloned().collect();
-        let rooms = self.inner.rooms.rooms();
-        for name in held
-            .iter()
-            .map(String::as_str)
-            .chain(rooms.iter().map(|r| r.name()))
-        {
-            invocation.key(room_key(name));
+        let mut keys: HashSet<String> = lock(&self.inner.held).clone();
+        keys.extend(self.inner.rooms.rooms().iter().map(|r| room_key(r.name())));
+        keys.extend([
+            Service::Lobby.key().to_owned(),
+            Service::Queue.key().to_owned(),
+        ]);
+        for key in &keys {
+            invocation.key(key);
         }
         invocation.arg(id);
         let _: Option<i64> = self.run(invocation.invoke_async(&mut connection)).await;

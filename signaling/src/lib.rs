@@ -83,14 +83,19 @@ impl Server {
         let addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut state = AppState::new(config, shutdown_rx.clone());
-        state.cluster =
-            cluster::Cluster::from_config(&state.config, state.rooms.clone(), state.sfu.clone())
-                .map_err(|err| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        format!("redis_url: {err}"),
-                    )
-                })?;
+        state.cluster = cluster::Cluster::from_config(
+            &state.config,
+            state.rooms.clone(),
+            state.lobby.clone(),
+            state.matching.clone(),
+            state.sfu.clone(),
+        )
+        .map_err(|err| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("redis_url: {err}"),
+            )
+        })?;
         // The shared media socket opens now, so a taken UDP port stops the start with a clear
         // error rather than failing every later join.
         state.sfu.start_engines().map_err(std::io::Error::other)?;

@@ -118,6 +118,16 @@ impl MatchQueue {
         self.lock().order.len()
     }
 
+    /// People in the queue's care now: waiting, or matched and not yet gone.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// True when nobody is in the queue's care.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// A new person looks for a partner: it is told `waiting`, then `matched` when someone
     /// comes. With `resume` (a `waiting.resume` of the same user) it takes that place back: the
     /// socket that held it, if the server still counts it alive, is told `replaced` and closed.

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::auth::{Claims, Grants};
 use crate::budget::Budget;
-use crate::cluster::Placement;
+use crate::cluster::{Placement, Service};
 use crate::error::SignalError;
 use crate::matching::Place;
 use crate::metrics::ErrorCounts;
@@ -282,6 +282,13 @@ async fn run(socket: WebSocket, state: AppState, claims: Claims, peer: Option<Ip
         let _ = sink.close().await;
     })
     .await;
+}
+
+/// What a socket enters: its token's room, or a service of a node.
+#[derive(Clone, Copy, Debug)]
+enum Destination {
+    Room,
+    Service(Service),
 }
 
 /// True when a read failed because the frame or message was larger than the socket reads.
@@ -641,7 +648,7 @@ impl Session {
                     .mesh_failed(&membership.participant, peer_id.as_deref());
                 Ok(())
             }
-            ClientMessage::Lobby { name } => self.enter_lobby(name),
+            ClientMessage::Lobby { name } => self.enter_lobby(name).await,
             ClientMessage::Call { peer_id, room } => {
                 check_id(&peer_id)?;
                 if let Some(room) = &room {
@@ -676,7 +683,7 @@ impl Session {
                 let me = self.lobby_peer()?;
                 Ok(self.state.lobby.cancel(me, &call_id)?)
             }
-            ClientMessage::FindPartner { name, resume } => self.find_partner(name, resume),
+            ClientMessage::FindPartner { name, resume } => self.find_partner(name, resume).await,
             ClientMessage::Next => {
                 let place = self.match_id()?.to_owned();
                 if !self.relay_budget.take() {
@@ -701,7 +708,7 @@ impl Session {
 
     /// Enters the waiting queue (or takes a dropped place back), or queues again after a match
     /// or a stop.
-    fn find_partner(
+    async fn find_partner(
         &mut self,
         name: Option<String>,
         resume: Option<String>,
@@ -726,6 +733,13 @@ impl Session {
             .limits
             .join_from(self.peer)
             .map_err(SignalError::JoinRateLimited)?;
+        let open_here = !self.state.matching.is_empty();
+        if self
+            .redirected(Destination::Service(Service::Queue), open_here)
+            .await?
+        {
+            return Ok(());
+        }
         let place = self.state.matching.find(
             &name,
             &self.claims.sub,
@@ -765,7 +779,7 @@ impl Session {
     }
 
     /// Enters the lobby: `lobby_joined` to this session, `online` to everyone else there.
-    fn enter_lobby(&mut self, name: Option<String>) -> Result<(), SignalError> {
+    async fn enter_lobby(&mut self, name: Option<String>) -> Result<(), SignalError> {
         let name = self.entering(name)?;
         if !self.claims.grants.lobby {
             return Err(SignalError::NotAllowed("entering the lobby"));
@@ -774,6 +788,13 @@ impl Session {
             .limits
             .join_from(self.peer)
             .map_err(SignalError::JoinRateLimited)?;
+        let open_here = !self.state.lobby.is_empty();
+        if self
+            .redirected(Destination::Service(Service::Lobby), open_here)
+            .await?
+        {
+            return Ok(());
+        }
         let entered = self.state.lobby.enter(
             &name,
             &self.claims.sub,
@@ -786,6 +807,33 @@ impl Session {
         Ok(())
     }
 
+    /// In a cluster, whether the token's room (or the lobby, or the queue) lives on another
+    /// node: then the client is told `redirect` there, and this socket ends.
+    async fn redirected(
+        &mut self,
+        destination: Destination,
+        open_here: bool,
+    ) -> Result<bool, SignalError> {
+        let Some(cluster) = &self.state.cluster else {
+            return Ok(false);
+        };
+        let placement = match destination {
+            Destination::Room => cluster.place(&self.claims.room, open_here).await?,
+            Destination::Service(service) => cluster.place_service(service, open_here).await?,
+        };
+        let Placement::Elsewhere { node, url } = placement else {
+            return Ok(false);
+        };
+        tracing::debug!(%node, %url, ?destination, "hosted on another node: redirecting");
+        self.reply(ServerMessage::Redirect {
+            url,
+            room: self.claims.room.clone(),
+        });
+        // The client goes there; this socket has nothing more to do.
+        self.ending = true;
+        Ok(true)
+    }
+
     async fn join(
         &mut self,
         name: Option<String>,
@@ -796,20 +844,9 @@ impl Session {
             .limits
             .join(self.peer, &self.claims.room)
             .map_err(SignalError::JoinRateLimited)?;
-        if let Some(cluster) = &self.state.cluster {
-            let open_here = self.state.rooms.contains(&self.claims.room);
-            if let Placement::Elsewhere { node, url } =
-                cluster.place(&self.claims.room, open_here).await?
-            {
-                tracing::debug!(%node, %url, "room hosted elsewhere: redirecting");
-                self.reply(ServerMessage::Redirect {
-                    url,
-                    room: self.claims.room.clone(),
-                });
-                // The client goes there; this socket has nothing more to do.
-                self.ending = true;
-                return Ok(());
-            }
+        let open_here = self.state.rooms.contains(&self.claims.room);
+        if self.redirected(Destination::Room, open_here).await? {
+            return Ok(());
         }
         let participant = ParticipantId::random();
         // A participant who will be in SFU mode gets its transports before it enters: once in,

@@ -92,10 +92,14 @@ fn basic() -> String {
 }
 
 async fn token(addr: SocketAddr, user: &str, room: &str) -> Result<String> {
+    token_granting(addr, user, room, json!({})).await
+}
+
+async fn token_granting(addr: SocketAddr, user: &str, room: &str, grants: Value) -> Result<String> {
     let reply: Value = reqwest::Client::new()
         .post(format!("http://{addr}/auth/token"))
         .header("authorization", basic())
-        .json(&json!({"userId": user, "room": room}))
+        .json(&json!({"userId": user, "room": room, "grants": grants}))
         .send()
         .await?
         .error_for_status()?
@@ -176,6 +180,31 @@ async fn join_via(entry: &str, token: &str, name: &str) -> Result<Landed> {
             }
             _ => bail!("join refused: {reply}"),
         }
+    }
+    bail!("more than 3 redirects")
+}
+
+/// Sends `first` (a `lobby` or `find_partner`) through `entry`, following `redirect`, until the
+/// reply is `expect`; returns the socket, the reply and the node's URL.
+async fn enter_via(
+    entry: &str,
+    token: &str,
+    first: Value,
+    expect: &str,
+) -> Result<(Ws, Value, String)> {
+    let mut url = entry.to_owned();
+    for _ in 0..4 {
+        let ws_url = format!("{}/ws/signal?token={token}", url.replacen("http", "ws", 1));
+        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await?;
+        send(&mut ws, first.clone()).await?;
+        let reply = recv(&mut ws, Duration::from_secs(5)).await?;
+        if reply["type"] == expect {
+            return Ok((ws, reply, url));
+        }
+        if reply["type"] != "redirect" {
+            bail!("refused: {reply}");
+        }
+        url = reply["url"].as_str().unwrap_or_default().to_owned();
     }
     bail!("more than 3 redirects")
 }
@@ -456,5 +485,64 @@ async fn without_redis_a_node_keeps_its_rooms_refuses_new_ones_and_recovers() ->
     assert_eq!(dee.url, host, "the surviving room is found where it lives");
     assert_eq!(dee.redirects, 1);
     media_both_ways(&mut ann, &mut ben).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_lobby_and_the_waiting_queue_are_one_for_the_whole_cluster() -> Result<()> {
+    let redis_port = free_tcp_port()?;
+    let _redis = start_redis(redis_port)?;
+    let nodes = [start_node(0, redis_port)?, start_node(1, redis_port)?];
+    until_cluster_of(&nodes.iter().collect::<Vec<_>>(), 2).await?;
+    let lobby = json!({"lobby": true});
+
+    // Ann goes online through node-0, Ben through node-1: one lobby, so Ben sees Ann.
+    let ann_token = token_granting(nodes[0].addr, "ann", "lobby", lobby.clone()).await?;
+    let (_ann, _, ann_node) = enter_via(
+        &nodes[0].url,
+        &ann_token,
+        json!({"type": "lobby", "name": "Ann"}),
+        "lobby_joined",
+    )
+    .await?;
+    let ben_token = token_granting(nodes[0].addr, "ben", "lobby", lobby.clone()).await?;
+    let (_ben, ben_joined, ben_node) = enter_via(
+        &nodes[1].url,
+        &ben_token,
+        json!({"type": "lobby", "name": "Ben"}),
+        "lobby_joined",
+    )
+    .await?;
+    assert_eq!(ann_node, ben_node, "one node hosts the lobby");
+    let online: Vec<&str> = ben_joined["online"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(online, ["Ann"], "Ben sees Ann online: {ben_joined}");
+
+    // Two strangers looking through different nodes are matched.
+    let cid_token = token_granting(nodes[0].addr, "cid", "strangers", lobby.clone()).await?;
+    let (mut cid, _, cid_node) = enter_via(
+        &nodes[1].url,
+        &cid_token,
+        json!({"type": "find_partner", "name": "Cid"}),
+        "waiting",
+    )
+    .await?;
+    let dee_token = token_granting(nodes[0].addr, "dee", "strangers", lobby).await?;
+    let (mut dee, _, dee_node) = enter_via(
+        &nodes[0].url,
+        &dee_token,
+        json!({"type": "find_partner", "name": "Dee"}),
+        "waiting",
+    )
+    .await?;
+    assert_eq!(cid_node, dee_node, "one node hosts the queue");
+    let matched = support::recv_type(&mut cid, "matched", Duration::from_secs(5)).await?;
+    assert_eq!(matched["name"], "Dee");
+    let matched = support::recv_type(&mut dee, "matched", Duration::from_secs(5)).await?;
+    assert_eq!(matched["name"], "Cid");
     Ok(())
 }

@@ -1,7 +1,7 @@
 // The app's lobby: "Go online", the list of who else is, Call (or, in a call, Invite), a ringing
 // dialog with Accept and Decline (and a ring), "Calling…" with Cancel, and what became of a call
 // in words. An accepted call is joined as any room.
-import { Lobby } from './client.js';
+import { Lobby, tokenGrants } from './client.js';
 
 /**
  * @typedef {object} CallsHooks  What the lobby needs of the app.
@@ -141,7 +141,9 @@ export async function goOnline(name) {
     if (reason !== 'left') hooks.say('You are offline: the connection to the server was lost.');
   });
   try {
-    await current.connect(location.origin, { name });
+    // A server with API keys mints no tokens for pages: the operator's link carries one with
+    // the `lobby` grant.
+    await current.connect(location.origin, { name, token: linkToken('lobby') });
   } catch (err) {
     if (lobby === current) lobby = null;
     hooks.showError(/** @type {any} */ (err));
@@ -232,4 +234,15 @@ function startRing() {
   } catch {
     return { stop: () => {} };
   }
+}
+
+/**
+ * The page link's `?token=` when it grants `grant` (a server with API keys mints no tokens for
+ * pages: the operator's backend puts one in the link).
+ * @param {'lobby'} grant
+ * @returns {string | undefined}
+ */
+export function linkToken(grant) {
+  const token = new URLSearchParams(location.search).get('token');
+  return token && tokenGrants(token)?.[grant] ? token : undefined;
 }

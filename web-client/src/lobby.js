@@ -81,8 +81,16 @@ export class Lobby extends Emitter {
   async #enter() {
     const session = /** @type {{base: URL, name: string, token?: string, timeoutMs: number}} */ (this.#session);
     const token = session.token ?? (await fetchToken(session.base, session.name, 'lobby', { lobby: true }));
-    await this.#socket.open(session.base, token);
-    const joined = await withTimeout(this.#request('lobby', { type: 'lobby', name: session.name }, 'lobby_joined'), session.timeoutMs, 'entering the lobby');
+    let node = session.base;
+    let joined;
+    // In a cluster, one node hosts the lobby: `redirect` says which (3 hops at most).
+    for (let hops = 0; ; hops++) {
+      await this.#socket.open(node, token);
+      joined = await withTimeout(this.#request('lobby', { type: 'lobby', name: session.name }, 'lobby_joined'), session.timeoutMs, 'entering the lobby');
+      if (joined?.type !== 'redirect') break;
+      if (hops >= 3) throw new SwitchboardError('redirect', `more than 3 redirects, the last to ${joined.url}`);
+      node = new URL(String(joined.url), session.base);
+    }
     this.peerId = joined.peerId;
     this.name = joined.name;
     this.people.clear();
@@ -171,6 +179,15 @@ export class Lobby extends Emitter {
   /** @param {any} msg */
   #handle(msg) {
     switch (msg.type) {
+      case 'redirect': {
+        // (cluster) the lobby lives on another node: `#enter` goes there.
+        const waiter = this.#waiting.get('lobby');
+        if (!waiter) break;
+        this.#waiting.delete('lobby');
+        this.#socket.drop(1000);
+        waiter.resolve(msg);
+        break;
+      }
       case 'lobby_joined':
         this.#settle(msg);
         break;

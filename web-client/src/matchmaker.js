@@ -42,7 +42,7 @@ export class Matchmaker extends Emitter {
     failed: (type, err) => console.error(`switchboard: handling \`${type}\` failed`, err),
     invalid: () => console.error('switchboard: the server sent something that is not JSON'),
   });
-  /** Resolves the wait for `waiting` (the first, or after a reconnect). @type {((ok: boolean, err?: Error) => void) | null} */
+  /** Resolves the wait for `waiting` (the first, or after a reconnect), or for a `redirect`. @type {((ok: boolean, err?: Error, redirect?: string) => void) | null} */
   #answered = null;
 
   /**
@@ -96,17 +96,26 @@ export class Matchmaker extends Emitter {
   async #open() {
     const session = /** @type {{base: URL, name: string, token?: string}} */ (this.#session);
     const token = session.token ?? (await fetchToken(session.base, session.name, 'strangers', { lobby: true }));
-    await this.#socket.open(session.base, token);
-    await this.#ask({ type: 'find_partner', name: session.name, ...(this.#resume ? { resume: this.#resume } : {}) });
+    let node = session.base;
+    // In a cluster, one node hosts the queue: `redirect` says which (3 hops at most).
+    for (let hops = 0; ; hops++) {
+      await this.#socket.open(node, token);
+      const redirect = await this.#ask({ type: 'find_partner', name: session.name, ...(this.#resume ? { resume: this.#resume } : {}) });
+      if (!redirect) return;
+      if (hops >= 3) throw new SwitchboardError('redirect', `more than 3 redirects, the last to ${redirect}`);
+      node = new URL(redirect, session.base);
+    }
   }
 
   /**
-   * Sends `msg` and waits for `waiting` (or the `error` answering it).
+   * Sends `msg` and waits for `waiting` (or the `error` answering it); resolves with the URL of
+   * a `redirect` instead (cluster).
    * @param {object} msg
+   * @returns {Promise<string | undefined>}
    */
   #ask(msg) {
     return new Promise((resolve, reject) => {
-      this.#answered = (ok, err) => (ok ? resolve(undefined) : reject(err));
+      this.#answered = (ok, err, redirect) => (ok ? resolve(redirect) : reject(err));
       this.#socket.send(msg);
     });
   }
@@ -114,6 +123,13 @@ export class Matchmaker extends Emitter {
   /** @param {any} msg */
   #handle(msg) {
     switch (msg.type) {
+      case 'redirect':
+        // (cluster) the queue lives on another node: `#open` goes there.
+        if (!this.#answered) break;
+        this.#socket.drop(1000);
+        this.#answered(true, undefined, String(msg.url));
+        this.#answered = null;
+        break;
       case 'waiting':
         this.#stopping = false;
         this.match = null;

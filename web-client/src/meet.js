@@ -1,5 +1,6 @@
 // The app's "Meet someone new": Find, Next and Stop over the server's waiting queue, a pulsing
 // indicator while it waits, and each match joined as a room of two.
+import { linkToken } from './calls.js';
 import { Matchmaker } from './client.js';
 
 /**
@@ -84,7 +85,7 @@ export async function meet(name) {
   }
   said = '';
   try {
-    await finder.find(location.origin, { name });
+    await finder.find(location.origin, { name, token: linkToken('lobby') });
   } catch (err) {
     hooks.showError(/** @type {any} */ (err));
   }

@@ -1,6 +1,7 @@
 // A cluster of three nodes on one redis-server, each node in a network namespace of its own on a
 // shared bridge (loopback-range addresses 127.2.0.1-3, the bridge and Redis on 127.2.0.254),
-// with Chromium pages: both pages enter through node-c (as behind a load balancer) and are
+// with Chromium pages: two people going online through different nodes see each other (one
+// lobby for the cluster); two pages in a call enter through node-c (as behind a load balancer) and are
 // redirected to the node the room was placed on; that node is killed (SIGKILL) mid-call and the
 // pages are back, decoding each other, on a live node; that node is then drained (asked through
 // another node) and the call moves again and goes on. Times are printed. scripts/test installs
@@ -97,12 +98,12 @@ function startNode(index, origins) {
   return { id: `node-${'abc'[index]}`, url, child };
 }
 
-/** @param {string} base @param {string} user @param {string} room */
-async function mint(base, user, room) {
+/** @param {string} base @param {string} user @param {string} room @param {object} [grants] */
+async function mint(base, user, room, grants = {}) {
   const res = await fetch(`${base}/auth/token`, {
     method: 'POST',
     headers: { authorization: BASIC, 'content-type': 'application/json' },
-    body: JSON.stringify({ userId: user, room }),
+    body: JSON.stringify({ userId: user, room, grants }),
   });
   if (!res.ok) throw new Error(`token: ${res.status} ${await res.text()}`);
   return (await res.json()).token;
@@ -148,6 +149,22 @@ run(async () => {
 
   const browser = await launchBrowser();
   void browser;
+  await step('two people online through different nodes see each other: one lobby for the cluster', async () => {
+    const online = async (/** @type {string} */ name, /** @type {string} */ base) => {
+      const token = await mint(base, name.toLowerCase(), 'lobby', { lobby: true });
+      return openPage(`cluster-${name}`, base, `${base}/?name=${name}&lobby=1&token=${token}`);
+    };
+    const eve = await online('Eve', entry);
+    const fay = await online('Fay', nodes[0].url);
+    const names = (/** @type {import('playwright-core').Page} */ page) =>
+      page.waitForFunction(() => document.querySelectorAll('#online-list li').length === 1, null, { timeout: 15_000 })
+        .then(() => page.$$eval('#online-list li span', (items) => items.map((s) => s.textContent ?? '')))
+        .catch(() => []);
+    const [seenByEve, seenByFay] = await Promise.all([names(eve), names(fay)]);
+    check('Eve (through node-c) sees Fay (through node-a) online, and Fay sees Eve', seenByEve.join() === 'Fay' && seenByFay.join() === 'Eve', `${seenByEve} / ${seenByFay}`);
+    await eve.context().close();
+    await fay.context().close();
+  });
   const ann = await openPage('cluster-ann', entry, `${entry}/?room=Standup&name=Ann&autojoin=1&token=${await mint(entry, 'ann', 'Standup')}`);
   const ben = await openPage('cluster-ben', entry, `${entry}/?room=Standup&name=Ben&autojoin=1&token=${await mint(entry, 'ben', 'Standup')}`);
   let host = '';
