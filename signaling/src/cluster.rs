@@ -589,21 +589,23 @@ impl Cluster {
         self.move_rooms().await;
     }
 
+    /// Tells everyone in `room` to rejoin at `url`, counting them.
+    fn move_room(&self, room: &str, url: &str) {
+        let told = self.inner.rooms.move_room(room, url);
+        self.inner
+            .counters
+            .moved
+            .fetch_add(told as u64, Ordering::Relaxed);
+    }
+
     /// Tells the participants of each room here where it is placed now (draining).
     async fn move_rooms(&self) {
-        let registry = &self.inner.rooms;
-        for room in registry.rooms() {
+        for room in self.inner.rooms.rooms() {
             if room.member_count() == 0 {
                 continue;
             }
             match self.claim(room_key(room.name()), true).await {
-                Ok(Some((_, url))) => {
-                    let told = registry.move_room(room.name(), &url);
-                    self.inner
-                        .counters
-                        .moved
-                        .fetch_add(told as u64, Ordering::Relaxed);
-                }
+                Ok(Some((_, url))) => self.move_room(room.name(), &url),
                 Ok(None) => tracing::debug!(room = room.name(), "no other node takes the room"),
                 Err(_) => return,
             }
@@ -768,11 +770,7 @@ impl Cluster {
                 match index.checked_sub(1).and_then(|i| claims.get(i)) {
                     Some((_, Some(room))) => {
                         tracing::warn!(room = room.name(), %url, "another node owns this room now: moving its participants there");
-                        let told = self.inner.rooms.move_room(room.name(), &url);
-                        self.inner
-                            .counters
-                            .moved
-                            .fetch_add(told as u64, Ordering::Relaxed);
+                        self.move_room(room.name(), &url);
                     }
                     // Two lobbies (or queues) until this one empties: people here reconnect
                     // to the other when they next come back.

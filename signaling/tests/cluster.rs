@@ -142,7 +142,8 @@ async fn get_json(addr: SocketAddr, path: &str) -> Result<Value> {
         .await?)
 }
 
-/// Where a join ended up: the socket that got `joined`, the message, and the node's URL.
+/// Where a client landed: the socket that got the awaited reply, the reply, the node's URL and
+/// the redirects followed to get there.
 struct Landed {
     ws: Ws,
     joined: Value,
@@ -152,6 +153,18 @@ struct Landed {
 
 /// What a client does: opens a socket at `entry`, joins, and follows `redirect` (3 hops at most).
 async fn join_via(entry: &str, token: &str, name: &str) -> Result<Landed> {
+    enter_via(
+        entry,
+        token,
+        json!({"type": "join", "name": name}),
+        "joined",
+    )
+    .await
+}
+
+/// Sends `first` (`join`, `lobby` or `find_partner`) through `entry`, following `redirect` (3
+/// hops at most), until the reply is `expect`.
+async fn enter_via(entry: &str, token: &str, first: Value, expect: &str) -> Result<Landed> {
     let mut url = entry.to_owned();
     for redirects in 0..4 {
         let ws_url = format!("{}/ws/signal?token={token}", url.replacen("http", "ws", 1));
@@ -161,50 +174,23 @@ async fn join_via(entry: &str, token: &str, name: &str) -> Result<Landed> {
         )
         .await
         .context("connecting")??;
-        send(&mut ws, json!({"type": "join", "name": name})).await?;
-        let reply = recv(&mut ws, Duration::from_secs(5)).await?;
-        match reply["type"].as_str() {
-            Some("joined") => {
-                return Ok(Landed {
-                    ws,
-                    joined: reply,
-                    url,
-                    redirects,
-                });
-            }
-            Some("redirect") => {
-                url = reply["url"]
-                    .as_str()
-                    .ok_or_else(|| anyhow!("redirect without url: {reply}"))?
-                    .to_owned();
-            }
-            _ => bail!("join refused: {reply}"),
-        }
-    }
-    bail!("more than 3 redirects")
-}
-
-/// Sends `first` (a `lobby` or `find_partner`) through `entry`, following `redirect`, until the
-/// reply is `expect`; returns the socket, the reply and the node's URL.
-async fn enter_via(
-    entry: &str,
-    token: &str,
-    first: Value,
-    expect: &str,
-) -> Result<(Ws, Value, String)> {
-    let mut url = entry.to_owned();
-    for _ in 0..4 {
-        let ws_url = format!("{}/ws/signal?token={token}", url.replacen("http", "ws", 1));
-        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await?;
         send(&mut ws, first.clone()).await?;
         let reply = recv(&mut ws, Duration::from_secs(5)).await?;
         if reply["type"] == expect {
-            return Ok((ws, reply, url));
+            return Ok(Landed {
+                ws,
+                joined: reply,
+                url,
+                redirects,
+            });
         }
         if reply["type"] != "redirect" {
             bail!("refused: {reply}");
         }
-        url = reply["url"].as_str().unwrap_or_default().to_owned();
+        url = reply["url"]
+            .as_str()
+            .ok_or_else(|| anyhow!("redirect without url: {reply}"))?
+            .to_owned();
     }
     bail!("more than 3 redirects")
 }
@@ -498,7 +484,12 @@ async fn the_lobby_and_the_waiting_queue_are_one_for_the_whole_cluster() -> Resu
 
     // Ann goes online through node-0, Ben through node-1: one lobby, so Ben sees Ann.
     let ann_token = token_granting(nodes[0].addr, "ann", "lobby", lobby.clone()).await?;
-    let (_ann, _, ann_node) = enter_via(
+    // The sockets stay bound: dropping one would take its person offline.
+    let Landed {
+        ws: _ann,
+        url: ann_node,
+        ..
+    } = enter_via(
         &nodes[0].url,
         &ann_token,
         json!({"type": "lobby", "name": "Ann"}),
@@ -506,7 +497,12 @@ async fn the_lobby_and_the_waiting_queue_are_one_for_the_whole_cluster() -> Resu
     )
     .await?;
     let ben_token = token_granting(nodes[0].addr, "ben", "lobby", lobby.clone()).await?;
-    let (_ben, ben_joined, ben_node) = enter_via(
+    let Landed {
+        ws: _ben,
+        joined: ben_joined,
+        url: ben_node,
+        ..
+    } = enter_via(
         &nodes[1].url,
         &ben_token,
         json!({"type": "lobby", "name": "Ben"}),
@@ -524,7 +520,11 @@ async fn the_lobby_and_the_waiting_queue_are_one_for_the_whole_cluster() -> Resu
 
     // Two strangers looking through different nodes are matched.
     let cid_token = token_granting(nodes[0].addr, "cid", "strangers", lobby.clone()).await?;
-    let (mut cid, _, cid_node) = enter_via(
+    let Landed {
+        ws: mut cid,
+        url: cid_node,
+        ..
+    } = enter_via(
         &nodes[1].url,
         &cid_token,
         json!({"type": "find_partner", "name": "Cid"}),
@@ -532,7 +532,11 @@ async fn the_lobby_and_the_waiting_queue_are_one_for_the_whole_cluster() -> Resu
     )
     .await?;
     let dee_token = token_granting(nodes[0].addr, "dee", "strangers", lobby).await?;
-    let (mut dee, _, dee_node) = enter_via(
+    let Landed {
+        ws: mut dee,
+        url: dee_node,
+        ..
+    } = enter_via(
         &nodes[0].url,
         &dee_token,
         json!({"type": "find_partner", "name": "Dee"}),
