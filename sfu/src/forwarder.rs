@@ -283,10 +283,10 @@ pub struct SentPacket {
 pub enum Resend {
     /// Send it again.
     Now,
-    /// Not now: it is padding, a copy is already on its way ([`RESEND_INTERVAL`]), or it was
-    /// sent again [`MAX_RESENDS`] times already.
+    /// Not now: it is padding, or a copy is already on its way ([`RESEND_INTERVAL`]).
     Skip,
-    /// Never: it is older than [`MAX_RESEND_AGE`], and only a keyframe repairs the picture.
+    /// Never: it is older than [`MAX_RESEND_AGE`], or still missing after [`MAX_RESENDS`]
+    /// copies, and only a keyframe repairs the picture.
     TooOld,
 }
 
@@ -425,12 +425,17 @@ impl Forwarder {
         {
             return Resend::TooOld;
         }
-        if sent.resends >= MAX_RESENDS
-            || sent
-                .resent_at
-                .is_some_and(|at| now.saturating_duration_since(at) < RESEND_INTERVAL)
+        if sent
+            .resent_at
+            .is_some_and(|at| now.saturating_duration_since(at) < RESEND_INTERVAL)
         {
             return Resend::Skip;
+        }
+        // Asked for again after every copy had time to arrive: the link keeps losing it, and
+        // waiting for it to be a second old before asking for a keyframe froze the picture
+        // for longer than that (measured on the shaped rig: 1.3 s).
+        if sent.resends >= MAX_RESENDS {
+            return Resend::TooOld;
         }
         sent.resent_at = Some(now);
         sent.resends += 1;
@@ -969,9 +974,14 @@ mod tests {
         );
         assert_eq!(forwarder.resend(after, now + RESEND_INTERVAL), Resend::Now);
         assert_eq!(
-            forwarder.resend(after, now + RESEND_INTERVAL * 2),
+            forwarder.resend(after, now + RESEND_INTERVAL + RESEND_INTERVAL / 2),
             Resend::Skip,
-            "nor a third time"
+            "the second copy is on its way"
+        );
+        assert_eq!(
+            forwarder.resend(after, now + RESEND_INTERVAL * 2),
+            Resend::TooOld,
+            "missing after two copies: not a third, a keyframe repairs it"
         );
         assert_eq!(
             forwarder.resend(after, now + MAX_RESEND_AGE * 2),

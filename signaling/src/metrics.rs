@@ -215,7 +215,7 @@ fn media_rows(state: &AppState) -> Vec<Row> {
         (
             Kind::Counter,
             "nack_too_old",
-            "NACKed packets first sent over a second before (a keyframe is asked for instead)",
+            "NACKed packets first sent over a second before or resent twice already (a keyframe is asked for instead)",
             stats.nack_too_old,
         ),
         (

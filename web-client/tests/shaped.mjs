@@ -92,6 +92,40 @@ function showOnStage(stage) {
   return room.participants.size;
 }
 
+/**
+ * In a subscriber's page: from now on, the longest time each remote camera went without a new
+ * decoded frame (what a person sees as the picture stopping), polled every 50 ms. Chromium's
+ * `totalFreezesDuration` sums every short stall; the issue's limit is on any one freeze.
+ */
+function watchFrameGaps() {
+  const w = /** @type {any} */ (window);
+  const room = w.__room;
+  /** @type {Map<string, {frames: number, at: number, longest: number}>} */
+  const gaps = new Map();
+  w.__frameGaps = gaps;
+  w.__frameGapTimer = setInterval(async () => {
+    const now = performance.now();
+    for (const p of room.participants.values()) {
+      for (const t of p.tracks.values()) {
+        if (t.kind !== 'video') continue;
+        let frames = 0;
+        for (const s of (await t.receiver.getStats()).values()) if (s.type === 'inbound-rtp') frames = s.framesDecoded ?? 0;
+        const g = gaps.get(p.name);
+        if (!g) gaps.set(p.name, { frames, at: now, longest: 0 });
+        else if (frames !== g.frames) Object.assign(g, { frames, at: now });
+        else g.longest = Math.max(g.longest, now - g.at);
+      }
+    }
+  }, 50);
+}
+
+/** In a subscriber's page: the longest gap between decoded frames per camera, since watching began. */
+function frameGaps() {
+  const w = /** @type {any} */ (window);
+  clearInterval(w.__frameGapTimer);
+  return Object.fromEntries([...w.__frameGaps].map(([name, g]) => [name, Math.round(g.longest)]));
+}
+
 /** In a subscriber's page: what it receives now, per remote track. */
 async function sample() {
   const room = /** @type {any} */ (window).__room;
@@ -235,6 +269,7 @@ async function main() {
     /** @type {Record<string, number>} */
     let countersBefore = {};
     const settling = sleep(5000).then(async () => {
+      await dave.evaluate(watchFrameGaps);
       linkBefore = linkStats();
       countersBefore = await serverCounters(base);
     });
@@ -259,6 +294,9 @@ async function main() {
       return b - a;
     });
     await settling;
+    /** @type {Record<string, number>} */
+    const gaps = await dave.evaluate(frameGaps);
+    const longestFreezes = sent.map((n) => gaps[n] ?? Infinity);
     const linkAfter = linkStats();
     const linkDropPercent = (100 * (linkAfter.dropped - linkBefore.dropped)) / Math.max(1, linkAfter.sent - linkBefore.sent + linkAfter.dropped - linkBefore.dropped);
     const counters = counterDelta(countersBefore, await serverCounters(base));
@@ -266,11 +304,11 @@ async function main() {
     // step): where it settles is the middle of the settled window, not its last second.
     const estimates = settled.map((s) => s.estimate).sort((a, b) => a - b);
     const medianEstimate = estimates[Math.floor(estimates.length / 2)];
-    report({ shaped: 'slow_link', kbps: received, linkDropPercent, counters, estimate: medianEstimate, estimateRange: [estimates[0], estimates.at(-1)], audioLossPercent: loss, widths: widths(last, publishers), allocations: last.allocations, keptSending: sent, frozenSeconds: frozen, events: events.map((e) => `${e.name}:${e.state}@${Math.round(e.at)}`) });
+    report({ shaped: 'slow_link', kbps: received, linkDropPercent, counters, estimate: medianEstimate, estimateRange: [estimates[0], estimates.at(-1)], audioLossPercent: loss, widths: widths(last, publishers), allocations: last.allocations, keptSending: sent, longestFreezeMs: longestFreezes, frozenSecondsInAll: frozen, events: events.map((e) => `${e.name}:${e.state}@${Math.round(e.at)}`) });
     check('the shaped subscriber hears every microphone with under 2 % loss', last.audios.length >= 2 && loss < 2, `${loss.toFixed(2)} % at worst over ${last.audios.length} microphones`);
     check('its videos are lowered or paused for the link', last.allocations.length > 0 && widths(last, publishers).every((w) => w < 640), `${JSON.stringify(last.allocations)}, widths ${widths(last, publishers)}`);
     check('the video on its stage is never paused after its first 5 s', sent.includes(STAGE), `${STAGE}: ${events.filter((e) => e.name === STAGE).map((e) => `${e.state}@${Math.round(e.at)}`).join(', ') || 'never changed'}`);
-    check('after its first 5 s, no video it keeps receiving freezes for more than 1 s in all', sent.length > 0 && frozen.every((s) => s <= 1), `${sent.map((n, i) => `${n} ${frozen[i].toFixed(2)} s`).join(', ') || 'every video paused at some time'}`);
+    check('after its first 5 s, no video it keeps receiving freezes for longer than 1 s', sent.length > 0 && longestFreezes.every((ms) => ms <= 1000), `${sent.map((n, i) => `${n}: longest ${longestFreezes[i]} ms, ${frozen[i].toFixed(2)} s frozen in all`).join('; ') || 'every video paused at some time'}`);
     check('its estimate settles within 30 % of the 600 kbit/s link', medianEstimate >= 420_000 && medianEstimate <= 780_000, `median ${Math.round(medianEstimate / 1000)} kbit/s over the settled 20 s (${Math.round(estimates[0] / 1000)}-${Math.round(estimates.at(-1) / 1000)}), ${received} kbit/s received`);
   });
 
