@@ -3,8 +3,8 @@
 //! client sends).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
@@ -16,6 +16,13 @@ use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
 use std::sync::atomic::AtomicU64 as Estimate;
+
+/// Transport-wide feedback on its way from the feedback interceptor to the engine's estimator.
+pub type TransportFeedback = Arc<Mutex<Vec<TransportLayerCc>>>;
+
+/// Most feedback packets held for the engine: it takes them within milliseconds, so more
+/// means the engine is stalled, and the oldest are worth least.
+const MAX_PENDING_FEEDBACK: usize = 64;
 
 /// Inbound RTCP on a subscribe connection stops inside the interceptor chain (where reports are
 /// read) unless an interceptor marks it for the application. This one, placed last, marks PLI
@@ -30,17 +37,19 @@ pub struct FeedbackInterceptor {
     source: EstimateSource,
     /// Set while the estimate is the subscriber's REMB.
     from_remb: Option<Arc<AtomicBool>>,
+    /// Where transport-wide feedback goes, for the engine's estimator.
+    transport_feedback: Option<TransportFeedback>,
 }
 
 /// Where a connection's estimate comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum EstimateSource {
-    /// The congestion controller below, until feedback says otherwise.
-    Controller,
+    /// Neither yet: the engine's estimator, once transport-wide feedback comes.
+    Undecided,
     /// The subscriber's REMB: it sent REMB and no transport-wide feedback, so the controller
     /// has nothing to go on (a client that negotiated only `goog-remb`).
     Remb,
-    /// The congestion controller, on the subscriber's transport-wide feedback: from then on
+    /// The engine's estimator, on the subscriber's transport-wide feedback: from then on
     /// REMB is ignored (a client may send both; the send-side estimate sees more).
     Twcc,
 }
@@ -59,9 +68,17 @@ impl FeedbackInterceptor {
             write_queue: VecDeque::new(),
             nacks,
             estimate: None,
-            source: EstimateSource::Controller,
+            source: EstimateSource::Undecided,
             from_remb: None,
+            transport_feedback: None,
         }
+    }
+
+    /// Also hands the subscriber's transport-wide feedback to `mailbox`, for the engine's
+    /// estimator ([`crate::transport_cc`]).
+    pub fn with_transport_feedback(mut self, mailbox: TransportFeedback) -> Self {
+        self.transport_feedback = Some(mailbox);
+        self
     }
 
     /// Also sets `from_remb` while the estimate is the subscriber's REMB (probing the link then
@@ -71,9 +88,9 @@ impl FeedbackInterceptor {
         self
     }
 
-    /// Also keeps the connection's bandwidth estimate (bits per second) in `estimate`: as the
-    /// congestion controller below it announces it, or, from a subscriber that sends REMB and
-    /// no transport-wide feedback, as its REMB says.
+    /// Also keeps the connection's bandwidth estimate (bits per second) in `estimate` from a
+    /// subscriber that sends REMB and no transport-wide feedback, as its REMB says. (With
+    /// transport-wide feedback, the engine's estimator keeps it.)
     pub fn with_estimate(mut self, estimate: Arc<Estimate>) -> Self {
         self.estimate = Some(estimate);
         self
@@ -97,8 +114,16 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackInterceptor {
             if let Packet::Rtcp(packets) = &msg.message.packet {
                 for packet in packets {
                     let any = packet.as_any();
-                    if any.is::<TransportLayerCc>() {
+                    if let Some(feedback) = any.downcast_ref::<TransportLayerCc>() {
                         self.source = EstimateSource::Twcc;
+                        if let Some(mailbox) = &self.transport_feedback
+                            && let Ok(mut pending) = mailbox.lock()
+                        {
+                            if pending.len() >= MAX_PENDING_FEEDBACK {
+                                pending.remove(0);
+                            }
+                            pending.push(feedback.clone());
+                        }
                     } else if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>()
                         && self.source != EstimateSource::Twcc
                     {
@@ -110,13 +135,6 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackInterceptor {
             }
             if let Some(from_remb) = &self.from_remb {
                 from_remb.store(self.source == EstimateSource::Remb, Ordering::Relaxed);
-            }
-            if self.source != EstimateSource::Remb {
-                for attribute in &msg.message.attributes {
-                    if let Attribute::TargetBitrateChanged { bits_per_second } = attribute {
-                        estimate.store(*bits_per_second as u64, Ordering::Relaxed);
-                    }
-                }
             }
         }
         if let Packet::Rtcp(packets) = &msg.message.packet {

@@ -38,6 +38,7 @@ pub mod keyframe;
 pub mod layers;
 pub mod relay;
 mod transport;
+mod transport_cc;
 pub mod vp8;
 
 use std::collections::HashMap;

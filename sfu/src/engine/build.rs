@@ -1,13 +1,12 @@
-//! Building a connection: codecs, header extensions, interceptors (for a subscriber TWCC,
-//! sender reports and congestion control; for a publisher NACKs, receiver reports and TWCC
-//! feedback), ICE credentials and a host candidate on the shared socket.
+//! Building a connection: codecs, header extensions, interceptors (for a subscriber sender
+//! reports and its feedback; for a publisher NACKs, receiver reports and TWCC feedback), ICE
+//! credentials and a host candidate on the shared socket. A subscriber's transport-wide
+//! congestion control is the engine's own ([`crate::transport_cc`]), not an interceptor.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use rtc::interceptor::{
-    CongestionControlBuilder, Registry, SenderReportBuilder, Slot, TwccSenderBuilder,
-};
+use rtc::interceptor::{Registry, SenderReportBuilder, Slot};
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
@@ -21,7 +20,6 @@ use rtc::rtp_transceiver::rtp_sender::{
 use super::{Bandwidth, Engine, IceCredentials};
 use crate::SfuError;
 use crate::connection::ice_settings;
-use crate::estimator::{Estimator, INITIAL_ESTIMATE, MAX_ESTIMATE, MIN_ESTIMATE};
 use crate::feedback::FeedbackInterceptor;
 
 impl Engine {
@@ -42,20 +40,20 @@ impl Engine {
         // Sender reports (the server receives nothing here, so it has nothing to report on,
         // and every interceptor is a copy of each packet); NACKs are answered by the fanout
         // from one cache per publication, through the feedback interceptor.
-        let mut registry = Registry::new()
+        let registry = Registry::new()
             .with(Slot::SenderReport, SenderReportBuilder::new().build())
             .with(
                 Slot::from(14_000),
                 FeedbackInterceptor::new(self.nacks.clone())
                     .with_estimate(bandwidth.estimate.clone())
-                    .with_remb_flag(bandwidth.from_remb.clone()),
+                    .with_remb_flag(bandwidth.from_remb.clone())
+                    .with_transport_feedback(bandwidth.transport_feedback.clone()),
             );
         if self.config.bandwidth_estimation {
             // Transport-wide congestion control feedback (TWCC) from the subscriber, for the
-            // estimate of what its network carries: transport-wide sequence numbers on what
-            // leaves, and our estimator on the feedback (crate::estimator), without rtc's pacer:
-            // the engine paces each subscriber itself. The feedback interceptor keeps the
-            // estimate.
+            // estimate of what its network carries: the engine numbers what leaves and runs
+            // the estimator on the feedback (crate::transport_cc); the feedback interceptor
+            // hands the feedback over.
             for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
                 engine.register_feedback(
                     RTCPFeedback {
@@ -67,25 +65,13 @@ impl Engine {
                 engine
                     .register_header_extension(
                         RTCRtpHeaderExtensionCapability {
-                            uri: crate::forwarder::TRANSPORT_SCOPED_EXTENSIONS[0].to_owned(),
+                            uri: crate::transport_cc::TRANSPORT_CC_URI.to_owned(),
                         },
                         kind,
                         None,
                     )
                     .map_err(SfuError::WebRtc)?;
             }
-            registry = registry
-                .with(Slot::TwccSender, TwccSenderBuilder::new().build())
-                .with(
-                    Slot::CongestionControl,
-                    CongestionControlBuilder::new(Estimator::new(
-                        INITIAL_ESTIMATE as f64,
-                        MIN_ESTIMATE as f64,
-                        MAX_ESTIMATE as f64,
-                        bandwidth.probes.clone(),
-                    ))
-                    .build(),
-                );
         }
         let pc = self.finish(engine, registry, &credentials)?;
         let bandwidth = self.config.bandwidth_estimation.then_some(bandwidth);

@@ -38,6 +38,7 @@ use tracing::Instrument;
 use crate::admission::{Backlog, MediaSender};
 use crate::estimator::ProbeLog;
 use crate::exchange::{ConnId, FeedbackRoute, PublishSink, Upstream};
+use crate::feedback::TransportFeedback;
 use crate::ids::ParticipantId;
 use crate::{SfuConfig, SfuError, SfuEvent};
 
@@ -99,6 +100,10 @@ pub(crate) struct Bandwidth {
     pub(crate) pace_estimate: AtomicU64,
     /// Probe clusters sent, for the estimator to measure.
     pub(crate) probes: Arc<ProbeLog>,
+    /// Transport-wide feedback the subscriber sent, waiting for the engine's estimator: the
+    /// feedback interceptor puts it here, the engine takes it when it next pumps the
+    /// connection (a few times a second per subscriber, never per packet).
+    pub(crate) transport_feedback: TransportFeedback,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, SfuError>>;

@@ -35,12 +35,14 @@ use super::{
 };
 use crate::admission::{Backlog, MediaBatch, ROUND_COPIES};
 use crate::connection::TransportKind;
+use crate::estimator::{Estimator, INITIAL_ESTIMATE, MAX_ESTIMATE, MIN_ESTIMATE};
 use crate::exchange::{Class, ConnId, FeedbackRoute, Outgoing, SubscriberFeedback};
 use crate::ids::ParticipantId;
 use crate::relay::{
     Delivery, Notice, RELAY_BUFFER_BYTES, RELAY_CHANNEL, RelayBudget, RelayedData, open_envelope,
     seal_envelope,
 };
+use crate::transport_cc::{TRANSPORT_CC_URI, TransportCc};
 use crate::{SfuError, SfuEvent};
 
 pub(super) struct Conn {
@@ -65,6 +67,8 @@ pub(super) struct Conn {
     /// credentials, and the client's early connectivity checks (it retransmits them) are dropped.
     pub(super) answered: bool,
     pub(super) bandwidth: Option<Arc<Bandwidth>>,
+    /// A subscriber's transport-wide numbering and estimator, when it estimates bandwidth.
+    pub(super) transport_cc: Option<TransportCc>,
     pub(super) pacer: Pacer,
     /// A publish connection's tracks: where each one's packets go.
     pub(super) publish: Option<PublishTracks>,
@@ -109,6 +113,10 @@ impl Conn {
         now: Instant,
         out: &mut Outbox<'_>,
     ) -> bool {
+        let mut packet = packet;
+        if let Some(transport_cc) = &mut self.transport_cc {
+            transport_cc.stamp(&mut packet, now);
+        }
         let written = match self.pc.rtp_sender(sender) {
             Some(mut sender) => sender.write_rtp(now, packet).is_ok(),
             None => false,
@@ -437,6 +445,9 @@ impl EngineLoop {
                         });
                         types.push(payload_type);
                     }
+                    if let Some(transport_cc) = &mut c.transport_cc {
+                        transport_cc.negotiated(transport_cc_extension(&mut c.pc));
+                    }
                     Ok(types)
                 });
                 let _ = reply.send(result);
@@ -514,6 +525,15 @@ impl EngineLoop {
                 failed: false,
                 connected: false,
                 answered: false,
+                transport_cc: bandwidth.as_ref().map(|bandwidth| {
+                    let estimator = Estimator::new(
+                        INITIAL_ESTIMATE as f64,
+                        MIN_ESTIMATE as f64,
+                        MAX_ESTIMATE as f64,
+                        bandwidth.probes.clone(),
+                    );
+                    TransportCc::new(estimator, Instant::now())
+                }),
                 bandwidth,
                 pacer: Pacer::default(),
                 publish,
@@ -777,6 +797,7 @@ impl EngineLoop {
                 _ => {}
             }
         }
+        conn.estimate();
         while let Some(message) = conn.pc.poll_read() {
             match message.message {
                 RTCMessage::RtpPacket(track_id, packet) => {
@@ -804,7 +825,57 @@ impl EngineLoop {
     }
 }
 
+/// The transport-wide sequence number extension's id, when every stream the subscriber
+/// answered for negotiated it (0 otherwise): `rtc` refuses a packet carrying an extension its
+/// stream did not negotiate, so numbering only some streams' packets would drop the others.
+fn transport_cc_extension(pc: &mut RTCPeerConnection) -> u8 {
+    let ids: Vec<_> = pc.get_transceivers().collect();
+    let mut found = None;
+    for id in ids {
+        let Some(sender) = pc.rtp_transceiver(id).and_then(|t| t.sender()) else {
+            continue;
+        };
+        let Some(mut sender) = pc.rtp_sender(sender) else {
+            continue;
+        };
+        let extension = sender
+            .get_parameters()
+            .rtp_parameters
+            .header_extensions
+            .iter()
+            .find(|extension| extension.uri == TRANSPORT_CC_URI)
+            .map(|extension| extension.id);
+        match (extension, found) {
+            (Some(id), None) => found = Some(id),
+            (Some(id), Some(known)) if id == known => {}
+            _ => return 0,
+        }
+    }
+    found.and_then(|id| u8::try_from(id).ok()).unwrap_or(0)
+}
+
 impl Conn {
+    /// Runs the estimator on the transport-wide feedback the subscriber sent since last time,
+    /// and keeps the estimate (unless it comes from the subscriber's REMB).
+    fn estimate(&mut self) {
+        let (Some(transport_cc), Some(bandwidth)) = (&mut self.transport_cc, &self.bandwidth)
+        else {
+            return;
+        };
+        let pending = match bandwidth.transport_feedback.lock() {
+            Ok(mut pending) if !pending.is_empty() => std::mem::take(&mut *pending),
+            _ => return,
+        };
+        let now = Instant::now();
+        for feedback in &pending {
+            if let Some(estimate) = transport_cc.on_feedback(feedback, now)
+                && !bandwidth.from_remb.load(Ordering::Relaxed)
+            {
+                bandwidth.estimate.store(estimate, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// A data channel opened or closed. A publish connection serves one relay channel; any
     /// other channel is closed (and counted), so a client cannot make the server keep many.
     fn channel_event(&mut self, event: RTCDataChannelEvent, stats: &EngineStats) {
