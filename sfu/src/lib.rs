@@ -37,6 +37,7 @@ mod ids;
 pub mod keyframe;
 pub mod layers;
 pub mod relay;
+mod sender_reports;
 mod transport;
 mod transport_cc;
 pub mod vp8;

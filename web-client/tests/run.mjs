@@ -55,6 +55,16 @@ function installStatsHelper() {
       const name = room.participants.get(sub.peerId).name;
       const report = await transceiver.receiver.getStats();
       for (const s of report.values()) {
+        if (s.type === 'remote-outbound-rtp') {
+          // What the server's sender reports said: the stream's count and its wall clock.
+          out[name] ??= { peerId: sub.peerId };
+          out[name][`${s.kind}Reports`] = {
+            reportsSent: s.reportsSent ?? 0,
+            packetsSent: s.packetsSent ?? 0,
+            clockOffsetMs: (s.remoteTimestamp ?? 0) - Date.now(),
+          };
+          continue;
+        }
         if (s.type !== 'inbound-rtp') continue;
         out[name] ??= { peerId: sub.peerId };
         out[name][s.kind] = {
@@ -254,6 +264,23 @@ async function main() {
         !!a0 && !!a1 && a1.packetsReceived > a0.packetsReceived,
         a1 ? `packetsReceived ${a0?.packetsReceived} -> ${a1.packetsReceived}` : 'no inbound-rtp',
       );
+      if (i === 0) {
+        // Sender reports line each stream up with the server's wall clock (lip sync): each
+        // must have arrived, counted what was sent, and carry a wall clock within 5 s of now.
+        const reports = ['audio', 'video'].map((kind) => [kind, after[remote]?.[`${kind}Reports`]]);
+        check(
+          `${names[i]} gets sender reports for ${remote}'s audio and video`,
+          reports.every(
+            ([kind, r]) =>
+              r &&
+              r.reportsSent >= 1 &&
+              r.packetsSent > 0 &&
+              r.packetsSent <= after[remote]?.[kind]?.packetsReceived * 1.1 + 10 &&
+              Math.abs(r.clockOffsetMs) < 5000,
+          ),
+          JSON.stringify(Object.fromEntries(reports)),
+        );
+      }
     }
   });
 

@@ -1,12 +1,13 @@
-//! Building a connection: codecs, header extensions, interceptors (for a subscriber sender
-//! reports and its feedback; for a publisher NACKs, receiver reports and TWCC feedback), ICE
-//! credentials and a host candidate on the shared socket. A subscriber's transport-wide
-//! congestion control is the engine's own ([`crate::transport_cc`]), not an interceptor.
+//! Building a connection: codecs, header extensions, interceptors (for a subscriber the one
+//! that hands its feedback over; for a publisher NACKs, receiver reports and TWCC feedback),
+//! ICE credentials and a host candidate on the shared socket. A subscriber's sender reports and
+//! transport-wide congestion control are the engine's own ([`crate::sender_reports`],
+//! [`crate::transport_cc`]), not interceptors.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use rtc::interceptor::{Registry, SenderReportBuilder, Slot};
+use rtc::interceptor::{Registry, Slot};
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
@@ -37,18 +38,17 @@ impl Engine {
         let mut engine = MediaEngine::default();
         engine.register_default_codecs().map_err(SfuError::WebRtc)?;
         let bandwidth = Arc::new(Bandwidth::default());
-        // Sender reports (the server receives nothing here, so it has nothing to report on,
-        // and every interceptor is a copy of each packet); NACKs are answered by the fanout
-        // from one cache per publication, through the feedback interceptor.
-        let registry = Registry::new()
-            .with(Slot::SenderReport, SenderReportBuilder::new().build())
-            .with(
-                Slot::from(14_000),
-                FeedbackInterceptor::new(self.nacks.clone())
-                    .with_estimate(bandwidth.estimate.clone())
-                    .with_remb_flag(bandwidth.from_remb.clone())
-                    .with_transport_feedback(bandwidth.transport_feedback.clone()),
-            );
+        // Only the feedback interceptor: every interceptor is a queue each packet moves
+        // through, so the engine writes sender reports itself (crate::sender_reports), there
+        // are no receiver reports (nothing is received here), and NACKs are answered by the
+        // fanout from one cache per publication.
+        let registry = Registry::new().with(
+            Slot::from(14_000),
+            FeedbackInterceptor::new(self.nacks.clone())
+                .with_estimate(bandwidth.estimate.clone())
+                .with_remb_flag(bandwidth.from_remb.clone())
+                .with_transport_feedback(bandwidth.transport_feedback.clone()),
+        );
         if self.config.bandwidth_estimation {
             // Transport-wide congestion control feedback (TWCC) from the subscriber, for the
             // estimate of what its network carries: the engine numbers what leaves and runs

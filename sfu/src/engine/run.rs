@@ -19,6 +19,7 @@ use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp;
 use rtc::rtp_transceiver::{RTCRtpSenderId, RTCRtpTransceiverDirection};
@@ -42,6 +43,7 @@ use crate::relay::{
     Delivery, Notice, RELAY_BUFFER_BYTES, RELAY_CHANNEL, RelayBudget, RelayedData, open_envelope,
     seal_envelope,
 };
+use crate::sender_reports::SenderReports;
 use crate::transport_cc::{TRANSPORT_CC_URI, TransportCc};
 use crate::{SfuError, SfuEvent};
 
@@ -69,6 +71,8 @@ pub(super) struct Conn {
     pub(super) bandwidth: Option<Arc<Bandwidth>>,
     /// A subscriber's transport-wide numbering and estimator, when it estimates bandwidth.
     pub(super) transport_cc: Option<TransportCc>,
+    /// A subscriber's sender reports.
+    pub(super) sender_reports: Option<SenderReports>,
     pub(super) pacer: Pacer,
     /// A publish connection's tracks: where each one's packets go.
     pub(super) publish: Option<PublishTracks>,
@@ -116,6 +120,19 @@ impl Conn {
         let mut packet = packet;
         if let Some(transport_cc) = &mut self.transport_cc {
             transport_cc.stamp(&mut packet, now);
+        }
+        if let Some(reports) = &mut self.sender_reports {
+            let pc = &mut self.pc;
+            reports.on_sent(sender, &packet, now, || {
+                let payload_type = packet.header.payload_type;
+                pc.rtp_sender(sender)?
+                    .get_parameters()
+                    .rtp_parameters
+                    .codecs
+                    .iter()
+                    .find(|codec| codec.payload_type == payload_type)
+                    .map(|codec| codec.rtp_codec.clock_rate)
+            });
         }
         let written = match self.pc.rtp_sender(sender) {
             Some(mut sender) => sender.write_rtp(now, packet).is_ok(),
@@ -259,7 +276,7 @@ impl EngineLoop {
             let now = Instant::now();
             if now >= next_housekeeping {
                 for conn in self.conns.values_mut() {
-                    conn.deadline = conn.pc.poll_timeout();
+                    conn.deadline = conn.next_deadline();
                 }
                 next_housekeeping = now + HOUSEKEEPING;
             }
@@ -311,11 +328,13 @@ impl EngineLoop {
             .filter(|(_, conn)| conn.deadline.is_some_and(|d| d <= now))
             .map(|(id, _)| *id)
             .collect();
+        let mut reports = Vec::new();
         for id in due {
-            if let Some(conn) = self.conns.get_mut(&id)
-                && let Err(err) = conn.pc.handle_timeout(now)
-            {
-                tracing::debug!(parent: &conn.span, %err, "timeout handling failed");
+            if let Some(conn) = self.conns.get_mut(&id) {
+                if let Err(err) = conn.pc.handle_timeout(now) {
+                    tracing::debug!(parent: &conn.span, %err, "timeout handling failed");
+                }
+                conn.send_reports(now, &mut reports);
             }
             self.pump(id);
         }
@@ -534,6 +553,8 @@ impl EngineLoop {
                     );
                     TransportCc::new(estimator, Instant::now())
                 }),
+                sender_reports: (kind == TransportKind::Subscribe)
+                    .then(|| SenderReports::new(Instant::now())),
                 bandwidth,
                 pacer: Pacer::default(),
                 publish,
@@ -818,7 +839,7 @@ impl EngineLoop {
                 _ => {}
             }
         }
-        conn.deadline = conn.pc.poll_timeout();
+        conn.deadline = conn.next_deadline();
         for write in writes {
             self.queue_write(write);
         }
@@ -855,6 +876,31 @@ fn transport_cc_extension(pc: &mut RTCPeerConnection) -> u8 {
 }
 
 impl Conn {
+    /// When the connection next needs a turn: its own timers, or its sender reports.
+    pub(super) fn next_deadline(&mut self) -> Option<Instant> {
+        let timer = self.pc.poll_timeout();
+        match (
+            timer,
+            self.sender_reports.as_ref().and_then(SenderReports::due),
+        ) {
+            (Some(timer), Some(report)) => Some(timer.min(report)),
+            (timer, report) => timer.or(report),
+        }
+    }
+
+    /// Writes the sender reports that are due (`reports` is scratch space).
+    fn send_reports(&mut self, now: Instant, reports: &mut Vec<(RTCRtpSenderId, SenderReport)>) {
+        let Some(sender_reports) = &mut self.sender_reports else {
+            return;
+        };
+        sender_reports.take_due(now, reports);
+        for (sender, report) in reports.drain(..) {
+            if let Some(mut sender) = self.pc.rtp_sender(sender) {
+                let _ = sender.write_rtcp(now, vec![Box::new(report)]);
+            }
+        }
+    }
+
     /// Runs the estimator on the transport-wide feedback the subscriber sent since last time,
     /// and keeps the estimate (unless it comes from the subscriber's REMB).
     fn estimate(&mut self) {
